@@ -107,6 +107,11 @@ pub struct T5Config {
     /// HF's class default is `true` (original T5); FLAN-T5 sets `false`.
     #[serde(default = "default_true")]
     pub tie_word_embeddings: bool,
+    /// transformers >= 5.24 writes this to say whether the decoder output is scaled by
+    /// d_model^-0.5 before `lm_head` (it then always writes `tie_word_embeddings: true` and
+    /// decides tying from the weights). Absent: scaling follows `tie_word_embeddings`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_decoder_outputs: Option<bool>,
     #[serde(default)]
     pub pad_token_id: u32,
     #[serde(default = "default_eos")]
@@ -199,6 +204,11 @@ impl T5Config {
 
     pub fn inner_dim(&self) -> usize {
         self.num_heads * self.d_kv
+    }
+
+    /// Whether the decoder output is multiplied by d_model^-0.5 before the LM head.
+    pub fn scales_decoder_outputs(&self) -> bool {
+        self.scale_decoder_outputs.unwrap_or(self.tie_word_embeddings)
     }
 
     pub fn decoder_start_id(&self) -> u32 {
@@ -332,6 +342,7 @@ impl Preset {
             initializer_factor: 1.0,
             feed_forward_proj: "gated-gelu".into(),
             tie_word_embeddings: false,
+            scale_decoder_outputs: None,
             pad_token_id: 0,
             eos_token_id: 1,
             decoder_start_token_id: Some(0),

@@ -362,6 +362,8 @@ pub struct T5<B: Backend> {
     /// `[d_model, vocab]`; `None` when tied to `shared`.
     pub lm_head: Option<Param<Tensor<B, 2>>>,
     pub d_model: usize,
+    /// Multiply the decoder output by d_model^-0.5 before the head (original T5).
+    pub scale_decoder_outputs: bool,
 }
 
 /// Encoder output plus the mask needed by cross-attention.
@@ -382,10 +384,13 @@ impl<B: Backend> T5<B> {
         let shared = source.param2(&WeightKey::Shared, [config.vocab_size, config.d_model])?;
         let encoder = build_stack(config, source, false)?;
         let decoder = build_stack(config, source, true)?;
-        let lm_head = if config.tie_word_embeddings {
-            None
-        } else {
+        // As transformers 5.x: an untied head whenever the config says so or the checkpoint
+        // carries `lm_head.weight` (HF then writes `tie_word_embeddings: true` regardless).
+        let untied = !config.tie_word_embeddings || source.contains(&WeightKey::LmHead);
+        let lm_head = if untied {
             Some(source.param2(&WeightKey::LmHead, [config.d_model, config.vocab_size])?)
+        } else {
+            None
         };
         source.finish()?;
         Ok(Self {
@@ -394,6 +399,7 @@ impl<B: Backend> T5<B> {
             decoder,
             lm_head,
             d_model: config.d_model,
+            scale_decoder_outputs: config.scales_decoder_outputs(),
         })
     }
 
@@ -431,12 +437,14 @@ impl<B: Backend> T5<B> {
 
     /// Decoder hidden states -> logits `[B, T, vocab]`.
     pub fn lm_logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let hidden = if self.scale_decoder_outputs {
+            hidden * (self.d_model as f64).powf(-0.5)
+        } else {
+            hidden
+        };
         match &self.lm_head {
             Some(head) => linear(hidden, head.val(), None),
-            None => {
-                let scaled = hidden * (self.d_model as f64).powf(-0.5);
-                linear(scaled, self.shared.val().transpose(), None)
-            }
+            None => linear(hidden, self.shared.val().transpose(), None),
         }
     }
 

@@ -146,6 +146,8 @@ pub trait WeightSource<B: Backend> {
     fn param2(&mut self, key: &WeightKey, shape: [usize; 2])
     -> Result<Param<Tensor<B, 2>>, ModelError>;
     fn param1(&mut self, key: &WeightKey, len: usize) -> Result<Param<Tensor<B, 1>>, ModelError>;
+    /// Whether the source holds `key` (decides tying when the config allows both).
+    fn contains(&self, key: &WeightKey) -> bool;
     /// Called once every parameter was taken; reports keys that were never used.
     fn finish(&mut self) -> Result<(), ModelError> {
         Ok(())
@@ -187,6 +189,10 @@ impl<B: Backend> WeightSource<B> for RandomInit<'_, B> {
 
     fn param1(&mut self, key: &WeightKey, len: usize) -> Result<Param<Tensor<B, 1>>, ModelError> {
         Ok(Param::from_tensor(self.tensor(key, [len])))
+    }
+
+    fn contains(&self, key: &WeightKey) -> bool {
+        !(matches!(key, WeightKey::LmHead) && self.config.tie_word_embeddings)
     }
 }
 
@@ -429,6 +435,10 @@ impl<B: Backend> WeightSource<B> for SafetensorsSource<B> {
             TensorData::new(values, [len]),
             &self.device,
         )))
+    }
+
+    fn contains(&self, key: &WeightKey) -> bool {
+        self.location.contains_key(&key.hf_name())
     }
 
     fn finish(&mut self) -> Result<(), ModelError> {
@@ -724,6 +734,10 @@ pub fn export_hf_folder<B: Backend>(
         .into(),
     );
     config.extra.remove("dtype");
+    // Say explicitly how the head is wired, for transformers 4.x (reads `tie_word_embeddings`)
+    // and 5.x (reads `scale_decoder_outputs`, ties by the weights present).
+    config.tie_word_embeddings = model.tied();
+    config.scale_decoder_outputs = Some(model.scale_decoder_outputs);
     std::fs::write(&config_path, config.to_hf_json()?).map_err(|source| ModelError::Io {
         path: config_path.clone(),
         source,

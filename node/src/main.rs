@@ -1,1 +1,5 @@
-fn main() {}
+//! `meshtune`: the node binary. All logic lives in the library.
+
+fn main() -> std::process::ExitCode {
+    meshtune_node::cli::main()
+}

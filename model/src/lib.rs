@@ -1,0 +1,19 @@
+//! FLAN-T5 in burn: configuration, weights, tokenizer, Samsum data, scoring and generation.
+//!
+//! No networking lives here: the node crate drives this one.
+
+pub mod backend;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod generate;
+pub mod pretrained;
+pub mod rouge;
+pub mod score;
+pub mod t5;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::{Preset, T5Config};
+pub use error::ModelError;
+pub use t5::T5;

@@ -1,0 +1,143 @@
+//! Command-line interface of `meshtune`. Parsing only; each command lives in `commands/`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::commands;
+use crate::device::DeviceChoice;
+use crate::logging::{self, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(name = "meshtune", version, about = "Peer-to-peer federated fine-tuning of FLAN-T5")]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, env = "MESHTUNE_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Teacher-forced loss of every example (mean token cross-entropy over the summary).
+    Score(ScoreArgs),
+    /// Generate summaries with greedy or beam search.
+    Generate(GenerateArgs),
+    /// Model inspection.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Benchmarks that print ratios against a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Parameter counts of a preset or a model folder.
+    Info(ModelInfoArgs),
+    /// Load a HF T5 folder and write it back (HF key names) in another precision.
+    Export(ModelExportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ModelExportArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// On-disk precision: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Forward pass (encoder + teacher-forced decoder) throughput.
+    Forward(commands::bench::ForwardBenchArgs),
+}
+
+/// Where the model and the examples come from.
+#[derive(Debug, Args, Clone)]
+pub struct DataArgs {
+    /// HF T5 folder: config.json, model.safetensors (or sharded index), tokenizer.json.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Samsum examples: JSONL or a JSON array with `id`, `dialogue`, `summary`.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Text put before each dialogue.
+    #[arg(long, default_value = "summarize: ")]
+    pub prefix: String,
+    /// tokenizer.json to use instead of MODEL/tokenizer.json.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Truncate sources to this many tokens (including `</s>`); no truncation by default.
+    #[arg(long)]
+    pub max_source_len: Option<usize>,
+    /// Examples per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceChoice,
+    /// One JSON object per line on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Truncate targets to this many tokens (including `</s>`); no truncation by default.
+    #[arg(long)]
+    pub max_target_len: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// 1 = greedy.
+    #[arg(long, default_value_t = 1)]
+    pub num_beams: usize,
+    /// Beam score = log-prob / length^length_penalty.
+    #[arg(long, default_value_t = 1.0)]
+    pub length_penalty: f32,
+    /// false (HF default heuristic), true, or never.
+    #[arg(long, default_value = "false")]
+    pub early_stopping: commands::generate::EarlyStoppingArg,
+}
+
+#[derive(Debug, Args)]
+pub struct ModelInfoArgs {
+    /// flan-t5-small, flan-t5-base, flan-t5-large, flan-t5-xl.
+    #[arg(long, conflicts_with = "model")]
+    pub preset: Option<String>,
+    /// A HF T5 folder (reads config.json only).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let result = match cli.command {
+        Command::Score(args) => commands::score::run(args),
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Model(ModelCommand::Info(args)) => commands::model_info::run(args),
+        Command::Model(ModelCommand::Export(args)) => commands::model_info::export(args),
+        Command::Bench(BenchCommand::Forward(args)) => commands::bench::forward(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! `meshtune bench ...`: throughput benchmarks that print ratios against a baseline measured in
+//! the same run (PyTorch eager through a committed script), never asserted in tests.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::Context;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Int, Tensor};
+use clap::Args;
+use meshtune_model::config::{Preset, T5Config};
+use meshtune_model::t5::T5;
+use meshtune_model::weights::RandomInit;
+
+use crate::device::DeviceChoice;
+use crate::dispatch;
+
+#[derive(Debug, Args)]
+pub struct ForwardBenchArgs {
+    /// flan-t5-small|base|large|xl (random weights, no download).
+    #[arg(long, default_value = "flan-t5-small", conflicts_with = "config")]
+    pub preset: String,
+    /// A config.json to benchmark instead of a preset (e.g. a fixture model).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 512)]
+    pub src_len: usize,
+    #[arg(long, default_value_t = 128)]
+    pub tgt_len: usize,
+    /// Timed iterations (after the warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceChoice,
+    /// Also run scripts/bench_forward.py (PyTorch eager) on the identical config and print
+    /// meshtune/PyTorch.
+    #[arg(long)]
+    pub compare_pytorch: bool,
+    /// Python interpreter with torch and transformers installed.
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// Threads for PyTorch (default: all cores, like meshtune's CPU backend).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One measured configuration.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ForwardMeasurement {
+    pub engine: String,
+    pub ms_per_step: f64,
+    pub tokens_per_s: f64,
+}
+
+fn bench_config(args: &ForwardBenchArgs) -> anyhow::Result<(String, T5Config)> {
+    match &args.config {
+        Some(path) => Ok((path.display().to_string(), T5Config::from_file(path)?)),
+        None => {
+            let preset: Preset = args.preset.parse()?;
+            Ok((preset.name().to_string(), preset.config()))
+        }
+    }
+}
+
+pub fn forward(args: ForwardBenchArgs) -> anyhow::Result<()> {
+    if args.batch == 0 || args.src_len == 0 || args.tgt_len == 0 || args.iters == 0 {
+        anyhow::bail!("--batch, --src-len, --tgt-len and --iters must be at least 1");
+    }
+    let (name, config) = bench_config(&args)?;
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    tracing::info!(model = %name, batch = args.batch, src_len = args.src_len, tgt_len = args.tgt_len, loadavg = %loadavg.trim(), "bench forward");
+    let ours = dispatch!(args.device, forward_on(&config, &args))?;
+    let mut rows = vec![ours.clone()];
+    if args.compare_pytorch {
+        rows.push(pytorch_forward(&config, &args)?);
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": name, "batch": args.batch, "src_len": args.src_len, "tgt_len": args.tgt_len,
+                "device": args.device.to_string(), "loadavg": loadavg.trim(), "results": rows,
+            })
+        );
+        return Ok(());
+    }
+    println!(
+        "forward  {name}  batch {}  src {}  tgt {}  device {}  (loadavg {})",
+        args.batch,
+        args.src_len,
+        args.tgt_len,
+        args.device,
+        loadavg.trim()
+    );
+    println!("{:<22} {:>12} {:>14} {:>10}", "engine", "ms/step", "tokens/s", "ratio");
+    for row in &rows {
+        println!(
+            "{:<22} {:>12.1} {:>14.0} {:>9.2}x",
+            row.engine,
+            row.ms_per_step,
+            row.tokens_per_s,
+            row.tokens_per_s / rows[rows.len() - 1].tokens_per_s
+        );
+    }
+    if rows.len() == 2 {
+        println!(
+            "meshtune/PyTorch throughput: {:.2}x",
+            ours.tokens_per_s / rows[1].tokens_per_s
+        );
+    }
+    Ok(())
+}
+
+fn forward_on<B: Backend>(
+    device: B::Device,
+    config: &T5Config,
+    args: &ForwardBenchArgs,
+) -> anyhow::Result<ForwardMeasurement> {
+    let model = T5::<B>::from_source(config, &mut RandomInit::<B>::new(config, &device, 0))?;
+    let ids = |len: usize| {
+        Tensor::<B, 2>::random(
+            [args.batch, len],
+            Distribution::Uniform(2.0, config.vocab_size as f64 - 1.0),
+            &device,
+        )
+        .int()
+    };
+    let input_ids = ids(args.src_len);
+    let decoder_ids = ids(args.tgt_len);
+    let mask = Tensor::<B, 2, Int>::ones([args.batch, args.src_len], &device);
+    let step = || -> anyhow::Result<()> {
+        let (_, logits) = model.forward(input_ids.clone(), mask.clone(), decoder_ids.clone());
+        // Reading one value back forces the whole step to finish on asynchronous backends.
+        let _ = logits.sum().into_scalar();
+        B::sync(&device).map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"))?;
+        Ok(())
+    };
+    for _ in 0..args.warmup {
+        step()?;
+    }
+    let start = Instant::now();
+    for i in 0..args.iters {
+        step()?;
+        tracing::debug!(iter = i, elapsed_ms = start.elapsed().as_millis() as u64, "step");
+    }
+    let seconds = start.elapsed().as_secs_f64() / args.iters as f64;
+    Ok(ForwardMeasurement {
+        engine: format!("meshtune (burn {})", args.device),
+        ms_per_step: seconds * 1e3,
+        tokens_per_s: (args.batch * (args.src_len + args.tgt_len)) as f64 / seconds,
+    })
+}
+
+/// Path of a committed script, found next to the workspace or the current directory.
+pub fn script_path(name: &str) -> anyhow::Result<PathBuf> {
+    let candidates = [
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts").join(name),
+        PathBuf::from("scripts").join(name),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .with_context(|| format!("scripts/{name} not found (run from the meshtune checkout)"))
+}
+
+fn pytorch_forward(config: &T5Config, args: &ForwardBenchArgs) -> anyhow::Result<ForwardMeasurement> {
+    let script = script_path("bench_forward.py")?;
+    let dir = tempfile::tempdir()?;
+    let config_path = dir.path().join("config.json");
+    std::fs::write(&config_path, config.to_hf_json()?)?;
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let device = match args.device {
+        DeviceChoice::Cpu => "cpu".to_string(),
+        DeviceChoice::Cuda(i) => format!("cuda:{i}"),
+    };
+    let output = Command::new(&args.python)
+        .arg(&script)
+        .args(["--config", &config_path.display().to_string()])
+        .args(["--batch", &args.batch.to_string()])
+        .args(["--src-len", &args.src_len.to_string()])
+        .args(["--tgt-len", &args.tgt_len.to_string()])
+        .args(["--iters", &args.iters.to_string()])
+        .args(["--warmup", &args.warmup.to_string()])
+        .args(["--threads", &threads.to_string()])
+        .args(["--device", &device])
+        .output()
+        .with_context(|| format!("running {} {}", args.python, script.display()))?;
+    if !output.status.success() {
+        anyhow::bail!(
+            "PyTorch baseline failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    let value: serde_json::Value =
+        serde_json::from_str(last).with_context(|| format!("unexpected PyTorch output {last:?}"))?;
+    let ms = value["ms_per_step"].as_f64().context("ms_per_step")?;
+    Ok(ForwardMeasurement {
+        engine: format!(
+            "PyTorch {} eager",
+            value["torch"].as_str().unwrap_or("?")
+        ),
+        ms_per_step: ms,
+        tokens_per_s: (args.batch * (args.src_len + args.tgt_len)) as f64 / (ms / 1e3),
+    })
+}

@@ -1,0 +1,7 @@
+//! One module per `meshtune` subcommand.
+
+pub mod bench;
+pub mod examples;
+pub mod generate;
+pub mod model_info;
+pub mod score;

@@ -158,8 +158,14 @@ impl T5Config {
             ("num_layers", self.num_layers),
             ("num_decoder_layers", self.decoder_layers()),
             ("num_heads", self.num_heads),
-            ("relative_attention_num_buckets", self.relative_attention_num_buckets),
-            ("relative_attention_max_distance", self.relative_attention_max_distance),
+            (
+                "relative_attention_num_buckets",
+                self.relative_attention_num_buckets,
+            ),
+            (
+                "relative_attention_max_distance",
+                self.relative_attention_max_distance,
+            ),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -208,7 +214,8 @@ impl T5Config {
 
     /// Whether the decoder output is multiplied by d_model^-0.5 before the LM head.
     pub fn scales_decoder_outputs(&self) -> bool {
-        self.scale_decoder_outputs.unwrap_or(self.tie_word_embeddings)
+        self.scale_decoder_outputs
+            .unwrap_or(self.tie_word_embeddings)
     }
 
     pub fn decoder_start_id(&self) -> u32 {
@@ -255,7 +262,10 @@ impl T5Config {
         })?;
         if let Some(map) = value.as_object_mut() {
             map.insert("num_decoder_layers".into(), self.decoder_layers().into());
-            map.insert("decoder_start_token_id".into(), self.decoder_start_id().into());
+            map.insert(
+                "decoder_start_token_id".into(),
+                self.decoder_start_id().into(),
+            );
             map.entry("model_type").or_insert_with(|| "t5".into());
             map.entry("architectures")
                 .or_insert_with(|| serde_json::json!(["T5ForConditionalGeneration"]));
@@ -381,7 +391,11 @@ mod tests {
             (Preset::FlanT5Xl, 2_849_757_184),
         ];
         for (preset, count) in expected {
-            assert_eq!(preset.config().num_parameters().total(), count, "{preset:?}");
+            assert_eq!(
+                preset.config().num_parameters().total(),
+                count,
+                "{preset:?}"
+            );
         }
     }
 

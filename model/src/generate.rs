@@ -276,8 +276,8 @@ fn beam_search<B: Backend>(
             let next = top_k_indices(&adjusted, beams);
 
             // Finished hypotheses: only the top `num_beams` candidates may finish.
-            let beams_full =
-                config.early_stopping == EarlyStopping::Stop && state.is_finished.iter().all(|&f| f);
+            let beams_full = config.early_stopping == EarlyStopping::Stop
+                && state.is_finished.iter().all(|&f| f);
             let divisor = length_divisor(cur_len, config.length_penalty);
             let mut merged_scores = state.finished_scores.clone();
             let mut merged_finished = state.is_finished.clone();
@@ -285,7 +285,11 @@ fn beam_search<B: Backend>(
                 let just_finished = hits[k] && k < beams;
                 let mut score = c.score / divisor;
                 score += if beams_full { NEG_LARGE } else { 0.0 };
-                score += if state.improvement_possible { 0.0 } else { NEG_LARGE };
+                score += if state.improvement_possible {
+                    0.0
+                } else {
+                    NEG_LARGE
+                };
                 score += if just_finished { 0.0 } else { NEG_LARGE };
                 merged_scores.push(score);
                 merged_finished.push(just_finished);
@@ -325,13 +329,12 @@ fn beam_search<B: Backend>(
         }
         cur_len += 1;
         for state in &mut states {
-            let best_length = if config.early_stopping == EarlyStopping::Never
-                && config.length_penalty > 0.0
-            {
-                max_length - 1
-            } else {
-                cur_len - 1
-            };
+            let best_length =
+                if config.early_stopping == EarlyStopping::Never && config.length_penalty > 0.0 {
+                    max_length - 1
+                } else {
+                    cur_len - 1
+                };
             let best_possible =
                 state.running_scores[0] / length_divisor(best_length, config.length_penalty);
             let worst = state
@@ -351,7 +354,8 @@ fn beam_search<B: Backend>(
         if !any_improvable || stop_all_full || all_hit {
             break;
         }
-        let order = Tensor::<B, 1, Int>::from_data(TensorData::new(reorder, [batch * beams]), &device);
+        let order =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(reorder, [batch * beams]), &device);
         reorder_caches(&mut caches, order);
     }
     states

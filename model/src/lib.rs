@@ -7,11 +7,16 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod generate;
+pub mod lora;
+pub mod optim;
 pub mod pretrained;
 pub mod rouge;
 pub mod score;
+pub mod split;
+pub mod synthetic;
 pub mod t5;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use config::{Preset, T5Config};

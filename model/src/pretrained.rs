@@ -31,10 +31,7 @@ impl<B: Backend> Pretrained<B> {
         if !dir.is_dir() {
             return Err(ModelError::Io {
                 path: dir.to_path_buf(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "model folder not found",
-                ),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found"),
             });
         }
         let tokenizer_path = tokenizer

@@ -83,7 +83,10 @@ impl Seq2SeqBatch {
 
     pub fn tensors<B: Backend>(&self, device: &B::Device) -> Seq2SeqTensors<B> {
         let int2 = |values: &Vec<i64>, len: usize| {
-            Tensor::<B, 2, Int>::from_data(TensorData::new(values.clone(), [self.batch, len]), device)
+            Tensor::<B, 2, Int>::from_data(
+                TensorData::new(values.clone(), [self.batch, len]),
+                device,
+            )
         };
         Seq2SeqTensors {
             input_ids: int2(&self.input_ids, self.source_len),

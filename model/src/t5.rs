@@ -51,26 +51,73 @@ pub struct Attention<B: Backend> {
     pub k: Param<Tensor<B, 2>>,
     pub v: Param<Tensor<B, 2>>,
     pub o: Param<Tensor<B, 2>>,
+    /// Low-rank adapters (LoRA) on each projection, `None` when not adapted.
+    pub lora_q: Option<LoraAdapter<B>>,
+    pub lora_k: Option<LoraAdapter<B>>,
+    pub lora_v: Option<LoraAdapter<B>>,
+    pub lora_o: Option<LoraAdapter<B>>,
     pub num_heads: usize,
     pub d_kv: usize,
     pub dropout: Dropout,
 }
 
+/// LoRA: `x W + scale * dropout(x) A^T B^T`, stored in our `[in, out]` layout:
+/// `a` is `[in, rank]` (PEFT's `lora_A.weight` transposed), `b` is `[rank, out]`.
+#[derive(Module, Debug)]
+pub struct LoraAdapter<B: Backend> {
+    pub a: Param<Tensor<B, 2>>,
+    pub b: Param<Tensor<B, 2>>,
+    /// alpha / rank
+    pub scale: f64,
+    pub dropout: Dropout,
+}
+
+impl<B: Backend> LoraAdapter<B> {
+    pub fn delta<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let low = linear(self.dropout.forward(x), self.a.val(), None);
+        linear(low, self.b.val(), None).mul_scalar(self.scale)
+    }
+
+    /// The dense update `scale * A^T B^T` (`[in, out]`), what merging adds to the weight.
+    pub fn merged_delta(&self) -> Tensor<B, 2> {
+        self.a.val().matmul(self.b.val()).mul_scalar(self.scale)
+    }
+}
+
+fn adapted_linear<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: &Param<Tensor<B, 2>>,
+    lora: &Option<LoraAdapter<B>>,
+) -> Tensor<B, D> {
+    match lora {
+        Some(adapter) => linear(x.clone(), weight.val(), None) + adapter.delta(x),
+        None => linear(x, weight.val(), None),
+    }
+}
+
 impl<B: Backend> Attention<B> {
     /// `[B, L, d_model] -> [B, H, L, d_kv]`
-    fn project(&self, x: Tensor<B, 3>, weight: &Param<Tensor<B, 2>>) -> Tensor<B, 4> {
+    fn project(
+        &self,
+        x: Tensor<B, 3>,
+        weight: &Param<Tensor<B, 2>>,
+        lora: &Option<LoraAdapter<B>>,
+    ) -> Tensor<B, 4> {
         let [batch, len, _] = x.dims();
-        linear(x, weight.val(), None)
+        adapted_linear(x, weight, lora)
             .reshape([batch, len, self.num_heads, self.d_kv])
             .swap_dims(1, 2)
     }
 
     pub fn keys_values(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        (self.project(x.clone(), &self.k), self.project(x, &self.v))
+        (
+            self.project(x.clone(), &self.k, &self.lora_k),
+            self.project(x, &self.v, &self.lora_v),
+        )
     }
 
     pub fn queries(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
-        self.project(x, &self.q)
+        self.project(x, &self.q, &self.lora_q)
     }
 
     /// Attention of `q` over `k`/`v` with an additive `bias` broadcastable to
@@ -101,7 +148,7 @@ impl<B: Backend> Attention<B> {
         let merged = context
             .swap_dims(1, 2)
             .reshape([batch, q_len, heads * d_kv]);
-        linear(merged, self.o.val(), None)
+        adapted_linear(merged, &self.o, &self.lora_o)
     }
 }
 
@@ -162,7 +209,10 @@ impl<B: Backend> T5Block<B> {
         let normed = self.self_norm.forward(hidden.clone());
         let q = self.self_attention.queries(normed.clone());
         let (k, v) = self.self_attention.keys_values(normed);
-        hidden + self.dropout.forward(self.self_attention.attend(q, k, v, bias))
+        hidden
+            + self
+                .dropout
+                .forward(self.self_attention.attend(q, k, v, bias))
     }
 
     fn feed_forward_residual(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -228,8 +278,7 @@ impl<B: Backend> T5Stack<B> {
                 ) as i64);
             }
         }
-        let ids =
-            Tensor::<B, 2, Int>::from_data(TensorData::new(buckets, [q_len, k_len]), &device);
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(buckets, [q_len, k_len]), &device);
         // [q, k, H] -> [H, q, k] -> [1, H, q, k]
         embedding(self.relative_attention_bias.val(), ids)
             .permute([2, 0, 1])
@@ -431,7 +480,9 @@ impl<B: Backend> T5<B> {
             .float()
             .mul_scalar(MASK_BIAS)
             .reshape([batch, 1, 1, len]);
-        let hidden = self.encoder.encode(self.embed(input_ids), mask_bias.clone());
+        let hidden = self
+            .encoder
+            .encode(self.embed(input_ids), mask_bias.clone());
         EncoderOutput { hidden, mask_bias }
     }
 
@@ -547,6 +598,10 @@ fn build_attention<B: Backend>(
         k: source.param2(&key('k'), [d, inner])?,
         v: source.param2(&key('v'), [d, inner])?,
         o: source.param2(&key('o'), [inner, d])?,
+        lora_q: None,
+        lora_k: None,
+        lora_v: None,
+        lora_o: None,
         num_heads: config.num_heads,
         d_kv: config.d_kv,
         dropout: DropoutConfig::new(config.dropout_rate).init(),
@@ -674,7 +729,9 @@ mod tests {
             .collect();
         assert_eq!(
             causal,
-            [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 16, 16, 17, 17]
+            [
+                0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 16, 16, 17, 17
+            ]
         );
         let causal_custom: Vec<usize> = (0..200)
             .step_by(7)

@@ -143,8 +143,11 @@ impl WeightKey {
 /// Where parameters come from while a model is being built.
 pub trait WeightSource<B: Backend> {
     /// A matrix parameter in our layout (`shape` is `[in, out]` for linear weights).
-    fn param2(&mut self, key: &WeightKey, shape: [usize; 2])
-    -> Result<Param<Tensor<B, 2>>, ModelError>;
+    fn param2(
+        &mut self,
+        key: &WeightKey,
+        shape: [usize; 2],
+    ) -> Result<Param<Tensor<B, 2>>, ModelError>;
     fn param1(&mut self, key: &WeightKey, len: usize) -> Result<Param<Tensor<B, 1>>, ModelError>;
     /// Whether the source holds `key` (decides tying when the config allows both).
     fn contains(&self, key: &WeightKey) -> bool;
@@ -322,13 +325,12 @@ impl<B: Backend> SafetensorsSource<B> {
         }
         let (start, end) = info.data_offsets;
         let bytes = &file.mmap[file.data_start + start..file.data_start + end];
-        let values = decode_floats(bytes, info.dtype).map_err(|dtype| {
-            ModelError::UnsupportedDtype {
+        let values =
+            decode_floats(bytes, info.dtype).map_err(|dtype| ModelError::UnsupportedDtype {
                 path: file.path.clone(),
                 key: name.clone(),
                 dtype,
-            }
-        })?;
+            })?;
         let expected_len: usize = hf_shape.iter().product();
         if values.len() != expected_len {
             return Err(ModelError::Weights {
@@ -667,10 +669,11 @@ pub fn write_safetensors<B: Backend>(
     }
     let mut header_value = serde_json::Value::Object(header.into_iter().collect());
     header_value["__metadata__"] = serde_json::json!({"format": "pt"});
-    let mut header_bytes = serde_json::to_vec(&header_value).map_err(|err| ModelError::Weights {
-        path: path.to_path_buf(),
-        reason: err.to_string(),
-    })?;
+    let mut header_bytes =
+        serde_json::to_vec(&header_value).map_err(|err| ModelError::Weights {
+            path: path.to_path_buf(),
+            reason: err.to_string(),
+        })?;
     while header_bytes.len() % 8 != 0 {
         header_bytes.push(b' ');
     }
@@ -702,7 +705,9 @@ pub fn write_safetensors<B: Backend>(
         }
         writer.write_all(&bytes).map_err(io_err)?;
     }
-    let file = writer.into_inner().map_err(|err| io_err(err.into_error()))?;
+    let file = writer
+        .into_inner()
+        .map_err(|err| io_err(err.into_error()))?;
     file.sync_all().map_err(io_err)?;
     drop(file);
     std::fs::rename(&tmp, path).map_err(io_err)?;

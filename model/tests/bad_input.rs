@@ -12,7 +12,9 @@ use meshtune_model::score::Seq2SeqBatch;
 use safetensors::SafeTensors;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/models")
+        .join(name)
 }
 
 /// A writable copy of a fixture folder.
@@ -45,7 +47,10 @@ fn missing_weights_file_is_named() {
     let dir = copy_of("flan-odd");
     std::fs::remove_file(dir.path().join("model.safetensors")).expect("rm");
     let err = load_err(dir.path());
-    assert!(err.contains("no model.safetensors or model.safetensors.index.json"), "{err}");
+    assert!(
+        err.contains("no model.safetensors or model.safetensors.index.json"),
+        "{err}"
+    );
     assert!(err.contains(&dir.path().display().to_string()), "{err}");
 }
 
@@ -57,7 +62,10 @@ fn truncated_safetensors_is_reported_with_its_path() {
     std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("write");
     let err = load_err(dir.path());
     assert!(err.contains("model.safetensors"), "{err}");
-    assert!(err.contains("truncated") || err.contains("not a valid safetensors"), "{err}");
+    assert!(
+        err.contains("truncated") || err.contains("not a valid safetensors"),
+        "{err}"
+    );
     // Cut inside the header too.
     std::fs::write(&path, &bytes[..20]).expect("write");
     let err = load_err(dir.path());
@@ -69,8 +77,14 @@ fn shape_disagreeing_with_config_names_key_and_shapes() {
     let dir = copy_of("flan-odd");
     edit_config(dir.path(), |c| c["d_ff"] = 40.into());
     let err = load_err(dir.path());
-    assert!(err.contains("encoder.block.0.layer.1.DenseReluDense.wi_0.weight"), "{err}");
-    assert!(err.contains("[48, 32]") && err.contains("[40, 32]"), "{err}");
+    assert!(
+        err.contains("encoder.block.0.layer.1.DenseReluDense.wi_0.weight"),
+        "{err}"
+    );
+    assert!(
+        err.contains("[48, 32]") && err.contains("[40, 32]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -87,7 +101,10 @@ fn missing_tensor_is_named() {
     let out = safetensors::serialize(kept, None).expect("serialize");
     std::fs::write(&path, out).expect("write");
     let err = load_err(dir.path());
-    assert!(err.contains("decoder.block.1.layer.1.EncDecAttention.v.weight"), "{err}");
+    assert!(
+        err.contains("decoder.block.1.layer.1.EncDecAttention.v.weight"),
+        "{err}"
+    );
     assert!(err.contains("missing"), "{err}");
 }
 
@@ -96,7 +113,10 @@ fn unknown_feed_forward_proj_is_refused() {
     let dir = copy_of("flan-odd");
     edit_config(dir.path(), |c| c["feed_forward_proj"] = "gated-mish".into());
     let err = load_err(dir.path());
-    assert!(err.contains("feed_forward_proj") && err.contains("gated-mish"), "{err}");
+    assert!(
+        err.contains("feed_forward_proj") && err.contains("gated-mish"),
+        "{err}"
+    );
     assert!(err.contains("config.json"), "{err}");
 }
 
@@ -131,7 +151,10 @@ fn missing_or_corrupt_tokenizer() {
     assert!(err.contains("tokenizer.json"), "{err}");
     std::fs::remove_file(dir.path().join("tokenizer.json")).expect("rm");
     let err = load_err(dir.path());
-    assert!(err.contains("tokenizer.json") && err.contains("not found"), "{err}");
+    assert!(
+        err.contains("tokenizer.json") && err.contains("not found"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -151,7 +174,10 @@ fn shard_names_cannot_escape_the_folder() {
         .replace("model-00001-of-00003.safetensors", "../../etc/passwd");
     std::fs::write(&index, text).expect("write");
     let err = load_err(dir.path());
-    assert!(err.contains("must be a file name in the same folder"), "{err}");
+    assert!(
+        err.contains("must be a file name in the same folder"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -160,10 +186,13 @@ fn empty_inputs_are_refused() {
     let empty = dir.path().join("empty.jsonl");
     std::fs::write(&empty, "\n\n").expect("write");
     let err = load_samsum(&empty).expect_err("empty file").to_string();
-    assert!(err.contains("empty.jsonl") && err.contains("no examples"), "{err}");
+    assert!(
+        err.contains("empty.jsonl") && err.contains("no examples"),
+        "{err}"
+    );
 
-    let loaded = Pretrained::<Cpu>::load(&fixture("flan-odd"), None, &Default::default())
-        .expect("load");
+    let loaded =
+        Pretrained::<Cpu>::load(&fixture("flan-odd"), None, &Default::default()).expect("load");
     let config = GenerationConfig {
         max_new_tokens: 4,
         num_beams: 1,

@@ -20,7 +20,11 @@ fn read_all(dir: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let mut out = BTreeMap::new();
     for entry in std::fs::read_dir(dir).expect("dir") {
         let path = entry.expect("entry").path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
         if !name.starts_with("model") || !name.ends_with(".safetensors") {
             continue;
         }
@@ -58,8 +62,14 @@ fn export_writes_the_reference_tensors_and_reloads() {
         let src = fixtures().join("models").join(name);
         let (config, model) = load_model::<Cpu>(&src, &device).expect("load");
         let out = tempfile::tempdir().expect("tmp");
-        export_hf_folder(&model, &config, Some(&src.join("tokenizer.json")), out.path(), ExportDtype::F32)
-            .expect("export");
+        export_hf_folder(
+            &model,
+            &config,
+            Some(&src.join("tokenizer.json")),
+            out.path(),
+            ExportDtype::F32,
+        )
+        .expect("export");
         for file in ["config.json", "model.safetensors", "tokenizer.json"] {
             assert!(out.path().join(file).exists(), "{name}: {file} missing");
         }
@@ -83,10 +93,17 @@ fn export_writes_the_reference_tensors_and_reloads() {
         let (config2, reloaded) = load_model::<Cpu>(out.path(), &device).expect("reload");
         assert_eq!(config2.d_model, config.d_model);
         assert_eq!(reloaded.tied(), model.tied());
-        let ids = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(vec![5i64, 9, 11, 1], [1, 4]), &device);
+        let ids = Tensor::<Cpu, 2, Int>::from_data(
+            TensorData::new(vec![5i64, 9, 11, 1], [1, 4]),
+            &device,
+        );
         let mask = Tensor::<Cpu, 2, Int>::ones([1, 4], &device);
-        let dec = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(vec![0i64, 7, 3], [1, 3]), &device);
-        let a = model.forward(ids.clone(), mask.clone(), dec.clone()).1.into_data();
+        let dec =
+            Tensor::<Cpu, 2, Int>::from_data(TensorData::new(vec![0i64, 7, 3], [1, 3]), &device);
+        let a = model
+            .forward(ids.clone(), mask.clone(), dec.clone())
+            .1
+            .into_data();
         let b = reloaded.forward(ids, mask, dec).1.into_data();
         a.assert_approx_eq::<f32>(&b, burn::tensor::Tolerance::absolute(1e-6));
     }
@@ -106,9 +123,10 @@ fn bf16_export_rounds_each_value_once() {
     for (w, g) in want.iter().zip(got) {
         assert_eq!(half::bf16::from_f32(*w).to_f32(), *g);
     }
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).expect("cfg"))
-            .expect("json");
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("config.json")).expect("cfg"),
+    )
+    .expect("json");
     assert_eq!(cfg["torch_dtype"], "bfloat16");
     assert_eq!(cfg["tie_word_embeddings"], false);
     assert_eq!(cfg["scale_decoder_outputs"], false);

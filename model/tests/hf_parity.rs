@@ -110,7 +110,11 @@ fn per_example_loss_matches_transformers() {
         let prefix = expected.json["prefix"].as_str().expect("prefix");
         let sources: Vec<Vec<u32>> = records
             .iter()
-            .map(|r| tokenizer.encode(&format!("{prefix}{}", r.dialogue), None).expect("enc"))
+            .map(|r| {
+                tokenizer
+                    .encode(&format!("{prefix}{}", r.dialogue), None)
+                    .expect("enc")
+            })
             .collect();
         let targets: Vec<Vec<u32>> = records
             .iter()
@@ -131,7 +135,12 @@ fn per_example_loss_matches_transformers() {
             assert_eq!(want["id"].as_str(), Some(record.id.as_str()));
             let want_loss = want["loss"].as_f64().expect("loss");
             let rel = (got.loss - want_loss).abs() / want_loss.abs().max(1e-12);
-            assert!(rel <= 1e-4, "{name} {}: loss {} vs {want_loss} (rel {rel})", record.id, got.loss);
+            assert!(
+                rel <= 1e-4,
+                "{name} {}: loss {} vs {want_loss} (rel {rel})",
+                record.id,
+                got.loss
+            );
             assert_eq!(got.tokens as u64, want["tokens"].as_u64().expect("tokens"));
         }
     }
@@ -149,7 +158,11 @@ fn greedy_and_beam_ids_match_transformers() {
         let prefix = expected.json["prefix"].as_str().expect("prefix");
         let sources: Vec<Vec<u32>> = records
             .iter()
-            .map(|r| tokenizer.encode(&format!("{prefix}{}", r.dialogue), None).expect("enc"))
+            .map(|r| {
+                tokenizer
+                    .encode(&format!("{prefix}{}", r.dialogue), None)
+                    .expect("enc")
+            })
             .collect();
         for (mode, entry) in expected.json["generate"].as_object().expect("generate") {
             let settings = &entry["settings"];
@@ -177,9 +190,19 @@ fn greedy_and_beam_ids_match_transformers() {
                     .map(|v| v.as_u64().expect("id") as u32)
                     .collect();
                 assert_eq!(got.token_ids, want_ids, "{name} {mode} {}", record.id);
-                assert_eq!(Some(got.finished), want["finished"].as_bool(), "{name} {mode} {}", record.id);
+                assert_eq!(
+                    Some(got.finished),
+                    want["finished"].as_bool(),
+                    "{name} {mode} {}",
+                    record.id
+                );
                 let text = tokenizer.decode(&got.token_ids).expect("decode");
-                assert_eq!(Some(text.as_str()), want["text"].as_str(), "{name} {mode} {}", record.id);
+                assert_eq!(
+                    Some(text.as_str()),
+                    want["text"].as_str(),
+                    "{name} {mode} {}",
+                    record.id
+                );
             }
         }
     }

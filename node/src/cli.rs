@@ -10,7 +10,11 @@ use crate::device::DeviceChoice;
 use crate::logging::{self, LogFormat};
 
 #[derive(Debug, Parser)]
-#[command(name = "meshtune", version, about = "Peer-to-peer federated fine-tuning of FLAN-T5")]
+#[command(
+    name = "meshtune",
+    version,
+    about = "Peer-to-peer federated fine-tuning of FLAN-T5"
+)]
 pub struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, env = "MESHTUNE_LOG_FORMAT")]
@@ -21,10 +25,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Score and generate with the bundled tiny model on the bundled examples (no arguments).
+    Demo(commands::demo::DemoArgs),
     /// Teacher-forced loss of every example (mean token cross-entropy over the summary).
     Score(ScoreArgs),
     /// Generate summaries with greedy or beam search.
     Generate(GenerateArgs),
+    /// Mean ROUGE F-measures (rouge-score with stemming) of predictions vs references.
+    Rouge(commands::rouge::RougeArgs),
     /// Model inspection.
     #[command(subcommand)]
     Model(ModelCommand),
@@ -127,8 +135,10 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     let result = match cli.command {
+        Command::Demo(args) => commands::demo::run(args),
         Command::Score(args) => commands::score::run(args),
         Command::Generate(args) => commands::generate::run(args),
+        Command::Rouge(args) => commands::rouge::run(args),
         Command::Model(ModelCommand::Info(args)) => commands::model_info::run(args),
         Command::Model(ModelCommand::Export(args)) => commands::model_info::export(args),
         Command::Bench(BenchCommand::Forward(args)) => commands::bench::forward(args),

@@ -18,7 +18,9 @@ impl FromStr for DeviceChoice {
             "cuda" => Ok(DeviceChoice::Cuda(0)),
             other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(index)) => Ok(DeviceChoice::Cuda(index)),
-                _ => Err(format!("unknown device {other:?}: expected cpu, cuda or cuda:N")),
+                _ => Err(format!(
+                    "unknown device {other:?}: expected cpu, cuda or cuda:N"
+                )),
             },
         }
     }

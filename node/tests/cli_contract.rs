@@ -54,8 +54,15 @@ fn score_json_matches_transformers_loss() {
         for (got, want) in lines.iter().zip(&want) {
             assert_eq!(got["id"], want["id"]);
             assert_eq!(got["tokens"], want["tokens"]);
-            let (g, w) = (got["loss"].as_f64().expect("loss"), want["loss"].as_f64().expect("loss"));
-            assert!((g - w).abs() / w <= 1e-4, "{model} {}: {g} vs {w}", got["id"]);
+            let (g, w) = (
+                got["loss"].as_f64().expect("loss"),
+                want["loss"].as_f64().expect("loss"),
+            );
+            assert!(
+                (g - w).abs() / w <= 1e-4,
+                "{model} {}: {g} vs {w}",
+                got["id"]
+            );
         }
     }
 }
@@ -83,7 +90,9 @@ fn generate_json_matches_transformers_ids() {
             "--json",
         ]);
         let lines = json_lines(&out);
-        let want = exp["generate"][mode]["results"].as_array().expect("results");
+        let want = exp["generate"][mode]["results"]
+            .as_array()
+            .expect("results");
         assert_eq!(lines.len(), want.len());
         for (got, want) in lines.iter().zip(want) {
             assert_eq!(got["id"], want["id"]);
@@ -122,7 +131,10 @@ fn errors_are_clear_and_exit_nonzero() {
     ]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("bad.jsonl") && stderr.contains("line 1") && stderr.contains("summary"), "{stderr}");
+    assert!(
+        stderr.contains("bad.jsonl") && stderr.contains("line 1") && stderr.contains("summary"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -130,5 +142,33 @@ fn model_info_reports_published_sizes() {
     let out = meshtune(&["model", "info", "--preset", "flan-t5-base"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("247577856") && text.contains("248M"), "{text}");
+    assert!(
+        text.contains("247577856") && text.contains("248M"),
+        "{text}"
+    );
+}
+
+#[test]
+fn rouge_json_matches_rouge_score() {
+    let dir = fixtures().join("rouge");
+    let out = meshtune(&[
+        "rouge",
+        "--predictions",
+        dir.join("predictions.txt").to_str().expect("utf8"),
+        "--references",
+        dir.join("references.txt").to_str().expect("utf8"),
+        "--json",
+    ]);
+    let got = &json_lines(&out)[0];
+    let want: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("corpus_expected.json")).expect("expected"),
+    )
+    .expect("json");
+    for key in ["rouge1", "rouge2", "rougeL", "rougeLsum"] {
+        let (g, w) = (
+            got[key].as_f64().expect(key),
+            want[key].as_f64().expect(key),
+        );
+        assert!((g - w).abs() <= 1e-4, "{key}: {g} vs {w}");
+    }
 }

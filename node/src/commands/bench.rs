@@ -99,7 +99,10 @@ pub fn forward(args: ForwardBenchArgs) -> anyhow::Result<()> {
         args.device,
         loadavg.trim()
     );
-    println!("{:<22} {:>12} {:>14} {:>10}", "engine", "ms/step", "tokens/s", "ratio");
+    println!(
+        "{:<22} {:>12} {:>14} {:>10}",
+        "engine", "ms/step", "tokens/s", "ratio"
+    );
     for row in &rows {
         println!(
             "{:<22} {:>12.1} {:>14.0} {:>9.2}x",
@@ -148,7 +151,11 @@ fn forward_on<B: Backend>(
     let start = Instant::now();
     for i in 0..args.iters {
         step()?;
-        tracing::debug!(iter = i, elapsed_ms = start.elapsed().as_millis() as u64, "step");
+        tracing::debug!(
+            iter = i,
+            elapsed_ms = start.elapsed().as_millis() as u64,
+            "step"
+        );
     }
     let seconds = start.elapsed().as_secs_f64() / args.iters as f64;
     Ok(ForwardMeasurement {
@@ -161,7 +168,9 @@ fn forward_on<B: Backend>(
 /// Path of a committed script, found next to the workspace or the current directory.
 pub fn script_path(name: &str) -> anyhow::Result<PathBuf> {
     let candidates = [
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts").join(name),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../scripts")
+            .join(name),
         PathBuf::from("scripts").join(name),
     ];
     candidates
@@ -171,7 +180,10 @@ pub fn script_path(name: &str) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("scripts/{name} not found (run from the meshtune checkout)"))
 }
 
-fn pytorch_forward(config: &T5Config, args: &ForwardBenchArgs) -> anyhow::Result<ForwardMeasurement> {
+fn pytorch_forward(
+    config: &T5Config,
+    args: &ForwardBenchArgs,
+) -> anyhow::Result<ForwardMeasurement> {
     let script = script_path("bench_forward.py")?;
     let dir = tempfile::tempdir()?;
     let config_path = dir.path().join("config.json");
@@ -203,14 +215,11 @@ fn pytorch_forward(config: &T5Config, args: &ForwardBenchArgs) -> anyhow::Result
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
     let last = stdout.lines().last().unwrap_or_default();
-    let value: serde_json::Value =
-        serde_json::from_str(last).with_context(|| format!("unexpected PyTorch output {last:?}"))?;
+    let value: serde_json::Value = serde_json::from_str(last)
+        .with_context(|| format!("unexpected PyTorch output {last:?}"))?;
     let ms = value["ms_per_step"].as_f64().context("ms_per_step")?;
     Ok(ForwardMeasurement {
-        engine: format!(
-            "PyTorch {} eager",
-            value["torch"].as_str().unwrap_or("?")
-        ),
+        engine: format!("PyTorch {} eager", value["torch"].as_str().unwrap_or("?")),
         ms_per_step: ms,
         tokens_per_s: (args.batch * (args.src_len + args.tgt_len)) as f64 / (ms / 1e3),
     })

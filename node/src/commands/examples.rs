@@ -26,9 +26,10 @@ pub fn load<B: Backend>(device: &B::Device, args: &DataArgs) -> anyhow::Result<L
     let sources = records
         .iter()
         .map(|r| {
-            pretrained
-                .tokenizer
-                .encode(&format!("{}{}", args.prefix, r.dialogue), args.max_source_len)
+            pretrained.tokenizer.encode(
+                &format!("{}{}", args.prefix, r.dialogue),
+                args.max_source_len,
+            )
         })
         .collect::<Result<Vec<_>, _>>()?;
     tracing::info!(
@@ -46,11 +47,10 @@ pub fn load<B: Backend>(device: &B::Device, args: &DataArgs) -> anyhow::Result<L
 
 pub fn progress(len: usize, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len as u64);
-    let style = ProgressStyle::with_template(
-        "{msg} [{bar:30}] {pos}/{len} examples, {per_sec}, eta {eta}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar())
-    .progress_chars("=> ");
+    let style =
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} examples, {per_sec}, eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
     bar.set_style(style);
     bar.set_message(what.to_string());
     bar

@@ -1,7 +1,9 @@
 //! One module per `meshtune` subcommand.
 
 pub mod bench;
+pub mod demo;
 pub mod examples;
 pub mod generate;
 pub mod model_info;
+pub mod rouge;
 pub mod score;

@@ -35,7 +35,11 @@ pub fn run(args: ModelInfoArgs) -> anyhow::Result<()> {
     let (name, config, published) = match (&args.preset, &args.model) {
         (Some(preset), _) => {
             let preset: Preset = preset.parse()?;
-            (preset.name().to_string(), preset.config(), Some(preset.published_parameters()))
+            (
+                preset.name().to_string(),
+                preset.config(),
+                Some(preset.published_parameters()),
+            )
         }
         (None, Some(dir)) => {
             let config = T5Config::from_file(&dir.join("config.json"))
@@ -56,13 +60,21 @@ pub fn run(args: ModelInfoArgs) -> anyhow::Result<()> {
         config.decoder_layers(),
         config.vocab_size,
         config.feed_forward_proj,
-        if config.tie_word_embeddings { ", tied" } else { ", untied lm_head" }
+        if config.tie_word_embeddings {
+            ", tied"
+        } else {
+            ", untied lm_head"
+        }
     );
     println!("embedding        {:>14}", count.embedding);
     println!("encoder          {:>14}", count.encoder);
     println!("decoder          {:>14}", count.decoder);
     println!("lm_head          {:>14}", count.lm_head);
-    println!("total            {:>14}  ({:.1}M)", count.total(), count.total() as f64 / 1e6);
+    println!(
+        "total            {:>14}  ({:.1}M)",
+        count.total(),
+        count.total() as f64 / 1e6
+    );
     if let Some(published) = published {
         println!("published        {published:>14}");
     }

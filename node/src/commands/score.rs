@@ -43,7 +43,10 @@ fn score_on<B: Backend>(device: B::Device, args: &ScoreArgs) -> anyhow::Result<(
                 serde_json::json!({"id": record.id, "loss": loss.loss, "tokens": loss.tokens})
                     .to_string()
             } else {
-                format!("{:<16} loss {:>9.5}  tokens {:>4}", record.id, loss.loss, loss.tokens)
+                format!(
+                    "{:<16} loss {:>9.5}  tokens {:>4}",
+                    record.id, loss.loss, loss.tokens
+                )
             };
             bar.suspend(|| println!("{line}"));
         }
@@ -51,7 +54,12 @@ fn score_on<B: Backend>(device: B::Device, args: &ScoreArgs) -> anyhow::Result<(
     }
     bar.finish_and_clear();
     let mean = total_nll / total_tokens.max(1) as f64;
-    tracing::info!(examples = loaded.records.len(), tokens = total_tokens, mean_token_loss = mean, "scored");
+    tracing::info!(
+        examples = loaded.records.len(),
+        tokens = total_tokens,
+        mean_token_loss = mean,
+        "scored"
+    );
     if !args.data.json {
         println!("mean token loss {mean:.5} over {total_tokens} tokens");
     }

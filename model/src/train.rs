@@ -1,0 +1,130 @@
+//! One optimizer step of local fine-tuning: gradient accumulation over micro-batches, global
+//! gradient-norm clipping, the learning-rate schedule, and torch-semantics AdamW.
+//!
+//! Owns: the step arithmetic. Data order, checkpoints and progress reporting belong to callers
+//! (the `meshtune train` command and the node's trainer thread).
+
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::ElementConversion;
+use burn::tensor::backend::AutodiffBackend;
+
+use crate::error::ModelError;
+use crate::optim::{AdamW, AdamWConfig, ScheduleKind, clip_coefficient, global_grad_norm, lr_multiplier};
+use crate::score::{Seq2SeqBatch, batch_loss};
+use crate::t5::T5;
+
+/// Optimizer and schedule settings of a run (the parts that change the arithmetic).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepConfig {
+    pub lr: f64,
+    pub adamw: AdamWConfig,
+    pub schedule: ScheduleKind,
+    pub warmup_steps: usize,
+    pub total_steps: usize,
+    /// Global-norm clipping threshold; `None` disables clipping.
+    pub max_grad_norm: Option<f64>,
+}
+
+/// What one optimizer step measured.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct StepStats {
+    /// 0-based index of the step just taken.
+    pub step: usize,
+    /// Sum over micro-batches of (micro-batch mean token loss / number of micro-batches).
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used for this step.
+    pub lr: f64,
+    /// Target tokens seen.
+    pub tokens: usize,
+}
+
+/// A model under training with its optimizer state and step counter.
+#[derive(Debug)]
+pub struct TrainState<B: AutodiffBackend> {
+    pub model: T5<B>,
+    pub optimizer: AdamW<B::InnerBackend>,
+    pub step: usize,
+    pub config: StepConfig,
+}
+
+impl<B: AutodiffBackend> TrainState<B> {
+    pub fn new(model: T5<B>, config: StepConfig) -> Self {
+        Self {
+            model,
+            optimizer: AdamW::new(config.adamw),
+            step: 0,
+            config,
+        }
+    }
+
+    pub fn current_lr(&self) -> f64 {
+        self.config.lr
+            * lr_multiplier(
+                self.config.schedule,
+                self.step,
+                self.config.warmup_steps,
+                self.config.total_steps,
+            )
+    }
+
+    /// One optimizer step over `micro_batches` (gradient accumulation: each micro-batch's mean
+    /// loss is divided by their number, as `loss / accum` then `backward` in PyTorch).
+    pub fn step(&mut self, micro_batches: &[Seq2SeqBatch]) -> Result<StepStats, ModelError> {
+        if micro_batches.is_empty() {
+            return Err(ModelError::Input("a training step needs at least one batch".into()));
+        }
+        let device = self.model.device();
+        let accum = micro_batches.len() as f64;
+        let mut accumulator = GradientsAccumulator::<T5<B>>::new();
+        let mut loss_sum = 0.0;
+        let mut tokens = 0;
+        for batch in micro_batches {
+            let t = batch.tensors::<B>(&device);
+            let (_, logits) = self
+                .model
+                .forward(t.input_ids, t.attention_mask, t.decoder_input_ids);
+            let loss = batch_loss(logits, t.labels).div_scalar(accum);
+            let value: f64 = loss.clone().into_scalar().elem();
+            if !value.is_finite() {
+                return Err(ModelError::Input(format!(
+                    "loss is {value} at step {}: stopping before the update (the last good \
+                     weights are unchanged)",
+                    self.step
+                )));
+            }
+            loss_sum += value;
+            tokens += batch.target_tokens();
+            let grads = GradientsParams::from_grads::<B, T5<B>>(loss.backward(), &self.model);
+            accumulator.accumulate::<B>(&self.model, grads);
+        }
+        let grads = accumulator.grads();
+        let grad_norm = global_grad_norm::<B, T5<B>>(&self.model, &grads);
+        if !grad_norm.is_finite() {
+            return Err(ModelError::Input(format!(
+                "gradient norm is {grad_norm} at step {}: skipping the update",
+                self.step
+            )));
+        }
+        let lr = self.current_lr();
+        let coefficient = clip_coefficient(grad_norm, self.config.max_grad_norm);
+        let model = self.model.clone();
+        self.model = self.optimizer.step::<B, T5<B>>(lr, model, grads, coefficient);
+        let stats = StepStats {
+            step: self.step,
+            loss: loss_sum,
+            grad_norm,
+            lr,
+            tokens,
+        };
+        self.step += 1;
+        Ok(stats)
+    }
+
+    /// The model without autodiff, for evaluation and export.
+    pub fn inference_model(&self) -> T5<B::InnerBackend> {
+        self.model.valid()
+    }
+}

@@ -3,6 +3,7 @@
 //! No networking lives here: the node crate drives this one.
 
 pub mod backend;
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;

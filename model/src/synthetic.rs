@@ -279,7 +279,14 @@ struct Roles {
 /// the third speaker's answer, small talk and a closing, within 3 to 9 turns.
 struct DialogueBuilder<'r> {
     rng: &'r mut SeededRng,
-    turns: Vec<(&'static str, String)>,
+    turns: Vec<Turn>,
+}
+
+struct Turn {
+    speaker: &'static str,
+    text: String,
+    /// Answers the turn before it ("Good idea."): small talk is never put in between.
+    attached: bool,
 }
 
 impl<'r> DialogueBuilder<'r> {
@@ -291,7 +298,19 @@ impl<'r> DialogueBuilder<'r> {
     }
 
     fn say(&mut self, speaker: &'static str, text: String) {
-        self.turns.push((speaker, text));
+        self.turns.push(Turn {
+            speaker,
+            text,
+            attached: false,
+        });
+    }
+
+    fn answer(&mut self, speaker: &'static str, text: String) {
+        self.turns.push(Turn {
+            speaker,
+            text,
+            attached: true,
+        });
     }
 
     fn pick<T: Copy>(&mut self, items: &[T]) -> T {
@@ -385,8 +404,11 @@ impl<'r> DialogueBuilder<'r> {
             };
             self.say(a, opener);
         }
+        let where_first = !compact && self.rng.chance(0.3);
         let reply = if compact {
             self.pick(&["Sure!", "Sounds good.", "Yes, perfect.", "Deal!", "Why not!"])
+        } else if where_first {
+            self.pick(&["Sure!", "Sounds good.", "Yes, good idea.", "Why not!"])
         } else {
             self.pick(&[
                 "Sure!",
@@ -397,7 +419,7 @@ impl<'r> DialogueBuilder<'r> {
                 "Yes! When are you free?",
             ])
         };
-        self.say(b, reply.into());
+        self.answer(b, reply.into());
         if let (Some(c), true) = (c, c_joins) {
             let joined = self.pick(&["Count me in!", "I'm in too.", "Me too!", "Can I join?"]);
             self.say(c, joined.into());
@@ -407,7 +429,6 @@ impl<'r> DialogueBuilder<'r> {
             other,
             objector,
         };
-        let where_first = !compact && self.rng.chance(0.3);
         if where_first {
             self.place_block(roles, first_place, place, &change, false, host, false);
             self.when_block(roles, first_day, day, first_time, time, &change, false);
@@ -449,7 +470,7 @@ impl<'r> DialogueBuilder<'r> {
         let dialogue = self
             .turns
             .iter()
-            .map(|(speaker, text)| format!("{speaker}: {text}"))
+            .map(|turn| format!("{}: {}", turn.speaker, turn.text))
             .collect::<Vec<_>>()
             .join("\n");
         let plan = MeetingPlan {
@@ -510,7 +531,7 @@ impl<'r> DialogueBuilder<'r> {
                     2 => format!("Sure, {day} works."),
                     _ => "Fine by me.".to_string(),
                 };
-                self.say(proposer, accepted);
+                self.answer(proposer, accepted);
             }
             PlanChange::Time { .. } => {
                 let position = |t: &str| TIMES.iter().position(|x| *x == t);
@@ -529,7 +550,7 @@ impl<'r> DialogueBuilder<'r> {
                     2 => "Sure.".to_string(),
                     _ => format!("Fine, {time}."),
                 };
-                self.say(proposer, accepted);
+                self.answer(proposer, accepted);
             }
             PlanChange::Place { .. } | PlanChange::None => {}
         }
@@ -553,7 +574,8 @@ impl<'r> DialogueBuilder<'r> {
         day_known: bool,
     ) {
         if !already_proposed {
-            if self.rng.chance(0.5) {
+            let asked = self.rng.chance(0.5);
+            if asked {
                 let question = self.pick(&["Where?", "Where shall we meet?", "Where do we meet?"]);
                 self.say(other, question.into());
             }
@@ -568,7 +590,11 @@ impl<'r> DialogueBuilder<'r> {
                     _ => format!("How about {first_place}?"),
                 },
             };
-            self.say(proposer, proposal);
+            if asked {
+                self.answer(proposer, proposal);
+            } else {
+                self.say(proposer, proposal);
+            }
         }
         if let PlanChange::Place { .. } = change {
             let objection = match self.rng.below(4) {
@@ -589,7 +615,7 @@ impl<'r> DialogueBuilder<'r> {
                 1 => format!("Sure, {place}."),
                 _ => "Good idea.".to_string(),
             };
-            self.say(proposer, accepted);
+            self.answer(proposer, accepted);
         }
     }
 
@@ -621,8 +647,19 @@ impl<'r> DialogueBuilder<'r> {
                 }
                 _ => self.pick(&SMALL_TALK).to_string(),
             };
-            let at = 1 + self.rng.below(self.turns.len());
-            self.turns.insert(at, (speaker, text));
+            // After the opener, never between a turn and its answer.
+            let free: Vec<usize> = (1..=self.turns.len())
+                .filter(|&at| self.turns.get(at).is_none_or(|turn| !turn.attached))
+                .collect();
+            let at = self.pick(&free);
+            self.turns.insert(
+                at,
+                Turn {
+                    speaker,
+                    text,
+                    attached: false,
+                },
+            );
         }
     }
 }
@@ -982,7 +1019,9 @@ mod tests {
                     dialogue.lines().any(|l| l.starts_with(&format!("{name}: "))),
                     "{name} does not speak in\n{dialogue}"
                 );
-                assert!(mentions(&record.summary, name).len() == 1, "{record:?}");
+                // Once, besides "NAME's place".
+                let people = record.summary.replace(&plan.place, "");
+                assert_eq!(mentions(&people, name).len(), 1, "{record:?}");
             }
             match plan.host {
                 Some(host) => assert!(

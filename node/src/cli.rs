@@ -27,6 +27,8 @@ pub struct Cli {
 pub enum Command {
     /// Score and generate with the bundled tiny model on the bundled examples (no arguments).
     Demo(commands::demo::DemoArgs),
+    /// Fine-tune locally (full or LoRA), with checkpoints, eval and curves.
+    Train(Box<commands::train::TrainArgs>),
     /// Teacher-forced loss of every example (mean token cross-entropy over the summary).
     Score(ScoreArgs),
     /// Generate summaries with greedy or beam search.
@@ -137,6 +139,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => commands::demo::run(args),
         Command::Score(args) => commands::score::run(args),
+        Command::Train(args) => commands::train::run(*args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Rouge(args) => commands::rouge::run(args),
         Command::Model(ModelCommand::Info(args)) => commands::model_info::run(args),

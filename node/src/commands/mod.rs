@@ -7,3 +7,4 @@ pub mod generate;
 pub mod model_info;
 pub mod rouge;
 pub mod score;
+pub mod train;

@@ -1,0 +1,392 @@
+//! Decoding: a verified blob and its tensor index in, a complete and validated
+//! [`TensorSet`] out, or a typed error and nothing.
+
+use super::sparse::{IndexSectionError, unpack_indices};
+use super::values::{ValueScratch, ValueSectionError, decode_values};
+use super::{first_non_finite, scatter};
+use crate::chunk::VerifiedBlob;
+use crate::hash::{BlobHash, ModelHash};
+use crate::limits::Limits;
+use crate::manifest::{DeltaManifest, StateManifest, TensorEntry};
+use crate::tensor::{ModelLayout, Tensor, TensorSet};
+use crate::wire::WireError;
+
+/// A blob or tensor index that fails to decode or to match the expected layout. Nothing
+/// is returned in that case: no partial delta exists.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    /// The manifest breaks the wire format or its caps.
+    #[error("invalid manifest: {0}")]
+    InvalidManifest(#[from] WireError),
+    /// The blob is not the one the manifest names.
+    #[error("blob hash mismatch: manifest names {expected}, blob is {found}")]
+    BlobHashMismatch {
+        /// Hash in the manifest.
+        expected: BlobHash,
+        /// Hash of the blob.
+        found: BlobHash,
+    },
+    /// The blob has another size than the manifest says.
+    #[error("blob is {found} bytes, manifest says {expected}")]
+    BlobSizeMismatch {
+        /// Size in the manifest.
+        expected: u64,
+        /// Size of the blob.
+        found: u64,
+    },
+    /// An expected tensor is not in the manifest.
+    #[error("tensor {name:?} is missing")]
+    MissingTensor {
+        /// Its name.
+        name: String,
+    },
+    /// The manifest has a tensor the model does not.
+    #[error("tensor {name:?} is not in the model")]
+    UnexpectedTensor {
+        /// Its name.
+        name: String,
+    },
+    /// A tensor with the wrong shape.
+    #[error("tensor {name:?} has shape {found:?}, the model {expected:?}")]
+    ShapeMismatch {
+        /// Its name.
+        name: String,
+        /// Shape in the model.
+        expected: Vec<usize>,
+        /// Shape in the manifest.
+        found: Vec<usize>,
+    },
+    /// A segment outside the blob.
+    #[error("tensor {tensor:?}: segment lies outside the blob")]
+    SegmentOutOfBounds {
+        /// Tensor name.
+        tensor: String,
+    },
+    /// A zstd frame that does not decompress within the expected size.
+    #[error("tensor {tensor:?}: zstd: {reason}")]
+    Zstd {
+        /// Tensor name.
+        tensor: String,
+        /// zstd's message.
+        reason: String,
+    },
+    /// A (decompressed) segment or section of the wrong length: truncated or padded.
+    #[error("tensor {tensor:?}: payload is {found} bytes, expected {expected}")]
+    PayloadSize {
+        /// Tensor name.
+        tensor: String,
+        /// Expected bytes.
+        expected: u64,
+        /// Bytes found.
+        found: u64,
+    },
+    /// A quantization scale that is negative, infinite or NaN.
+    #[error("tensor {tensor:?}: invalid quantization scale in block {block}")]
+    InvalidScale {
+        /// Tensor name.
+        tensor: String,
+        /// Block index.
+        block: usize,
+    },
+    /// A top-k index section that is truncated, malformed, or points outside the tensor.
+    #[error("tensor {tensor:?}: invalid top-k indices: {reason}")]
+    InvalidIndices {
+        /// Tensor name.
+        tensor: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A decoded NaN or infinity.
+    #[error("tensor {tensor:?}: decoded value at index {index} is not finite")]
+    NonFinite {
+        /// Tensor name.
+        tensor: String,
+        /// First bad element.
+        index: usize,
+    },
+    /// A state tensor stored lossily (states must reproduce the model hash).
+    #[error("state tensor {tensor:?} is not stored as dense f32")]
+    LossyState {
+        /// Tensor name.
+        tensor: String,
+    },
+    /// The decoded model does not hash to the announced model hash.
+    #[error("decoded model hashes to {found}, the state manifest announces {expected}")]
+    ModelHashMismatch {
+        /// Announced.
+        expected: ModelHash,
+        /// Computed.
+        found: ModelHash,
+    },
+}
+
+/// Decodes a delta: checks the manifest against `limits`, the blob against the manifest's
+/// blob hash, the tensor index against `layout` (same names, same shapes), then decodes
+/// every tensor into a fresh buffer and checks it is finite.
+pub fn decode_delta(
+    manifest: &DeltaManifest,
+    blob: &VerifiedBlob,
+    layout: &ModelLayout,
+    limits: &Limits,
+) -> Result<TensorSet, DecodeError> {
+    manifest.validate(limits)?;
+    check_blob(manifest.blob.blob_hash, manifest.blob.blob_size, blob)?;
+    decode_entries(&manifest.tensors, blob.as_bytes(), layout)
+}
+
+/// A decoded [`StateManifest`] blob.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelState {
+    /// Model weights; hash to the manifest's model hash.
+    pub model: TensorSet,
+    /// Optimizer state.
+    pub optimizer: TensorSet,
+}
+
+/// Decodes a state like [`decode_delta`], also refusing lossy tensors and checking the
+/// decoded model against the manifest's [`ModelHash`].
+pub fn decode_state(
+    manifest: &StateManifest,
+    blob: &VerifiedBlob,
+    model_layout: &ModelLayout,
+    optimizer_layout: &ModelLayout,
+    limits: &Limits,
+) -> Result<ModelState, DecodeError> {
+    manifest.validate(limits)?;
+    check_blob(manifest.blob.blob_hash, manifest.blob.blob_size, blob)?;
+    if let Some(entry) = manifest
+        .model
+        .iter()
+        .chain(&manifest.optimizer)
+        .find(|entry| !entry.encoding.is_lossless())
+    {
+        return Err(DecodeError::LossyState {
+            tensor: entry.name.clone(),
+        });
+    }
+    let model = decode_entries(&manifest.model, blob.as_bytes(), model_layout)?;
+    let found = ModelHash::of_tensors(&model);
+    if found != manifest.model_hash {
+        return Err(DecodeError::ModelHashMismatch {
+            expected: manifest.model_hash,
+            found,
+        });
+    }
+    let optimizer = decode_entries(&manifest.optimizer, blob.as_bytes(), optimizer_layout)?;
+    Ok(ModelState { model, optimizer })
+}
+
+fn check_blob(
+    expected_hash: BlobHash,
+    expected_size: u64,
+    blob: &VerifiedBlob,
+) -> Result<(), DecodeError> {
+    if blob.hash() != expected_hash {
+        return Err(DecodeError::BlobHashMismatch {
+            expected: expected_hash,
+            found: blob.hash(),
+        });
+    }
+    let found = blob.as_bytes().len() as u64;
+    if found != expected_size {
+        return Err(DecodeError::BlobSizeMismatch {
+            expected: expected_size,
+            found,
+        });
+    }
+    Ok(())
+}
+
+/// Checks that `entries` name exactly the tensors of `layout`, with the same shapes.
+/// Both are sorted by name.
+pub(crate) fn check_layout(
+    entries: &[TensorEntry],
+    layout: &ModelLayout,
+) -> Result<(), DecodeError> {
+    let mut expected = layout.specs().iter().peekable();
+    let mut found = entries.iter().peekable();
+    loop {
+        match (expected.peek(), found.peek()) {
+            (None, None) => return Ok(()),
+            (Some(spec), None) => {
+                return Err(DecodeError::MissingTensor {
+                    name: spec.name.clone(),
+                });
+            }
+            (None, Some(entry)) => {
+                return Err(DecodeError::UnexpectedTensor {
+                    name: entry.name.clone(),
+                });
+            }
+            (Some(spec), Some(entry)) => match spec.name.cmp(&entry.name) {
+                std::cmp::Ordering::Less => {
+                    return Err(DecodeError::MissingTensor {
+                        name: spec.name.clone(),
+                    });
+                }
+                std::cmp::Ordering::Greater => {
+                    return Err(DecodeError::UnexpectedTensor {
+                        name: entry.name.clone(),
+                    });
+                }
+                std::cmp::Ordering::Equal if spec.shape != entry.shape => {
+                    return Err(DecodeError::ShapeMismatch {
+                        name: spec.name.clone(),
+                        expected: spec.shape.clone(),
+                        found: entry.shape.clone(),
+                    });
+                }
+                std::cmp::Ordering::Equal => {
+                    expected.next();
+                    found.next();
+                }
+            },
+        }
+    }
+}
+
+/// Decodes the segments of `entries` out of `blob`, after checking them against `layout`.
+/// Does not check any hash: callers hold a [`VerifiedBlob`] or are benchmarks.
+pub(crate) fn decode_entries(
+    entries: &[TensorEntry],
+    blob: &[u8],
+    layout: &ModelLayout,
+) -> Result<TensorSet, DecodeError> {
+    check_layout(entries, layout)?;
+    let mut decoder = SegmentDecoder::default();
+    let mut tensors = Vec::with_capacity(entries.len());
+    for (entry, spec) in entries.iter().zip(layout.specs()) {
+        // The layout is trusted and matches, so this is the real element count.
+        let elements = spec.element_count().unwrap_or(0);
+        let out_of_bounds = || DecodeError::SegmentOutOfBounds {
+            tensor: entry.name.clone(),
+        };
+        let start = usize::try_from(entry.offset).map_err(|_| out_of_bounds())?;
+        let len = usize::try_from(entry.length).map_err(|_| out_of_bounds())?;
+        let segment = start
+            .checked_add(len)
+            .and_then(|end| blob.get(start..end))
+            .ok_or_else(out_of_bounds)?;
+        let values = decoder.decode_segment(entry, elements, segment)?;
+        tensors.push(Tensor {
+            name: entry.name.clone(),
+            shape: entry.shape.clone(),
+            values,
+        });
+    }
+    Ok(TensorSet::from_sorted_unchecked(tensors))
+}
+
+/// Per-call decoder state, reused across tensors.
+#[derive(Default)]
+struct SegmentDecoder {
+    decompressor: Option<zstd::bulk::Decompressor<'static>>,
+    raw: Vec<u8>,
+    values: ValueScratch,
+    indices: Vec<u32>,
+    kept: Vec<f32>,
+}
+
+impl SegmentDecoder {
+    /// Decodes one segment into a fresh vector of `elements` values.
+    fn decode_segment(
+        &mut self,
+        entry: &TensorEntry,
+        elements: usize,
+        segment: &[u8],
+    ) -> Result<Vec<f32>, DecodeError> {
+        let tensor = || entry.name.clone();
+        let encoding = entry.encoding;
+        let max_raw = encoding
+            .max_raw_len(elements as u64)
+            .and_then(|len| usize::try_from(len).ok())
+            .ok_or_else(|| DecodeError::PayloadSize {
+                tensor: tensor(),
+                expected: u64::MAX,
+                found: segment.len() as u64,
+            })?;
+        let raw: &[u8] = if encoding.zstd {
+            let zstd_error = |error: std::io::Error| DecodeError::Zstd {
+                tensor: tensor(),
+                reason: error.to_string(),
+            };
+            let mut decompressor = match self.decompressor.take() {
+                Some(decompressor) => decompressor,
+                None => zstd::bulk::Decompressor::new().map_err(zstd_error)?,
+            };
+            self.raw.clear();
+            // The capacity bounds the output: a frame claiming more fails, unallocated.
+            self.raw.reserve(max_raw);
+            let decompressed = decompressor.decompress_to_buffer(segment, &mut self.raw);
+            self.decompressor = Some(decompressor);
+            decompressed.map_err(zstd_error)?;
+            if self.raw.len() > max_raw {
+                return Err(DecodeError::PayloadSize {
+                    tensor: tensor(),
+                    expected: max_raw as u64,
+                    found: self.raw.len() as u64,
+                });
+            }
+            &self.raw
+        } else {
+            segment
+        };
+        let value_error = |error: ValueSectionError| match error {
+            ValueSectionError::Length { expected, found } => DecodeError::PayloadSize {
+                tensor: tensor(),
+                expected,
+                found,
+            },
+            ValueSectionError::InvalidScale { block } => DecodeError::InvalidScale {
+                tensor: tensor(),
+                block,
+            },
+        };
+        let mut out = vec![0.0f32; elements];
+        match encoding.kept {
+            None => decode_values(
+                encoding.values,
+                raw,
+                encoding.byte_shuffle,
+                &mut self.values,
+                &mut out,
+            )
+            .map_err(value_error)?,
+            Some(kept) => {
+                let kept = usize::try_from(kept).unwrap_or(usize::MAX).min(elements);
+                let used = unpack_indices(raw, kept, elements as u64, &mut self.indices).map_err(
+                    |error| DecodeError::InvalidIndices {
+                        tensor: tensor(),
+                        reason: match error {
+                            IndexSectionError::Truncated => "truncated".to_owned(),
+                            IndexSectionError::BitWidth { width } => {
+                                format!("bit width {width} over 32")
+                            }
+                            IndexSectionError::OutOfRange { index, universe } => {
+                                format!("index {index} outside a tensor of {universe} elements")
+                            }
+                        },
+                    },
+                )?;
+                self.kept.clear();
+                self.kept.resize(kept, 0.0);
+                decode_values(
+                    encoding.values,
+                    &raw[used..],
+                    encoding.byte_shuffle,
+                    &mut self.values,
+                    &mut self.kept,
+                )
+                .map_err(value_error)?;
+                scatter(&mut out, &self.indices, &self.kept);
+            }
+        }
+        if let Some(index) = first_non_finite(&out) {
+            return Err(DecodeError::NonFinite {
+                tensor: tensor(),
+                index,
+            });
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,57 @@
+//! Error feedback: what lossy encoding left out of a round, carried into the next one.
+//!
+//! Owns: [`ErrorFeedback`], one residual buffer per tensor. The encoder adds the residual
+//! to the new delta, encodes the sum, and stores `sum - decoded` back, so over rounds
+//! `sum of decoded deltas + residual == sum of true deltas` up to float rounding.
+//! Must not touch: the network; the residual never leaves the node.
+
+use std::collections::BTreeMap;
+
+/// Per-tensor residuals kept by a sender between rounds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ErrorFeedback {
+    residuals: BTreeMap<String, Vec<f32>>,
+}
+
+impl ErrorFeedback {
+    /// No residuals yet (the first round).
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The residual of tensor `name`, if any was stored.
+    #[must_use]
+    pub fn residual(&self, name: &str) -> Option<&[f32]> {
+        self.residuals.get(name).map(Vec::as_slice)
+    }
+
+    /// All residuals, by tensor name.
+    pub fn residuals(&self) -> impl Iterator<Item = (&str, &[f32])> {
+        self.residuals
+            .iter()
+            .map(|(name, residual)| (name.as_str(), residual.as_slice()))
+    }
+
+    /// Drops every residual (e.g. after the model was replaced by a peer's state).
+    pub fn clear(&mut self) {
+        self.residuals.clear();
+    }
+
+    /// Sum of squares of all residuals, in f64.
+    #[must_use]
+    pub fn squared_norm(&self) -> f64 {
+        self.residuals
+            .values()
+            .flat_map(|residual| residual.iter())
+            .map(|&value| f64::from(value) * f64::from(value))
+            .sum()
+    }
+
+    /// The residual of `name`, zeros of length `len` if there was none.
+    pub(crate) fn residual_mut(&mut self, name: &str, len: usize) -> &mut Vec<f32> {
+        self.residuals
+            .entry(name.to_owned())
+            .or_insert_with(|| vec![0.0; len])
+    }
+}

@@ -66,6 +66,8 @@ pub struct ModelExportArgs {
 pub enum BenchCommand {
     /// Forward pass (encoder + teacher-forced decoder) throughput.
     Forward(commands::bench::ForwardBenchArgs),
+    /// Delta codecs: compression ratio, encode/decode GB/s, reconstruction error.
+    Codec(commands::bench::CodecBenchArgs),
 }
 
 /// Where the model and the examples come from.
@@ -145,6 +147,7 @@ pub fn main() -> ExitCode {
         Command::Model(ModelCommand::Info(args)) => commands::model_info::run(args),
         Command::Model(ModelCommand::Export(args)) => commands::model_info::export(args),
         Command::Bench(BenchCommand::Forward(args)) => commands::bench::forward(args),
+        Command::Bench(BenchCommand::Codec(args)) => commands::bench::codec(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -224,3 +224,40 @@ fn pytorch_forward(
         tokens_per_s: (args.batch * (args.src_len + args.tgt_len)) as f64 / (ms / 1e3),
     })
 }
+
+#[derive(Debug, Args)]
+pub struct CodecBenchArgs {
+    /// Parameters in the synthetic delta (default: flan-t5-base, 247,577,856).
+    #[arg(long, default_value_t = 247_577_856)]
+    pub params: usize,
+    #[arg(long, default_value_t = 1)]
+    pub zstd_level: i32,
+    #[arg(long, default_value_t = 64)]
+    pub block_size: u32,
+    /// Encode/decode this many times and keep the fastest.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+}
+
+/// `meshtune bench codec`: bytes vs raw f32, single-core encode/decode GB/s and reconstruction
+/// error of every codec on a heavy-tailed flan-t5-base-sized delta.
+pub fn codec(args: CodecBenchArgs) -> anyhow::Result<()> {
+    use meshtune_protocol::bench::{CodecBenchConfig, render_table, run_codec_bench};
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let config = CodecBenchConfig {
+        params: args.params,
+        zstd_level: args.zstd_level,
+        block_size: args.block_size,
+        repeats: args.repeats.max(1),
+        ..CodecBenchConfig::default()
+    };
+    let rows = run_codec_bench(&config)?;
+    println!(
+        "codec benchmark: {} parameters ({:.0} MB f32), loadavg {}",
+        args.params,
+        args.params as f64 * 4.0 / 1e6,
+        loadavg.trim()
+    );
+    print!("{}", render_table(&rows));
+    Ok(())
+}

@@ -379,7 +379,16 @@ fn train_on<B: AutodiffBackend>(device: B::Device, args: &TrainArgs) -> anyhow::
         .peak_tflops
         .or_else(|| args.device_peak.as_deref().and_then(device_peak).map(|p| p.fp32));
     let mut rows: Vec<MetricRow> = read_existing_metrics(&args.out.join("metrics.jsonl"));
-    rows.retain(|r| r.step < state.step);
+    // Rows written after the checkpoint we resumed from (a crash between the two) are dropped,
+    // keeping one row per step; the file is rewritten so later resumes see no duplicates.
+    rows.retain(|r| r.step <= state.step);
+    rows.dedup_by_key(|r| r.step);
+    let mut kept = String::new();
+    for row in &rows {
+        kept.push_str(&serde_json::to_string(row)?);
+        kept.push('\n');
+    }
+    std::fs::write(args.out.join("metrics.jsonl"), kept)?;
     let bar = ProgressBar::new(config.steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} eta {eta}")
@@ -387,6 +396,16 @@ fn train_on<B: AutodiffBackend>(device: B::Device, args: &TrainArgs) -> anyhow::
             .progress_chars("=> "),
     );
     bar.set_position(state.step as u64);
+    if state.step == 0 {
+        // The starting point of the curves: eval before any update.
+        let (eval_loss, rouge) = evaluate(&state.model.valid(), &model_config, &tokenizer, &eval, &eval_records, &config)?;
+        tracing::info!(step = 0, eval_loss, rouge_l = rouge.2, "eval before training");
+        std::fs::write(
+            args.out.join("initial_eval.json"),
+            serde_json::json!({"eval_loss": eval_loss, "rouge1": rouge.0, "rouge2": rouge.1, "rougeL": rouge.2})
+                .to_string(),
+        )?;
+    }
     let mut batches = epoch_batches(&train, config.batch_size, config.seed, epoch);
     while state.step < config.steps {
         let mut micro = Vec::with_capacity(config.grad_accum);

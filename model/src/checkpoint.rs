@@ -59,13 +59,15 @@ fn to_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// A parameter on the host: dotted path, shape, f32 values.
+type HostParam = (String, Vec<usize>, Vec<f32>);
+
 /// Every float parameter as `(path, shape, f32 values)`.
-fn collect_params<B: Backend, M: Module<B>>(
-    module: &M,
-) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, ModelError> {
+fn collect_params<B: Backend, M: Module<B>>(module: &M) -> Result<Vec<HostParam>, ModelError> {
+    type Pending = (String, Vec<usize>, Result<Vec<f32>, ModelError>);
     struct Collect {
         stack: Vec<String>,
-        out: Vec<(String, Vec<usize>, Result<Vec<f32>, ModelError>)>,
+        out: Vec<Pending>,
     }
     impl<B: Backend> ModuleVisitor<B> for Collect {
         fn enter_module(&mut self, name: &str, _container_type: &str) {
@@ -317,12 +319,11 @@ pub fn load_checkpoint<B: Backend, OB: Backend, M: Module<B>>(
         return Err(err);
     }
     let state_path = dir.join("state.json");
-    let state: serde_json::Value = serde_json::from_slice(&read("state.json")?).map_err(|err| {
-        ModelError::Weights {
+    let state: serde_json::Value =
+        serde_json::from_slice(&read("state.json")?).map_err(|err| ModelError::Weights {
             path: state_path.clone(),
             reason: format!("invalid JSON: {err}"),
-        }
-    })?;
+        })?;
     let opt_path = dir.join("optimizer.safetensors");
     let opt_bytes = read("optimizer.safetensors")?;
     let moments = SafeTensors::deserialize(&opt_bytes).map_err(|err| ModelError::Weights {
@@ -352,7 +353,10 @@ pub fn load_checkpoint<B: Backend, OB: Backend, M: Module<B>>(
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
-            Ok(Tensor::from_data(TensorData::new(values, [numel]), optimizer_device))
+            Ok(Tensor::from_data(
+                TensorData::new(values, [numel]),
+                optimizer_device,
+            ))
         };
         let step = state["optimizer_steps"][&path].as_u64().unwrap_or(0);
         optimizer.state.insert(

@@ -20,7 +20,11 @@ use crate::config::T5Config;
 pub fn forward_flops_per_sequence(config: &T5Config, src_len: usize, tgt_len: usize) -> f64 {
     let d = config.d_model as f64;
     let i = config.inner_dim() as f64;
-    let m = if config.feed_forward().gated { 3.0 } else { 2.0 };
+    let m = if config.feed_forward().gated {
+        3.0
+    } else {
+        2.0
+    };
     let f = config.d_ff as f64;
     let (s, t) = (src_len as f64, tgt_len as f64);
     let encoder_layer = 2.0 * s * (4.0 * d * i + m * d * f) + 4.0 * s * s * i;
@@ -35,7 +39,12 @@ pub fn forward_flops_per_sequence(config: &T5Config, src_len: usize, tgt_len: us
 /// Model FLOPs of one training step (forward + backward) over `batch` sequence pairs.
 /// With LoRA the frozen weights need no weight gradients; the convention still counts 3x,
 /// as the reference study and most MFU reports do (say so when comparing).
-pub fn train_flops_per_step(config: &T5Config, batch: usize, src_len: usize, tgt_len: usize) -> f64 {
+pub fn train_flops_per_step(
+    config: &T5Config,
+    batch: usize,
+    src_len: usize,
+    tgt_len: usize,
+) -> f64 {
     3.0 * batch as f64 * forward_flops_per_sequence(config, src_len, tgt_len)
 }
 

@@ -182,7 +182,10 @@ fn attentions_mut<B: Backend>(model: &mut T5<B>) -> Vec<(bool, usize, bool, &mut
     out
 }
 
-fn slot<B: Backend>(attention: &mut Attention<B>, target: LoraTarget) -> &mut Option<LoraAdapter<B>> {
+fn slot<B: Backend>(
+    attention: &mut Attention<B>,
+    target: LoraTarget,
+) -> &mut Option<LoraAdapter<B>> {
     match target {
         LoraTarget::Q => &mut attention.lora_q,
         LoraTarget::K => &mut attention.lora_k,
@@ -264,11 +267,16 @@ pub fn lora_parameter_count<B: Backend>(model: &mut T5<B>) -> usize {
     attentions_mut(model)
         .into_iter()
         .map(|(_, _, _, attention)| {
-            [&attention.lora_q, &attention.lora_k, &attention.lora_v, &attention.lora_o]
-                .into_iter()
-                .flatten()
-                .map(|a| a.a.val().shape().num_elements() + a.b.val().shape().num_elements())
-                .sum::<usize>()
+            [
+                &attention.lora_q,
+                &attention.lora_k,
+                &attention.lora_v,
+                &attention.lora_o,
+            ]
+            .into_iter()
+            .flatten()
+            .map(|a| a.a.val().shape().num_elements() + a.b.val().shape().num_elements())
+            .sum::<usize>()
         })
         .sum()
 }

@@ -95,9 +95,9 @@ pub fn assign_nodes(
 /// Hashing keeps the label count fixed whatever the vocabulary.
 pub fn label_of(record: &SamsumRecord) -> usize {
     const SKIPPED: &[&str] = &[
-        "a", "an", "the", "it", "them", "him", "her", "us", "me", "you", "there", "here",
-        "today", "tomorrow", "tonight", "together", "now", "later", "soon", "again", "too",
-        "up", "out", "off", "on", "in", "at", "to", "of", "for", "with", "and", "or",
+        "a", "an", "the", "it", "them", "him", "her", "us", "me", "you", "there", "here", "today",
+        "tomorrow", "tonight", "together", "now", "later", "soon", "again", "too", "up", "out",
+        "off", "on", "in", "at", "to", "of", "for", "with", "and", "or",
     ];
     let first_sentence = record
         .summary
@@ -176,7 +176,8 @@ fn assign_dirichlet(labels: &[usize], nodes: usize, alpha: f64, seed: u64) -> Ve
                 let end = if node + 1 == nodes {
                     members.len()
                 } else {
-                    ((cumulative * members.len() as f64).round() as usize).clamp(start, members.len())
+                    ((cumulative * members.len() as f64).round() as usize)
+                        .clamp(start, members.len())
                 };
                 for &index in &members[start..end] {
                     assignment[index] = node;
@@ -422,7 +423,11 @@ mod tests {
             .iter()
             .map(|s| {
                 let h = histogram(s);
-                0.5 * h.iter().zip(&global).map(|(a, b)| (a - b).abs()).sum::<f64>()
+                0.5 * h
+                    .iter()
+                    .zip(&global)
+                    .map(|(a, b)| (a - b).abs())
+                    .sum::<f64>()
             })
             .sum();
         total / shards.len() as f64
@@ -462,7 +467,10 @@ mod tests {
             summary: summary.into(),
         };
         let tennis = label_of(&record("Anna and Tom will meet to play tennis."));
-        assert_eq!(label_of(&record("Kim plays Tennis today! Bob can't come.")), tennis);
+        assert_eq!(
+            label_of(&record("Kim plays Tennis today! Bob can't come.")),
+            tennis
+        );
         assert_eq!(label_of(&record("")), 0);
         assert_eq!(label_of(&record("...")), 0);
     }
@@ -471,7 +479,10 @@ mod tests {
     fn bad_arguments_are_errors() {
         let records = corpus(3);
         let iid = SplitStrategy::Iid;
-        assert_eq!(split_records(&records, 0, &iid, 0), Err(SplitError::NoNodes));
+        assert_eq!(
+            split_records(&records, 0, &iid, 0),
+            Err(SplitError::NoNodes)
+        );
         assert_eq!(
             split_records(&records, 4, &iid, 0),
             Err(SplitError::TooFewRecords {
@@ -507,8 +518,14 @@ mod tests {
             let mean = samples.iter().sum::<f64>() / n as f64;
             let var = samples.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
             // Gamma(k, 1): mean k, variance k.
-            assert!((mean - shape).abs() < 0.05 * shape.max(1.0), "{shape}: mean {mean}");
-            assert!((var - shape).abs() < 0.15 * shape.max(1.0), "{shape}: var {var}");
+            assert!(
+                (mean - shape).abs() < 0.05 * shape.max(1.0),
+                "{shape}: mean {mean}"
+            );
+            assert!(
+                (var - shape).abs() < 0.15 * shape.max(1.0),
+                "{shape}: var {var}"
+            );
         }
         let p = rng.dirichlet(0.01, 5);
         assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-12);
@@ -522,7 +539,10 @@ mod tests {
         for _ in 0..5000 {
             counts[rng.below(5)] += 1;
         }
-        assert!(counts.iter().all(|&c| (900..1100).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (900..1100).contains(&c)),
+            "{counts:?}"
+        );
         let mut items: Vec<u32> = (0..50).collect();
         rng.shuffle(&mut items);
         assert_ne!(items, (0..50).collect::<Vec<_>>());

@@ -18,16 +18,18 @@
 use std::path::{Path, PathBuf};
 
 use tokenizers::decoders::DecoderWrapper;
-use tokenizers::models::TrainerWrapper;
 use tokenizers::models::unigram::{Unigram, UnigramTrainer};
-use tokenizers::normalizers::{NFKC, NormalizerWrapper, Replace, Sequence as NormalizerSequence};
 use tokenizers::normalizers::replace::ReplacePattern;
+use tokenizers::normalizers::{NFKC, NormalizerWrapper, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::whitespace::WhitespaceSplit;
 use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::{
+    AddedToken, NormalizedString, Normalizer, OffsetReferential, OffsetType, PreTokenizedString,
+    PreTokenizer, Tokenizer,
+};
 
 use crate::data::{SamsumRecord, parse_samsum};
 use crate::split::SeededRng;
@@ -177,7 +179,8 @@ impl Default for SyntheticConfig {
     }
 }
 
-/// Requested size of the bundled tokenizer (special tokens included).
+/// Upper bound on the bundled tokenizer's size (special tokens included). The trainer stops
+/// at the pieces the corpus supports (430 for the default corpus: about one per word).
 pub const TOKENIZER_VOCAB_SIZE: usize = 1500;
 
 /// What changed between the first proposal and the agreement.
@@ -185,11 +188,17 @@ pub const TOKENIZER_VOCAB_SIZE: usize = 1500;
 pub enum PlanChange {
     None,
     /// The first proposed day was rejected.
-    Day { proposed: &'static str },
+    Day {
+        proposed: &'static str,
+    },
     /// The first proposed time was rejected.
-    Time { proposed: &'static str },
+    Time {
+        proposed: &'static str,
+    },
     /// The first proposed place was rejected.
-    Place { proposed: &'static str },
+    Place {
+        proposed: &'static str,
+    },
 }
 
 /// The facts a summary is made of.
@@ -365,7 +374,11 @@ impl<'r> DialogueBuilder<'r> {
         // Compact: the opener already proposes day, time and place.
         let compact = self.rng.chance(0.35);
         // Who makes the proposals, who objects.
-        let proposer = if compact || self.rng.chance(0.7) { a } else { b };
+        let proposer = if compact || self.rng.chance(0.7) {
+            a
+        } else {
+            b
+        };
         let other = if proposer == a { b } else { a };
         let objector = match c {
             Some(c) if c_joins && self.rng.chance(0.3) => c,
@@ -406,7 +419,13 @@ impl<'r> DialogueBuilder<'r> {
         }
         let where_first = !compact && self.rng.chance(0.3);
         let reply = if compact {
-            self.pick(&["Sure!", "Sounds good.", "Yes, perfect.", "Deal!", "Why not!"])
+            self.pick(&[
+                "Sure!",
+                "Sounds good.",
+                "Yes, perfect.",
+                "Deal!",
+                "Why not!",
+            ])
         } else if where_first {
             self.pick(&["Sure!", "Sounds good.", "Yes, good idea.", "Why not!"])
         } else {
@@ -581,7 +600,11 @@ impl<'r> DialogueBuilder<'r> {
             }
             let proposal = match host {
                 Some(_) => self
-                    .pick(&["Let's meet at my place.", "Come to my place.", "At my place?"])
+                    .pick(&[
+                        "Let's meet at my place.",
+                        "Come to my place.",
+                        "At my place?",
+                    ])
                     .to_string(),
                 None => match self.rng.below(4) {
                     0 => format!("At {first_place}?"),
@@ -599,9 +622,15 @@ impl<'r> DialogueBuilder<'r> {
         if let PlanChange::Place { .. } = change {
             let objection = match self.rng.below(4) {
                 0 if day_known => {
-                    format!("{} is closed that day. Maybe {place}?", capitalize(first_place))
+                    format!(
+                        "{} is closed that day. Maybe {place}?",
+                        capitalize(first_place)
+                    )
                 }
-                0 => format!("{} is being renovated. Maybe {place}?", capitalize(first_place)),
+                0 => format!(
+                    "{} is being renovated. Maybe {place}?",
+                    capitalize(first_place)
+                ),
                 1 => format!("I'd rather go to {place}."),
                 2 => format!(
                     "{} is too far for me. What about {place}?",
@@ -623,7 +652,10 @@ impl<'r> DialogueBuilder<'r> {
     /// never more than 9 turns in all. They name only places and people outside the plan.
     fn add_small_talk(&mut self, speakers: &[&'static str], plan_places: &[&'static str]) {
         let room = 9usize.saturating_sub(self.turns.len());
-        let wanted = self.rng.below(4).max(3usize.saturating_sub(self.turns.len()));
+        let wanted = self
+            .rng
+            .below(4)
+            .max(3usize.saturating_sub(self.turns.len()));
         for _ in 0..wanted.min(room) {
             let speaker = self.pick(speakers);
             let text = match self.rng.below(8) {
@@ -695,8 +727,13 @@ pub enum SyntheticError {
     Embedded { what: &'static str, reason: String },
 }
 
-/// The training input prefix used with FLAN-T5; trained into the vocabulary as one piece.
+/// The input prefix of FLAN-T5 summarization, trained into the vocabulary ("▁summarize", ":").
 const TASK_PREFIX: &str = "summarize:";
+
+/// EM sub-iterations of the Unigram trainer (its default is 2). The corpus supports fewer
+/// pieces than asked for, so the trainer never prunes, and with 2 rounds the marginals stay
+/// soft enough to keep ~120 pieces that encoding never uses ("Tom" beside "▁Tom").
+const SUB_ITERATIONS: u32 = 8;
 
 /// Trains a T5-style Unigram tokenizer on the dialogues and summaries of `records`:
 /// `<pad>`=0, `</s>`=1, `<unk>`=2; normalizer NFKC + collapse of repeated spaces;
@@ -729,10 +766,10 @@ pub fn train_tokenizer(
                 .collect(),
         )
         .unk_token(Some("<unk>".into()))
+        .n_sub_iterations(SUB_ITERATIONS)
         .initial_alphabet((' '..='~').filter(|c| !c.is_whitespace()).collect())
         .build()
         .map_err(|err| SyntheticError::Tokenizer(err.to_string()))?;
-    let mut trainer = TrainerWrapper::from(trainer);
 
     let metaspace = Metaspace::new('▁', PrependScheme::Always, true);
     let collapse_spaces = Replace::new(ReplacePattern::Regex(" {2,}".into()), " ")
@@ -747,48 +784,113 @@ pub fn train_tokenizer(
 
     let mut tokenizer = Tokenizer::new(Unigram::default());
     tokenizer
-        .with_normalizer(Some(NormalizerWrapper::from(NormalizerSequence::new(vec![
-            NFKC.into(),
-            collapse_spaces.into(),
-        ]))))
+        .with_normalizer(Some(NormalizerWrapper::from(NormalizerSequence::new(
+            vec![NFKC.into(), collapse_spaces.into()],
+        ))))
         .with_pre_tokenizer(Some(PreTokenizerWrapper::from(PreTokenizerSequence::new(
             vec![WhitespaceSplit.into(), metaspace.clone().into()],
         ))))
         .with_post_processor(Some(template))
         .with_decoder(Some(DecoderWrapper::from(metaspace)));
 
-    let lines = tokenizer_training_lines(records);
-    tokenizer
-        .train(&mut trainer, lines.iter())
+    let sentences = training_words(&tokenizer, records)?;
+    let mut model = Unigram::default();
+    let special_tokens = trainer
+        .do_train(sentences, &mut model)
         .map_err(|err| SyntheticError::Tokenizer(err.to_string()))?;
+    tokenizer.with_model(model);
+    tokenizer.add_special_tokens(&special_tokens);
     Ok(tokenizer)
 }
 
-/// Every dialogue and summary, the task prefix, and one extra line listing every word `w`
-/// as "w ww" (with and without surrounding punctuation). The Unigram trainer seeds pieces
-/// only from substrings that occur at least twice among the *distinct* words, so on a
-/// narrow corpus whole words like "▁library" are never candidates and common words end up
-/// split; "▁libraryl..." makes each word a repeated substring (see FACTS.md).
-fn tokenizer_training_lines(records: &[SamsumRecord]) -> Vec<String> {
-    let mut lines: Vec<String> = Vec::with_capacity(2 * records.len() + 2);
-    let mut words = std::collections::BTreeSet::new();
-    for record in records {
-        for text in [&record.dialogue, &record.summary] {
-            for word in text.split_whitespace() {
-                words.insert(word.to_string());
-                let bare = word.trim_matches(|c: char| !c.is_alphanumeric());
-                if !bare.is_empty() {
-                    words.insert(bare.to_string());
-                }
+/// The trainer's input: every word occurrence of the dialogues, the summaries and the task
+/// prefix, normalized and pre-tokenized as at encode time and cut at punctuation (see
+/// [`word_parts`]), each part as its own `(part, 1)` entry; plus every distinct part doubled
+/// ("▁library" -> "▁librarylibrary") as a `(_, 0)` entry.
+///
+/// Why not `Tokenizer::train`: it hands the trainer each distinct word once with its count,
+/// and the trainer seeds candidate pieces from substring counts over that list, blind to the
+/// word counts. On a narrow corpus a whole word is then a candidate only if another word
+/// contains it (FACTS.md), and even with the "w ww" line of FACTS.md frequent short words
+/// lose to single characters, whose seeds *are* count-weighted: asked for 1500 pieces it
+/// split "and" into "▁an" + "d" and "Hey" into three pieces, while spending pieces on
+/// "▁Monday?" and "▁coffee.". Here:
+/// - one entry per occurrence gives SentencePiece's count-weighted seeds (the EM result is
+///   the same as with `(word, count)` entries);
+/// - the doubled entry is the FACTS.md workaround: a seed must be a substring that continues
+///   differently in two places, which a word alone (always followed by the end of the
+///   entry) is not; with count 0 it does not change the EM;
+/// - cutting at punctuation keeps "▁Monday", "▁pm" and "▁Tom" the same piece in "Tom:",
+///   "Monday?" and the summary, so the model copies ids instead of learning that
+///   "▁Monday?" means "▁Monday". Encoding still sees whole words; they come out as
+///   "▁Monday" + "?".
+fn training_words(
+    tokenizer: &Tokenizer,
+    records: &[SamsumRecord],
+) -> Result<Vec<(String, u32)>, SyntheticError> {
+    let (Some(normalizer), Some(pre_tokenizer)) =
+        (tokenizer.get_normalizer(), tokenizer.get_pre_tokenizer())
+    else {
+        return Err(SyntheticError::Tokenizer(
+            "normalizer and pre-tokenizer must be set before training".into(),
+        ));
+    };
+    let mut counts: std::collections::BTreeMap<String, u32> = std::collections::BTreeMap::new();
+    let texts = records
+        .iter()
+        .flat_map(|r| [r.dialogue.as_str(), r.summary.as_str()])
+        .chain(std::iter::once(TASK_PREFIX));
+    for text in texts {
+        let mut normalized = NormalizedString::from(text);
+        normalizer
+            .normalize(&mut normalized)
+            .map_err(|err| SyntheticError::Tokenizer(err.to_string()))?;
+        let mut words = PreTokenizedString::from(normalized);
+        pre_tokenizer
+            .pre_tokenize(&mut words)
+            .map_err(|err| SyntheticError::Tokenizer(err.to_string()))?;
+        for (word, _, _) in words.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+            for part in word_parts(word) {
+                *counts.entry(part.to_string()).or_default() += 1;
             }
-            lines.push(text.clone());
         }
     }
-    lines.push(TASK_PREFIX.into());
-    words.insert(TASK_PREFIX.into());
-    let seeded: Vec<String> = words.iter().map(|w| format!("{w} {w}{w}")).collect();
-    lines.push(seeded.join(" "));
-    lines
+    let total = counts.values().map(|&c| c as usize + 1).sum();
+    let mut sentences = Vec::with_capacity(total);
+    for (part, count) in counts {
+        for _ in 0..count {
+            sentences.push((part.clone(), 1));
+        }
+        sentences.push((format!("{part}{}", part.trim_start_matches('▁')), 0));
+    }
+    Ok(sentences)
+}
+
+/// A pre-tokenized word ("▁Monday?", "▁Tom's", "▁:)") cut into leading punctuation, the
+/// alphanumeric core, a possessive "'s" and trailing punctuation; the first part keeps the
+/// "▁". Inner punctuation stays ("▁can't", "▁I'm"); a word without letters or digits is
+/// one part.
+fn word_parts(word: &str) -> Vec<&str> {
+    let is_core = |c: char| c.is_alphanumeric();
+    let body_start = word.strip_prefix('▁').map_or(0, |_| '▁'.len_utf8());
+    let (Some(core_start), Some(core_end)) = (
+        word[body_start..].find(is_core).map(|i| body_start + i),
+        word.rfind(is_core)
+            .map(|i| i + word[i..].chars().next().map_or(1, char::len_utf8)),
+    ) else {
+        return vec![word];
+    };
+    let mut cuts = vec![0];
+    if core_start > body_start {
+        cuts.push(core_start);
+    }
+    if word[core_start..core_end].len() > 2 && word[..core_end].ends_with("'s") {
+        cuts.push(core_end - 2);
+    }
+    cuts.push(core_end);
+    cuts.push(word.len());
+    cuts.dedup();
+    cuts.windows(2).map(|w| &word[w[0]..w[1]]).collect()
 }
 
 /// `config.json` of the tiny FLAN-style T5 for a tokenizer of `tokenizer_vocab` ids:
@@ -1016,7 +1118,9 @@ mod tests {
             assert_eq!(record.summary, summary_of(plan));
             for name in plan.participants.iter().chain(plan.absent.iter()) {
                 assert!(
-                    dialogue.lines().any(|l| l.starts_with(&format!("{name}: "))),
+                    dialogue
+                        .lines()
+                        .any(|l| l.starts_with(&format!("{name}: "))),
                     "{name} does not speak in\n{dialogue}"
                 );
                 // Once, besides "NAME's place".
@@ -1030,10 +1134,7 @@ mod tests {
                         .any(|l| l.starts_with(&format!("{host}: ")) && l.contains("my place")),
                     "{record:?}"
                 ),
-                None => assert!(
-                    dialogue.to_lowercase().contains(&plan.place),
-                    "{record:?}"
-                ),
+                None => assert!(dialogue.to_lowercase().contains(&plan.place), "{record:?}"),
             }
             assert!(!mentions(dialogue, plan.day).is_empty(), "{record:?}");
             assert!(!mentions(dialogue, plan.time).is_empty(), "{record:?}");
@@ -1048,7 +1149,11 @@ mod tests {
             let (record, plan) = (&example.record, &example.plan);
             let dialogue = &record.dialogue;
             assert_eq!(last_mention(dialogue, &DAYS), Some(plan.day), "{record:?}");
-            assert_eq!(last_mention(dialogue, &TIMES), Some(plan.time), "{record:?}");
+            assert_eq!(
+                last_mention(dialogue, &TIMES),
+                Some(plan.time),
+                "{record:?}"
+            );
             match plan.change {
                 PlanChange::Day { proposed } => {
                     changed[0] += 1;
@@ -1136,12 +1241,33 @@ mod tests {
     }
 
     #[test]
+    fn words_are_cut_at_punctuation() {
+        let cases: [(&str, &[&str]); 9] = [
+            ("▁Monday?", &["▁Monday", "?"]),
+            ("▁Tom:", &["▁Tom", ":"]),
+            ("▁Tom's", &["▁Tom", "'s"]),
+            ("▁can't", &["▁can't"]),
+            ("▁(hi!)", &["▁(", "hi", "!)"]),
+            ("▁:)", &["▁:)"]),
+            ("▁8", &["▁8"]),
+            ("▁café.", &["▁café", "."]),
+            ("▁'s", &["▁'", "s"]),
+        ];
+        for (word, parts) in cases {
+            assert_eq!(word_parts(word), parts, "{word}");
+        }
+    }
+
+    #[test]
     fn config_has_the_tiny_flan_shape() {
         let config: crate::T5Config =
             serde_json::from_value(tiny_t5_config(1001)).expect("T5Config");
         config.validate().expect("valid");
         assert_eq!(config.vocab_size, 1008);
-        assert_eq!((config.d_model, config.num_heads, config.d_kv), (128, 4, 32));
+        assert_eq!(
+            (config.d_model, config.num_heads, config.d_kv),
+            (128, 4, 32)
+        );
         assert!(!config.tie_word_embeddings);
         assert_eq!(tiny_t5_config(1008)["vocab_size"], 1008);
     }

@@ -10,7 +10,9 @@ use burn::tensor::ElementConversion;
 use burn::tensor::backend::AutodiffBackend;
 
 use crate::error::ModelError;
-use crate::optim::{AdamW, AdamWConfig, ScheduleKind, clip_coefficient, global_grad_norm, lr_multiplier};
+use crate::optim::{
+    AdamW, AdamWConfig, ScheduleKind, clip_coefficient, global_grad_norm, lr_multiplier,
+};
 use crate::score::{Seq2SeqBatch, batch_loss};
 use crate::t5::T5;
 
@@ -74,7 +76,9 @@ impl<B: AutodiffBackend> TrainState<B> {
     /// loss is divided by their number, as `loss / accum` then `backward` in PyTorch).
     pub fn step(&mut self, micro_batches: &[Seq2SeqBatch]) -> Result<StepStats, ModelError> {
         if micro_batches.is_empty() {
-            return Err(ModelError::Input("a training step needs at least one batch".into()));
+            return Err(ModelError::Input(
+                "a training step needs at least one batch".into(),
+            ));
         }
         let device = self.model.device();
         let accum = micro_batches.len() as f64;
@@ -83,9 +87,9 @@ impl<B: AutodiffBackend> TrainState<B> {
         let mut tokens = 0;
         for batch in micro_batches {
             let t = batch.tensors::<B>(&device);
-            let (_, logits) = self
-                .model
-                .forward(t.input_ids, t.attention_mask, t.decoder_input_ids);
+            let (_, logits) =
+                self.model
+                    .forward(t.input_ids, t.attention_mask, t.decoder_input_ids);
             let loss = batch_loss(logits, t.labels).div_scalar(accum);
             let value: f64 = loss.clone().into_scalar().elem();
             if !value.is_finite() {
@@ -111,7 +115,9 @@ impl<B: AutodiffBackend> TrainState<B> {
         let lr = self.current_lr();
         let coefficient = clip_coefficient(grad_norm, self.config.max_grad_norm);
         let model = self.model.clone();
-        self.model = self.optimizer.step::<B, T5<B>>(lr, model, grads, coefficient);
+        self.model = self
+            .optimizer
+            .step::<B, T5<B>>(lr, model, grads, coefficient);
         let stats = StepStats {
             step: self.step,
             loss: loss_sum,

@@ -32,8 +32,14 @@ fn ids(value: &serde_json::Value) -> Vec<u32> {
 
 fn batch_of(reference: &serde_json::Value, rows: &[usize]) -> Seq2SeqBatch {
     let examples = reference["examples"].as_array().expect("examples");
-    let sources: Vec<Vec<u32>> = rows.iter().map(|&r| ids(&examples[r]["source_ids"])).collect();
-    let targets: Vec<Vec<u32>> = rows.iter().map(|&r| ids(&examples[r]["target_ids"])).collect();
+    let sources: Vec<Vec<u32>> = rows
+        .iter()
+        .map(|&r| ids(&examples[r]["source_ids"]))
+        .collect();
+    let targets: Vec<Vec<u32>> = rows
+        .iter()
+        .map(|&r| ids(&examples[r]["target_ids"]))
+        .collect();
     Seq2SeqBatch::new(&sources, &targets, 0, 0).expect("batch")
 }
 
@@ -55,8 +61,17 @@ fn step_config(reference: &serde_json::Value) -> StepConfig {
     }
 }
 
-fn run_and_compare(reference: &serde_json::Value, mut state: TrainState<CpuTrain>, label: &str) -> TrainState<CpuTrain> {
-    for (i, step) in reference["steps"].as_array().expect("steps").iter().enumerate() {
+fn run_and_compare(
+    reference: &serde_json::Value,
+    mut state: TrainState<CpuTrain>,
+    label: &str,
+) -> TrainState<CpuTrain> {
+    for (i, step) in reference["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .enumerate()
+    {
         let micro: Vec<Seq2SeqBatch> = step["micro_batch_rows"]
             .as_array()
             .expect("rows")
@@ -82,20 +97,34 @@ fn run_and_compare(reference: &serde_json::Value, mut state: TrainState<CpuTrain
             stats.loss,
             stats.grad_norm
         );
-        assert!(rel <= 1e-3, "{label} step {}: loss {} vs {want_loss}", i + 1, stats.loss);
+        assert!(
+            rel <= 1e-3,
+            "{label} step {}: loss {} vs {want_loss}",
+            i + 1,
+            stats.loss
+        );
         assert!(
             (stats.grad_norm - want_norm).abs() / want_norm <= 1e-3,
             "{label} step {}: grad norm {} vs {want_norm}",
             i + 1,
             stats.grad_norm
         );
-        assert!((stats.lr - want_lr).abs() <= 1e-12, "{label} step {}: lr {} vs {want_lr}", i + 1, stats.lr);
+        assert!(
+            (stats.lr - want_lr).abs() <= 1e-12,
+            "{label} step {}: lr {} vs {want_lr}",
+            i + 1,
+            stats.lr
+        );
     }
     state
 }
 
 fn l2(values: &[f32]) -> f64 {
-    values.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt()
+    values
+        .iter()
+        .map(|&v| (v as f64) * (v as f64))
+        .sum::<f64>()
+        .sqrt()
 }
 
 #[test]
@@ -104,7 +133,11 @@ fn full_fine_tuning_matches_pytorch_per_step() {
     let device = Default::default();
     let (_, model) =
         load_model::<CpuTrain>(&fixtures().join("models/flan-odd"), &device).expect("model");
-    let state = run_and_compare(&reference, TrainState::new(model, step_config(&reference)), "full");
+    let state = run_and_compare(
+        &reference,
+        TrainState::new(model, step_config(&reference)),
+        "full",
+    );
 
     // The weights themselves, not only the losses.
     let norms = reference["final_param_norms"].as_object().expect("norms");
@@ -112,9 +145,14 @@ fn full_fine_tuning_matches_pytorch_per_step() {
     let mut checked = 0;
     for (key, tensor) in named_weights(&trained) {
         let name = key.hf_name();
-        let Some(want) = norms.get(&name).and_then(|v| v.as_f64()) else { continue };
+        let Some(want) = norms.get(&name).and_then(|v| v.as_f64()) else {
+            continue;
+        };
         let got = l2(&tensor.to_f32_vec().expect("values"));
-        assert!((got - want).abs() / want <= 1e-4, "{name}: norm {got} vs {want}");
+        assert!(
+            (got - want).abs() / want <= 1e-4,
+            "{name}: norm {got} vs {want}"
+        );
         checked += 1;
     }
     assert!(checked >= 40, "only {checked} tensors compared");
@@ -127,7 +165,10 @@ fn full_fine_tuning_matches_pytorch_per_step() {
     let tokens: usize = losses.iter().map(|l| l.tokens).sum();
     let want = reference["final_eval_loss"].as_f64().expect("eval");
     let got = total / tokens as f64;
-    assert!((got - want).abs() / want <= 1e-3, "eval loss {got} vs {want}");
+    assert!(
+        (got - want).abs() / want <= 1e-3,
+        "eval loss {got} vs {want}"
+    );
 }
 
 #[test]
@@ -143,11 +184,17 @@ fn lora_matches_pytorch_per_step_and_merges() {
         dropout: lora["dropout"].as_f64().expect("dropout"),
         targets: vec![LoraTarget::Q, LoraTarget::V],
     };
-    let mut init =
-        SafetensorsLoraInit::open(&fixtures().join("train_parity/lora_init.safetensors"), &device)
-            .expect("init");
+    let mut init = SafetensorsLoraInit::open(
+        &fixtures().join("train_parity/lora_init.safetensors"),
+        &device,
+    )
+    .expect("init");
     let model = attach_lora(model, &config, &mut init).expect("attach");
-    let state = run_and_compare(&reference, TrainState::new(model, step_config(&reference)), "lora");
+    let state = run_and_compare(
+        &reference,
+        TrainState::new(model, step_config(&reference)),
+        "lora",
+    );
 
     // Base weights untouched, adapters trained; merged model computes the same loss.
     let trained = state.inference_model();
@@ -156,7 +203,10 @@ fn lora_matches_pytorch_per_step_and_merges() {
         let name = key.hf_name();
         if let Some(want) = norms.get(&name).and_then(|v| v.as_f64()) {
             let got = l2(&tensor.to_f32_vec().expect("values"));
-            assert!((got - want).abs() / want <= 1e-5, "{name}: frozen norm {got} vs {want}");
+            assert!(
+                (got - want).abs() / want <= 1e-5,
+                "{name}: frozen norm {got} vs {want}"
+            );
         }
     }
     let rows: Vec<usize> = (0..12).collect();
@@ -165,7 +215,12 @@ fn lora_matches_pytorch_per_step_and_merges() {
     let merged = merge_lora(trained);
     let merged_losses = score_batch(&merged, &batch).expect("score");
     for (a, m) in adapted.iter().zip(&merged_losses) {
-        assert!((a.loss - m.loss).abs() <= 1e-5, "merge changed loss {} -> {}", a.loss, m.loss);
+        assert!(
+            (a.loss - m.loss).abs() <= 1e-5,
+            "merge changed loss {} -> {}",
+            a.loss,
+            m.loss
+        );
     }
     let total: f64 = adapted.iter().map(|l| l.loss * l.tokens as f64).sum();
     let tokens: usize = adapted.iter().map(|l| l.tokens).sum();

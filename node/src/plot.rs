@@ -20,10 +20,14 @@ impl Series {
     }
 }
 
-const COLORS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
+const COLORS: [&str; 6] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+];
 
 fn escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// Renders `series` as an SVG document (640x400, axes with 5 ticks, legend).
@@ -105,7 +109,12 @@ pub fn line_chart_svg(title: &str, x_label: &str, y_label: &str, series: &[Serie
             .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
             .collect();
         if points.len() == 1 {
-            let _ = write!(svg, r#"<circle cx="{}" cy="{}" r="3" fill="{color}"/>"#, points[0].split(',').next().unwrap_or("0"), points[0].split(',').nth(1).unwrap_or("0"));
+            let _ = write!(
+                svg,
+                r#"<circle cx="{}" cy="{}" r="3" fill="{color}"/>"#,
+                points[0].split(',').next().unwrap_or("0"),
+                points[0].split(',').nth(1).unwrap_or("0")
+            );
         } else if !points.is_empty() {
             let _ = write!(
                 svg,

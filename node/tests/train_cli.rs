@@ -22,7 +22,12 @@ fn write_config(dir: &Path, extra: &str) -> PathBuf {
 }
 
 fn train_command(out: &Path, config: &Path, steps: usize) -> Command {
-    train_command_on(&fixtures().join("synthetic/train.jsonl"), out, config, steps)
+    train_command_on(
+        &fixtures().join("synthetic/train.jsonl"),
+        out,
+        config,
+        steps,
+    )
 }
 
 fn train_command_on(train: &Path, out: &Path, config: &Path, steps: usize) -> Command {
@@ -53,17 +58,37 @@ fn trains_writes_reports_and_resumes() {
     let out = dir.path().join("run");
     let config = write_config(dir.path(), "");
     let first = run(&mut train_command(&out, &config, 2));
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
-    for file in ["metrics.csv", "loss.svg", "rouge.svg", "initial_eval.json", "final/model.safetensors", "final/config.json", "final/tokenizer.json", "checkpoints/latest"] {
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    for file in [
+        "metrics.csv",
+        "loss.svg",
+        "rouge.svg",
+        "initial_eval.json",
+        "final/model.safetensors",
+        "final/config.json",
+        "final/tokenizer.json",
+        "checkpoints/latest",
+    ] {
         assert!(out.join(file).exists(), "{file} missing");
     }
     // Asking for more steps resumes from the checkpoint instead of starting over.
     let second = run(&mut train_command(&out, &config, 4));
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(second.status.success(), "{stderr}");
-    assert!(stderr.contains("resumed") && stderr.contains("step=2"), "{stderr}");
+    assert!(
+        stderr.contains("resumed") && stderr.contains("step=2"),
+        "{stderr}"
+    );
     let csv = std::fs::read_to_string(out.join("metrics.csv")).expect("csv");
-    let steps: Vec<&str> = csv.lines().skip(1).map(|l| l.split(',').next().unwrap_or("")).collect();
+    let steps: Vec<&str> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap_or(""))
+        .collect();
     assert_eq!(steps, ["1", "2", "3", "4"], "{csv}");
     // The exported folder is a loadable HF model.
     let score = run(Command::new(env!("CARGO_BIN_EXE_meshtune"))
@@ -71,7 +96,11 @@ fn trains_writes_reports_and_resumes() {
         .arg(out.join("final"))
         .arg("--data")
         .arg(fixtures().join("synthetic/eval.jsonl")));
-    assert!(score.status.success(), "{}", String::from_utf8_lossy(&score.stderr));
+    assert!(
+        score.status.success(),
+        "{}",
+        String::from_utf8_lossy(&score.stderr)
+    );
 }
 
 #[test]
@@ -116,16 +145,32 @@ fn bad_config_and_memory_budget_are_refused() {
     let config = write_config(dir.path(), "stepz = 3\n");
     let output = run(&mut train_command(&dir.path().join("a"), &config, 2));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success() && stderr.contains("stepz"), "{stderr}");
+    assert!(
+        !output.status.success() && stderr.contains("stepz"),
+        "{stderr}"
+    );
 
     let config = write_config(dir.path(), "");
-    let output = run(train_command(&dir.path().join("b"), &config, 2).args(["--memory-budget-gib", "0.0001"]));
+    let output =
+        run(train_command(&dir.path().join("b"), &config, 2)
+            .args(["--memory-budget-gib", "0.0001"]));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success() && stderr.contains("exceeds the budget"), "{stderr}");
+    assert!(
+        !output.status.success() && stderr.contains("exceeds the budget"),
+        "{stderr}"
+    );
 
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"id\":\"1\",\"dialogue\":\"\",\"summary\":\"x\"}\n").expect("write");
-    let output = run(&mut train_command_on(&bad, &dir.path().join("c"), &config, 2));
+    let output = run(&mut train_command_on(
+        &bad,
+        &dir.path().join("c"),
+        &config,
+        2,
+    ));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success() && stderr.contains("empty dialogue"), "{stderr}");
+    assert!(
+        !output.status.success() && stderr.contains("empty dialogue"),
+        "{stderr}"
+    );
 }

@@ -149,7 +149,10 @@ impl TrainConfig {
             }
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            anyhow::bail!("train config: `lr` must be a positive number, got {}", self.lr);
+            anyhow::bail!(
+                "train config: `lr` must be a positive number, got {}",
+                self.lr
+            );
         }
         Ok(())
     }
@@ -229,17 +232,29 @@ fn tokenize(
         .iter()
         .map(|r| {
             Ok(TokenizedExample {
-                source: tokenizer.encode(&format!("{}{}", config.prefix, r.dialogue), Some(config.source_max_len))?,
+                source: tokenizer.encode(
+                    &format!("{}{}", config.prefix, r.dialogue),
+                    Some(config.source_max_len),
+                )?,
                 target: tokenizer.encode(&r.summary, Some(config.target_max_len))?,
             })
         })
         .collect()
 }
 
-fn to_batch(examples: &[TokenizedExample], rows: &[usize], model: &T5Config) -> anyhow::Result<Seq2SeqBatch> {
+fn to_batch(
+    examples: &[TokenizedExample],
+    rows: &[usize],
+    model: &T5Config,
+) -> anyhow::Result<Seq2SeqBatch> {
     let sources: Vec<Vec<u32>> = rows.iter().map(|&i| examples[i].source.clone()).collect();
     let targets: Vec<Vec<u32>> = rows.iter().map(|&i| examples[i].target.clone()).collect();
-    Ok(Seq2SeqBatch::new(&sources, &targets, model.pad_token_id, model.decoder_start_id())?)
+    Ok(Seq2SeqBatch::new(
+        &sources,
+        &targets,
+        model.pad_token_id,
+        model.decoder_start_id(),
+    )?)
 }
 
 /// One row of metrics.csv.
@@ -258,7 +273,9 @@ struct MetricRow {
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     match args.device {
-        DeviceChoice::Cpu => train_on::<meshtune_model::backend::CpuTrain>(Default::default(), &args),
+        DeviceChoice::Cpu => {
+            train_on::<meshtune_model::backend::CpuTrain>(Default::default(), &args)
+        }
         #[cfg(feature = "cuda")]
         DeviceChoice::Cuda(index) => train_on::<meshtune_model::backend::CudaTrain>(
             burn::backend::cuda::CudaDevice::new(index),
@@ -274,8 +291,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
 fn load_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     let mut config = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            toml::from_str::<TrainConfig>(&text).with_context(|| format!("invalid train config {}", path.display()))?
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str::<TrainConfig>(&text)
+                .with_context(|| format!("invalid train config {}", path.display()))?
         }
         None => TrainConfig::default(),
     };
@@ -307,12 +326,17 @@ fn train_on<B: AutodiffBackend>(device: B::Device, args: &TrainArgs) -> anyhow::
     let (model_config, tokenizer_path, model_dir) = match (&args.model, &args.preset) {
         (Some(dir), _) => (
             T5Config::from_file(&dir.join("config.json"))?,
-            args.tokenizer.clone().unwrap_or_else(|| dir.join("tokenizer.json")),
+            args.tokenizer
+                .clone()
+                .unwrap_or_else(|| dir.join("tokenizer.json")),
             Some(dir.clone()),
         ),
         (None, Some(preset)) => {
             let preset: Preset = preset.parse()?;
-            let tokenizer = args.tokenizer.clone().context("--preset needs --tokenizer FILE")?;
+            let tokenizer = args
+                .tokenizer
+                .clone()
+                .context("--preset needs --tokenizer FILE")?;
             (preset.config(), tokenizer, None)
         }
         (None, None) => anyhow::bail!("give --model DIR or --preset NAME"),
@@ -328,16 +352,33 @@ fn train_on<B: AutodiffBackend>(device: B::Device, args: &TrainArgs) -> anyhow::
     let total_params = model_config.num_parameters().total();
     let trainable_estimate = if args.lora {
         let layers = model_config.num_layers + 2 * model_config.decoder_layers();
-        layers * config.lora.targets.len() * config.lora.rank * 2 * model_config.d_model.max(model_config.inner_dim())
+        layers
+            * config.lora.targets.len()
+            * config.lora.rank
+            * 2
+            * model_config.d_model.max(model_config.inner_dim())
     } else {
         total_params
     };
     let longest_source = train.iter().map(|e| e.source.len()).max().unwrap_or(1);
     let longest_target = train.iter().map(|e| e.target.len()).max().unwrap_or(1);
-    let estimate = training_memory(&model_config, config.batch_size, longest_source, longest_target, trainable_estimate, 4.0);
+    let estimate = training_memory(
+        &model_config,
+        config.batch_size,
+        longest_source,
+        longest_target,
+        trainable_estimate,
+        4.0,
+    );
     let gib = estimate.total() / (1024f64.powi(3));
     let budget = args.memory_budget_gib.or_else(mem_available_gib);
-    tracing::info!(parameters = total_params, trainable = trainable_estimate, estimated_peak_gib = gib, budget_gib = budget, "memory estimate");
+    tracing::info!(
+        parameters = total_params,
+        trainable = trainable_estimate,
+        estimated_peak_gib = gib,
+        budget_gib = budget,
+        "memory estimate"
+    );
     if let Some(budget) = budget
         && gib > budget
     {
@@ -352,32 +393,52 @@ fn train_on<B: AutodiffBackend>(device: B::Device, args: &TrainArgs) -> anyhow::
 
     B::seed(&device, config.seed);
     let mut model: T5<B> = match (&model_dir, args.random_init) {
-        (Some(dir), false) => T5::from_source(&model_config, &mut SafetensorsSource::<B>::open(dir, &device)?)?,
-        _ => T5::from_source(&model_config, &mut RandomInit::<B>::new(&model_config, &device, config.seed))?,
+        (Some(dir), false) => T5::from_source(
+            &model_config,
+            &mut SafetensorsSource::<B>::open(dir, &device)?,
+        )?,
+        _ => T5::from_source(
+            &model_config,
+            &mut RandomInit::<B>::new(&model_config, &device, config.seed),
+        )?,
     };
     if args.lora {
-        model = attach_lora(model, &config.lora, &mut PeftInit::<B> { device: device.clone() })?;
+        model = attach_lora(
+            model,
+            &config.lora,
+            &mut PeftInit::<B> {
+                device: device.clone(),
+            },
+        )?;
     }
     let mut state = TrainState::new(model, config.step_config());
 
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let checkpoints = args.out.join("checkpoints");
     let mut epoch: u64 = 0;
     let mut position: usize = 0;
     if let Some(latest) = latest_checkpoint(&checkpoints)? {
-        let (restored, saved) = load_checkpoint(&latest, state.model, &mut state.optimizer, &device)
-            .with_context(|| format!("resuming from {}", latest.display()))?;
+        let (restored, saved) =
+            load_checkpoint(&latest, state.model, &mut state.optimizer, &device)
+                .with_context(|| format!("resuming from {}", latest.display()))?;
         state.model = restored;
         state.step = saved["step"].as_u64().unwrap_or(0) as usize;
         epoch = saved["epoch"].as_u64().unwrap_or(0);
         position = saved["position"].as_u64().unwrap_or(0) as usize;
         tracing::info!(checkpoint = %latest.display(), step = state.step, epoch, position, "resumed");
     }
-    std::fs::write(args.out.join("train_config.toml"), toml::to_string_pretty(&config)?)?;
+    std::fs::write(
+        args.out.join("train_config.toml"),
+        toml::to_string_pretty(&config)?,
+    )?;
 
-    let peak = args
-        .peak_tflops
-        .or_else(|| args.device_peak.as_deref().and_then(device_peak).map(|p| p.fp32));
+    let peak = args.peak_tflops.or_else(|| {
+        args.device_peak
+            .as_deref()
+            .and_then(device_peak)
+            .map(|p| p.fp32)
+    });
     let mut rows: Vec<MetricRow> = read_existing_metrics(&args.out.join("metrics.jsonl"));
     // Rows written after the checkpoint we resumed from (a crash between the two) are dropped,
     // keeping one row per step; the file is rewritten so later resumes see no duplicates.
@@ -398,8 +459,20 @@ fn train_on<B: AutodiffBackend>(device: B::Device, args: &TrainArgs) -> anyhow::
     bar.set_position(state.step as u64);
     if state.step == 0 {
         // The starting point of the curves: eval before any update.
-        let (eval_loss, rouge) = evaluate(&state.model.valid(), &model_config, &tokenizer, &eval, &eval_records, &config)?;
-        tracing::info!(step = 0, eval_loss, rouge_l = rouge.2, "eval before training");
+        let (eval_loss, rouge) = evaluate(
+            &state.model.valid(),
+            &model_config,
+            &tokenizer,
+            &eval,
+            &eval_records,
+            &config,
+        )?;
+        tracing::info!(
+            step = 0,
+            eval_loss,
+            rouge_l = rouge.2,
+            "eval before training"
+        );
         std::fs::write(
             args.out.join("initial_eval.json"),
             serde_json::json!({"eval_loss": eval_loss, "rouge1": rouge.0, "rouge2": rouge.1, "rougeL": rouge.2})
@@ -432,7 +505,9 @@ fn train_on<B: AutodiffBackend>(device: B::Device, args: &TrainArgs) -> anyhow::
                 let last = latest_checkpoint(&checkpoints)?;
                 anyhow::bail!(
                     "{err}; the last good checkpoint is {}",
-                    last.map_or("none (no step completed yet)".into(), |p| p.display().to_string())
+                    last.map_or("none (no step completed yet)".into(), |p| p
+                        .display()
+                        .to_string())
                 );
             }
         };
@@ -462,17 +537,37 @@ fn train_on<B: AutodiffBackend>(device: B::Device, args: &TrainArgs) -> anyhow::
             tokens_per_s,
             step_mfu.map_or(String::new(), |m| format!(" MFU {:.1}%", m * 100.0))
         ));
-        tracing::debug!(step = row.step, loss = stats.loss, grad_norm = stats.grad_norm, lr = stats.lr, tokens_per_s, "step");
+        tracing::debug!(
+            step = row.step,
+            loss = stats.loss,
+            grad_norm = stats.grad_norm,
+            lr = stats.lr,
+            tokens_per_s,
+            "step"
+        );
         let last_step = state.step == config.steps;
         if state.step % config.eval_every == 0 || last_step {
             let inference = state.model.valid();
-            let (eval_loss, rouge) = evaluate(&inference, &model_config, &tokenizer, &eval, &eval_records, &config)?;
+            let (eval_loss, rouge) = evaluate(
+                &inference,
+                &model_config,
+                &tokenizer,
+                &eval,
+                &eval_records,
+                &config,
+            )?;
             row.eval_loss = Some(eval_loss);
             row.rouge1 = Some(rouge.0);
             row.rouge2 = Some(rouge.1);
             row.rouge_l = Some(rouge.2);
             bar.suspend(|| {
-                tracing::info!(step = row.step, train_loss = stats.loss, eval_loss, rouge_l = rouge.2, "eval");
+                tracing::info!(
+                    step = row.step,
+                    train_loss = stats.loss,
+                    eval_loss,
+                    rouge_l = rouge.2,
+                    "eval"
+                );
             });
         }
         append_metric(&args.out.join("metrics.jsonl"), &row)?;
@@ -491,8 +586,18 @@ fn train_on<B: AutodiffBackend>(device: B::Device, args: &TrainArgs) -> anyhow::
     bar.finish_and_clear();
     write_reports(&args.out, &rows)?;
     let final_model = state.model.valid();
-    let final_model = if args.lora { merge_lora(final_model) } else { final_model };
-    export_hf_folder(&final_model, &model_config, Some(tokenizer.path()), &args.out.join("final"), ExportDtype::F32)?;
+    let final_model = if args.lora {
+        merge_lora(final_model)
+    } else {
+        final_model
+    };
+    export_hf_folder(
+        &final_model,
+        &model_config,
+        Some(tokenizer.path()),
+        &args.out.join("final"),
+        ExportDtype::F32,
+    )?;
     let last = rows.iter().rev().find(|r| r.rouge_l.is_some());
     println!(
         "trained {} steps; final eval loss {:.4}, ROUGE-L {:.4}; model in {}, curves in {}",
@@ -545,11 +650,17 @@ fn evaluate<B: Backend>(
             .map(String::as_str)
             .zip(records.iter().take(count).map(|r| r.summary.as_str())),
     );
-    Ok((nll / tokens.max(1) as f64, (scores.rouge1, scores.rouge2, scores.rouge_l)))
+    Ok((
+        nll / tokens.max(1) as f64,
+        (scores.rouge1, scores.rouge2, scores.rouge_l),
+    ))
 }
 
 fn append_metric(path: &Path, row: &MetricRow) -> anyhow::Result<()> {
-    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
     writeln!(file, "{}", serde_json::to_string(row)?)?;
     Ok(())
 }
@@ -586,7 +697,8 @@ fn read_existing_metrics(path: &Path) -> Vec<MetricRow> {
 }
 
 fn write_reports(out: &Path, rows: &[MetricRow]) -> anyhow::Result<()> {
-    let mut csv = String::from("step,loss,lr,grad_norm,tokens_per_s,eval_loss,rouge1,rouge2,rougeL\n");
+    let mut csv =
+        String::from("step,loss,lr,grad_norm,tokens_per_s,eval_loss,rouge1,rouge2,rougeL\n");
     let opt = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x}"));
     for r in rows {
         csv.push_str(&format!(
@@ -604,22 +716,37 @@ fn write_reports(out: &Path, rows: &[MetricRow]) -> anyhow::Result<()> {
     }
     std::fs::write(out.join("metrics.csv"), csv)?;
     let train_loss: Vec<(f64, f64)> = rows.iter().map(|r| (r.step as f64, r.loss)).collect();
-    let eval_loss: Vec<(f64, f64)> = rows.iter().filter_map(|r| r.eval_loss.map(|v| (r.step as f64, v))).collect();
+    let eval_loss: Vec<(f64, f64)> = rows
+        .iter()
+        .filter_map(|r| r.eval_loss.map(|v| (r.step as f64, v)))
+        .collect();
     write_line_chart(
         &out.join("loss.svg"),
         "Loss",
         "step",
         "token cross-entropy",
-        &[Series::new("train", train_loss), Series::new("eval", eval_loss)],
+        &[
+            Series::new("train", train_loss),
+            Series::new("eval", eval_loss),
+        ],
     )?;
-    let rouge_l: Vec<(f64, f64)> = rows.iter().filter_map(|r| r.rouge_l.map(|v| (r.step as f64, v))).collect();
-    let rouge1: Vec<(f64, f64)> = rows.iter().filter_map(|r| r.rouge1.map(|v| (r.step as f64, v))).collect();
+    let rouge_l: Vec<(f64, f64)> = rows
+        .iter()
+        .filter_map(|r| r.rouge_l.map(|v| (r.step as f64, v)))
+        .collect();
+    let rouge1: Vec<(f64, f64)> = rows
+        .iter()
+        .filter_map(|r| r.rouge1.map(|v| (r.step as f64, v)))
+        .collect();
     write_line_chart(
         &out.join("rouge.svg"),
         "Eval ROUGE",
         "step",
         "F-measure",
-        &[Series::new("ROUGE-L", rouge_l), Series::new("ROUGE-1", rouge1)],
+        &[
+            Series::new("ROUGE-L", rouge_l),
+            Series::new("ROUGE-1", rouge1),
+        ],
     )?;
     Ok(())
 }
@@ -665,17 +792,33 @@ mod tests {
         let mut order: Vec<usize> = (0..400).collect();
         shuffle(&mut order, &mut rng);
         let plain: Vec<Vec<usize>> = order.chunks(8).map(<[usize]>::to_vec).collect();
-        assert!(padded(&bucketed) * 3 < padded(&plain), "{} vs {}", padded(&bucketed), padded(&plain));
+        assert!(
+            padded(&bucketed) * 3 < padded(&plain),
+            "{} vs {}",
+            padded(&bucketed),
+            padded(&plain)
+        );
     }
 
     #[test]
     fn config_file_errors_name_the_key() {
         let err = toml::from_str::<TrainConfig>("stepz = 3").expect_err("unknown key");
         assert!(err.to_string().contains("stepz"), "{err}");
-        let config: TrainConfig = toml::from_str("steps = 7\n[lora]\nrank = 4\nalpha = 8.0\ndropout = 0.0\ntargets = [\"q\", \"v\"]").expect("valid");
+        let config: TrainConfig = toml::from_str(
+            "steps = 7\n[lora]\nrank = 4\nalpha = 8.0\ndropout = 0.0\ntargets = [\"q\", \"v\"]",
+        )
+        .expect("valid");
         assert_eq!(config.steps, 7);
         assert_eq!(config.lora.rank, 4);
-        let bad = TrainConfig { batch_size: 0, ..TrainConfig::default() };
-        assert!(bad.validate().expect_err("zero").to_string().contains("batch_size"));
+        let bad = TrainConfig {
+            batch_size: 0,
+            ..TrainConfig::default()
+        };
+        assert!(
+            bad.validate()
+                .expect_err("zero")
+                .to_string()
+                .contains("batch_size")
+        );
     }
 }

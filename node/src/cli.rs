@@ -33,8 +33,13 @@ pub enum Command {
     Score(ScoreArgs),
     /// Generate summaries with greedy or beam search.
     Generate(GenerateArgs),
+    /// Generate and score: loss and ROUGE of a model on a Samsum file.
+    Eval(commands::eval::EvalArgs),
     /// Mean ROUGE F-measures (rouge-score with stemming) of predictions vs references.
     Rouge(commands::rouge::RougeArgs),
+    /// Datasets: federated shards and the bundled synthetic corpus.
+    #[command(subcommand)]
+    Data(commands::data::DataCommand),
     /// Model inspection.
     #[command(subcommand)]
     Model(ModelCommand),
@@ -144,6 +149,8 @@ pub fn main() -> ExitCode {
         Command::Train(args) => commands::train::run(*args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Rouge(args) => commands::rouge::run(args),
+        Command::Eval(args) => commands::eval::run(args),
+        Command::Data(command) => commands::data::run(command),
         Command::Model(ModelCommand::Info(args)) => commands::model_info::run(args),
         Command::Model(ModelCommand::Export(args)) => commands::model_info::export(args),
         Command::Bench(BenchCommand::Forward(args)) => commands::bench::forward(args),

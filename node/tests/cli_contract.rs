@@ -172,3 +172,80 @@ fn rouge_json_matches_rouge_score() {
         assert!((g - w).abs() <= 1e-4, "{key}: {g} vs {w}");
     }
 }
+
+#[test]
+fn data_split_writes_one_shard_per_node_covering_every_example() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let input = fixtures().join("synthetic/eval.jsonl");
+    for strategy in ["iid", "dirichlet", "by-length"] {
+        let out = dir.path().join(strategy);
+        let output = meshtune(&[
+            "data",
+            "split",
+            "--input",
+            input.to_str().expect("utf8"),
+            "--nodes",
+            "4",
+            "--strategy",
+            strategy,
+            "--alpha",
+            "0.1",
+            "--out",
+            out.to_str().expect("utf8"),
+        ]);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let mut ids = Vec::new();
+        for node in 0..4 {
+            let text =
+                std::fs::read_to_string(out.join(format!("node-{node:03}.jsonl"))).expect("shard");
+            assert!(!text.trim().is_empty(), "{strategy}: node {node} empty");
+            for line in text.lines() {
+                let value: serde_json::Value = serde_json::from_str(line).expect("json");
+                ids.push(value["id"].as_str().expect("id").to_string());
+            }
+        }
+        ids.sort();
+        let before = ids.len();
+        ids.dedup();
+        assert_eq!(before, ids.len(), "{strategy}: duplicated examples");
+        assert_eq!(ids.len(), 200, "{strategy}: examples lost");
+    }
+    let output = meshtune(&[
+        "data",
+        "split",
+        "--input",
+        input.to_str().expect("utf8"),
+        "--nodes",
+        "0",
+        "--out",
+        dir.path().to_str().expect("utf8"),
+    ]);
+    assert!(!output.status.success());
+}
+
+#[test]
+fn eval_scores_generated_summaries() {
+    let model = fixtures().join("models/flan-sharded-f16");
+    let data = fixtures().join("samsum_tiny.jsonl");
+    let out = meshtune(&[
+        "eval",
+        "--model",
+        model.to_str().expect("utf8"),
+        "--data",
+        data.to_str().expect("utf8"),
+        "--num-beams",
+        "4",
+        "--max-new-tokens",
+        "20",
+        "--json",
+    ]);
+    let result = &json_lines(&out)[0];
+    assert_eq!(result["examples"], 12);
+    let rouge_l = result["rougeL"].as_f64().expect("rougeL");
+    assert!((0.0..=1.0).contains(&rouge_l) && rouge_l > 0.1, "{result}");
+    assert!(result["loss"].as_f64().expect("loss") > 0.0);
+}

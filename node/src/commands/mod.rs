@@ -1,7 +1,9 @@
 //! One module per `meshtune` subcommand.
 
 pub mod bench;
+pub mod data;
 pub mod demo;
+pub mod eval;
 pub mod examples;
 pub mod generate;
 pub mod model_info;

@@ -9,6 +9,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
+use crate::config::T5Config;
 use crate::error::ModelError;
 use crate::t5::{EncoderOutput, T5, reorder_caches};
 use crate::tokenizer::pad_batch;
@@ -36,6 +37,21 @@ pub struct GenerationConfig {
     pub eos_token_id: u32,
     pub pad_token_id: u32,
     pub decoder_start_token_id: u32,
+}
+
+impl GenerationConfig {
+    /// HF defaults for `config`'s special tokens: length penalty 1, `early_stopping=False`.
+    pub fn for_model(config: &T5Config, max_new_tokens: usize, num_beams: usize) -> Self {
+        Self {
+            max_new_tokens,
+            num_beams,
+            length_penalty: 1.0,
+            early_stopping: EarlyStopping::Heuristic,
+            eos_token_id: config.eos_token_id,
+            pad_token_id: config.pad_token_id,
+            decoder_start_token_id: config.decoder_start_id(),
+        }
+    }
 }
 
 /// One generated sequence: ids without the start token and without the final `</s>`.

@@ -390,7 +390,7 @@ fn shard_paths(dir: &Path, index: &Path) -> Result<Vec<PathBuf>, ModelError> {
 }
 
 /// Converts little-endian f32/f16/bf16 bytes to f32; `Err(dtype)` for other dtypes.
-fn decode_floats(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>, String> {
+pub(crate) fn decode_floats(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>, String> {
     match dtype {
         Dtype::F32 => Ok(bytes
             .chunks_exact(4)

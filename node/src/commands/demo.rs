@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use meshtune_model::backend::Cpu;
 use meshtune_model::data::load_samsum;
-use meshtune_model::generate::{EarlyStopping, GenerationConfig, generate};
+use meshtune_model::generate::{GenerationConfig, generate};
 use meshtune_model::pretrained::Pretrained;
 use meshtune_model::rouge::mean_f_scores;
 use meshtune_model::score::{Seq2SeqBatch, score_batch};
@@ -81,15 +81,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let losses = score_batch(&loaded.model, &batch)?;
     let score_ms = t.elapsed().as_secs_f64() * 1e3;
 
-    let mut generation = GenerationConfig {
-        max_new_tokens: args.max_new_tokens,
-        num_beams: 1,
-        length_penalty: 1.0,
-        early_stopping: EarlyStopping::Heuristic,
-        eos_token_id: config.eos_token_id,
-        pad_token_id: config.pad_token_id,
-        decoder_start_token_id: config.decoder_start_id(),
-    };
+    let mut generation = GenerationConfig::for_model(config, args.max_new_tokens, 1);
     let t = Instant::now();
     let greedy = generate(&loaded.model, &sources, &generation)?;
     let greedy_ms = t.elapsed().as_secs_f64() * 1e3;

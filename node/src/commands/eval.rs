@@ -3,7 +3,7 @@
 
 use burn::tensor::backend::Backend;
 use clap::Args;
-use meshtune_model::generate::{EarlyStopping, GenerationConfig, generate};
+use meshtune_model::generate::{GenerationConfig, generate};
 use meshtune_model::rouge::mean_f_scores;
 use meshtune_model::score::{Seq2SeqBatch, score_batch};
 
@@ -37,15 +37,7 @@ fn eval_on<B: Backend>(device: B::Device, args: &EvalArgs) -> anyhow::Result<()>
         .iter()
         .map(|r| tokenizer.encode(&r.summary, None))
         .collect::<Result<Vec<_>, _>>()?;
-    let generation = GenerationConfig {
-        max_new_tokens: args.max_new_tokens,
-        num_beams: args.num_beams,
-        length_penalty: 1.0,
-        early_stopping: EarlyStopping::Heuristic,
-        eos_token_id: config.eos_token_id,
-        pad_token_id: config.pad_token_id,
-        decoder_start_token_id: config.decoder_start_id(),
-    };
+    let generation = GenerationConfig::for_model(config, args.max_new_tokens, args.num_beams);
     let bar = examples::progress(loaded.records.len(), "evaluating");
     let (mut nll, mut tokens) = (0.0, 0usize);
     let mut predictions = Vec::with_capacity(loaded.records.len());

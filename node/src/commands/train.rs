@@ -16,7 +16,7 @@ use meshtune_model::checkpoint::{latest_checkpoint, load_checkpoint, save_checkp
 use meshtune_model::config::{Preset, T5Config};
 use meshtune_model::data::{SamsumRecord, load_samsum};
 use meshtune_model::flops::{device_peak, mfu, train_flops_per_step, training_memory};
-use meshtune_model::generate::{EarlyStopping, GenerationConfig, generate};
+use meshtune_model::generate::{GenerationConfig, generate};
 use meshtune_model::lora::{LoraConfig, PeftInit, attach_lora, merge_lora};
 use meshtune_model::optim::{AdamWConfig, ScheduleKind};
 use meshtune_model::rouge::mean_f_scores;
@@ -623,15 +623,7 @@ fn evaluate<B: Backend>(
     let mut nll = 0.0;
     let mut tokens = 0usize;
     let mut predictions = Vec::with_capacity(count);
-    let generation = GenerationConfig {
-        max_new_tokens: train.eval_max_new_tokens,
-        num_beams: 1,
-        length_penalty: 1.0,
-        early_stopping: EarlyStopping::Heuristic,
-        eos_token_id: config.eos_token_id,
-        pad_token_id: config.pad_token_id,
-        decoder_start_token_id: config.decoder_start_id(),
-    };
+    let generation = GenerationConfig::for_model(config, train.eval_max_new_tokens, 1);
     let rows: Vec<usize> = (0..count).collect();
     for chunk in rows.chunks(train.batch_size.max(1)) {
         let batch = to_batch(eval, chunk, config)?;

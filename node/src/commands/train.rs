@@ -258,7 +258,7 @@ fn to_batch(
 }
 
 /// One row of metrics.csv.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct MetricRow {
     step: usize,
     loss: f64,
@@ -658,33 +658,17 @@ fn append_metric(path: &Path, row: &MetricRow) -> anyhow::Result<()> {
 }
 
 fn read_existing_metrics(path: &Path) -> Vec<MetricRow> {
-    #[derive(Deserialize)]
-    struct Row {
-        step: usize,
-        loss: f64,
-        lr: f64,
-        grad_norm: f64,
-        tokens_per_s: f64,
-        eval_loss: Option<f64>,
-        rouge1: Option<f64>,
-        rouge2: Option<f64>,
-        rouge_l: Option<f64>,
-    }
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| serde_json::from_str::<Row>(l).ok())
-        .map(|r| MetricRow {
-            step: r.step,
-            loss: r.loss,
-            lr: r.lr,
-            grad_norm: r.grad_norm,
-            tokens_per_s: r.tokens_per_s,
-            eval_loss: r.eval_loss,
-            rouge1: r.rouge1,
-            rouge2: r.rouge2,
-            rouge_l: r.rouge_l,
-        })
+        .filter_map(|l| serde_json::from_str::<MetricRow>(l).ok())
+        .collect()
+}
+
+/// `(step, value)` for every row where `value` is present.
+fn curve(rows: &[MetricRow], value: impl Fn(&MetricRow) -> Option<f64>) -> Vec<(f64, f64)> {
+    rows.iter()
+        .filter_map(|r| value(r).map(|v| (r.step as f64, v)))
         .collect()
 }
 
@@ -707,37 +691,24 @@ fn write_reports(out: &Path, rows: &[MetricRow]) -> anyhow::Result<()> {
         ));
     }
     std::fs::write(out.join("metrics.csv"), csv)?;
-    let train_loss: Vec<(f64, f64)> = rows.iter().map(|r| (r.step as f64, r.loss)).collect();
-    let eval_loss: Vec<(f64, f64)> = rows
-        .iter()
-        .filter_map(|r| r.eval_loss.map(|v| (r.step as f64, v)))
-        .collect();
     write_line_chart(
         &out.join("loss.svg"),
         "Loss",
         "step",
         "token cross-entropy",
         &[
-            Series::new("train", train_loss),
-            Series::new("eval", eval_loss),
+            Series::new("train", curve(rows, |r| Some(r.loss))),
+            Series::new("eval", curve(rows, |r| r.eval_loss)),
         ],
     )?;
-    let rouge_l: Vec<(f64, f64)> = rows
-        .iter()
-        .filter_map(|r| r.rouge_l.map(|v| (r.step as f64, v)))
-        .collect();
-    let rouge1: Vec<(f64, f64)> = rows
-        .iter()
-        .filter_map(|r| r.rouge1.map(|v| (r.step as f64, v)))
-        .collect();
     write_line_chart(
         &out.join("rouge.svg"),
         "Eval ROUGE",
         "step",
         "F-measure",
         &[
-            Series::new("ROUGE-L", rouge_l),
-            Series::new("ROUGE-1", rouge1),
+            Series::new("ROUGE-L", curve(rows, |r| r.rouge_l)),
+            Series::new("ROUGE-1", curve(rows, |r| r.rouge1)),
         ],
     )?;
     Ok(())

@@ -94,14 +94,17 @@ pub struct MetricsServer {
 impl MetricsServer {
     /// Binds `addr` (port 0 picks a free port; see [`MetricsServer::local_addr`]).
     /// Metrics must be registered before: the registry is read-only from here on.
-    pub async fn bind(addr: SocketAddr, registry: Registry) -> Result<Self, MetricsError> {
+    pub async fn bind(
+        addr: SocketAddr,
+        registry: impl Into<Arc<Registry>>,
+    ) -> Result<Self, MetricsError> {
         let error = |source| MetricsError { addr, source };
         let listener = TcpListener::bind(addr).await.map_err(error)?;
         let local_addr = listener.local_addr().map_err(error)?;
         Ok(Self {
             listener,
             local_addr,
-            registry: Arc::new(registry),
+            registry: registry.into(),
         })
     }
 

@@ -60,10 +60,12 @@ fn to_bytes(values: &[f32]) -> Vec<u8> {
 }
 
 /// A parameter on the host: dotted path, shape, f32 values.
-type HostParam = (String, Vec<usize>, Vec<f32>);
+pub type HostParam = (String, Vec<usize>, Vec<f32>);
 
 /// Every float parameter as `(path, shape, f32 values)`.
-fn collect_params<B: Backend, M: Module<B>>(module: &M) -> Result<Vec<HostParam>, ModelError> {
+pub(crate) fn collect_params<B: Backend, M: Module<B>>(
+    module: &M,
+) -> Result<Vec<HostParam>, ModelError> {
     type Pending = (String, Vec<usize>, Result<Vec<f32>, ModelError>);
     struct Collect {
         stack: Vec<String>,
@@ -146,6 +148,20 @@ pub fn save_checkpoint<B: Backend, OB: Backend, M: Module<B>>(
     state: &serde_json::Value,
     keep: usize,
 ) -> Result<PathBuf, ModelError> {
+    save_checkpoint_with_extras(root, step, module, optimizer, state, keep, &[])
+}
+
+/// [`save_checkpoint`] plus `extras.safetensors`: any named f32 tensors the caller wants to
+/// commit atomically with the model (a node's outer momentum, error-feedback residuals).
+pub fn save_checkpoint_with_extras<B: Backend, OB: Backend, M: Module<B>>(
+    root: &Path,
+    step: usize,
+    module: &M,
+    optimizer: &AdamW<OB>,
+    state: &serde_json::Value,
+    keep: usize,
+    extras: &[HostParam],
+) -> Result<PathBuf, ModelError> {
     std::fs::create_dir_all(root).map_err(io_error(root))?;
     let name = format!("checkpoint-{step:08}");
     let final_dir = root.join(&name);
@@ -184,6 +200,11 @@ pub fn save_checkpoint<B: Backend, OB: Backend, M: Module<B>>(
         steps.insert(path.clone(), m.step.into());
     }
     write_safetensors_file(&tmp_dir.join("optimizer.safetensors"), &moments)?;
+    let extra_bytes: Vec<(String, Vec<usize>, Vec<u8>)> = extras
+        .iter()
+        .map(|(name, shape, values)| (name.clone(), shape.clone(), to_bytes(values)))
+        .collect();
+    write_safetensors_file(&tmp_dir.join("extras.safetensors"), &extra_bytes)?;
     let mut state = state.clone();
     state["step"] = step.into();
     state["optimizer_steps"] = serde_json::Value::Object(steps);
@@ -288,6 +309,36 @@ impl<B: Backend> ModuleMapper<B> for ParamLoader<'_> {
         };
         Param::from_mapped_value(id, loaded.unwrap_or(tensor), mapper)
     }
+}
+
+/// The tensors saved by [`save_checkpoint_with_extras`] (empty for checkpoints without).
+pub fn load_extras(dir: &Path) -> Result<Vec<HostParam>, ModelError> {
+    let path = dir.join("extras.safetensors");
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let bytes = std::fs::read(&path).map_err(io_error(&path))?;
+    let file = SafeTensors::deserialize(&bytes).map_err(|err| ModelError::Weights {
+        path: path.clone(),
+        reason: format!("not a valid safetensors file: {err}"),
+    })?;
+    let mut out = Vec::new();
+    for (name, view) in file.tensors() {
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(ModelError::Weights {
+                path: path.clone(),
+                reason: format!("tensor `{name}` is {:?}, expected F32", view.dtype()),
+            });
+        }
+        let values = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.push((name, view.shape().to_vec(), values));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
 }
 
 /// Restores parameters and optimizer moments from checkpoint `dir` into `module` (which must

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod exchange;
 pub mod flops;
 pub mod generate;
 pub mod lora;

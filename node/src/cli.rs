@@ -27,6 +27,8 @@ pub struct Cli {
 pub enum Command {
     /// Score and generate with the bundled tiny model on the bundled examples (no arguments).
     Demo(commands::demo::DemoArgs),
+    /// Join a mesh: train locally and average deltas with peers, round after round.
+    Node(Box<commands::node::NodeArgs>),
     /// Fine-tune locally (full or LoRA), with checkpoints, eval and curves.
     Train(Box<commands::train::TrainArgs>),
     /// Teacher-forced loss of every example (mean token cross-entropy over the summary).
@@ -147,6 +149,7 @@ pub fn main() -> ExitCode {
         Command::Demo(args) => commands::demo::run(args),
         Command::Score(args) => commands::score::run(args),
         Command::Train(args) => commands::train::run(*args),
+        Command::Node(args) => commands::node::run(*args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Rouge(args) => commands::rouge::run(args),
         Command::Eval(args) => commands::eval::run(args),

@@ -7,6 +7,7 @@ pub mod eval;
 pub mod examples;
 pub mod generate;
 pub mod model_info;
+pub mod node;
 pub mod rouge;
 pub mod score;
 pub mod train;

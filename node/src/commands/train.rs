@@ -134,7 +134,7 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> anyhow::Result<()> {
         for (name, value) in [
             ("steps", self.steps),
             ("batch_size", self.batch_size),
@@ -157,7 +157,7 @@ impl TrainConfig {
         Ok(())
     }
 
-    fn step_config(&self) -> StepConfig {
+    pub fn step_config(&self) -> StepConfig {
         StepConfig {
             lr: self.lr,
             adamw: AdamWConfig {
@@ -223,7 +223,7 @@ fn shuffle<T>(items: &mut [T], rng: &mut SplitMix64) {
     }
 }
 
-fn tokenize(
+pub fn tokenize(
     records: &[SamsumRecord],
     tokenizer: &T5Tokenizer,
     config: &TrainConfig,
@@ -242,7 +242,7 @@ fn tokenize(
         .collect()
 }
 
-fn to_batch(
+pub fn to_batch(
     examples: &[TokenizedExample],
     rows: &[usize],
     model: &T5Config,
@@ -314,7 +314,7 @@ fn load_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     Ok(config)
 }
 
-fn mem_available_gib() -> Option<f64> {
+pub fn mem_available_gib() -> Option<f64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -611,7 +611,7 @@ fn train_on<B: AutodiffBackend>(device: B::Device, args: &TrainArgs) -> anyhow::
 }
 
 /// Eval loss (token mean) and mean ROUGE F (1, 2, L) of greedy summaries.
-fn evaluate<B: Backend>(
+pub fn evaluate<B: Backend>(
     model: &T5<B>,
     config: &T5Config,
     tokenizer: &T5Tokenizer,

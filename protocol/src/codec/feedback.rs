@@ -33,6 +33,12 @@ impl ErrorFeedback {
             .map(|(name, residual)| (name.as_str(), residual.as_slice()))
     }
 
+    /// Restores a residual saved from [`ErrorFeedback::residuals`] (a checkpoint), so a
+    /// restarted sender loses nothing it had left out.
+    pub fn restore_residual(&mut self, name: &str, values: Vec<f32>) {
+        self.residuals.insert(name.to_owned(), values);
+    }
+
     /// Drops every residual (e.g. after the model was replaced by a peer's state).
     pub fn clear(&mut self) {
         self.residuals.clear();

@@ -79,6 +79,12 @@ impl Default for CodecParams {
 }
 
 impl CodecParams {
+    /// Dense f32: the receiver decodes exactly what was sent (no error feedback needed).
+    #[must_use]
+    pub fn is_lossless(&self) -> bool {
+        self.values == ValueFormat::F32 && self.sparsity == Sparsity::Dense
+    }
+
     /// `f32+shuffle+zstd:3`: lossless.
     #[must_use]
     pub const fn lossless() -> Self {

@@ -1,0 +1,821 @@
+//! The gossip-averaging round as a pure state machine: [`RoundMachine::handle`] takes an
+//! [`Input`] and the current time and returns [`Action`]s. No I/O, no clocks, no channels;
+//! the node's coordinator performs the actions and feeds back what happened. Tests drive it
+//! with simulated time.
+//!
+//! One round `r` from base model `B_r` (hash `H_r`):
+//! 1. [`Action::Train`] `r` from `H_r`; the coordinator trains K steps, encodes and publishes
+//!    the delta, and reports [`Input::LocalDeltaPublished`].
+//! 2. Every peer manifest of round `r` becomes an [`Action::Fetch`]; the coordinator pulls,
+//!    verifies and decodes the blob and reports [`Input::DeltaReady`] or
+//!    [`Input::DeltaFailed`].
+//! 3. When the quorum is ready and nothing is in flight, or at the collect deadline with at
+//!    least `min_deltas` ready, [`Action::Aggregate`] names the senders whose deltas to combine
+//!    (sorted, so that every node with the same set computes the same model).
+//! 4. The coordinator applies the aggregate and reports [`Input::RoundApplied`] with the new
+//!    base hash; round `r + 1` starts.
+//!
+//! What arrives at the wrong time, and why:
+//! - Deltas of a **past** round are dropped, not down-weighted: the current model already
+//!   contains that round's aggregate, so applying one more of its deltas counts that node
+//!   twice. One round behind is an honest straggler ([`Verdict::Ignore`]); two or more is a
+//!   peer that should have resynchronised first ([`Verdict::Reject`], its score drops).
+//! - Deltas of the next `future_window` rounds are fetched at once and kept for their round
+//!   (a faster peer is not punished).
+//! - Deltas of the current round from another base are used: a delta is a direction, and the
+//!   bases differ by at most the previous round's disagreement. But when more peers announce
+//!   one other base than share ours, or announce a round beyond the window, this node is the
+//!   one that fell behind: [`Action::SyncState`] fetches that peer's state, and the round
+//!   restarts from it ([`Input::StateSynced`]).
+//! - A second, different manifest from one sender for one round is equivocation: rejected.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use meshtune_protocol::{BlobHash, ModelHash};
+
+/// How a round decides it has heard enough.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundConfig {
+    /// Fraction of the mesh (connected peers + this node) whose deltas end a round early.
+    pub quorum: f64,
+    /// Deltas (own included) needed to aggregate at the deadline; below it the round waits
+    /// for one more deadline.
+    pub min_deltas: usize,
+    /// How long after publishing its own delta a node waits for the quorum.
+    pub collect_timeout: Duration,
+    /// Future rounds whose manifests are kept rather than treated as "I am behind".
+    pub future_window: u64,
+}
+
+impl Default for RoundConfig {
+    fn default() -> Self {
+        Self {
+            quorum: 1.0,
+            min_deltas: 1,
+            collect_timeout: Duration::from_secs(60),
+            future_window: 1,
+        }
+    }
+}
+
+/// What the machine is waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Local training of the current round is running.
+    Training,
+    /// Own delta published; collecting peers' deltas since `since`.
+    Collecting { since: Instant },
+    /// [`Action::Aggregate`] was issued; waiting for [`Input::RoundApplied`].
+    Applying,
+    /// [`Action::SyncState`] was issued; waiting for [`Input::StateSynced`] or
+    /// [`Input::SyncFailed`].
+    Syncing,
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// The coordinator published this node's delta for `round`, trained from `base`.
+    LocalDeltaPublished { round: u64, base: ModelHash },
+    /// Local training of `round` failed; the round completes on peers' deltas alone.
+    LocalTrainingFailed { round: u64 },
+    /// A peer's manifest passed gossip validation.
+    ManifestReceived {
+        sender: PeerId,
+        round: u64,
+        base: ModelHash,
+        blob: BlobHash,
+    },
+    /// The delta of `sender` for `round` was fetched, verified and decoded.
+    DeltaReady { sender: PeerId, round: u64 },
+    /// Fetching or decoding it failed; `bad_data` when the peer sent invalid bytes (as
+    /// opposed to timing out).
+    DeltaFailed {
+        sender: PeerId,
+        round: u64,
+        bad_data: bool,
+    },
+    /// Number of connected peers of this mesh.
+    PeerCount(usize),
+    /// The aggregate of `round` was applied; the new base hashes to `new_base`.
+    RoundApplied { round: u64, new_base: ModelHash },
+    /// A verified state was adopted: the node is now at the start of `round` on `base`.
+    StateSynced { round: u64, base: ModelHash },
+    /// The state fetch failed.
+    SyncFailed { from: PeerId },
+    /// Time passed.
+    Tick,
+}
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Train round `round` from the model hashing to `base`.
+    Train { round: u64, base: ModelHash },
+    /// Fetch and decode `sender`'s delta for `round`.
+    Fetch { sender: PeerId, round: u64 },
+    /// Combine these deltas (`own` first if present, then peers sorted) and apply them.
+    Aggregate {
+        round: u64,
+        own: bool,
+        peers: Vec<PeerId>,
+    },
+    /// Fetch the latest state from `from`, expected at `round` or later.
+    SyncState { from: PeerId, round: u64 },
+    /// Forget the stored deltas of rounds before `round`.
+    Forget { before_round: u64 },
+    /// Tell the network how to treat the peer's manifest.
+    Judge {
+        sender: PeerId,
+        round: u64,
+        verdict: Verdict,
+    },
+}
+
+/// The fate of a manifest at gossip validation and in scoring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Accept,
+    /// Not forwarded, not penalized.
+    Ignore,
+    /// Not forwarded; the sender's score drops.
+    Reject(RejectReason),
+}
+
+/// Why a peer's manifest or delta was refused (a metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RejectReason {
+    StaleRound,
+    Equivocation,
+    BadData,
+}
+
+impl RejectReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            RejectReason::StaleRound => "stale_round",
+            RejectReason::Equivocation => "equivocation",
+            RejectReason::BadData => "bad_data",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fetch {
+    /// Beyond the future window when it arrived; fetched once its round is near.
+    Deferred,
+    InFlight,
+    Ready,
+    Failed,
+}
+
+#[derive(Debug, Clone)]
+struct Announced {
+    base: ModelHash,
+    blob: BlobHash,
+    fetch: Fetch,
+}
+
+/// The round state machine of one node.
+#[derive(Debug)]
+pub struct RoundMachine {
+    me: PeerId,
+    config: RoundConfig,
+    round: u64,
+    base: ModelHash,
+    phase: Phase,
+    own_published: bool,
+    peers: usize,
+    /// Manifests by round, then sender.
+    announced: BTreeMap<u64, BTreeMap<PeerId, Announced>>,
+}
+
+impl RoundMachine {
+    /// A node at the start of `round` on `base`; the first action trains it.
+    pub fn new(
+        me: PeerId,
+        round: u64,
+        base: ModelHash,
+        config: RoundConfig,
+    ) -> (Self, Vec<Action>) {
+        let machine = Self {
+            me,
+            config,
+            round,
+            base,
+            phase: Phase::Training,
+            own_published: false,
+            peers: 0,
+            announced: BTreeMap::new(),
+        };
+        (machine, vec![Action::Train { round, base }])
+    }
+
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
+    pub fn base(&self) -> ModelHash {
+        self.base
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// When the machine next needs a [`Input::Tick`] (the collect deadline), if ever.
+    pub fn deadline(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Collecting { since } => Some(since + self.config.collect_timeout),
+            _ => None,
+        }
+    }
+
+    /// Processes one input.
+    pub fn handle(&mut self, now: Instant, input: Input) -> Vec<Action> {
+        let mut actions = Vec::new();
+        match input {
+            Input::LocalDeltaPublished { round, base } => {
+                if round == self.round && base == self.base && self.phase == Phase::Training {
+                    self.own_published = true;
+                    self.phase = Phase::Collecting { since: now };
+                }
+            }
+            Input::LocalTrainingFailed { round } => {
+                if round == self.round && self.phase == Phase::Training {
+                    self.own_published = false;
+                    self.phase = Phase::Collecting { since: now };
+                }
+            }
+            Input::ManifestReceived {
+                sender,
+                round,
+                base,
+                blob,
+            } => self.on_manifest(sender, round, base, blob, &mut actions),
+            Input::DeltaReady { sender, round } => self.set_fetch(sender, round, Fetch::Ready),
+            Input::DeltaFailed {
+                sender,
+                round,
+                bad_data,
+            } => {
+                self.set_fetch(sender, round, Fetch::Failed);
+                if bad_data {
+                    actions.push(Action::Judge {
+                        sender,
+                        round,
+                        verdict: Verdict::Reject(RejectReason::BadData),
+                    });
+                }
+            }
+            Input::PeerCount(count) => self.peers = count,
+            Input::RoundApplied { round, new_base } => {
+                if round == self.round && self.phase == Phase::Applying {
+                    self.start_round(round + 1, new_base, &mut actions);
+                }
+            }
+            Input::StateSynced { round, base } => {
+                if self.phase == Phase::Syncing {
+                    self.start_round(round, base, &mut actions);
+                }
+            }
+            Input::SyncFailed { from } => {
+                if self.phase == Phase::Syncing {
+                    tracing::warn!(peer = %from, round = self.round, "state sync failed; training on from the current model");
+                    // Retrain the current round from what we have; the next manifests decide
+                    // again whether to sync.
+                    self.phase = Phase::Training;
+                    self.own_published = false;
+                    actions.push(Action::Train {
+                        round: self.round,
+                        base: self.base,
+                    });
+                }
+            }
+            Input::Tick => {}
+        }
+        self.check_complete(now, &mut actions);
+        actions
+    }
+
+    fn on_manifest(
+        &mut self,
+        sender: PeerId,
+        round: u64,
+        base: ModelHash,
+        blob: BlobHash,
+        actions: &mut Vec<Action>,
+    ) {
+        if sender == self.me {
+            return;
+        }
+        let judge = |verdict| Action::Judge {
+            sender,
+            round,
+            verdict,
+        };
+        if round < self.round {
+            let verdict = if round + 1 == self.round {
+                Verdict::Ignore
+            } else {
+                Verdict::Reject(RejectReason::StaleRound)
+            };
+            actions.push(judge(verdict));
+            return;
+        }
+        if let Some(existing) = self.announced.get(&round).and_then(|r| r.get(&sender)) {
+            let verdict = if existing.blob == blob && existing.base == base {
+                Verdict::Ignore
+            } else {
+                Verdict::Reject(RejectReason::Equivocation)
+            };
+            actions.push(judge(verdict));
+            return;
+        }
+        actions.push(judge(Verdict::Accept));
+        let beyond_window = round > self.round + self.config.future_window;
+        self.announced.entry(round).or_default().insert(
+            sender,
+            Announced {
+                base,
+                blob,
+                fetch: if beyond_window {
+                    Fetch::Deferred
+                } else {
+                    Fetch::InFlight
+                },
+            },
+        );
+        if beyond_window {
+            if self.phase != Phase::Syncing {
+                tracing::info!(peer = %sender, round, local_round = self.round, "behind the mesh: syncing state");
+                self.phase = Phase::Syncing;
+                actions.push(Action::SyncState {
+                    from: sender,
+                    round,
+                });
+            }
+            return;
+        }
+        actions.push(Action::Fetch { sender, round });
+        if round == self.round && self.phase != Phase::Syncing {
+            self.check_base_majority(actions);
+        }
+    }
+
+    /// More peers of this round on one other base than on ours: we are the odd one out.
+    fn check_base_majority(&mut self, actions: &mut Vec<Action>) {
+        let Some(manifests) = self.announced.get(&self.round) else {
+            return;
+        };
+        let mut counts: BTreeMap<ModelHash, (usize, PeerId)> = BTreeMap::new();
+        for (peer, a) in manifests {
+            counts.entry(a.base).or_insert((0, *peer)).0 += 1;
+        }
+        let ours = counts.get(&self.base).map_or(0, |c| c.0) + 1;
+        if let Some((_, (count, peer))) = counts
+            .iter()
+            .filter(|(base, _)| **base != self.base)
+            .max_by_key(|(_, (count, _))| *count)
+            && *count > ours
+            && self.phase != Phase::Applying
+        {
+            tracing::info!(peer = %peer, round = self.round, agreeing = count, "most peers are on another base: syncing state");
+            self.phase = Phase::Syncing;
+            actions.push(Action::SyncState {
+                from: *peer,
+                round: self.round,
+            });
+        }
+    }
+
+    fn set_fetch(&mut self, sender: PeerId, round: u64, state: Fetch) {
+        if let Some(a) = self
+            .announced
+            .get_mut(&round)
+            .and_then(|r| r.get_mut(&sender))
+            && a.fetch == Fetch::InFlight
+        {
+            a.fetch = state;
+        }
+    }
+
+    fn start_round(&mut self, round: u64, base: ModelHash, actions: &mut Vec<Action>) {
+        self.round = round;
+        self.base = base;
+        self.phase = Phase::Training;
+        self.own_published = false;
+        self.announced = self.announced.split_off(&round);
+        actions.push(Action::Forget {
+            before_round: round,
+        });
+        actions.push(Action::Train { round, base });
+        let window_end = round + self.config.future_window;
+        for (&r, manifests) in self.announced.range_mut(round..=window_end) {
+            for (sender, a) in manifests.iter_mut() {
+                if a.fetch == Fetch::Deferred {
+                    a.fetch = Fetch::InFlight;
+                    actions.push(Action::Fetch {
+                        sender: *sender,
+                        round: r,
+                    });
+                }
+            }
+        }
+        // Manifests that arrived early for this round may show that we are the odd one out.
+        self.check_base_majority(actions);
+    }
+
+    fn check_complete(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        let Phase::Collecting { since } = self.phase else {
+            return;
+        };
+        let manifests = self.announced.get(&self.round);
+        let ready: Vec<PeerId> = manifests
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, a)| a.fetch == Fetch::Ready)
+                    .map(|(p, _)| *p)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let in_flight = manifests.is_some_and(|m| {
+            m.values()
+                .any(|a| matches!(a.fetch, Fetch::InFlight | Fetch::Deferred))
+        });
+        let have = ready.len() + usize::from(self.own_published);
+        let mesh = self.peers.max(manifests.map_or(0, BTreeMap::len)) + 1;
+        let wanted = ((self.config.quorum * mesh as f64).ceil() as usize).clamp(1, mesh);
+        let quorum_done = have >= wanted && !in_flight;
+        let deadline_done =
+            now >= since + self.config.collect_timeout && have >= self.config.min_deltas.max(1);
+        if quorum_done || deadline_done {
+            if deadline_done && !quorum_done {
+                tracing::info!(
+                    round = self.round,
+                    have,
+                    wanted,
+                    "collect deadline reached: aggregating what arrived"
+                );
+            }
+            self.phase = Phase::Applying;
+            actions.push(Action::Aggregate {
+                round: self.round,
+                own: self.own_published,
+                peers: ready,
+            });
+        } else if now >= since + self.config.collect_timeout {
+            // Too few deltas: wait one more deadline.
+            self.phase = Phase::Collecting { since: now };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash(n: u8) -> ModelHash {
+        ModelHash([n; 32])
+    }
+
+    fn blob(n: u8) -> BlobHash {
+        BlobHash([n; 32])
+    }
+
+    fn setup(quorum: f64) -> (RoundMachine, Instant) {
+        let now = Instant::now();
+        let (machine, actions) = RoundMachine::new(
+            PeerId::random(),
+            0,
+            hash(0),
+            RoundConfig {
+                quorum,
+                min_deltas: 1,
+                collect_timeout: Duration::from_secs(10),
+                future_window: 1,
+            },
+        );
+        assert_eq!(
+            actions,
+            vec![Action::Train {
+                round: 0,
+                base: hash(0)
+            }]
+        );
+        (machine, now)
+    }
+
+    fn manifest(sender: PeerId, round: u64, base: u8, b: u8) -> Input {
+        Input::ManifestReceived {
+            sender,
+            round,
+            base: hash(base),
+            blob: blob(b),
+        }
+    }
+
+    fn aggregate_of(actions: &[Action]) -> Option<(bool, Vec<PeerId>)> {
+        actions.iter().find_map(|a| match a {
+            Action::Aggregate { own, peers, .. } => Some((*own, peers.clone())),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn full_round_waits_for_every_peer_then_aggregates_sorted() {
+        let (mut m, t0) = setup(1.0);
+        let mut peers = [PeerId::random(), PeerId::random()];
+        m.handle(t0, Input::PeerCount(2));
+        let a = m.handle(t0, manifest(peers[1], 0, 0, 1));
+        assert!(a.contains(&Action::Fetch {
+            sender: peers[1],
+            round: 0
+        }));
+        m.handle(
+            t0,
+            Input::LocalDeltaPublished {
+                round: 0,
+                base: hash(0),
+            },
+        );
+        assert!(matches!(m.phase(), Phase::Collecting { .. }));
+        assert!(
+            aggregate_of(&m.handle(
+                t0,
+                Input::DeltaReady {
+                    sender: peers[1],
+                    round: 0
+                }
+            ))
+            .is_none()
+        );
+        m.handle(t0, manifest(peers[0], 0, 0, 2));
+        let done = m.handle(
+            t0,
+            Input::DeltaReady {
+                sender: peers[0],
+                round: 0,
+            },
+        );
+        peers.sort();
+        assert_eq!(aggregate_of(&done), Some((true, peers.to_vec())));
+        assert_eq!(m.phase(), Phase::Applying);
+        let next = m.handle(
+            t0,
+            Input::RoundApplied {
+                round: 0,
+                new_base: hash(1),
+            },
+        );
+        assert!(next.contains(&Action::Train {
+            round: 1,
+            base: hash(1)
+        }));
+        assert_eq!(m.round(), 1);
+    }
+
+    #[test]
+    fn deadline_aggregates_what_arrived_and_abandons_slow_fetches() {
+        let (mut m, t0) = setup(1.0);
+        let (fast, slow) = (PeerId::random(), PeerId::random());
+        m.handle(t0, Input::PeerCount(2));
+        m.handle(t0, manifest(fast, 0, 0, 1));
+        m.handle(t0, manifest(slow, 0, 0, 2));
+        m.handle(
+            t0,
+            Input::LocalDeltaPublished {
+                round: 0,
+                base: hash(0),
+            },
+        );
+        assert!(
+            aggregate_of(&m.handle(
+                t0,
+                Input::DeltaReady {
+                    sender: fast,
+                    round: 0
+                }
+            ))
+            .is_none()
+        );
+        assert_eq!(m.deadline(), Some(t0 + Duration::from_secs(10)));
+        assert!(aggregate_of(&m.handle(t0 + Duration::from_secs(9), Input::Tick)).is_none());
+        let done = m.handle(t0 + Duration::from_secs(10), Input::Tick);
+        assert_eq!(aggregate_of(&done), Some((true, vec![fast])));
+        // The slow delta arriving now changes nothing.
+        assert!(
+            m.handle(
+                t0 + Duration::from_secs(11),
+                Input::DeltaReady {
+                    sender: slow,
+                    round: 0
+                }
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn quorum_below_one_finishes_early() {
+        let (mut m, t0) = setup(0.5);
+        let peers: Vec<PeerId> = (0..3).map(|_| PeerId::random()).collect();
+        m.handle(t0, Input::PeerCount(3));
+        m.handle(
+            t0,
+            Input::LocalDeltaPublished {
+                round: 0,
+                base: hash(0),
+            },
+        );
+        m.handle(t0, manifest(peers[0], 0, 0, 1));
+        let done = m.handle(
+            t0,
+            Input::DeltaReady {
+                sender: peers[0],
+                round: 0,
+            },
+        );
+        assert_eq!(aggregate_of(&done), Some((true, vec![peers[0]])));
+    }
+
+    #[test]
+    fn stale_rounds_are_ignored_or_rejected_and_future_ones_kept() {
+        let (mut m, t0) = setup(1.0);
+        let p = PeerId::random();
+        // Move to round 2.
+        for r in 0..2 {
+            m.handle(
+                t0,
+                Input::LocalDeltaPublished {
+                    round: r,
+                    base: hash(r as u8),
+                },
+            );
+            m.handle(
+                t0,
+                Input::RoundApplied {
+                    round: r,
+                    new_base: hash(r as u8 + 1),
+                },
+            );
+        }
+        assert_eq!(m.round(), 2);
+        let judged = |actions: Vec<Action>| {
+            actions.into_iter().find_map(|a| match a {
+                Action::Judge { verdict, .. } => Some(verdict),
+                _ => None,
+            })
+        };
+        assert_eq!(
+            judged(m.handle(t0, manifest(p, 1, 1, 1))),
+            Some(Verdict::Ignore)
+        );
+        assert_eq!(
+            judged(m.handle(t0, manifest(p, 0, 0, 1))),
+            Some(Verdict::Reject(RejectReason::StaleRound))
+        );
+        // Next round: fetched now, used later.
+        let a = m.handle(t0, manifest(p, 3, 3, 9));
+        assert!(a.contains(&Action::Fetch {
+            sender: p,
+            round: 3
+        }));
+        m.handle(
+            t0,
+            Input::DeltaReady {
+                sender: p,
+                round: 3,
+            },
+        );
+        m.handle(t0, Input::PeerCount(1));
+        m.handle(
+            t0,
+            Input::LocalDeltaPublished {
+                round: 2,
+                base: hash(3),
+            },
+        );
+        // Round 2 waits for p (quorum 1.0 over 2 nodes); at the deadline it goes alone.
+        let done = m.handle(t0 + Duration::from_secs(10), Input::Tick);
+        assert_eq!(aggregate_of(&done), Some((true, vec![])));
+        m.handle(
+            t0,
+            Input::RoundApplied {
+                round: 2,
+                new_base: hash(3),
+            },
+        );
+        m.handle(
+            t0,
+            Input::LocalDeltaPublished {
+                round: 3,
+                base: hash(3),
+            },
+        );
+        // Round 3 already has p's delta: done at once.
+        let done = m.handle(t0, Input::Tick);
+        assert_eq!(aggregate_of(&done), Some((true, vec![p])));
+    }
+
+    #[test]
+    fn equivocation_is_rejected_and_duplicates_ignored() {
+        let (mut m, t0) = setup(1.0);
+        let p = PeerId::random();
+        m.handle(t0, manifest(p, 0, 0, 1));
+        assert!(m.handle(t0, manifest(p, 0, 0, 1)).contains(&Action::Judge {
+            sender: p,
+            round: 0,
+            verdict: Verdict::Ignore
+        }));
+        assert!(m.handle(t0, manifest(p, 0, 0, 2)).contains(&Action::Judge {
+            sender: p,
+            round: 0,
+            verdict: Verdict::Reject(RejectReason::Equivocation)
+        }));
+    }
+
+    #[test]
+    fn far_future_round_triggers_state_sync_then_training_restarts() {
+        let (mut m, t0) = setup(1.0);
+        let p = PeerId::random();
+        let a = m.handle(t0, manifest(p, 7, 7, 1));
+        assert!(a.contains(&Action::SyncState { from: p, round: 7 }));
+        assert_eq!(m.phase(), Phase::Syncing);
+        // Own training of the old round finishing meanwhile is not published into a round.
+        m.handle(
+            t0,
+            Input::LocalDeltaPublished {
+                round: 0,
+                base: hash(0),
+            },
+        );
+        assert_eq!(m.phase(), Phase::Syncing);
+        let a = m.handle(
+            t0,
+            Input::StateSynced {
+                round: 7,
+                base: hash(7),
+            },
+        );
+        assert!(a.contains(&Action::Train {
+            round: 7,
+            base: hash(7)
+        }));
+        assert!(a.contains(&Action::Forget { before_round: 7 }));
+        // p's round-7 manifest, deferred while it was beyond the window, is fetched now.
+        assert!(a.contains(&Action::Fetch {
+            sender: p,
+            round: 7
+        }));
+        assert_eq!(m.round(), 7);
+    }
+
+    #[test]
+    fn majority_on_another_base_triggers_sync() {
+        let (mut m, t0) = setup(1.0);
+        let (a, b) = (PeerId::random(), PeerId::random());
+        m.handle(t0, Input::PeerCount(2));
+        let first = m.handle(t0, manifest(a, 0, 5, 1));
+        assert!(!first.iter().any(|x| matches!(x, Action::SyncState { .. })));
+        let second = m.handle(t0, manifest(b, 0, 5, 2));
+        assert!(
+            second
+                .iter()
+                .any(|x| matches!(x, Action::SyncState { round: 0, .. }))
+        );
+    }
+
+    #[test]
+    fn bad_data_is_judged_and_does_not_block_the_round() {
+        let (mut m, t0) = setup(1.0);
+        let p = PeerId::random();
+        m.handle(t0, Input::PeerCount(1));
+        m.handle(t0, manifest(p, 0, 0, 1));
+        m.handle(
+            t0,
+            Input::LocalDeltaPublished {
+                round: 0,
+                base: hash(0),
+            },
+        );
+        let a = m.handle(
+            t0,
+            Input::DeltaFailed {
+                sender: p,
+                round: 0,
+                bad_data: true,
+            },
+        );
+        assert!(a.contains(&Action::Judge {
+            sender: p,
+            round: 0,
+            verdict: Verdict::Reject(RejectReason::BadData)
+        }));
+        // Only our own delta is good; the quorum (2) cannot be met, the deadline ends it.
+        let done = m.handle(t0 + Duration::from_secs(10), Input::Tick);
+        assert_eq!(aggregate_of(&done), Some((true, vec![])));
+    }
+}

@@ -1,0 +1,500 @@
+//! `meshtune node`: join a mesh and fine-tune with it. Loads the model and the local data,
+//! starts the trainer thread, the network task, the metrics endpoint and the round loop.
+//!
+//! Settings come from built-in defaults, then `--config node.toml`, then `MESHTUNE_*`
+//! environment variables and flags (clap reads both; flags win).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use burn::tensor::backend::AutodiffBackend;
+use clap::Args;
+use libp2p::Multiaddr;
+use meshtune_bootstrap::PeerAddr;
+use meshtune_bootstrap::behaviour::MeshId;
+use meshtune_bootstrap::identity::{self, KeyOrigin};
+use meshtune_bootstrap::metrics::MetricsServer;
+use meshtune_bootstrap::transport::{self, TransportConfig, is_quic};
+use meshtune_model::config::{Preset, T5Config};
+use meshtune_model::data::load_samsum;
+use meshtune_model::t5::T5;
+use meshtune_model::tokenizer::T5Tokenizer;
+use meshtune_model::weights::{RandomInit, SafetensorsSource};
+use meshtune_protocol::{CodecParams, Limits};
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::averaging::aggregate::{Aggregation, OuterOptimizer};
+use crate::averaging::round::RoundConfig;
+use crate::commands::train::TrainConfig;
+use crate::coordinator::metrics::NodeMetrics;
+use crate::coordinator::{self, CoordinatorConfig, RunSummary};
+use crate::device::DeviceChoice;
+use crate::network::{self, NetworkConfig, store::BlobStore};
+use crate::trainer::{T5Trainer, TrainerHandle};
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Bootstrap peer `/ip4/…/tcp/…/p2p/<id>` (repeat, or comma-separate in the env var).
+    #[arg(long, env = "MESHTUNE_BOOTSTRAP", value_delimiter = ',')]
+    pub bootstrap: Vec<PeerAddr>,
+    /// Listen address (repeat). Default: TCP and QUIC on all interfaces, random ports.
+    #[arg(long, env = "MESHTUNE_LISTEN", value_delimiter = ',')]
+    pub listen: Vec<Multiaddr>,
+    /// Address to announce besides the observed ones (e.g. a public or container address).
+    #[arg(long, env = "MESHTUNE_EXTERNAL", value_delimiter = ',')]
+    pub external: Vec<Multiaddr>,
+    /// HF T5 folder to start from (config.json, weights, tokenizer.json).
+    #[arg(long, env = "MESHTUNE_MODEL", conflicts_with = "preset")]
+    pub model: Option<PathBuf>,
+    /// flan-t5-small|base|large|xl with random weights (needs --tokenizer).
+    #[arg(long, env = "MESHTUNE_PRESET")]
+    pub preset: Option<String>,
+    /// Random weights (seeded by the train seed: every node gets the same) with MODEL/config.json.
+    #[arg(long)]
+    pub random_init: bool,
+    #[arg(long, env = "MESHTUNE_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
+    /// Local training data (Samsum JSONL or JSON array).
+    #[arg(long, env = "MESHTUNE_TRAIN")]
+    pub train: PathBuf,
+    /// Held-out data for per-round loss and ROUGE-L (optional).
+    #[arg(long, env = "MESHTUNE_EVAL")]
+    pub eval: Option<PathBuf>,
+    /// Checkpoints, `rounds.jsonl` and the identity key (unless --key-file).
+    #[arg(long, env = "MESHTUNE_OUT", default_value = "meshtune-node")]
+    pub out: PathBuf,
+    /// ed25519 identity, created (mode 0600) on first start. Default: OUT/node.key.
+    #[arg(long, env = "MESHTUNE_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Private mesh key (go-libp2p swarm.key format). With a key only TCP is used: QUIC
+    /// cannot carry it, so QUIC is switched off.
+    #[arg(long, env = "MESHTUNE_PSK_FILE")]
+    pub psk_file: Option<PathBuf>,
+    /// TOML with `[node]` and `[train]` tables.
+    #[arg(long, env = "MESHTUNE_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, env = "MESHTUNE_MESH")]
+    pub mesh: Option<String>,
+    #[arg(long, env = "MESHTUNE_ROUNDS")]
+    pub rounds: Option<u64>,
+    #[arg(long, env = "MESHTUNE_LOCAL_STEPS")]
+    pub local_steps: Option<usize>,
+    /// e.g. `f32+shuffle+zstd:3`, `int8/64+zstd:1`, `top1%+int8/64+zstd:1`.
+    #[arg(long, env = "MESHTUNE_CODEC")]
+    pub codec: Option<String>,
+    /// mean, median, trimmed-mean[:F].
+    #[arg(long, env = "MESHTUNE_AGGREGATION")]
+    pub aggregation: Option<String>,
+    /// Fraction of the mesh whose deltas end a round early.
+    #[arg(long, env = "MESHTUNE_QUORUM")]
+    pub quorum: Option<f64>,
+    /// Seconds to wait for peers' deltas after publishing.
+    #[arg(long, env = "MESHTUNE_COLLECT_TIMEOUT_S")]
+    pub collect_timeout_s: Option<f64>,
+    /// Mesh peers to wait for before the first round.
+    #[arg(long, env = "MESHTUNE_WAIT_FOR_PEERS")]
+    pub wait_for_peers: Option<usize>,
+    /// Train LoRA adapters (exchanging only them) instead of all weights.
+    #[arg(long)]
+    pub lora: bool,
+    /// Train 0 steps in the last round (all nodes end on the same model).
+    #[arg(long)]
+    pub final_exchange: bool,
+    #[arg(long, env = "MESHTUNE_DEVICE", default_value = "cpu")]
+    pub device: DeviceChoice,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, env = "MESHTUNE_METRICS")]
+    pub metrics: Option<SocketAddr>,
+    /// Do not listen or dial over QUIC.
+    #[arg(long)]
+    pub no_quic: bool,
+    /// Reserve a slot on a relay (for nodes behind NAT; not with --psk-file).
+    #[arg(long)]
+    pub relay_client: bool,
+    /// Direct connection upgrade through relays (hole punching).
+    #[arg(long)]
+    pub dcutr: bool,
+    /// Ask peers whether this node is publicly reachable.
+    #[arg(long)]
+    pub autonat: bool,
+    /// Discover peers on the local network with mDNS.
+    #[arg(long)]
+    pub mdns: bool,
+}
+
+/// `[node]` of node.toml.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeshSettings {
+    pub mesh: String,
+    pub rounds: Option<u64>,
+    pub local_steps: usize,
+    pub codec: String,
+    pub aggregation: Aggregation,
+    pub outer: OuterOptimizer,
+    pub quorum: f64,
+    pub min_deltas: usize,
+    pub collect_timeout_s: f64,
+    pub future_window: u64,
+    pub eval_every: u64,
+    pub max_delta_norm: Option<f64>,
+    pub norm_outlier_factor: f64,
+    pub request_timeout_s: f64,
+    pub max_requests_per_peer_per_s: u32,
+    /// Mesh peers to wait for before the first round.
+    pub wait_for_peers: usize,
+    pub wait_timeout_s: f64,
+}
+
+impl Default for MeshSettings {
+    fn default() -> Self {
+        Self {
+            mesh: "default".into(),
+            rounds: None,
+            local_steps: 20,
+            codec: "top1%+int8/64+zstd:1".into(),
+            aggregation: Aggregation::Mean,
+            outer: OuterOptimizer::Average,
+            quorum: 1.0,
+            min_deltas: 1,
+            collect_timeout_s: 60.0,
+            future_window: 1,
+            eval_every: 1,
+            max_delta_norm: None,
+            norm_outlier_factor: 10.0,
+            request_timeout_s: 30.0,
+            max_requests_per_peer_per_s: 200,
+            wait_for_peers: 0,
+            wait_timeout_s: 60.0,
+        }
+    }
+}
+
+/// The whole node.toml.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeFile {
+    pub node: MeshSettings,
+    pub train: TrainConfig,
+}
+
+impl NodeFile {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid node config {}", path.display()))
+    }
+}
+
+fn positive_seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
+    anyhow::ensure!(
+        value.is_finite() && value > 0.0,
+        "`{name}` must be a positive number of seconds, got {value}"
+    );
+    Ok(Duration::from_secs_f64(value))
+}
+
+/// Settings after file, env and flags.
+pub fn resolve(args: &NodeArgs) -> anyhow::Result<(MeshSettings, TrainConfig)> {
+    let file = match &args.config {
+        Some(path) => NodeFile::load(path)?,
+        None => NodeFile::default(),
+    };
+    let mut mesh = file.node;
+    if let Some(v) = &args.mesh {
+        mesh.mesh = v.clone();
+    }
+    if let Some(v) = args.rounds {
+        mesh.rounds = Some(v);
+    }
+    if let Some(v) = args.local_steps {
+        mesh.local_steps = v;
+    }
+    if let Some(v) = &args.codec {
+        mesh.codec = v.clone();
+    }
+    if let Some(v) = &args.aggregation {
+        mesh.aggregation = v.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    }
+    if let Some(v) = args.quorum {
+        mesh.quorum = v;
+    }
+    if let Some(v) = args.collect_timeout_s {
+        mesh.collect_timeout_s = v;
+    }
+    if let Some(v) = args.wait_for_peers {
+        mesh.wait_for_peers = v;
+    }
+    positive_seconds("wait_timeout_s", mesh.wait_timeout_s)?;
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&mesh.quorum),
+        "`quorum` must be between 0 and 1, got {}",
+        mesh.quorum
+    );
+    positive_seconds("collect_timeout_s", mesh.collect_timeout_s)?;
+    positive_seconds("request_timeout_s", mesh.request_timeout_s)?;
+    mesh.codec
+        .parse::<CodecParams>()
+        .with_context(|| format!("invalid codec `{}`", mesh.codec))?;
+    MeshId::new(&mesh.mesh)?;
+    let mut train = file.train;
+    if let Some(rounds) = mesh.rounds {
+        // The learning-rate schedule spans the whole run.
+        train.steps = (rounds as usize * mesh.local_steps).max(1);
+    }
+    train.validate()?;
+    Ok((mesh, train))
+}
+
+pub fn run(args: NodeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let summary = runtime.block_on(run_async(args))?;
+    println!(
+        "stopped at round {}; model {}",
+        summary.final_round, summary.model_hash
+    );
+    Ok(())
+}
+
+async fn run_async(args: NodeArgs) -> anyhow::Result<RunSummary> {
+    let (settings, train_config) = resolve(&args)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let key_file = args
+        .key_file
+        .clone()
+        .unwrap_or_else(|| args.out.join("node.key"));
+    let (keypair, origin) = identity::load_or_create(&key_file)?;
+    let peer_id = keypair.public().to_peer_id();
+    tracing::info!(
+        peer = %peer_id,
+        path = %key_file.display(),
+        created = origin == KeyOrigin::Created,
+        "identity"
+    );
+    let psk = args
+        .psk_file
+        .as_deref()
+        .map(transport::load_psk)
+        .transpose()?;
+    anyhow::ensure!(
+        !(psk.is_some() && args.relay_client),
+        "--relay-client cannot be combined with --psk-file: relayed connections would bypass the key"
+    );
+    let transport_config = TransportConfig {
+        psk,
+        quic: !args.no_quic,
+        ..TransportConfig::default()
+    };
+    let mut listen = if args.listen.is_empty() {
+        let mut defaults: Vec<Multiaddr> = vec!["/ip4/0.0.0.0/tcp/0".parse()?];
+        if transport_config.quic_enabled() {
+            defaults.push("/ip4/0.0.0.0/udp/0/quic-v1".parse()?);
+        }
+        defaults
+    } else {
+        args.listen.clone()
+    };
+    if !transport_config.quic_enabled() {
+        listen.retain(|addr| {
+            let keep = !is_quic(addr);
+            if !keep {
+                tracing::warn!(addr = %addr, "skipping QUIC listen address (QUIC is off)");
+            }
+            keep
+        });
+        anyhow::ensure!(!listen.is_empty(), "no TCP listen address left");
+    }
+
+    let trainer = match args.device {
+        DeviceChoice::Cpu => build_trainer::<meshtune_model::backend::CpuTrain>(
+            Default::default(),
+            &args,
+            &train_config,
+        )?,
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda(index) => build_trainer::<meshtune_model::backend::CudaTrain>(
+            burn::backend::cuda::CudaDevice::new(index),
+            &args,
+            &train_config,
+        )?,
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Cuda(_) => anyhow::bail!(
+            "this meshtune was built without CUDA: rebuild with `cargo build --release --features cuda`"
+        ),
+    };
+    let layout = Arc::new(trainer.weights().await?.layout());
+
+    let mesh = MeshId::new(&settings.mesh)?;
+    let limits = Limits::default();
+    let mut network_config = NetworkConfig::new(mesh);
+    network_config.listen = listen;
+    network_config.bootstrap = args.bootstrap.clone();
+    network_config.external = args.external.clone();
+    network_config.limits = limits.clone();
+    network_config.request_timeout = Duration::from_secs_f64(settings.request_timeout_s);
+    network_config.max_requests_per_peer_per_s = settings.max_requests_per_peer_per_s;
+    network_config.relay_client = args.relay_client;
+    network_config.dcutr = args.dcutr;
+    network_config.autonat = args.autonat;
+    network_config.mdns = args.mdns;
+
+    let mut registry = Registry::default();
+    let metrics = NodeMetrics::new(&mut registry);
+    let store = Arc::new(Mutex::new(BlobStore::default()));
+    let shutdown = CancellationToken::new();
+    let net_transport = transport::network_transport(&keypair, &transport_config)?;
+    let running = network::start(
+        &keypair,
+        net_transport,
+        network_config,
+        layout,
+        Arc::clone(&store),
+        &mut registry,
+        shutdown.child_token(),
+    )?;
+    let registry = Arc::new(registry);
+    metrics.attach_registry(Arc::clone(&registry));
+    if let Some(addr) = args.metrics {
+        let server = MetricsServer::bind(addr, Arc::clone(&registry)).await?;
+        tracing::info!(addr = %format!("http://{}/metrics", server.local_addr()), "serving metrics");
+        tokio::spawn(server.serve(shutdown.child_token()));
+    }
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                tracing::info!("interrupted: stopping after the current step");
+                shutdown.cancel();
+            }
+        });
+    }
+    let mut config = CoordinatorConfig::new(&settings.mesh, args.out.clone());
+    config.local_steps = settings.local_steps;
+    config.rounds = settings.rounds;
+    config.final_exchange = args.final_exchange;
+    config.codec = settings.codec.parse()?;
+    config.aggregation = settings.aggregation;
+    config.outer = settings.outer;
+    config.round = RoundConfig {
+        quorum: settings.quorum,
+        min_deltas: settings.min_deltas,
+        collect_timeout: Duration::from_secs_f64(settings.collect_timeout_s),
+        future_window: settings.future_window,
+    };
+    config.max_delta_norm = settings.max_delta_norm;
+    config.norm_outlier_factor = settings.norm_outlier_factor;
+    config.eval_every = if args.eval.is_some() {
+        settings.eval_every
+    } else {
+        0
+    };
+    config.limits = limits;
+    config.wait_for_peers = settings.wait_for_peers;
+    config.wait_timeout = Duration::from_secs_f64(settings.wait_timeout_s);
+    let summary = coordinator::run(
+        config,
+        peer_id,
+        trainer,
+        running.client,
+        running.events,
+        store,
+        metrics,
+        shutdown.clone(),
+    )
+    .await;
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), running.task).await;
+    summary
+}
+
+fn build_trainer<B: AutodiffBackend>(
+    device: B::Device,
+    args: &NodeArgs,
+    config: &TrainConfig,
+) -> anyhow::Result<TrainerHandle> {
+    let (model_config, tokenizer_path) = match (&args.model, &args.preset) {
+        (Some(dir), _) => (
+            T5Config::from_file(&dir.join("config.json"))?,
+            args.tokenizer
+                .clone()
+                .unwrap_or_else(|| dir.join("tokenizer.json")),
+        ),
+        (None, Some(preset)) => (
+            preset.parse::<Preset>()?.config(),
+            args.tokenizer
+                .clone()
+                .context("--preset needs --tokenizer FILE")?,
+        ),
+        (None, None) => anyhow::bail!("give --model DIR or --preset NAME"),
+    };
+    let tokenizer = T5Tokenizer::from_file(&tokenizer_path)?;
+    tokenizer.check_fits_model(model_config.vocab_size)?;
+    let train = load_samsum(&args.train)?;
+    let eval = match &args.eval {
+        Some(path) => load_samsum(path)?,
+        None => Vec::new(),
+    };
+    B::seed(&device, config.seed);
+    let model: T5<B> = match (&args.model, args.random_init) {
+        (Some(dir), false) => T5::from_source(
+            &model_config,
+            &mut SafetensorsSource::<B>::open(dir, &device)?,
+        )?,
+        _ => T5::from_source(
+            &model_config,
+            &mut RandomInit::<B>::new(&model_config, &device, config.seed),
+        )?,
+    };
+    let trainer = T5Trainer::new(
+        model,
+        model_config,
+        tokenizer,
+        config.clone(),
+        args.lora,
+        &train,
+        eval,
+        device,
+    )?;
+    TrainerHandle::spawn(&args.out.display().to_string(), trainer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_file_errors_name_the_key_and_values_are_checked() {
+        let err = toml::from_str::<NodeFile>("[node]\nquorom = 0.5").expect_err("typo");
+        assert!(err.to_string().contains("quorom"), "{err}");
+        let file: NodeFile = toml::from_str(
+            "[node]\nmesh = \"lab\"\nrounds = 3\naggregation = \"trimmed-mean:0.25\"\n\
+             outer = { kind = \"nesterov\", lr = 0.7, momentum = 0.9 }\n[train]\nbatch_size = 4",
+        )
+        .expect("valid");
+        assert_eq!(file.node.rounds, Some(3));
+        assert_eq!(
+            file.node.aggregation,
+            Aggregation::TrimmedMean { trim: 0.25 }
+        );
+        assert_eq!(
+            file.node.outer,
+            OuterOptimizer::Nesterov {
+                lr: 0.7,
+                momentum: 0.9
+            }
+        );
+        assert_eq!(file.train.batch_size, 4);
+        let err = toml::from_str::<NodeFile>("[node]\naggregation = \"avg\"").expect_err("bad");
+        assert!(err.to_string().contains("unknown aggregation"), "{err}");
+    }
+}

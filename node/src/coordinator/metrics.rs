@@ -1,0 +1,160 @@
+//! The node's Prometheus metrics (served at `/metrics` with libp2p's swarm metrics), and the
+//! wire byte counters read back for per-round records.
+//!
+//! Owns: metric names and labels. Must not touch: anything but counters.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+/// Handles to the node's metrics; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct NodeMetrics {
+    pub round: Gauge,
+    pub train_loss: Gauge<f64, AtomicU64>,
+    pub eval_rouge_l: Gauge<f64, AtomicU64>,
+    pub round_seconds: Gauge<f64, AtomicU64>,
+    pub mesh_peers: Gauge,
+    pub deltas_used: Gauge,
+    bytes: Family<KindLabel, Counter>,
+    rejected: Family<ReasonLabel, Counter>,
+    /// Filled in after registration is complete (the registry is shared with the server).
+    registry: Arc<Mutex<Option<Arc<Registry>>>>,
+}
+
+impl NodeMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            round: Gauge::default(),
+            train_loss: Gauge::default(),
+            eval_rouge_l: Gauge::default(),
+            round_seconds: Gauge::default(),
+            mesh_peers: Gauge::default(),
+            deltas_used: Gauge::default(),
+            bytes: Family::default(),
+            rejected: Family::default(),
+            registry: Arc::new(Mutex::new(None)),
+        };
+        let sub = registry.sub_registry_with_prefix("meshtune");
+        sub.register("round", "Current outer round", metrics.round.clone());
+        sub.register(
+            "train_loss",
+            "Mean local training loss of the last round",
+            metrics.train_loss.clone(),
+        );
+        sub.register(
+            "eval_rouge_l",
+            "Eval ROUGE-L F after the last evaluated round",
+            metrics.eval_rouge_l.clone(),
+        );
+        sub.register(
+            "round_seconds",
+            "Wall time of the last applied round",
+            metrics.round_seconds.clone(),
+        );
+        sub.register(
+            "mesh_peers",
+            "Connected peers on the delta topic",
+            metrics.mesh_peers.clone(),
+        );
+        sub.register(
+            "deltas_used",
+            "Deltas combined in the last round",
+            metrics.deltas_used.clone(),
+        );
+        sub.register(
+            "payload_bytes",
+            "Delta and state payload bytes by kind",
+            metrics.bytes.clone(),
+        );
+        sub.register(
+            "rejected",
+            "Refused manifests and deltas by reason",
+            metrics.rejected.clone(),
+        );
+        metrics
+    }
+
+    /// Gives the metrics read access to the finished registry (for [`Self::wire_bytes`]).
+    pub fn attach_registry(&self, registry: Arc<Registry>) {
+        if let Ok(mut slot) = self.registry.lock() {
+            *slot = Some(registry);
+        }
+    }
+
+    pub fn bytes(&self, kind: &str, bytes: u64) {
+        self.bytes
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .inc_by(bytes);
+    }
+
+    pub fn rejected(&self, reason: &str) {
+        self.rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// Bytes received and sent on the wire so far (libp2p's transport counters).
+    pub fn wire_bytes(&self) -> (u64, u64) {
+        let Ok(slot) = self.registry.lock() else {
+            return (0, 0);
+        };
+        let Some(registry) = slot.as_ref() else {
+            return (0, 0);
+        };
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, registry).is_err() {
+            return (0, 0);
+        }
+        wire_bytes_in_text(&text)
+    }
+}
+
+/// Sums `libp2p_bandwidth_bytes_total` by direction in Prometheus text.
+pub fn wire_bytes_in_text(text: &str) -> (u64, u64) {
+    let (mut inbound, mut outbound) = (0u64, 0u64);
+    for line in text.lines() {
+        if !line.starts_with("libp2p_bandwidth_bytes_total{") {
+            continue;
+        }
+        let Some(value) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
+        if line.contains("direction=\"Inbound\"") {
+            inbound += value as u64;
+        } else if line.contains("direction=\"Outbound\"") {
+            outbound += value as u64;
+        }
+    }
+    (inbound, outbound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bandwidth_lines() {
+        let text = "# HELP x\nlibp2p_bandwidth_bytes_total{protocols=\"/ip4/tcp\",direction=\"Inbound\"} 120\n\
+                    libp2p_bandwidth_bytes_total{protocols=\"/ip4/udp/quic-v1\",direction=\"Inbound\"} 30\n\
+                    libp2p_bandwidth_bytes_total{protocols=\"/ip4/tcp\",direction=\"Outbound\"} 7\n";
+        assert_eq!(wire_bytes_in_text(text), (150, 7));
+    }
+}

@@ -1,0 +1,948 @@
+//! The node's round loop: it runs the [`RoundMachine`], performs its actions with the
+//! trainer thread, the network client and the blob store, and records what every round did.
+//!
+//! Owns: the current base model, the error-feedback residuals, the outer optimizer state, the
+//! decoded deltas of the open rounds, checkpoints after every applied round, the per-round
+//! record (`rounds.jsonl`) and the node's Prometheus metrics. Must not touch: the swarm (only
+//! through [`Client`]) or the model's internals (only through [`TrainerHandle`]).
+
+pub mod metrics;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use libp2p::PeerId;
+use libp2p::gossipsub::MessageAcceptance;
+use meshtune_protocol::{
+    ChunkRequest, ChunkResponse, CodecParams, DEFAULT_CHUNK_SIZE, DeltaManifest, ErrorFeedback,
+    Limits, ModelHash, ModelLayout, StateCodecParams, StateManifest, TensorSet, chunk_blob,
+    decode_delta, decode_state, encode_delta, encode_state,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::averaging::aggregate::{
+    Aggregation, OuterOptimizer, OuterState, WeightedDelta, aggregate, apply_outer_step,
+    difference, l2_norm, norm_outliers,
+};
+use crate::averaging::round::{Action, Input, RejectReason, RoundConfig, RoundMachine, Verdict};
+use crate::network::fetch::{FetchConfig, FetchError, fetch_blob};
+use crate::network::store::BlobStore;
+use crate::network::{Client, NetworkEvent};
+use crate::trainer::{EvalReport, TrainReport, TrainerHandle};
+
+use self::metrics::NodeMetrics;
+
+/// How a node takes part in rounds.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub mesh_id: String,
+    /// Local optimizer steps per round.
+    pub local_steps: usize,
+    /// Stop after this many applied rounds (counted from round 0); `None` runs until stopped.
+    pub rounds: Option<u64>,
+    /// Train 0 steps in the last round: a pure exchange that leaves every node on the same
+    /// model.
+    pub final_exchange: bool,
+    pub codec: CodecParams,
+    pub aggregation: Aggregation,
+    pub outer: OuterOptimizer,
+    pub round: RoundConfig,
+    /// Deltas with an L2 norm above this are refused.
+    pub max_delta_norm: Option<f64>,
+    /// Deltas with a norm above this multiple of the round's median are left out (>= 3 deltas).
+    pub norm_outlier_factor: f64,
+    /// Evaluate every this many rounds (0: never).
+    pub eval_every: u64,
+    pub limits: Limits,
+    pub chunk_size: u32,
+    /// Node checkpoints (one per applied round) and `rounds.jsonl`.
+    pub out: PathBuf,
+    pub fetch: FetchConfig,
+    /// Before round 0 (or the resumed round), wait until this many mesh peers are connected
+    /// (bounded by `wait_timeout`), so a starting mesh does not begin with lone rounds.
+    pub wait_for_peers: usize,
+    pub wait_timeout: Duration,
+}
+
+impl CoordinatorConfig {
+    pub fn new(mesh_id: &str, out: PathBuf) -> Self {
+        Self {
+            mesh_id: mesh_id.to_owned(),
+            local_steps: 20,
+            rounds: None,
+            final_exchange: false,
+            codec: CodecParams::default(),
+            aggregation: Aggregation::Mean,
+            outer: OuterOptimizer::Average,
+            round: RoundConfig::default(),
+            max_delta_norm: None,
+            norm_outlier_factor: 10.0,
+            eval_every: 1,
+            limits: Limits::default(),
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            out,
+            fetch: FetchConfig::default(),
+            wait_for_peers: 0,
+            wait_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What one applied round did, as written to `rounds.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RoundRecord {
+    pub round: u64,
+    pub peer_id: String,
+    pub train_loss: Option<f64>,
+    pub train_samples: u64,
+    pub eval_loss: Option<f64>,
+    pub rouge_l: Option<f64>,
+    /// Deltas combined (own included).
+    pub deltas: usize,
+    pub mesh_peers: usize,
+    /// Size of this node's encoded delta.
+    pub delta_bytes: u64,
+    /// Size of the same delta as raw f32.
+    pub raw_delta_bytes: u64,
+    /// Blob payload this node pulled from peers this round.
+    pub payload_in: u64,
+    /// Bytes on the wire this round (all protocols, after noise and yamux).
+    pub wire_in: u64,
+    pub wire_out: u64,
+    /// `wire_in / payload_in` (1.0 is the ideal of receiving each needed byte once).
+    pub amplification: Option<f64>,
+    pub seconds_train: f64,
+    pub seconds_total: f64,
+    pub model_hash: String,
+    pub rejected: BTreeMap<String, u64>,
+}
+
+/// What [`run`] hands back.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub rounds: Vec<RoundRecord>,
+    pub final_round: u64,
+    pub model_hash: ModelHash,
+}
+
+/// Work finished by a spawned task.
+enum Done {
+    Published {
+        round: u64,
+        base: ModelHash,
+        own: Box<TensorSet>,
+        samples: u64,
+        report: TrainReport,
+        feedback: ErrorFeedback,
+        delta_bytes: u64,
+        raw_bytes: u64,
+    },
+    TrainFailed {
+        round: u64,
+        error: String,
+        feedback: ErrorFeedback,
+    },
+    Fetched {
+        sender: PeerId,
+        round: u64,
+        result: Result<(TensorSet, u64), (bool, String, Vec<PeerId>)>,
+    },
+    Applied {
+        round: u64,
+        base: Box<TensorSet>,
+        hash: ModelHash,
+        eval: Option<EvalReport>,
+    },
+    Synced {
+        from: PeerId,
+        result: Result<(u64, Box<TensorSet>), String>,
+    },
+}
+
+struct OpenRound {
+    started: Instant,
+    report: Option<TrainReport>,
+    own: Option<(TensorSet, u64)>,
+    delta_bytes: u64,
+    raw_bytes: u64,
+    payload_in: u64,
+    wire_at_start: (u64, u64),
+}
+
+/// Runs rounds until `config.rounds` are applied or `shutdown` fires.
+#[allow(clippy::too_many_lines)]
+pub async fn run(
+    config: CoordinatorConfig,
+    me: PeerId,
+    trainer: TrainerHandle,
+    client: Client,
+    mut events: mpsc::Receiver<NetworkEvent>,
+    store: Arc<Mutex<BlobStore>>,
+    metrics: NodeMetrics,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunSummary> {
+    std::fs::create_dir_all(&config.out)
+        .with_context(|| format!("creating {}", config.out.display()))?;
+    let checkpoints = config.out.join("checkpoints");
+    let mut feedback = ErrorFeedback::new();
+    let mut outer_state = OuterState::default();
+    let mut round = 0u64;
+    if let Some(restored) = trainer.restore(checkpoints.clone()).await? {
+        round = restored.state["next_round"].as_u64().unwrap_or(0);
+        let mut momentum = Vec::new();
+        for (name, shape, values) in restored.extras {
+            if let Some(tensor) = name.strip_prefix("feedback/") {
+                feedback.restore_residual(tensor, values);
+            } else if let Some(tensor) = name.strip_prefix("momentum/") {
+                momentum.push(meshtune_protocol::Tensor::new(tensor, shape, values)?);
+            }
+        }
+        if !momentum.is_empty() {
+            outer_state.momentum = Some(TensorSet::new(momentum)?);
+        }
+        tracing::info!(round, "resumed from checkpoint");
+    }
+    let mut base = trainer.weights().await?;
+    let layout: ModelLayout = base.layout();
+    let mut base_hash = ModelHash::of_tensors(&base);
+    serve_state(&store, &config, me, round, &base)?;
+    let rounds_path = config.out.join("rounds.jsonl");
+    let mut records: Vec<RoundRecord> = std::fs::read_to_string(&rounds_path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|r: &RoundRecord| r.round < round)
+        .collect();
+
+    let mut mesh_peers = 0usize;
+    if config.wait_for_peers > 0 {
+        let until = tokio::time::Instant::now() + config.wait_timeout;
+        tracing::info!(want = config.wait_for_peers, "waiting for mesh peers");
+        while mesh_peers < config.wait_for_peers {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep_until(until) => {
+                    tracing::warn!(have = mesh_peers, want = config.wait_for_peers, "starting with fewer mesh peers than wanted");
+                    break;
+                }
+                event = events.recv() => match event {
+                    Some(NetworkEvent::MeshPeers(n)) => mesh_peers = n,
+                    Some(NetworkEvent::Manifest { message_id, source, .. }) => {
+                        // Nobody should be publishing before the mesh formed; not an offence.
+                        let _ = client.report_manifest(message_id, source, MessageAcceptance::Ignore).await;
+                    }
+                    Some(NetworkEvent::Listening(_)) => {}
+                    None => break,
+                },
+            }
+        }
+    }
+    metrics.mesh_peers.set(mesh_peers as i64);
+    let (done_tx, mut done_rx) = mpsc::channel::<Done>(64);
+    let (mut machine, mut actions) = RoundMachine::new(me, round, base_hash, config.round.clone());
+    actions.extend(machine.handle(Instant::now(), Input::PeerCount(mesh_peers)));
+    let mut manifests: HashMap<(u64, PeerId), Arc<DeltaManifest>> = HashMap::new();
+    let mut deltas: HashMap<(u64, PeerId), TensorSet> = HashMap::new();
+    let mut rejected: BTreeMap<String, u64> = BTreeMap::new();
+    let mut deltas_used = 0usize;
+    let mut open = OpenRound {
+        started: Instant::now(),
+        report: None,
+        own: None,
+        delta_bytes: 0,
+        raw_bytes: 0,
+        payload_in: 0,
+        wire_at_start: metrics.wire_bytes(),
+    };
+    let mut feedback_slot = Some(std::mem::take(&mut feedback));
+    let mut queue: Vec<Action> = actions;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pending_train: Option<(u64, ModelHash)> = None;
+
+    loop {
+        // Perform queued actions.
+        while let Some(action) = pop_front(&mut queue) {
+            match action {
+                Action::Train { round, base: hash } => {
+                    if hash != base_hash || config.rounds.is_some_and(|n| round >= n) {
+                        continue;
+                    }
+                    let steps =
+                        if config.final_exchange && config.rounds.is_some_and(|n| round + 1 == n) {
+                            0
+                        } else {
+                            config.local_steps
+                        };
+                    let Some(fb) = feedback_slot.take() else {
+                        // A training task is running; train this round when it returns.
+                        pending_train = Some((round, hash));
+                        continue;
+                    };
+                    open = OpenRound {
+                        started: Instant::now(),
+                        report: None,
+                        own: None,
+                        delta_bytes: 0,
+                        raw_bytes: 0,
+                        payload_in: 0,
+                        wire_at_start: metrics.wire_bytes(),
+                    };
+                    metrics.round.set(round as i64);
+                    tokio::spawn(train_and_publish(
+                        TrainJob {
+                            round,
+                            base_hash: hash,
+                            base: base.clone(),
+                            steps,
+                            feedback: fb,
+                            me,
+                        },
+                        config.clone(),
+                        trainer.clone(),
+                        client.clone(),
+                        Arc::clone(&store),
+                        done_tx.clone(),
+                    ));
+                }
+                Action::Fetch { sender, round } => {
+                    let Some(manifest) = manifests.get(&(round, sender)).cloned() else {
+                        continue;
+                    };
+                    let peers = client.mesh_peers().await.unwrap_or_default();
+                    let mut providers = vec![sender];
+                    providers.extend(peers.into_iter().filter(|p| *p != sender).take(3));
+                    tokio::spawn(fetch_delta(
+                        manifest,
+                        providers,
+                        layout.clone(),
+                        config.clone(),
+                        client.clone(),
+                        Arc::clone(&store),
+                        done_tx.clone(),
+                    ));
+                }
+                Action::Aggregate {
+                    round,
+                    own,
+                    peers: senders,
+                } => {
+                    let mut inputs: Vec<(String, f64, &TensorSet)> = Vec::new();
+                    if own && let Some((delta, samples)) = &open.own {
+                        inputs.push(("self".into(), *samples as f64, delta));
+                    }
+                    for sender in &senders {
+                        if let (Some(delta), Some(manifest)) = (
+                            deltas.get(&(round, *sender)),
+                            manifests.get(&(round, *sender)),
+                        ) {
+                            inputs.push((sender.to_string(), manifest.sample_count as f64, delta));
+                        }
+                    }
+                    // Self-reported sample counts are capped at twice the median, so one peer
+                    // cannot claim the whole average.
+                    let mut weights: Vec<f64> = inputs.iter().map(|i| i.1.max(1.0)).collect();
+                    let mut sorted = weights.clone();
+                    sorted.sort_by(f64::total_cmp);
+                    if let Some(median) = sorted.get(sorted.len() / 2).copied() {
+                        for w in &mut weights {
+                            *w = w.min(2.0 * median);
+                        }
+                    }
+                    let norms: Vec<f64> = inputs.iter().map(|i| l2_norm(i.2)).collect();
+                    let outliers = norm_outliers(&norms, config.norm_outlier_factor);
+                    for &i in &outliers {
+                        tracing::warn!(round, sender = %inputs[i].0, norm = norms[i], "leaving out a delta far above the round's median norm");
+                        *rejected.entry("norm_outlier".into()).or_insert(0) += 1;
+                        metrics.rejected("norm_outlier");
+                    }
+                    let used: Vec<WeightedDelta<'_>> = inputs
+                        .iter()
+                        .zip(&weights)
+                        .enumerate()
+                        .filter(|(i, _)| !outliers.contains(i))
+                        .map(|(_, (input, w))| WeightedDelta {
+                            weight: *w,
+                            delta: input.2,
+                        })
+                        .collect();
+                    let count = used.len();
+                    let mut next = base.clone();
+                    if count > 0 {
+                        let combined = aggregate(&used, config.aggregation)?;
+                        apply_outer_step(&mut next, &combined, config.outer, &mut outer_state)?;
+                    }
+                    drop(used);
+                    tracing::info!(round, deltas = count, "aggregated");
+                    metrics.deltas_used.set(count as i64);
+                    let next_hash = ModelHash::of_tensors(&next);
+                    tokio::spawn(apply_round(
+                        round,
+                        next,
+                        next_hash,
+                        trainer.clone(),
+                        config.eval_every > 0
+                            && (round % config.eval_every == 0
+                                || config.rounds.is_some_and(|n| round + 1 == n)),
+                        done_tx.clone(),
+                    ));
+                    deltas_used = count;
+                }
+                Action::SyncState { from, round } => {
+                    tokio::spawn(sync_state(
+                        from,
+                        round,
+                        layout.clone(),
+                        config.clone(),
+                        client.clone(),
+                        done_tx.clone(),
+                    ));
+                }
+                Action::Forget { before_round } => {
+                    manifests.retain(|(r, _), _| *r >= before_round);
+                    deltas.retain(|(r, _), _| *r >= before_round);
+                    if let Ok(mut store) = store.lock() {
+                        store.forget_before(before_round.saturating_sub(1));
+                    }
+                }
+                Action::Judge {
+                    sender,
+                    verdict: Verdict::Reject(reason),
+                    ..
+                } => {
+                    *rejected.entry(reason.label().into()).or_insert(0) += 1;
+                    metrics.rejected(reason.label());
+                    if reason == RejectReason::BadData {
+                        let _ = client.strike(sender, "invalid delta data").await;
+                    }
+                }
+                Action::Judge { .. } => {}
+            }
+        }
+
+        if config.rounds.is_some_and(|n| machine.round() >= n) {
+            break;
+        }
+        let deadline = machine.deadline();
+        let input = tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = sleep_until(deadline) => Input::Tick,
+            _ = tick.tick() => Input::Tick,
+            event = events.recv() => match event {
+                None => break,
+                Some(NetworkEvent::Listening(_)) => continue,
+                Some(NetworkEvent::MeshPeers(n)) => {
+                    mesh_peers = n;
+                    metrics.mesh_peers.set(n as i64);
+                    Input::PeerCount(n)
+                }
+                Some(NetworkEvent::Manifest { message_id, source, manifest }) => {
+                    let Ok(sender) = PeerId::from_bytes(&manifest.sender) else { continue };
+                    let input = Input::ManifestReceived {
+                        sender,
+                        round: manifest.round,
+                        base: manifest.base_model,
+                        blob: manifest.blob.blob_hash,
+                    };
+                    let actions = machine.handle(Instant::now(), input);
+                    let mut acceptance = MessageAcceptance::Ignore;
+                    for action in &actions {
+                        if let Action::Judge { sender: s, round: r, verdict } = action
+                            && *s == sender && *r == manifest.round
+                        {
+                            acceptance = match verdict {
+                                Verdict::Accept => MessageAcceptance::Accept,
+                                Verdict::Ignore => MessageAcceptance::Ignore,
+                                Verdict::Reject(_) => MessageAcceptance::Reject,
+                            };
+                            if *verdict == Verdict::Accept {
+                                manifests.entry((manifest.round, sender)).or_insert_with(|| Arc::clone(&manifest));
+                            }
+                        }
+                    }
+                    let _ = client.report_manifest(message_id, source, acceptance).await;
+                    queue.extend(actions);
+                    continue;
+                }
+            },
+            done = done_rx.recv() => match done {
+                None => break,
+                Some(Done::Published { round, base: hash, own, samples, report, feedback: fb, delta_bytes, raw_bytes }) => {
+                    feedback_slot = Some(fb);
+                    metrics.train_loss.set(report.loss);
+                    if round == machine.round() && hash == base_hash {
+                        open.report = Some(report);
+                        open.own = Some((*own, samples));
+                        open.delta_bytes = delta_bytes;
+                        open.raw_bytes = raw_bytes;
+                        metrics.bytes("delta_out", delta_bytes);
+                    }
+                    if let Some((r, h)) = pending_train.take() {
+                        queue.push(Action::Train { round: r, base: h });
+                    }
+                    Input::LocalDeltaPublished { round, base: hash }
+                }
+                Some(Done::TrainFailed { round, error, feedback: fb }) => {
+                    feedback_slot = Some(fb);
+                    tracing::error!(round, error, "local training failed; the round goes on without this node's delta");
+                    if let Some((r, h)) = pending_train.take() {
+                        queue.push(Action::Train { round: r, base: h });
+                        continue;
+                    }
+                    // Publish nothing, but let the round complete on peers' deltas.
+                    Input::LocalTrainingFailed { round }
+                }
+                Some(Done::Fetched { sender, round, result }) => match result {
+                    Ok((delta, bytes)) => {
+                        deltas.insert((round, sender), delta);
+                        if round == machine.round() {
+                            open.payload_in += bytes;
+                        }
+                        metrics.bytes("delta_in", bytes);
+                        Input::DeltaReady { sender, round }
+                    }
+                    Err((bad_data, reason, bad_peers)) => {
+                        tracing::warn!(peer = %sender, round, bad_data, reason, "delta not usable");
+                        for peer in bad_peers.into_iter().filter(|p| *p != sender) {
+                            let _ = client.strike(peer, "served bad chunks").await;
+                        }
+                        if !bad_data {
+                            *rejected.entry("unavailable".into()).or_insert(0) += 1;
+                            metrics.rejected("unavailable");
+                        }
+                        Input::DeltaFailed { sender, round, bad_data }
+                    }
+                },
+                Some(Done::Applied { round, base: next, hash, eval }) => {
+                    base = *next;
+                    base_hash = hash;
+                    let wire_now = metrics.wire_bytes();
+                    let wire_in = wire_now.0.saturating_sub(open.wire_at_start.0);
+                    let wire_out = wire_now.1.saturating_sub(open.wire_at_start.1);
+                    let report = open.report.unwrap_or(TrainReport { steps: 0, samples: 0, loss: f64::NAN, seconds: 0.0 });
+                    let record = RoundRecord {
+                        round,
+                        peer_id: me.to_string(),
+                        train_loss: report.loss.is_finite().then_some(report.loss),
+                        train_samples: report.samples,
+                        eval_loss: eval.map(|e| e.loss),
+                        rouge_l: eval.map(|e| e.rouge_l),
+                        deltas: deltas_used,
+                        mesh_peers,
+                        delta_bytes: open.delta_bytes,
+                        raw_delta_bytes: open.raw_bytes,
+                        payload_in: open.payload_in,
+                        wire_in,
+                        wire_out,
+                        amplification: (open.payload_in > 0).then(|| wire_in as f64 / open.payload_in as f64),
+                        seconds_train: report.seconds,
+                        seconds_total: open.started.elapsed().as_secs_f64(),
+                        model_hash: hash.to_string(),
+                        rejected: std::mem::take(&mut rejected),
+                    };
+                    metrics.round_seconds.set(record.seconds_total);
+                    if let Some(e) = eval {
+                        metrics.eval_rouge_l.set(e.rouge_l);
+                    }
+                    tracing::info!(
+                        round,
+                        train_loss = record.train_loss,
+                        rouge_l = record.rouge_l,
+                        deltas = record.deltas,
+                        peers = mesh_peers,
+                        delta_bytes = record.delta_bytes,
+                        wire_in,
+                        wire_out,
+                        amplification = record.amplification,
+                        seconds = record.seconds_total,
+                        "round applied"
+                    );
+                    let mut extras = Vec::new();
+                    if let Some(fb) = &feedback_slot {
+                        for (name, values) in fb.residuals() {
+                            extras.push((format!("feedback/{name}"), vec![values.len()], values.to_vec()));
+                        }
+                    }
+                    if let Some(momentum) = &outer_state.momentum {
+                        for t in momentum.tensors() {
+                            extras.push((format!("momentum/{}", t.name), t.shape.clone(), t.values.clone()));
+                        }
+                    }
+                    trainer
+                        .save(checkpoints.clone(), (round + 1) as usize, serde_json::json!({"next_round": round + 1, "model_hash": hash.to_string()}), extras)
+                        .await
+                        .context("checkpoint after the round")?;
+                    append_record(&rounds_path, &record)?;
+                    records.push(record);
+                    serve_state(&store, &config, me, round + 1, &base)?;
+                    Input::RoundApplied { round, new_base: hash }
+                }
+                Some(Done::Synced { from, result }) => match result {
+                    Ok((synced_round, weights)) => {
+                        trainer.set_weights((*weights).clone()).await?;
+                        base = *weights;
+                        base_hash = ModelHash::of_tensors(&base);
+                        if let Some(fb) = feedback_slot.as_mut() {
+                            fb.clear();
+                        }
+                        outer_state = OuterState::default();
+                        serve_state(&store, &config, me, synced_round, &base)?;
+                        tracing::info!(peer = %from, round = synced_round, hash = %base_hash, "adopted a peer's state");
+                        Input::StateSynced { round: synced_round, base: base_hash }
+                    }
+                    Err(reason) => {
+                        tracing::warn!(peer = %from, reason, "state sync failed");
+                        Input::SyncFailed { from }
+                    }
+                },
+            },
+        };
+        queue.extend(machine.handle(Instant::now(), input));
+    }
+    Ok(RunSummary {
+        rounds: records,
+        final_round: machine.round(),
+        model_hash: base_hash,
+    })
+}
+
+fn pop_front(queue: &mut Vec<Action>) -> Option<Action> {
+    if queue.is_empty() {
+        None
+    } else {
+        Some(queue.remove(0))
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn append_record(path: &std::path::Path, record: &RoundRecord) -> anyhow::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    writeln!(file, "{}", serde_json::to_string(record)?)?;
+    file.sync_data()?;
+    Ok(())
+}
+
+/// Encodes the current base losslessly and serves it to late joiners.
+fn serve_state(
+    store: &Arc<Mutex<BlobStore>>,
+    config: &CoordinatorConfig,
+    me: PeerId,
+    round: u64,
+    base: &TensorSet,
+) -> anyhow::Result<()> {
+    let empty = TensorSet::new(Vec::new())?;
+    let encoded = encode_state(base, &empty, &StateCodecParams::default())?;
+    let chunks = chunk_blob(&encoded.blob, config.chunk_size)?;
+    let manifest = StateManifest {
+        mesh_id: config.mesh_id.clone(),
+        round,
+        model_hash: encoded.model_hash,
+        sender: me.to_bytes(),
+        training_steps: 0,
+        blob: chunks.descriptor(),
+        model: encoded.model,
+        optimizer: encoded.optimizer,
+    };
+    if let Ok(mut store) = store.lock() {
+        store.set_state(manifest, Arc::new(encoded.blob), chunks);
+    }
+    Ok(())
+}
+
+struct TrainJob {
+    round: u64,
+    base_hash: ModelHash,
+    base: TensorSet,
+    steps: usize,
+    feedback: ErrorFeedback,
+    me: PeerId,
+}
+
+async fn train_and_publish(
+    job: TrainJob,
+    config: CoordinatorConfig,
+    trainer: TrainerHandle,
+    client: Client,
+    store: Arc<Mutex<BlobStore>>,
+    done: mpsc::Sender<Done>,
+) {
+    let TrainJob {
+        round,
+        base_hash,
+        base,
+        steps,
+        mut feedback,
+        me,
+    } = job;
+    let result: anyhow::Result<(TrainReport, TensorSet)> = async {
+        // The trainer may hold weights from before a sync or a restore: start from the base.
+        trainer.set_weights(base.clone()).await?;
+        let report = trainer.train(steps).await?;
+        let after = trainer.weights().await?;
+        Ok((report, after))
+    }
+    .await;
+    let (report, after) = match result {
+        Ok(ok) => ok,
+        Err(err) => {
+            let _ = done
+                .send(Done::TrainFailed {
+                    round,
+                    error: format!("{err:#}"),
+                    feedback,
+                })
+                .await;
+            return;
+        }
+    };
+    let codec = config.codec;
+    let limits = config.limits.clone();
+    let chunk_size = config.chunk_size;
+    let mesh_id = config.mesh_id.clone();
+    // Encoding a large model takes a while: off the async threads.
+    let encoded = tokio::task::spawn_blocking(move || {
+        let delta = difference(&after, &base)?;
+        let raw_bytes = delta.total_elements() * 4;
+        let lossy = !codec.is_lossless();
+        let encoded = encode_delta(&delta, &codec, lossy.then_some(&mut feedback))?;
+        let chunks = chunk_blob(&encoded.blob, chunk_size)?;
+        let manifest = DeltaManifest {
+            mesh_id,
+            round,
+            base_model: base_hash,
+            sender: me.to_bytes(),
+            sample_count: report.samples.max(1),
+            training_steps: report.steps as u64,
+            blob: chunks.descriptor(),
+            tensors: encoded.tensors,
+        };
+        let bytes = manifest.encode(&limits)?;
+        // What peers will decode, so every node aggregates identical values.
+        let verified = meshtune_protocol::VerifiedBlob::verify(encoded.blob, &manifest.blob)?;
+        let own = decode_delta(&manifest, &verified, &delta.layout(), &limits)?;
+        anyhow::Ok((bytes, own, chunks, verified, raw_bytes, feedback))
+    })
+    .await;
+    let (manifest_bytes, own, chunks, verified, raw_bytes, feedback) = match encoded {
+        Ok(Ok(ok)) => ok,
+        Ok(Err(err)) => {
+            let _ = done
+                .send(Done::TrainFailed {
+                    round,
+                    error: format!("encoding the delta: {err:#}"),
+                    feedback: ErrorFeedback::new(),
+                })
+                .await;
+            return;
+        }
+        Err(err) => {
+            let _ = done
+                .send(Done::TrainFailed {
+                    round,
+                    error: format!("encoder task: {err}"),
+                    feedback: ErrorFeedback::new(),
+                })
+                .await;
+            return;
+        }
+    };
+    let delta_bytes = verified.as_bytes().len() as u64;
+    if let Ok(mut store) = store.lock() {
+        store.insert(round, Arc::new(verified.into_bytes()), chunks);
+    }
+    // Gossip needs at least one mesh peer; keep trying while alone (bounded by the collect
+    // timeout: a lone node still finishes its round).
+    let started = Instant::now();
+    loop {
+        match client.publish(manifest_bytes.clone()).await {
+            Ok(()) => break,
+            Err(err) => {
+                if started.elapsed() > config.round.collect_timeout {
+                    tracing::warn!(round, error = %err, "could not publish the delta manifest");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+    tracing::debug!(round, bytes = delta_bytes, raw_bytes, "published delta");
+    let _ = done
+        .send(Done::Published {
+            round,
+            base: base_hash,
+            own: Box::new(own),
+            samples: report.samples.max(1),
+            report,
+            feedback,
+            delta_bytes,
+            raw_bytes,
+        })
+        .await;
+}
+
+async fn fetch_delta(
+    manifest: Arc<DeltaManifest>,
+    providers: Vec<PeerId>,
+    layout: ModelLayout,
+    config: CoordinatorConfig,
+    client: Client,
+    store: Arc<Mutex<BlobStore>>,
+    done: mpsc::Sender<Done>,
+) {
+    let sender = providers[0];
+    let round = manifest.round;
+    let result = async {
+        let fetched = fetch_blob(
+            &client,
+            &manifest.blob,
+            &providers,
+            &config.limits,
+            config.fetch,
+        )
+        .await
+        .map_err(|err| match err {
+            FetchError::Unavailable { .. } => (false, err.to_string(), Vec::new()),
+            FetchError::BadData { ref bad_peers, .. } => {
+                let bad = bad_peers.clone();
+                (bad.contains(&sender), err.to_string(), bad)
+            }
+        })?;
+        let payload = fetched.payload_bytes;
+        let limits = config.limits.clone();
+        let manifest_for_decode = Arc::clone(&manifest);
+        let (delta, blob) = tokio::task::spawn_blocking(move || {
+            decode_delta(&manifest_for_decode, &fetched.blob, &layout, &limits)
+                .map(|d| (d, (fetched.blob, fetched.chunks)))
+        })
+        .await
+        .map_err(|err| (false, format!("decoder task: {err}"), Vec::new()))?
+        .map_err(|err| (true, format!("decoding: {err}"), vec![sender]))?;
+        let norm = l2_norm(&delta);
+        if let Some(max) = config.max_delta_norm
+            && norm > max
+        {
+            return Err((
+                true,
+                format!("delta norm {norm:.3e} exceeds the bound {max:.3e}"),
+                vec![sender],
+            ));
+        }
+        if let Ok(mut store) = store.lock() {
+            store.insert(round, Arc::new(blob.0.into_bytes()), blob.1);
+        }
+        Ok((delta, payload))
+    }
+    .await;
+    let _ = done
+        .send(Done::Fetched {
+            sender,
+            round,
+            result,
+        })
+        .await;
+}
+
+async fn apply_round(
+    round: u64,
+    next: TensorSet,
+    hash: ModelHash,
+    trainer: TrainerHandle,
+    evaluate: bool,
+    done: mpsc::Sender<Done>,
+) {
+    let result = async {
+        trainer.set_weights(next.clone()).await?;
+        let eval = if evaluate {
+            Some(trainer.evaluate().await?)
+        } else {
+            None
+        };
+        anyhow::Ok(eval)
+    }
+    .await;
+    let eval = match result {
+        Ok(eval) => eval,
+        Err(err) => {
+            tracing::error!(round, error = %format!("{err:#}"), "applying the round failed");
+            None
+        }
+    };
+    let _ = done
+        .send(Done::Applied {
+            round,
+            base: Box::new(next),
+            hash,
+            eval,
+        })
+        .await;
+}
+
+async fn sync_state(
+    from: PeerId,
+    round: u64,
+    layout: ModelLayout,
+    config: CoordinatorConfig,
+    client: Client,
+    done: mpsc::Sender<Done>,
+) {
+    let result = async {
+        let response = client
+            .request(
+                from,
+                ChunkRequest::LatestState {
+                    mesh_id: config.mesh_id.clone(),
+                },
+            )
+            .await
+            .map_err(|err| err.to_string())?;
+        let ChunkResponse::State(manifest) = response else {
+            return Err("peer has no state to serve".to_string());
+        };
+        if manifest.mesh_id != config.mesh_id {
+            return Err(format!("state is for mesh `{}`", manifest.mesh_id));
+        }
+        if manifest.round < round {
+            return Err(format!(
+                "peer's state is for round {}, older than round {round}",
+                manifest.round
+            ));
+        }
+        let fetched = fetch_blob(
+            &client,
+            &manifest.blob,
+            &[from],
+            &config.limits,
+            config.fetch,
+        )
+        .await
+        .map_err(|err| err.to_string())?;
+        let limits = config.limits.clone();
+        let empty = ModelLayout::new(Vec::new()).map_err(|err| err.to_string())?;
+        let state = tokio::task::spawn_blocking(move || {
+            decode_state(&manifest, &fetched.blob, &layout, &empty, &limits)
+                .map(|s| (manifest.round, s))
+        })
+        .await
+        .map_err(|err| err.to_string())?
+        .map_err(|err| format!("state does not verify: {err}"))?;
+        Ok((state.0, Box::new(state.1.model)))
+    }
+    .await;
+    let _ = done.send(Done::Synced { from, result }).await;
+}

@@ -1,0 +1,825 @@
+//! The node's network actor: one task ([`EventLoop`]) owns the libp2p swarm; the rest of the
+//! node talks to it through a cloneable [`Client`] (bounded command channel, oneshot replies
+//! with deadlines) and receives [`NetworkEvent`]s on a bounded channel, as in rust-libp2p's
+//! file-sharing example.
+//!
+//! Behaviours: Kademlia (server mode, per-mesh protocol, periodic random walks), identify,
+//! ping, gossipsub for delta manifests only (signed, strict, content-hash message ids, peer
+//! scoring, manifest-sized transmit cap), request-response for blob chunks (served from the
+//! [`BlobStore`] right here, per-peer rate limit), connection limits, and optional relay
+//! client, DCUtR, AutoNAT and mDNS.
+//!
+//! Owns: the swarm, gossip validation of manifest *structure* (size caps, mesh id, signer ==
+//! sender, layout) and peer strikes. Must not touch: rounds, models or files; whether a
+//! well-formed manifest is timely is the round machine's call, reported back through
+//! [`Client::report_manifest`].
+
+pub mod codec;
+pub mod fetch;
+pub mod store;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::core::Transport;
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::{OrTransport, upgrade::Version};
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageId, TopicHash};
+use libp2p::identity::Keypair;
+use libp2p::kad;
+use libp2p::metrics::Recorder;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
+use libp2p::{
+    Multiaddr, PeerId, Swarm, autonat, connection_limits, dcutr, identify, mdns, noise, ping,
+    relay, yamux,
+};
+use meshtune_bootstrap::PeerAddr;
+use meshtune_bootstrap::behaviour::{MeshId, add_identified_addresses, identify_config, kademlia};
+use meshtune_bootstrap::transport::BoxedTransport;
+use meshtune_protocol::{ChunkRequest, ChunkResponse, DeltaManifest, Limits, ModelLayout};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use self::codec::{BlobCodec, blob_protocol};
+use self::store::BlobStore;
+
+const COMMAND_CHANNEL_CAPACITY: usize = 256;
+const EVENT_CHANNEL_CAPACITY: usize = 256;
+/// Extra room over the manifest cap for gossipsub framing and the signature.
+const GOSSIP_FRAMING_ALLOWANCE: usize = 4096;
+/// Strikes after which a peer is blacklisted and disconnected.
+pub const MAX_STRIKES: u32 = 5;
+
+/// How the node's network behaves.
+#[derive(Debug, Clone)]
+pub struct NetworkConfig {
+    pub mesh: MeshId,
+    pub listen: Vec<Multiaddr>,
+    /// Bootstrap (or any known) peers to dial first.
+    pub bootstrap: Vec<PeerAddr>,
+    /// Addresses to announce in addition to the observed ones.
+    pub external: Vec<Multiaddr>,
+    pub limits: Limits,
+    /// Random-walk interval of Kademlia (a lookup of a random key).
+    pub random_walk_interval: Duration,
+    pub request_timeout: Duration,
+    /// Inbound blob requests one peer may make per second (averaged over 10 s).
+    pub max_requests_per_peer_per_s: u32,
+    pub gossip_heartbeat: Duration,
+    pub idle_connection_timeout: Duration,
+    pub max_connections: u32,
+    pub relay_client: bool,
+    pub dcutr: bool,
+    pub autonat: bool,
+    pub mdns: bool,
+    pub agent_version: String,
+}
+
+impl NetworkConfig {
+    pub fn new(mesh: MeshId) -> Self {
+        Self {
+            mesh,
+            listen: Vec::new(),
+            bootstrap: Vec::new(),
+            external: Vec::new(),
+            limits: Limits::default(),
+            random_walk_interval: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(30),
+            max_requests_per_peer_per_s: 200,
+            gossip_heartbeat: Duration::from_millis(500),
+            idle_connection_timeout: Duration::from_secs(120),
+            max_connections: 256,
+            relay_client: false,
+            dcutr: false,
+            autonat: false,
+            mdns: false,
+            agent_version: format!("meshtune/{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+
+    /// `meshtune/<mesh>/deltas`.
+    pub fn delta_topic(&self) -> IdentTopic {
+        IdentTopic::new(format!("meshtune/{}/deltas", self.mesh))
+    }
+}
+
+/// What the network tells the node.
+#[derive(Debug)]
+pub enum NetworkEvent {
+    /// Listening on this address (with `/p2p/<id>`).
+    Listening(Multiaddr),
+    /// A structurally valid manifest arrived; the node must call
+    /// [`Client::report_manifest`] with its verdict.
+    Manifest {
+        message_id: MessageId,
+        source: PeerId,
+        manifest: Arc<DeltaManifest>,
+    },
+    /// Connected peers subscribed to this mesh's delta topic.
+    MeshPeers(usize),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+    #[error("gossipsub setup: {0}")]
+    Gossipsub(String),
+    #[error("invalid mesh id for the blob protocol: {0}")]
+    Protocol(String),
+    #[error("cannot set up noise for the relay transport: {0}")]
+    Noise(#[from] noise::Error),
+}
+
+/// Why a request through the [`Client`] failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("the network task has stopped")]
+    Stopped,
+    #[error("request to {peer} failed: {reason}")]
+    Failed { peer: PeerId, reason: String },
+    #[error("request to {peer} timed out")]
+    Timeout { peer: PeerId },
+    #[error("publishing failed: {0}")]
+    Publish(String),
+}
+
+#[derive(Debug)]
+enum Command {
+    Publish {
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Request {
+        peer: PeerId,
+        request: ChunkRequest,
+        reply: oneshot::Sender<Result<ChunkResponse, RequestError>>,
+    },
+    Report {
+        message_id: MessageId,
+        source: PeerId,
+        acceptance: MessageAcceptance,
+    },
+    Strike {
+        peer: PeerId,
+        reason: &'static str,
+    },
+    MeshPeers {
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    Dial {
+        addr: Multiaddr,
+    },
+}
+
+/// Talks to the network task.
+#[derive(Debug, Clone)]
+pub struct Client {
+    commands: mpsc::Sender<Command>,
+    request_deadline: Duration,
+}
+
+impl Client {
+    async fn send(&self, command: Command) -> Result<(), RequestError> {
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| RequestError::Stopped)
+    }
+
+    /// Publishes a manifest on the delta topic.
+    pub async fn publish(&self, data: Vec<u8>) -> Result<(), RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Publish { data, reply }).await?;
+        match tokio::time::timeout(self.request_deadline, answer).await {
+            Ok(Ok(result)) => result.map_err(RequestError::Publish),
+            Ok(Err(_)) | Err(_) => Err(RequestError::Stopped),
+        }
+    }
+
+    /// Sends `request` to `peer` and waits for the answer (bounded by the request timeout).
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        request: ChunkRequest,
+    ) -> Result<ChunkResponse, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Request {
+            peer,
+            request,
+            reply,
+        })
+        .await?;
+        match tokio::time::timeout(self.request_deadline, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(RequestError::Stopped),
+            Err(_) => Err(RequestError::Timeout { peer }),
+        }
+    }
+
+    /// The verdict on a manifest delivered as [`NetworkEvent::Manifest`].
+    pub async fn report_manifest(
+        &self,
+        message_id: MessageId,
+        source: PeerId,
+        acceptance: MessageAcceptance,
+    ) -> Result<(), RequestError> {
+        self.send(Command::Report {
+            message_id,
+            source,
+            acceptance,
+        })
+        .await
+    }
+
+    /// Counts a misbehaviour of `peer` (lowers its gossip score; blacklists at
+    /// [`MAX_STRIKES`]).
+    pub async fn strike(&self, peer: PeerId, reason: &'static str) -> Result<(), RequestError> {
+        self.send(Command::Strike { peer, reason }).await
+    }
+
+    /// Connected peers subscribed to the delta topic.
+    pub async fn mesh_peers(&self) -> Result<Vec<PeerId>, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::MeshPeers { reply }).await?;
+        answer.await.map_err(|_| RequestError::Stopped)
+    }
+
+    /// Addresses this node listens on (with `/p2p/<id>`).
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::ListenAddrs { reply }).await?;
+        answer.await.map_err(|_| RequestError::Stopped)
+    }
+
+    /// Dials an address (tests and `--peer`).
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), RequestError> {
+        self.send(Command::Dial { addr }).await
+    }
+}
+
+/// Everything a meshtune node speaks.
+#[derive(NetworkBehaviour)]
+pub struct NodeBehaviour {
+    limits: connection_limits::Behaviour,
+    kademlia: kad::Behaviour<kad::store::MemoryStore>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    gossipsub: gossipsub::Behaviour,
+    blobs: request_response::Behaviour<BlobCodec>,
+    relay_client: Toggle<relay::client::Behaviour>,
+    dcutr: Toggle<dcutr::Behaviour>,
+    autonat: Toggle<autonat::Behaviour>,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+/// Gossipsub for manifests: signed by their author, strictly validated, message id = blake3
+/// of the content (so a republished manifest is the same message), scored.
+fn gossipsub_behaviour(
+    keypair: &Keypair,
+    config: &NetworkConfig,
+) -> Result<gossipsub::Behaviour, NetworkError> {
+    let gossip_config = gossipsub::ConfigBuilder::default()
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
+        .message_id_fn(|message: &gossipsub::Message| {
+            MessageId::from(blake3::hash(&message.data).as_bytes().to_vec())
+        })
+        .max_transmit_size(config.limits.max_manifest_bytes + GOSSIP_FRAMING_ALLOWANCE)
+        .heartbeat_interval(config.gossip_heartbeat)
+        .build()
+        .map_err(|err| NetworkError::Gossipsub(err.to_string()))?;
+    let mut behaviour = gossipsub::Behaviour::new(
+        gossipsub::MessageAuthenticity::Signed(keypair.clone()),
+        gossip_config,
+    )
+    .map_err(|err| NetworkError::Gossipsub(err.to_string()))?;
+    let topic = config.delta_topic().hash();
+    let mut params = gossipsub::PeerScoreParams::default();
+    // Manifests are a few per round: delivery-rate penalties (P3, P3b) would punish quiet
+    // honest peers, so only invalid deliveries (P4) and the application score (P5) count.
+    params.topics.insert(
+        topic,
+        gossipsub::TopicScoreParams {
+            topic_weight: 1.0,
+            mesh_message_deliveries_weight: 0.0,
+            mesh_failure_penalty_weight: 0.0,
+            invalid_message_deliveries_weight: -50.0,
+            invalid_message_deliveries_decay: 0.9,
+            ..gossipsub::TopicScoreParams::default()
+        },
+    );
+    params.app_specific_weight = 1.0;
+    // Local testnets run every node on one loopback address.
+    params
+        .ip_colocation_factor_whitelist
+        .insert(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    behaviour
+        .with_peer_score(params, gossipsub::PeerScoreThresholds::default())
+        .map_err(|err| NetworkError::Gossipsub(err.to_string()))?;
+    behaviour
+        .subscribe(&config.delta_topic())
+        .map_err(|err| NetworkError::Gossipsub(err.to_string()))?;
+    Ok(behaviour)
+}
+
+/// A started network task.
+pub struct RunningNetwork {
+    pub client: Client,
+    pub events: mpsc::Receiver<NetworkEvent>,
+    pub peer_id: PeerId,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Builds the swarm on `transport` (already secured and multiplexed; see
+/// [`meshtune_bootstrap::transport`]), listens, dials the bootstrap peers and spawns the
+/// event loop. `layout` is what every manifest must match; `store` is what this node serves.
+pub fn start(
+    keypair: &Keypair,
+    transport: BoxedTransport,
+    config: NetworkConfig,
+    layout: Arc<ModelLayout>,
+    store: Arc<Mutex<BlobStore>>,
+    registry: &mut prometheus_client::registry::Registry,
+    shutdown: CancellationToken,
+) -> Result<RunningNetwork, NetworkError> {
+    let peer_id = keypair.public().to_peer_id();
+    let (transport, relay_client) = if config.relay_client {
+        let (relay_transport, behaviour) = relay::client::new(peer_id);
+        let relay_transport = relay_transport
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise::Config::new(keypair)?)
+            .multiplex(yamux::Config::default())
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)));
+        let combined = OrTransport::new(relay_transport, transport)
+            .map(|either, _| either.into_inner())
+            .boxed();
+        (combined, Some(behaviour))
+    } else {
+        (transport, None)
+    };
+    let transport = meshtune_bootstrap::transport::with_bandwidth_metrics(transport, registry);
+    let protocol = blob_protocol(config.mesh.as_str()).map_err(NetworkError::Protocol)?;
+    let blobs = request_response::Behaviour::with_codec(
+        BlobCodec {
+            limits: config.limits.clone(),
+        },
+        [(protocol, ProtocolSupport::Full)],
+        request_response::Config::default()
+            .with_request_timeout(config.request_timeout)
+            .with_max_concurrent_streams(64),
+    );
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(config.max_connections))
+        .with_max_established_per_peer(Some(2))
+        .with_max_pending_incoming(Some(64));
+    let mdns = if config.mdns {
+        match mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id) {
+            Ok(b) => Some(b),
+            Err(err) => {
+                tracing::warn!(error = %err, "mDNS unavailable; continuing without it");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let behaviour = NodeBehaviour {
+        limits: connection_limits::Behaviour::new(limits),
+        kademlia: kademlia(peer_id, &config.mesh, Duration::from_secs(300)),
+        identify: identify::Behaviour::new(identify_config(
+            keypair.public(),
+            &config.mesh,
+            config.agent_version.clone(),
+        )),
+        ping: ping::Behaviour::default(),
+        gossipsub: gossipsub_behaviour(keypair, &config)?,
+        blobs,
+        relay_client: relay_client.into(),
+        dcutr: config.dcutr.then(|| dcutr::Behaviour::new(peer_id)).into(),
+        autonat: config
+            .autonat
+            .then(|| autonat::Behaviour::new(peer_id, autonat::Config::default()))
+            .into(),
+        mdns: mdns.into(),
+    };
+    let metrics = libp2p::metrics::Metrics::new(registry);
+    let mut swarm = meshtune_bootstrap::transport::build_swarm(
+        keypair,
+        transport,
+        behaviour,
+        config.idle_connection_timeout,
+    );
+    for addr in &config.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|err| NetworkError::Listen {
+                addr: addr.clone(),
+                reason: err.to_string(),
+            })?;
+    }
+    for addr in &config.external {
+        swarm.add_external_address(addr.clone());
+    }
+    for peer in &config.bootstrap {
+        if peer.peer_id == peer_id {
+            continue;
+        }
+        swarm
+            .behaviour_mut()
+            .kademlia
+            .add_address(&peer.peer_id, peer.addr.clone());
+        if let Err(err) = swarm.dial(peer.to_multiaddr()) {
+            tracing::warn!(peer = %peer, error = %err, "cannot dial bootstrap peer");
+        }
+    }
+    let (command_sender, command_receiver) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
+    let (event_sender, event_receiver) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
+    let request_deadline = config.request_timeout + Duration::from_secs(5);
+    let event_loop = EventLoop {
+        topic: config.delta_topic().hash(),
+        config,
+        swarm,
+        layout,
+        store,
+        metrics,
+        commands: command_receiver,
+        events: event_sender,
+        pending: HashMap::new(),
+        inbound: HashMap::new(),
+        strikes: HashMap::new(),
+        mesh_peers: 0,
+    };
+    let task = tokio::spawn(event_loop.run(shutdown));
+    Ok(RunningNetwork {
+        client: Client {
+            commands: command_sender,
+            request_deadline,
+        },
+        events: event_receiver,
+        peer_id,
+        task,
+    })
+}
+
+struct InboundWindow {
+    started: Instant,
+    count: u32,
+}
+
+/// Owns the swarm.
+struct EventLoop {
+    config: NetworkConfig,
+    topic: TopicHash,
+    swarm: Swarm<NodeBehaviour>,
+    layout: Arc<ModelLayout>,
+    store: Arc<Mutex<BlobStore>>,
+    metrics: libp2p::metrics::Metrics,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<NetworkEvent>,
+    pending: HashMap<OutboundRequestId, oneshot::Sender<Result<ChunkResponse, RequestError>>>,
+    inbound: HashMap<PeerId, InboundWindow>,
+    strikes: HashMap<PeerId, u32>,
+    mesh_peers: usize,
+}
+
+impl EventLoop {
+    async fn run(mut self, shutdown: CancellationToken) {
+        let mut walk = tokio::time::interval(self.config.random_walk_interval);
+        walk.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(command) => self.on_command(command),
+                    None => break,
+                },
+                _ = walk.tick() => {
+                    // A lookup of a random key finds peers across the keyspace.
+                    self.swarm.behaviour_mut().kademlia.get_closest_peers(PeerId::random());
+                }
+            }
+        }
+        tracing::debug!("network task stopped");
+    }
+
+    fn emit(&mut self, event: NetworkEvent) {
+        if let Err(err) = self.events.try_send(event) {
+            tracing::warn!(error = %err, "node is not keeping up with network events; dropping one");
+        }
+    }
+
+    fn update_mesh_peers(&mut self) {
+        let topic = &self.topic;
+        let count = self
+            .swarm
+            .behaviour()
+            .gossipsub
+            .all_peers()
+            .filter(|(_, topics)| topics.contains(&topic))
+            .count();
+        if count != self.mesh_peers {
+            self.mesh_peers = count;
+            self.emit(NetworkEvent::MeshPeers(count));
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Publish { data, reply } => {
+                let result = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(self.topic.clone(), data)
+                    .map(|_| ())
+                    .map_err(|err| err.to_string());
+                let _ = reply.send(result);
+            }
+            Command::Request {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .blobs
+                    .send_request(&peer, request);
+                self.pending.insert(id, reply);
+            }
+            Command::Report {
+                message_id,
+                source,
+                acceptance,
+            } => {
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &source, acceptance);
+            }
+            Command::Strike { peer, reason } => self.strike(peer, reason),
+            Command::MeshPeers { reply } => {
+                let topic = &self.topic;
+                let peers = self
+                    .swarm
+                    .behaviour()
+                    .gossipsub
+                    .all_peers()
+                    .filter(|(_, topics)| topics.contains(&topic))
+                    .map(|(p, _)| *p)
+                    .collect();
+                let _ = reply.send(peers);
+            }
+            Command::ListenAddrs { reply } => {
+                let me = *self.swarm.local_peer_id();
+                let addrs = self
+                    .swarm
+                    .listeners()
+                    .map(|a| meshtune_bootstrap::peer_addr::with_peer_id(a.clone(), me))
+                    .collect();
+                let _ = reply.send(addrs);
+            }
+            Command::Dial { addr } => {
+                if let Err(err) = self.swarm.dial(addr.clone()) {
+                    tracing::warn!(addr = %addr, error = %err, "dial failed");
+                }
+            }
+        }
+    }
+
+    fn strike(&mut self, peer: PeerId, reason: &'static str) {
+        let strikes = self.strikes.entry(peer).or_insert(0);
+        *strikes += 1;
+        let strikes = *strikes;
+        tracing::warn!(peer = %peer, reason, strikes, "peer misbehaved");
+        let gossipsub = &mut self.swarm.behaviour_mut().gossipsub;
+        gossipsub.set_application_score(&peer, -100.0 * f64::from(strikes));
+        if strikes >= MAX_STRIKES {
+            tracing::warn!(peer = %peer, strikes, "blacklisting and disconnecting peer");
+            gossipsub.blacklist_peer(&peer);
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    fn is_blacklisted(&self, peer: &PeerId) -> bool {
+        self.strikes.get(peer).is_some_and(|s| *s >= MAX_STRIKES)
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<NodeBehaviourEvent>) {
+        self.metrics.record(&event);
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let me = *self.swarm.local_peer_id();
+                let full = meshtune_bootstrap::peer_addr::with_peer_id(address, me);
+                tracing::info!(address = %full, "listening");
+                self.emit(NetworkEvent::Listening(full));
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                if self.is_blacklisted(&peer_id) {
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
+                if self.config.bootstrap.iter().any(|b| b.peer_id == peer_id) {
+                    // Fill the routing table from the bootstrap node.
+                    let _ = self.swarm.behaviour_mut().kademlia.bootstrap();
+                }
+            }
+            SwarmEvent::ConnectionClosed { .. } => self.update_mesh_peers(),
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: NodeBehaviourEvent) {
+        match event {
+            NodeBehaviourEvent::Identify(event) => {
+                self.metrics.record(&event);
+                if let identify::Event::Received { peer_id, info, .. } = event {
+                    let protocol = self.config.mesh.kad_protocol();
+                    add_identified_addresses(
+                        &mut self.swarm.behaviour_mut().kademlia,
+                        &peer_id,
+                        &info,
+                        &protocol,
+                    );
+                }
+            }
+            NodeBehaviourEvent::Kademlia(event) => {
+                self.metrics.record(&event);
+                if let kad::Event::RoutingUpdated { peer, .. } = event
+                    && !self.swarm.is_connected(&peer)
+                    && !self.is_blacklisted(&peer)
+                    && peer != *self.swarm.local_peer_id()
+                {
+                    // Gossip needs connections: dial every mesh member discovered.
+                    let _ = self.swarm.dial(peer);
+                }
+            }
+            NodeBehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    self.swarm
+                        .behaviour_mut()
+                        .kademlia
+                        .add_address(&peer, addr.clone());
+                    if !self.swarm.is_connected(&peer) {
+                        let _ = self.swarm.dial(addr);
+                    }
+                }
+            }
+            NodeBehaviourEvent::Gossipsub(event) => {
+                self.metrics.record(&event);
+                match event {
+                    gossipsub::Event::Message {
+                        propagation_source,
+                        message_id,
+                        message,
+                    } => self.on_manifest(propagation_source, message_id, message),
+                    gossipsub::Event::Subscribed { .. } | gossipsub::Event::Unsubscribed { .. } => {
+                        self.update_mesh_peers();
+                    }
+                    _ => {}
+                }
+            }
+            NodeBehaviourEvent::Blobs(event) => self.on_blob_event(event),
+            NodeBehaviourEvent::Ping(event) => self.metrics.record(&event),
+            _ => {}
+        }
+    }
+
+    /// Structural validation; timeliness is left to the node.
+    fn on_manifest(&mut self, source: PeerId, message_id: MessageId, message: gossipsub::Message) {
+        let verdict = (|| {
+            let author = message.source.ok_or("unsigned message")?;
+            let manifest = DeltaManifest::decode(&message.data, &self.config.limits)
+                .map_err(|_| "undecodable manifest")?;
+            if manifest.mesh_id != self.config.mesh.as_str() {
+                return Err("manifest for another mesh");
+            }
+            if PeerId::from_bytes(&manifest.sender).ok() != Some(author) {
+                return Err("manifest sender is not its signer");
+            }
+            manifest
+                .check_layout(&self.layout)
+                .map_err(|_| "manifest does not match the model layout")?;
+            Ok(manifest)
+        })();
+        match verdict {
+            Ok(manifest) => self.emit(NetworkEvent::Manifest {
+                message_id,
+                source,
+                manifest: Arc::new(manifest),
+            }),
+            Err(reason) => {
+                tracing::warn!(peer = %source, reason, "rejecting manifest");
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(
+                        &message_id,
+                        &source,
+                        MessageAcceptance::Reject,
+                    );
+            }
+        }
+    }
+
+    fn allow_inbound(&mut self, peer: PeerId) -> bool {
+        let now = Instant::now();
+        let window = self.inbound.entry(peer).or_insert(InboundWindow {
+            started: now,
+            count: 0,
+        });
+        if now.duration_since(window.started) >= Duration::from_secs(10) {
+            window.started = now;
+            window.count = 0;
+        }
+        window.count += 1;
+        window.count <= self.config.max_requests_per_peer_per_s.saturating_mul(10)
+    }
+
+    fn on_blob_event(&mut self, event: request_response::Event<ChunkRequest, ChunkResponse>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => self.on_request(peer, request, channel),
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.pending.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.pending.remove(&request_id) {
+                    let error = match error {
+                        request_response::OutboundFailure::Timeout => {
+                            RequestError::Timeout { peer }
+                        }
+                        other => RequestError::Failed {
+                            peer,
+                            reason: other.to_string(),
+                        },
+                    };
+                    let _ = reply.send(Err(error));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(peer = %peer, error = %error, "inbound blob request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_request(
+        &mut self,
+        peer: PeerId,
+        request: ChunkRequest,
+        channel: ResponseChannel<ChunkResponse>,
+    ) {
+        if self.is_blacklisted(&peer) {
+            return;
+        }
+        if !self.allow_inbound(peer) {
+            // Dropping the channel fails the peer's request; a flood earns strikes.
+            let over = self
+                .inbound
+                .get(&peer)
+                .map_or(0, |w| w.count)
+                .saturating_sub(self.config.max_requests_per_peer_per_s.saturating_mul(10));
+            if over % 100 == 1 {
+                self.strike(peer, "request flood");
+            }
+            return;
+        }
+        let response = match self.store.lock() {
+            Ok(store) => store.answer(&request, self.config.mesh.as_str()),
+            Err(_) => ChunkResponse::NotFound,
+        };
+        if self
+            .swarm
+            .behaviour_mut()
+            .blobs
+            .send_response(channel, response)
+            .is_err()
+        {
+            tracing::debug!(peer = %peer, "peer went away before its response");
+        }
+    }
+}

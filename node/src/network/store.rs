@@ -1,0 +1,190 @@
+//! The blobs this node can serve: its own deltas, every delta it fetched and verified (so
+//! peers can pull from any node that has one, not only the announcer), and its latest state
+//! for late joiners.
+//!
+//! Owns: the in-memory blob table and the answers to [`ChunkRequest`]s. Must not touch:
+//! the network (the event loop calls [`BlobStore::answer`]) or validation of what goes in
+//! (callers insert only verified blobs).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use meshtune_protocol::{
+    BlobHash, ChunkList, ChunkListHash, ChunkRequest, ChunkResponse, StateManifest,
+};
+
+#[derive(Debug)]
+struct StoredBlob {
+    round: u64,
+    bytes: Arc<Vec<u8>>,
+    chunks: ChunkList,
+}
+
+/// Verified blobs by hash, forgotten round by round.
+#[derive(Debug, Default)]
+pub struct BlobStore {
+    blobs: HashMap<BlobHash, StoredBlob>,
+    lists: HashMap<ChunkListHash, BlobHash>,
+    state: Option<(StateManifest, BlobHash)>,
+}
+
+impl BlobStore {
+    /// Adds a verified blob of `round` with its chunk list.
+    pub fn insert(&mut self, round: u64, bytes: Arc<Vec<u8>>, chunks: ChunkList) {
+        let hash = chunks.blob_hash();
+        self.lists.insert(chunks.hash(), hash);
+        self.blobs.insert(
+            hash,
+            StoredBlob {
+                round,
+                bytes,
+                chunks,
+            },
+        );
+    }
+
+    /// Whether the blob is held.
+    pub fn contains(&self, hash: &BlobHash) -> bool {
+        self.blobs.contains_key(hash)
+    }
+
+    /// The blob's bytes, if held.
+    pub fn get(&self, hash: &BlobHash) -> Option<Arc<Vec<u8>>> {
+        self.blobs.get(hash).map(|b| Arc::clone(&b.bytes))
+    }
+
+    /// Serves `manifest` (and its blob, inserted under its round) to late joiners.
+    pub fn set_state(&mut self, manifest: StateManifest, bytes: Arc<Vec<u8>>, chunks: ChunkList) {
+        let hash = chunks.blob_hash();
+        if let Some((old, old_hash)) = self.state.take()
+            && old_hash != hash
+        {
+            self.remove(&old_hash);
+            drop(old);
+        }
+        self.insert(manifest.round, bytes, chunks);
+        self.state = Some((manifest, hash));
+    }
+
+    /// The state manifest served to late joiners.
+    pub fn state(&self) -> Option<&StateManifest> {
+        self.state.as_ref().map(|(m, _)| m)
+    }
+
+    fn remove(&mut self, hash: &BlobHash) {
+        if let Some(blob) = self.blobs.remove(hash) {
+            self.lists.remove(&blob.chunks.hash());
+        }
+    }
+
+    /// Drops deltas of rounds before `round` (the served state stays).
+    pub fn forget_before(&mut self, round: u64) {
+        let keep_state = self.state.as_ref().map(|(_, h)| *h);
+        let old: Vec<BlobHash> = self
+            .blobs
+            .iter()
+            .filter(|(h, b)| b.round < round && Some(**h) != keep_state)
+            .map(|(h, _)| *h)
+            .collect();
+        for hash in old {
+            self.remove(&hash);
+        }
+    }
+
+    /// Number of blobs and their total size.
+    pub fn usage(&self) -> (usize, u64) {
+        (
+            self.blobs.len(),
+            self.blobs.values().map(|b| b.bytes.len() as u64).sum(),
+        )
+    }
+
+    /// The answer to a peer's request.
+    pub fn answer(&self, request: &ChunkRequest, mesh: &str) -> ChunkResponse {
+        match request {
+            ChunkRequest::ChunkList { chunk_list_hash } => self
+                .lists
+                .get(chunk_list_hash)
+                .and_then(|h| self.blobs.get(h))
+                .map_or(ChunkResponse::NotFound, |b| {
+                    ChunkResponse::ChunkList(b.chunks.clone())
+                }),
+            ChunkRequest::Chunk {
+                blob_hash,
+                index,
+                chunk_hash,
+            } => {
+                let Some(blob) = self.blobs.get(blob_hash) else {
+                    return ChunkResponse::NotFound;
+                };
+                let expected = usize::try_from(*index)
+                    .ok()
+                    .and_then(|i| blob.chunks.chunk_hashes().get(i));
+                match (expected, blob.chunks.chunk(&blob.bytes, *index)) {
+                    (Some(h), Some(bytes)) if h == chunk_hash => {
+                        ChunkResponse::Chunk(bytes.to_vec())
+                    }
+                    _ => ChunkResponse::NotFound,
+                }
+            }
+            ChunkRequest::LatestState { mesh_id } => match &self.state {
+                Some((manifest, _)) if manifest.mesh_id == *mesh_id && mesh_id == mesh => {
+                    ChunkResponse::State(manifest.clone())
+                }
+                _ => ChunkResponse::NotFound,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshtune_protocol::chunk_blob;
+
+    #[test]
+    fn serves_chunks_by_hash_and_forgets_old_rounds() {
+        let mut store = BlobStore::default();
+        let bytes: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+        let list = chunk_blob(&bytes, 300).expect("chunks");
+        store.insert(3, Arc::new(bytes.clone()), list.clone());
+        let answer = store.answer(
+            &ChunkRequest::ChunkList {
+                chunk_list_hash: list.hash(),
+            },
+            "m",
+        );
+        assert_eq!(answer, ChunkResponse::ChunkList(list.clone()));
+        let chunk = store.answer(
+            &ChunkRequest::Chunk {
+                blob_hash: list.blob_hash(),
+                index: 1,
+                chunk_hash: list.chunk_hashes()[1],
+            },
+            "m",
+        );
+        assert_eq!(chunk, ChunkResponse::Chunk(bytes[300..600].to_vec()));
+        // Wrong chunk hash or index: not found, never a wrong chunk.
+        let wrong = store.answer(
+            &ChunkRequest::Chunk {
+                blob_hash: list.blob_hash(),
+                index: 2,
+                chunk_hash: list.chunk_hashes()[1],
+            },
+            "m",
+        );
+        assert_eq!(wrong, ChunkResponse::NotFound);
+        let beyond = store.answer(
+            &ChunkRequest::Chunk {
+                blob_hash: list.blob_hash(),
+                index: 99,
+                chunk_hash: list.chunk_hashes()[1],
+            },
+            "m",
+        );
+        assert_eq!(beyond, ChunkResponse::NotFound);
+        store.forget_before(4);
+        assert!(!store.contains(&list.blob_hash()));
+        assert_eq!(store.usage(), (0, 0));
+    }
+}

@@ -282,3 +282,197 @@ async fn eight_nodes_converge_to_one_model_and_their_loss_drops() {
         amplification[amplification.len() - 1]
     );
 }
+
+/// A peer that joins through the bootstrap node like any other and then misbehaves: garbage
+/// and wrong-layout manifests, deltas full of NaN (hash-consistent, so only decoding catches
+/// them), and a flood of chunk requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn honest_nodes_refuse_a_hostile_peer_and_keep_training() {
+    use meshtune_protocol::{
+        CodecParams, DeltaManifest, Limits, ModelHash, Tensor, chunk_blob, encode_delta,
+    };
+    init_logs();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (bootstrap, boot_addr) = start_bootstrap(2_000).await;
+    let honest = 3;
+    let data = shards(honest, 64);
+    let nodes: Vec<TestNode> = (0..honest)
+        .map(|i| {
+            start_node(
+                2_001 + i as u64,
+                &boot_addr,
+                &data[i],
+                &dir.path().join(format!("node{i}")),
+                honest, // the two other honest nodes and the hostile one
+                |c| {
+                    // The hostile peer never sends a usable delta: rounds end at the deadline
+                    // or when the honest quorum (3 of 4) is in.
+                    c.round.quorum = 0.75;
+                    c.round.collect_timeout = Duration::from_secs(5);
+                },
+            )
+        })
+        .collect();
+
+    // The hostile node: the same network stack, no coordinator.
+    let keypair = Keypair::generate_ed25519();
+    let hostile_id = keypair.public().to_peer_id();
+    let base = trainer(&data[0], &train_config())
+        .weights()
+        .await
+        .expect("weights");
+    let base_hash = ModelHash::of_tensors(&base);
+    let layout = Arc::new(base.layout());
+    let mut net = NetworkConfig::new("test".parse().expect("mesh"));
+    net.listen = vec!["/memory/2100".parse().expect("addr")];
+    net.bootstrap = vec![boot_addr.clone()];
+    net.random_walk_interval = Duration::from_secs(2);
+    net.request_timeout = Duration::from_secs(5);
+    let store = Arc::new(Mutex::new(BlobStore::default()));
+    let mut registry = Registry::default();
+    let shutdown = CancellationToken::new();
+    let mut hostile = network::start(
+        &keypair,
+        memory_transport(&keypair, None).expect("transport"),
+        net,
+        layout,
+        Arc::clone(&store),
+        &mut registry,
+        shutdown.child_token(),
+    )
+    .expect("hostile network");
+    let drain = tokio::spawn(async move { while hostile.events.recv().await.is_some() {} });
+    let client = hostile.client.clone();
+    // Wait for the honest nodes on the topic.
+    for _ in 0..200 {
+        if client.mesh_peers().await.expect("peers").len() >= honest {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let limits = Limits::default();
+    // 1. NaN deltas for the first rounds: the right layout, a blob that hashes correctly,
+    //    values that do not decode to finite numbers.
+    let f32_raw: CodecParams = "f32".parse().expect("codec");
+    for round in 0..3u64 {
+        let zeros = TensorSet::new(
+            base.tensors()
+                .iter()
+                .map(|t| Tensor::new(t.name.clone(), t.shape.clone(), vec![0.0; t.values.len()]))
+                .collect::<Result<Vec<_>, _>>()
+                .expect("tensors"),
+        )
+        .expect("set");
+        let mut encoded = encode_delta(&zeros, &f32_raw, None).expect("encode");
+        let start = encoded.tensors[0].offset as usize;
+        let end = start + encoded.tensors[0].length as usize;
+        for value in encoded.blob[start..end].chunks_exact_mut(4) {
+            value.copy_from_slice(&f32::NAN.to_le_bytes());
+        }
+        encoded.blob[end - 1] ^= round as u8; // a distinct blob per round
+        let chunks = chunk_blob(&encoded.blob, 1 << 16).expect("chunks");
+        let manifest = DeltaManifest {
+            mesh_id: "test".into(),
+            round,
+            base_model: base_hash,
+            sender: hostile_id.to_bytes(),
+            sample_count: 64,
+            training_steps: 3,
+            blob: chunks.descriptor(),
+            tensors: encoded.tensors,
+        };
+        store
+            .lock()
+            .expect("store")
+            .insert(round, Arc::new(encoded.blob), chunks);
+        publish_until_accepted(&client, manifest.encode(&limits).expect("manifest")).await;
+    }
+    // 2. Garbage on the topic (after the NaN deltas: two invalid messages push the sender's
+    //    gossip score below the graylist threshold, and nothing it sends is heard after).
+    publish_until_accepted(&client, vec![0xde; 300]).await;
+    // 3. A manifest for another model layout.
+    let bogus = TensorSet::new(vec![
+        Tensor::new("bogus", vec![2], vec![1.0, 2.0]).expect("t"),
+    ])
+    .expect("set");
+    let encoded = encode_delta(&bogus, &CodecParams::lossless(), None).expect("encode");
+    let chunks = chunk_blob(&encoded.blob, 1 << 16).expect("chunks");
+    let wrong_layout = DeltaManifest {
+        mesh_id: "test".into(),
+        round: 0,
+        base_model: base_hash,
+        sender: hostile_id.to_bytes(),
+        sample_count: 64,
+        training_steps: 3,
+        blob: chunks.descriptor(),
+        tensors: encoded.tensors,
+    };
+    publish_until_accepted(&client, wrong_layout.encode(&limits).expect("manifest")).await;
+    // 4. A flood of chunk requests at one honest node.
+    let target = nodes[0].peer_id;
+    let mut failed = 0usize;
+    for _ in 0..2_500 {
+        let request = meshtune_protocol::ChunkRequest::ChunkList {
+            chunk_list_hash: meshtune_protocol::ChunkListHash([7; 32]),
+        };
+        if client.request(target, request).await.is_err() {
+            failed += 1;
+        }
+    }
+    println!("flood: {failed} of 2500 requests refused");
+    assert!(failed > 0, "the flood was never throttled");
+
+    let mut weights = Vec::new();
+    for (i, node) in nodes.into_iter().enumerate() {
+        let summary = tokio::time::timeout(Duration::from_secs(300), node.handle)
+            .await
+            .expect("node finished in time")
+            .expect("task")
+            .expect("run");
+        assert_eq!(summary.rounds.len(), 4, "node {i} applied every round");
+        let rejected: u64 = summary
+            .rounds
+            .iter()
+            .filter_map(|r| r.rejected.get("bad_data"))
+            .sum();
+        println!(
+            "node {i}: rounds {:?}",
+            summary
+                .rounds
+                .iter()
+                .map(|r| (r.round, r.deltas, r.rejected.clone()))
+                .collect::<Vec<_>>()
+        );
+        assert!(rejected >= 1, "node {i} never refused a NaN delta");
+        for r in &summary.rounds {
+            assert!(
+                r.deltas <= honest,
+                "node {i} used a hostile delta in round {}",
+                r.round
+            );
+        }
+        let first = summary.rounds[0].train_loss.expect("loss");
+        let last = summary.rounds[2].train_loss.expect("loss");
+        assert!(last < first, "node {i}: loss {first} -> {last}");
+        weights.push(node.trainer.weights().await.expect("weights"));
+        node.shutdown.cancel();
+    }
+    let disagreement = relative_disagreement(&weights);
+    assert!(
+        disagreement <= 1e-5,
+        "honest nodes disagree: {disagreement}"
+    );
+    shutdown.cancel();
+    drain.abort();
+    drop(bootstrap);
+}
+
+async fn publish_until_accepted(client: &network::Client, data: Vec<u8>) {
+    for _ in 0..100 {
+        if client.publish(data.clone()).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("could not publish: no mesh peers");
+}

@@ -238,9 +238,12 @@ impl RoundMachine {
         let mut actions = Vec::new();
         match input {
             Input::LocalDeltaPublished { round, base } => {
-                if round == self.round && base == self.base && self.phase == Phase::Training {
+                if round == self.round && base == self.base {
+                    // Also during a sync: if the sync fails, this delta still counts.
                     self.own_published = true;
-                    self.phase = Phase::Collecting { since: now };
+                    if self.phase == Phase::Training {
+                        self.phase = Phase::Collecting { since: now };
+                    }
                 }
             }
             Input::LocalTrainingFailed { round } => {
@@ -283,15 +286,15 @@ impl RoundMachine {
             }
             Input::SyncFailed { from } => {
                 if self.phase == Phase::Syncing {
-                    tracing::warn!(peer = %from, round = self.round, "state sync failed; training on from the current model");
-                    // Retrain the current round from what we have; the next manifests decide
-                    // again whether to sync.
-                    self.phase = Phase::Training;
-                    self.own_published = false;
-                    actions.push(Action::Train {
-                        round: self.round,
-                        base: self.base,
-                    });
+                    tracing::warn!(peer = %from, round = self.round, "state sync failed; going on with the current model");
+                    // The round's own training was never cancelled: wait for it, or collect if
+                    // it already published (retraining would publish a second, conflicting
+                    // manifest for the round).
+                    self.phase = if self.own_published {
+                        Phase::Collecting { since: now }
+                    } else {
+                        Phase::Training
+                    };
                 }
             }
             Input::Tick => {}
@@ -349,7 +352,15 @@ impl RoundMachine {
             },
         );
         if beyond_window {
-            if self.phase != Phase::Syncing {
+            // One peer far ahead may be lying; half the mesh ahead means we are behind.
+            let ahead = self
+                .announced
+                .range(self.round + self.config.future_window + 1..)
+                .flat_map(|(_, m)| m.keys())
+                .collect::<std::collections::BTreeSet<_>>()
+                .len();
+            let needed = self.peers.div_ceil(2).max(1);
+            if self.phase != Phase::Syncing && ahead >= needed {
                 tracing::info!(peer = %sender, round, local_round = self.round, "behind the mesh: syncing state");
                 self.phase = Phase::Syncing;
                 actions.push(Action::SyncState {
@@ -695,7 +706,7 @@ mod tests {
             t0,
             Input::LocalDeltaPublished {
                 round: 2,
-                base: hash(3),
+                base: hash(2),
             },
         );
         // Round 2 waits for p (quorum 1.0 over 2 nodes); at the deadline it goes alone.
@@ -708,15 +719,14 @@ mod tests {
                 new_base: hash(3),
             },
         );
-        m.handle(
+        // Round 3 already has p's delta: done as soon as its own is published.
+        let done = m.handle(
             t0,
             Input::LocalDeltaPublished {
                 round: 3,
                 base: hash(3),
             },
         );
-        // Round 3 already has p's delta: done at once.
-        let done = m.handle(t0, Input::Tick);
         assert_eq!(aggregate_of(&done), Some((true, vec![p])));
     }
 
@@ -771,6 +781,37 @@ mod tests {
             round: 7
         }));
         assert_eq!(m.round(), 7);
+    }
+
+    #[test]
+    fn one_peer_far_ahead_of_a_larger_mesh_does_not_trigger_sync() {
+        let (mut m, t0) = setup(1.0);
+        m.handle(t0, Input::PeerCount(4));
+        let liar = PeerId::random();
+        let a = m.handle(t0, manifest(liar, 1_000_000, 9, 1));
+        assert!(!a.iter().any(|x| matches!(x, Action::SyncState { .. })));
+        let other = PeerId::random();
+        let a = m.handle(t0, manifest(other, 1_000_000, 9, 2));
+        assert!(a.iter().any(|x| matches!(x, Action::SyncState { .. })));
+    }
+
+    #[test]
+    fn failed_sync_keeps_the_published_delta_and_does_not_retrain() {
+        let (mut m, t0) = setup(1.0);
+        let p = PeerId::random();
+        m.handle(t0, manifest(p, 9, 9, 1));
+        assert_eq!(m.phase(), Phase::Syncing);
+        m.handle(
+            t0,
+            Input::LocalDeltaPublished {
+                round: 0,
+                base: hash(0),
+            },
+        );
+        let a = m.handle(t0, Input::SyncFailed { from: p });
+        assert!(!a.iter().any(|x| matches!(x, Action::Train { .. })));
+        // Alone in the mesh, its own delta is the quorum: straight on to aggregation.
+        assert_eq!(aggregate_of(&a), Some((true, vec![])));
     }
 
     #[test]

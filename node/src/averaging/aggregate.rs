@@ -72,20 +72,15 @@ impl<'de> serde::Deserialize<'de> for Aggregation {
 }
 
 /// How the aggregated delta moves the shared model (DiLoCo's outer optimizer).
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum OuterOptimizer {
     /// `model += aggregate` (FedAvg / plain gossip averaging).
+    #[default]
     Average,
     /// Nesterov momentum on the outer gradient `g = -aggregate`:
     /// `m = momentum * m + g; model -= lr * (g + momentum * m)`.
     Nesterov { lr: f64, momentum: f64 },
-}
-
-impl Default for OuterOptimizer {
-    fn default() -> Self {
-        OuterOptimizer::Average
-    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]

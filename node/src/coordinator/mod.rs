@@ -176,7 +176,7 @@ struct OpenRound {
 }
 
 /// Runs rounds until `config.rounds` are applied or `shutdown` fires.
-#[allow(clippy::too_many_lines)]
+#[allow(clippy::too_many_lines, clippy::too_many_arguments)]
 pub async fn run(
     config: CoordinatorConfig,
     me: PeerId,

@@ -1,0 +1,191 @@
+//! Helpers shared by the in-process mesh tests: a bootstrap node and meshtune nodes with a
+//! tiny T5 each, on libp2p's memory transport.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use meshtune_bootstrap::transport::memory_transport;
+use meshtune_bootstrap::{BootstrapConfig, PeerAddr};
+use meshtune_model::backend::CpuTrain;
+use meshtune_model::config::T5Config;
+use meshtune_model::data::{SamsumRecord, load_samsum};
+use meshtune_model::t5::T5;
+use meshtune_model::tokenizer::T5Tokenizer;
+use meshtune_model::weights::RandomInit;
+use meshtune_node::averaging::round::RoundConfig;
+use meshtune_node::commands::train::TrainConfig;
+use meshtune_node::coordinator::metrics::NodeMetrics;
+use meshtune_node::coordinator::{self, CoordinatorConfig, RunSummary};
+use meshtune_node::network::store::BlobStore;
+use meshtune_node::network::{self, NetworkConfig};
+use meshtune_node::trainer::{T5Trainer, TrainerHandle};
+use meshtune_protocol::TensorSet;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+/// `RUST_LOG=meshtune_node=debug cargo test …` shows the nodes' events.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/synthetic")
+}
+
+pub fn tiny_config() -> T5Config {
+    let tokenizer = T5Tokenizer::from_file(&fixtures().join("tokenizer.json")).expect("tokenizer");
+    serde_json::from_value(serde_json::json!({
+        "vocab_size": tokenizer.vocab_size().max(432), "d_model": 32, "d_kv": 8, "d_ff": 64,
+        "num_layers": 1, "num_decoder_layers": 1, "num_heads": 4,
+        "relative_attention_num_buckets": 8, "relative_attention_max_distance": 32,
+        "feed_forward_proj": "gated-gelu", "tie_word_embeddings": false,
+        "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1
+    }))
+    .expect("config")
+}
+
+pub fn train_config() -> TrainConfig {
+    TrainConfig {
+        batch_size: 8,
+        lr: 3e-3,
+        warmup_steps: 0,
+        schedule: meshtune_model::optim::ScheduleKind::Constant,
+        source_max_len: 48,
+        target_max_len: 24,
+        eval_examples: 8,
+        eval_max_new_tokens: 8,
+        steps: 1000,
+        ..TrainConfig::default()
+    }
+}
+
+pub fn trainer(records: &[SamsumRecord], config: &TrainConfig) -> TrainerHandle {
+    let model_config = tiny_config();
+    let device = Default::default();
+    // Every node starts from the same seed: the same model.
+    let model: T5<CpuTrain> = T5::from_source(
+        &model_config,
+        &mut RandomInit::<CpuTrain>::new(&model_config, &device, 7),
+    )
+    .expect("model");
+    let tokenizer = T5Tokenizer::from_file(&fixtures().join("tokenizer.json")).expect("tokenizer");
+    let eval = load_samsum(&fixtures().join("eval.jsonl")).expect("eval");
+    let trainer = T5Trainer::new(
+        model,
+        model_config,
+        tokenizer,
+        config.clone(),
+        false,
+        records,
+        eval.into_iter().take(8).collect(),
+        device,
+    )
+    .expect("trainer");
+    TrainerHandle::spawn("test", trainer).expect("spawn")
+}
+
+pub struct TestNode {
+    pub peer_id: PeerId,
+    pub trainer: TrainerHandle,
+    pub handle: tokio::task::JoinHandle<anyhow::Result<RunSummary>>,
+    pub shutdown: CancellationToken,
+    pub metrics: NodeMetrics,
+}
+
+pub async fn start_bootstrap(port: u64) -> (meshtune_bootstrap::RunningBootstrap, PeerAddr) {
+    let keypair = Keypair::generate_ed25519();
+    let mut config = BootstrapConfig::new(PathBuf::from("unused"));
+    let addr: Multiaddr = format!("/memory/{port}").parse().expect("addr");
+    config.listen = vec![addr.clone()];
+    config.behaviour.mesh = "test".parse().expect("mesh");
+    let transport = memory_transport(&keypair, None).expect("transport");
+    let bootstrap = meshtune_bootstrap::start_with_transport(&config, keypair, transport)
+        .await
+        .expect("bootstrap");
+    let peer = PeerAddr::new(bootstrap.peer_id(), addr);
+    (bootstrap, peer)
+}
+
+pub fn start_node(
+    keypair: Option<Keypair>,
+    port: u64,
+    bootstrap: &PeerAddr,
+    records: &[SamsumRecord],
+    out: &Path,
+    peers_expected: usize,
+    configure: impl FnOnce(&mut CoordinatorConfig),
+) -> TestNode {
+    let keypair = keypair.unwrap_or_else(Keypair::generate_ed25519);
+    let peer_id = keypair.public().to_peer_id();
+    let trainer = trainer(records, &train_config());
+    let weights: TensorSet = futures::executor::block_on(trainer.weights()).expect("weights");
+    let layout = Arc::new(weights.layout());
+    let mut net = NetworkConfig::new("test".parse().expect("mesh"));
+    net.listen = vec![format!("/memory/{port}").parse().expect("addr")];
+    net.bootstrap = vec![bootstrap.clone()];
+    net.random_walk_interval = Duration::from_secs(2);
+    net.request_timeout = Duration::from_secs(10);
+    let mut registry = Registry::default();
+    let metrics = NodeMetrics::new(&mut registry);
+    let store = Arc::new(Mutex::new(BlobStore::default()));
+    let shutdown = CancellationToken::new();
+    let running = network::start(
+        &keypair,
+        memory_transport(&keypair, None).expect("transport"),
+        net,
+        layout,
+        Arc::clone(&store),
+        &mut registry,
+        shutdown.child_token(),
+    )
+    .expect("network");
+    metrics.attach_registry(Arc::new(registry));
+    let mut config = CoordinatorConfig::new("test", out.to_path_buf());
+    config.local_steps = 3;
+    config.rounds = Some(4);
+    config.final_exchange = true;
+    config.codec = "int8/64+zstd:1".parse().expect("codec");
+    config.eval_every = 0;
+    config.round = RoundConfig {
+        quorum: 1.0,
+        min_deltas: 1,
+        collect_timeout: Duration::from_secs(60),
+        future_window: 1,
+    };
+    config.wait_for_peers = peers_expected;
+    config.wait_timeout = Duration::from_secs(30);
+    configure(&mut config);
+    let handle = tokio::spawn(coordinator::run(
+        config,
+        peer_id,
+        trainer.clone(),
+        running.client,
+        running.events,
+        store,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    TestNode {
+        peer_id,
+        trainer,
+        handle,
+        shutdown,
+        metrics,
+    }
+}
+
+pub fn shards(n: usize, per_node: usize) -> Vec<Vec<SamsumRecord>> {
+    let all = load_samsum(&fixtures().join("train.jsonl")).expect("train");
+    (0..n)
+        .map(|i| all[i * per_node..(i + 1) * per_node].to_vec())
+        .collect()
+}
+

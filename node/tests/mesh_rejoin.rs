@@ -1,0 +1,144 @@
+//! Nodes that were not there from the start: a late joiner syncs the mesh's state and then
+//! trains with it; a node stopped mid-run restarts from its checkpoint and rejoins. Both end
+//! on the same model as the others after the final exchange.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use libp2p::identity::Keypair;
+use meshtune_node::averaging::aggregate::relative_disagreement;
+use meshtune_node::coordinator::RoundRecord;
+
+fn records(out: &Path) -> Vec<RoundRecord> {
+    std::fs::read_to_string(out.join("rounds.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+async fn wait_for_round(out: &Path, applied: usize) {
+    for _ in 0..6_000 {
+        if records(out).len() >= applied {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{} never applied {applied} rounds", out.display());
+}
+
+const ROUNDS: u64 = 8;
+
+fn configure(c: &mut meshtune_node::coordinator::CoordinatorConfig) {
+    c.rounds = Some(ROUNDS);
+    c.local_steps = 4;
+    c.round.collect_timeout = Duration::from_secs(4);
+}
+
+async fn finish(nodes: Vec<TestNode>) -> Vec<(meshtune_node::coordinator::RunSummary, meshtune_protocol::TensorSet)> {
+    let mut out = Vec::new();
+    for node in nodes {
+        let summary = tokio::time::timeout(Duration::from_secs(300), node.handle)
+            .await
+            .expect("node finished in time")
+            .expect("task")
+            .expect("run");
+        let weights = node.trainer.weights().await.expect("weights");
+        node.shutdown.cancel();
+        out.push((summary, weights));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_joiner_syncs_the_state_then_trains_with_the_mesh() {
+    init_logs();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_bootstrap, boot) = start_bootstrap(3_000).await;
+    let data = shards(4, 64);
+    let mut nodes: Vec<TestNode> = (0..3)
+        .map(|i| {
+            start_node(
+                None,
+                3_001 + i as u64,
+                &boot,
+                &data[i],
+                &dir.path().join(format!("node{i}")),
+                2,
+                configure,
+            )
+        })
+        .collect();
+    wait_for_round(&dir.path().join("node0"), 3).await;
+    let late_out = dir.path().join("late");
+    nodes.push(start_node(None, 3_010, &boot, &data[3], &late_out, 1, configure));
+    let done = finish(nodes).await;
+    let late = &done[3].0;
+    println!(
+        "late joiner rounds: {:?}",
+        late.rounds.iter().map(|r| (r.round, r.deltas)).collect::<Vec<_>>()
+    );
+    // It did not train round 0 alone: its first applied round is one the mesh was in.
+    assert!(late.rounds.first().expect("a round").round >= 3, "late joiner started over");
+    assert_eq!(late.final_round, ROUNDS);
+    // Once in, its delta counted for the others.
+    let last = done[0].0.rounds.last().expect("round");
+    assert_eq!(last.deltas, 4, "the others used the late joiner's delta in the last round");
+    let weights: Vec<_> = done.iter().map(|(_, w)| w.clone()).collect();
+    let disagreement = relative_disagreement(&weights);
+    assert!(disagreement <= 1e-5, "disagreement {disagreement}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_resumes_from_its_checkpoint_and_rejoins() {
+    init_logs();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_bootstrap, boot) = start_bootstrap(4_000).await;
+    let data = shards(3, 64);
+    let keys: Vec<Keypair> = (0..3).map(|_| Keypair::generate_ed25519()).collect();
+    let mut nodes: Vec<Option<TestNode>> = (0..3)
+        .map(|i| {
+            Some(start_node(
+                Some(keys[i].clone()),
+                4_001 + i as u64,
+                &boot,
+                &data[i],
+                &dir.path().join(format!("node{i}")),
+                2,
+                configure,
+            ))
+        })
+        .collect();
+    let out2 = dir.path().join("node2");
+    wait_for_round(&out2, 2).await;
+    // Stop node 2 (as a crash would: no goodbye), then start it again on the same directory.
+    let stopped = nodes[2].take().expect("node 2");
+    stopped.shutdown.cancel();
+    stopped.handle.abort();
+    let _ = stopped.handle.await;
+    let applied_before = records(&out2).len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nodes[2] = Some(start_node(
+        Some(keys[2].clone()),
+        4_011,
+        &boot,
+        &data[2],
+        &out2,
+        2,
+        configure,
+    ));
+    let done = finish(nodes.into_iter().flatten().collect()).await;
+    let restarted = &done[2].0;
+    let rounds: Vec<u64> = restarted.rounds.iter().map(|r| r.round).collect();
+    println!("restarted node's rounds: {rounds:?} (had applied {applied_before} before the stop)");
+    // Resumed, not restarted: the rounds before the stop are kept, none is applied twice.
+    assert!(rounds.len() >= applied_before);
+    assert!(rounds.windows(2).all(|w| w[0] < w[1]), "rounds repeat: {rounds:?}");
+    assert_eq!(restarted.final_round, ROUNDS);
+    let weights: Vec<_> = done.iter().map(|(_, w)| w.clone()).collect();
+    let disagreement = relative_disagreement(&weights);
+    assert!(disagreement <= 1e-5, "disagreement {disagreement}");
+}

@@ -210,6 +210,32 @@ mod tests {
     }
 
     #[test]
+    fn random_init_ignores_other_draws_from_the_backend_generator() {
+        let (config, first) = tiny();
+        let device = Default::default();
+        // Another thread (or test) drawing from the global generator in between changes nothing.
+        let _noise = burn::tensor::Tensor::<Cpu, 1>::random(
+            [100],
+            burn::tensor::Distribution::Default,
+            &device,
+        );
+        let second =
+            T5::<Cpu>::from_source(&config, &mut RandomInit::<Cpu>::new(&config, &device, 3))
+                .expect("model");
+        assert_eq!(
+            module_tensors(&first, ExchangeScope::All).expect("a"),
+            module_tensors(&second, ExchangeScope::All).expect("b")
+        );
+        let other =
+            T5::<Cpu>::from_source(&config, &mut RandomInit::<Cpu>::new(&config, &device, 4))
+                .expect("model");
+        assert_ne!(
+            module_tensors(&first, ExchangeScope::All).expect("a"),
+            module_tensors(&other, ExchangeScope::All).expect("c")
+        );
+    }
+
+    #[test]
     fn lora_scope_holds_only_adapters() {
         let (_, model) = tiny();
         let device = Default::default();

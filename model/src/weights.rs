@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Param;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
@@ -158,24 +158,49 @@ pub trait WeightSource<B: Backend> {
 }
 
 /// Random initialisation with HF's per-layer standard deviations (no download needed).
+///
+/// Values come from a generator owned by this source (seeded ChaCha, Box-Muller normals on
+/// the host), not from the backend's global one: the same seed gives the same model on every
+/// backend (a CPU node and a CUDA node of one mesh start from identical weights) and
+/// regardless of what other threads draw meanwhile.
 pub struct RandomInit<'a, B: Backend> {
     config: &'a T5Config,
     device: B::Device,
+    rng: rand::rngs::StdRng,
 }
 
 impl<'a, B: Backend> RandomInit<'a, B> {
-    /// Seeds the backend's generator so that runs are repeatable.
     pub fn new(config: &'a T5Config, device: &B::Device, seed: u64) -> Self {
-        B::seed(device, seed);
+        use rand::SeedableRng;
         Self {
             config,
             device: device.clone(),
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
         }
     }
 
-    fn tensor<const D: usize>(&self, key: &WeightKey, shape: [usize; D]) -> Tensor<B, D> {
+    fn normal(&mut self, count: usize, std: f64) -> Vec<f32> {
+        use rand::Rng;
+        let mut out = Vec::with_capacity(count + 1);
+        while out.len() < count {
+            // Box-Muller: two independent standard normals from two uniforms in (0, 1].
+            let u1: f64 = 1.0 - self.rng.random::<f64>();
+            let u2: f64 = self.rng.random::<f64>();
+            let radius = (-2.0 * u1.ln()).sqrt();
+            let angle = std::f64::consts::TAU * u2;
+            out.push((std * radius * angle.cos()) as f32);
+            out.push((std * radius * angle.sin()) as f32);
+        }
+        out.truncate(count);
+        out
+    }
+
+    fn tensor<const D: usize>(&mut self, key: &WeightKey, shape: [usize; D]) -> Tensor<B, D> {
         match key.init_std(self.config) {
-            Some(std) => Tensor::random(shape, Distribution::Normal(0.0, std), &self.device),
+            Some(std) => {
+                let values = self.normal(shape.iter().product(), std);
+                Tensor::from_data(TensorData::new(values, shape), &self.device)
+            }
             None => Tensor::ones(shape, &self.device),
         }
     }

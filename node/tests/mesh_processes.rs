@@ -34,6 +34,16 @@ fn bootstrap_binary() -> PathBuf {
     path
 }
 
+fn scrape(port: u16) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text)
+}
+
 struct Killed(Child);
 
 impl Drop for Killed {
@@ -89,6 +99,10 @@ fn three_processes_over_tcp_and_quic_find_each_other_through_the_bootstrap_node(
          source_max_len = 48\ntarget_max_len = 24\n",
     )
     .expect("config");
+    let metrics_port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        probe.local_addr().expect("addr").port()
+    };
     let mut nodes = Vec::new();
     for i in 0..3 {
         let shard = dir.path().join(format!("shard{i}.jsonl"));
@@ -122,11 +136,35 @@ fn three_processes_over_tcp_and_quic_find_each_other_through_the_bootstrap_node(
             _ => cmd
                 .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
                 .args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"])
-                .args(["--bootstrap", &tcp]),
+                .args(["--bootstrap", &tcp])
+                .args(["--metrics", &format!("127.0.0.1:{metrics_port}")]),
         };
         nodes.push((Killed(cmd.spawn().expect("node")), out));
     }
+    // Node 2's Prometheus endpoint, scraped while it runs.
     let deadline = Instant::now() + Duration::from_secs(600);
+    let mut scraped = String::new();
+    while Instant::now() < deadline {
+        if let Ok(text) = scrape(metrics_port)
+            && text.contains("meshtune_round")
+            && text.contains("libp2p_bandwidth_bytes_total")
+        {
+            scraped = text;
+            break;
+        }
+        if nodes[2].0.0.try_wait().expect("wait").is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for name in [
+        "meshtune_round",
+        "meshtune_mesh_peers",
+        "meshtune_train_loss",
+        "libp2p_bandwidth_bytes_total",
+    ] {
+        assert!(scraped.contains(name), "/metrics lacks {name}:\n{scraped}");
+    }
     for (i, (child, _)) in nodes.iter_mut().enumerate() {
         loop {
             if let Some(status) = child.0.try_wait().expect("wait") {

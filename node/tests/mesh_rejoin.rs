@@ -38,7 +38,12 @@ fn configure(c: &mut meshtune_node::coordinator::CoordinatorConfig) {
     c.round.collect_timeout = Duration::from_secs(4);
 }
 
-async fn finish(nodes: Vec<TestNode>) -> Vec<(meshtune_node::coordinator::RunSummary, meshtune_protocol::TensorSet)> {
+async fn finish(
+    nodes: Vec<TestNode>,
+) -> Vec<(
+    meshtune_node::coordinator::RunSummary,
+    meshtune_protocol::TensorSet,
+)> {
     let mut out = Vec::new();
     for node in nodes {
         let summary = tokio::time::timeout(Duration::from_secs(300), node.handle)
@@ -74,19 +79,30 @@ async fn a_late_joiner_syncs_the_state_then_trains_with_the_mesh() {
         .collect();
     wait_for_round(&dir.path().join("node0"), 3).await;
     let late_out = dir.path().join("late");
-    nodes.push(start_node(None, 3_010, &boot, &data[3], &late_out, 1, configure));
+    nodes.push(start_node(
+        None, 3_010, &boot, &data[3], &late_out, 1, configure,
+    ));
     let done = finish(nodes).await;
     let late = &done[3].0;
     println!(
         "late joiner rounds: {:?}",
-        late.rounds.iter().map(|r| (r.round, r.deltas)).collect::<Vec<_>>()
+        late.rounds
+            .iter()
+            .map(|r| (r.round, r.deltas))
+            .collect::<Vec<_>>()
     );
     // It did not train round 0 alone: its first applied round is one the mesh was in.
-    assert!(late.rounds.first().expect("a round").round >= 3, "late joiner started over");
+    assert!(
+        late.rounds.first().expect("a round").round >= 3,
+        "late joiner started over"
+    );
     assert_eq!(late.final_round, ROUNDS);
     // Once in, its delta counted for the others.
     let last = done[0].0.rounds.last().expect("round");
-    assert_eq!(last.deltas, 4, "the others used the late joiner's delta in the last round");
+    assert_eq!(
+        last.deltas, 4,
+        "the others used the late joiner's delta in the last round"
+    );
     let weights: Vec<_> = done.iter().map(|(_, w)| w.clone()).collect();
     let disagreement = relative_disagreement(&weights);
     assert!(disagreement <= 1e-5, "disagreement {disagreement}");
@@ -136,7 +152,10 @@ async fn a_restarted_node_resumes_from_its_checkpoint_and_rejoins() {
     println!("restarted node's rounds: {rounds:?} (had applied {applied_before} before the stop)");
     // Resumed, not restarted: the rounds before the stop are kept, none is applied twice.
     assert!(rounds.len() >= applied_before);
-    assert!(rounds.windows(2).all(|w| w[0] < w[1]), "rounds repeat: {rounds:?}");
+    assert!(
+        rounds.windows(2).all(|w| w[0] < w[1]),
+        "rounds repeat: {rounds:?}"
+    );
     assert_eq!(restarted.final_round, ROUNDS);
     let weights: Vec<_> = done.iter().map(|(_, w)| w.clone()).collect();
     let disagreement = relative_disagreement(&weights);

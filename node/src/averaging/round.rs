@@ -281,7 +281,15 @@ impl RoundMachine {
             }
             Input::StateSynced { round, base } => {
                 if self.phase == Phase::Syncing {
-                    self.start_round(round, base, &mut actions);
+                    if round == self.round && self.own_published {
+                        // This round's delta is already out (from the old base: peers still
+                        // use it as a direction). Training the round again would publish a
+                        // second, conflicting manifest: collect on the adopted base instead.
+                        self.base = base;
+                        self.phase = Phase::Collecting { since: now };
+                    } else {
+                        self.start_round(round, base, &mut actions);
+                    }
                 }
             }
             Input::SyncFailed { from } => {
@@ -812,6 +820,47 @@ mod tests {
         assert!(!a.iter().any(|x| matches!(x, Action::Train { .. })));
         // Alone in the mesh, its own delta is the quorum: straight on to aggregation.
         assert_eq!(aggregate_of(&a), Some((true, vec![])));
+    }
+
+    #[test]
+    fn syncing_within_the_round_already_published_does_not_retrain() {
+        let (mut m, t0) = setup(1.0);
+        let (a, b) = (PeerId::random(), PeerId::random());
+        m.handle(t0, Input::PeerCount(2));
+        m.handle(
+            t0,
+            Input::LocalDeltaPublished {
+                round: 0,
+                base: hash(0),
+            },
+        );
+        m.handle(t0, manifest(a, 0, 5, 1));
+        let sync = m.handle(t0, manifest(b, 0, 5, 2));
+        assert!(sync.iter().any(|x| matches!(x, Action::SyncState { .. })));
+        let after = m.handle(
+            t0,
+            Input::StateSynced {
+                round: 0,
+                base: hash(5),
+            },
+        );
+        assert!(!after.iter().any(|x| matches!(x, Action::Train { .. })));
+        assert_eq!(m.base(), hash(5));
+        m.handle(
+            t0,
+            Input::DeltaReady {
+                sender: a,
+                round: 0,
+            },
+        );
+        let done = m.handle(
+            t0,
+            Input::DeltaReady {
+                sender: b,
+                round: 0,
+            },
+        );
+        assert!(aggregate_of(&done).is_some());
     }
 
     #[test]

@@ -188,4 +188,3 @@ pub fn shards(n: usize, per_node: usize) -> Vec<Vec<SamsumRecord>> {
         .map(|i| all[i * per_node..(i + 1) * per_node].to_vec())
         .collect()
 }
-

@@ -306,3 +306,44 @@ async fn publish_until_accepted(client: &network::Client, data: Vec<u8>) {
     }
     panic!("could not publish: no mesh peers");
 }
+
+/// Large deltas in many chunks, pulled from the announcer and from peers that already hold
+/// them: every node must get every chunk of every delta.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_chunk_deltas_arrive_whole() {
+    init_logs();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_bootstrap, boot_addr) = start_bootstrap(5_000).await;
+    let n = 4;
+    let data = shards(n, 32);
+    let nodes: Vec<TestNode> = (0..n)
+        .map(|i| {
+            start_node(
+                None,
+                5_001 + i as u64,
+                &boot_addr,
+                &data[i],
+                &dir.path().join(format!("node{i}")),
+                n - 1,
+                |c| {
+                    c.codec = "f32".parse().expect("codec");
+                    c.chunk_size = 8 * 1024;
+                    c.rounds = Some(3);
+                    c.round.collect_timeout = Duration::from_secs(20);
+                },
+            )
+        })
+        .collect();
+    for (i, node) in nodes.into_iter().enumerate() {
+        let summary = tokio::time::timeout(Duration::from_secs(120), node.handle)
+            .await
+            .expect("in time")
+            .expect("task")
+            .expect("run");
+        for r in &summary.rounds {
+            assert_eq!(r.deltas, n, "node {i} round {}: {:?}", r.round, r.rejected);
+            assert!(r.raw_delta_bytes > 20 * 8 * 1024, "deltas span many chunks");
+        }
+        node.shutdown.cancel();
+    }
+}

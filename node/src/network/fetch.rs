@@ -135,6 +135,7 @@ pub async fn fetch_blob(
     let mut in_flight: HashMap<PeerId, usize> = HashMap::new();
     let mut running = FuturesUnordered::new();
     let mut payload_bytes = 0u64;
+    let mut lacking: Vec<PeerId> = Vec::new();
     loop {
         // Start what the per-peer limits allow.
         let mut deferred = VecDeque::new();
@@ -144,11 +145,16 @@ pub async fn fetch_blob(
                     "chunk {index} failed {attempt} times; last: {last_error}"
                 )));
             }
+            // Peers that sent bad bytes, or said they do not hold this blob, are not asked
+            // again; waiting for a busy holder beats asking one that has nothing.
             let usable: Vec<PeerId> = providers
                 .iter()
-                .filter(|p| !bad_peers.contains(*p))
+                .filter(|p| !bad_peers.contains(*p) && !lacking.contains(*p))
                 .copied()
                 .collect();
+            if usable.is_empty() && bad_peers.is_empty() {
+                return Err(unavailable(format!("no peer holds it; last: {last_error}")));
+            }
             if usable.is_empty() {
                 return Err(FetchError::BadData {
                     blob: blob_name,
@@ -192,6 +198,7 @@ pub async fn fetch_blob(
             Ok(ChunkResponse::Chunk(bytes)) => {
                 payload_bytes += bytes.len() as u64;
                 if let Err(err) = assembler.accept_chunk(index, &bytes) {
+                    tracing::debug!(peer = %peer, index, error = %err, "chunk refused");
                     last_error = err.to_string();
                     if !bad_peers.contains(&peer) {
                         bad_peers.push(peer);
@@ -201,7 +208,15 @@ pub async fn fetch_blob(
             }
             Ok(ChunkResponse::NotFound) => {
                 last_error = format!("{peer} does not have chunk {index}");
-                queue.push_back((index, hash, attempt + 1));
+                if peer == providers[0] {
+                    // The announcer itself no longer has it: a real failed attempt.
+                    queue.push_back((index, hash, attempt + 1));
+                } else {
+                    if !lacking.contains(&peer) {
+                        lacking.push(peer);
+                    }
+                    queue.push_back((index, hash, attempt));
+                }
             }
             Ok(_) => {
                 last_error = format!("{peer} answered a chunk request with another kind");
@@ -209,6 +224,7 @@ pub async fn fetch_blob(
                 queue.push_back((index, hash, attempt + 1));
             }
             Err(err @ (RequestError::Timeout { .. } | RequestError::Failed { .. })) => {
+                tracing::debug!(peer = %peer, index, error = %err, "chunk request failed");
                 last_error = err.to_string();
                 queue.push_back((index, hash, attempt + 1));
             }

@@ -1,0 +1,11 @@
+//! `meshtune-testnet`: launches a local mesh (bootstrap + N node processes on loopback),
+//! watches it round by round, runs the baselines it is compared with, and writes a report.
+//!
+//! Owns: processes, run directories, the live table and the report. Must not touch: node
+//! internals; it drives the node through its command line (`__node` re-executes this binary
+//! with the node's own arguments) and reads what nodes write (`rounds.jsonl`,
+//! `metrics.jsonl`).
+
+pub mod local;
+pub mod png;
+pub mod report;

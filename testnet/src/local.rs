@@ -1,0 +1,512 @@
+//! The local testnet: data preparation, the bootstrap and node processes on loopback, the live
+//! per-round table, and the baselines (each node alone, centralized on the union, other
+//! codecs) trained on the same data with the same compute.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use meshtune_model::data::{SamsumRecord, load_samsum};
+use meshtune_model::split::{SplitStrategy, split_records};
+use meshtune_model::synthetic::{embedded, to_jsonl};
+use meshtune_node::coordinator::RoundRecord;
+
+use crate::report::{self, Baselines, FederatedRun};
+
+/// Flags of `meshtune-testnet` (all optional: the defaults are the README's main job).
+#[derive(Debug, Clone, Args)]
+pub struct TestnetArgs {
+    /// Number of training nodes.
+    #[arg(long, default_value_t = 4)]
+    pub nodes: usize,
+    /// Averaging rounds.
+    #[arg(long, default_value_t = 10)]
+    pub rounds: u64,
+    /// Local optimizer steps per round.
+    #[arg(long, default_value_t = 8)]
+    pub local_steps: usize,
+    /// Delta codec of the main run.
+    #[arg(long, default_value = "top1%+int8/64+zstd:1")]
+    pub codec: String,
+    /// mean, median, trimmed-mean[:F].
+    #[arg(long, default_value = "mean")]
+    pub aggregation: String,
+    /// iid, dirichlet:ALPHA (non-IID by topic) or by-length.
+    #[arg(long, default_value = "dirichlet:0.5")]
+    pub split: String,
+    /// Model: flan-t5-small|base|large|xl with random weights, or `tiny` (the bundled config).
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Fault scenario: none (more arrive with the scenario work: kill-node, restart, late-join,
+    /// partition, byzantine, slow-link).
+    #[arg(long, default_value = "none")]
+    pub scenario: String,
+    /// Skip the baselines (alone, centralized, other codecs): only the federated run.
+    #[arg(long)]
+    pub no_compare: bool,
+    /// Training examples per node (taken from the bundled corpus before splitting).
+    #[arg(long, default_value_t = 400)]
+    pub examples_per_node: usize,
+    /// Held-out examples for ROUGE-L each round.
+    #[arg(long, default_value_t = 24)]
+    pub eval_examples: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 17)]
+    pub seed: u64,
+    /// Report directory (default: testnet-runs/<unix time>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Internal flags of the `__bootstrap` role.
+#[derive(Debug, Clone, Args)]
+pub struct BootstrapArgs {
+    #[arg(long)]
+    pub listen: Vec<meshtune_bootstrap::libp2p::Multiaddr>,
+    #[arg(long)]
+    pub key_file: PathBuf,
+    #[arg(long)]
+    pub mesh: String,
+}
+
+/// Runs the bootstrap node until killed, printing its addresses.
+pub fn run_bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut config = meshtune_bootstrap::BootstrapConfig::new(args.key_file);
+        config.listen = args.listen;
+        config.behaviour.mesh = args.mesh.parse()?;
+        let mut node = meshtune_bootstrap::start(&config).await?;
+        while let Some(event) = node.next_event().await {
+            if let meshtune_bootstrap::Event::Listening { address } = event {
+                println!("{address}");
+                std::io::stdout().flush()?;
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// A child process killed when dropped (a failed run leaves no strays).
+struct Process {
+    name: String,
+    child: Child,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn self_command(role: &str) -> anyhow::Result<Command> {
+    let exe = std::env::current_exe().context("locating meshtune-testnet")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg(role);
+    Ok(cmd)
+}
+
+fn parse_split(text: &str) -> anyhow::Result<SplitStrategy> {
+    Ok(match text {
+        "iid" => SplitStrategy::Iid,
+        "by-length" => SplitStrategy::ByLength,
+        other => {
+            let alpha = other
+                .strip_prefix("dirichlet:")
+                .and_then(|a| a.parse::<f64>().ok())
+                .with_context(|| {
+                    format!("unknown split `{other}`: use iid, dirichlet:ALPHA or by-length")
+                })?;
+            SplitStrategy::Dirichlet { alpha }
+        }
+    })
+}
+
+/// Files every run shares.
+struct Prepared {
+    data: PathBuf,
+    shards: Vec<PathBuf>,
+    union: PathBuf,
+    eval: PathBuf,
+    node_toml: PathBuf,
+    /// `[train]` settings shared by nodes and baselines.
+    train_table: String,
+    model_args: Vec<String>,
+}
+
+fn write_records(path: &Path, records: &[SamsumRecord]) -> anyhow::Result<()> {
+    std::fs::write(path, to_jsonl(records)?).with_context(|| format!("writing {}", path.display()))
+}
+
+fn prepare(args: &TestnetArgs, out: &Path) -> anyhow::Result<Prepared> {
+    anyhow::ensure!(args.nodes >= 2, "a mesh needs at least 2 nodes");
+    anyhow::ensure!(args.rounds >= 1, "--rounds must be at least 1");
+    anyhow::ensure!(
+        args.scenario == "none",
+        "scenario `{}` is not implemented yet (only `none`); see the open scenario work",
+        args.scenario
+    );
+    let data = out.join("data");
+    embedded::write_to(&data)?;
+    let all = embedded::train_records()?;
+    let wanted = (args.examples_per_node * args.nodes).min(all.len());
+    let strategy = parse_split(&args.split)?;
+    let shards = split_records(&all[..wanted], args.nodes, &strategy, args.seed)?;
+    let mut shard_paths = Vec::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let path = data.join(format!("shard-{i}.jsonl"));
+        write_records(&path, shard)?;
+        shard_paths.push(path);
+    }
+    let union = data.join("union.jsonl");
+    write_records(&union, &all[..wanted])?;
+    let eval_all = load_samsum(&data.join("eval.jsonl"))?;
+    let eval = data.join("eval-subset.jsonl");
+    write_records(&eval, &eval_all[..args.eval_examples.min(eval_all.len())])?;
+    let train_table = format!(
+        "batch_size = {}\nlr = {}\nwarmup_steps = 0\nschedule = \"constant\"\nseed = {}\n\
+         source_max_len = 96\ntarget_max_len = 32\neval_examples = {}\neval_max_new_tokens = 32\n",
+        args.batch_size, args.lr, args.seed, args.eval_examples
+    );
+    let node_toml = out.join("node.toml");
+    std::fs::write(
+        &node_toml,
+        format!(
+            "[node]\nmesh = \"testnet\"\ncollect_timeout_s = 120\nwait_timeout_s = 120\n\n[train]\n{train_table}"
+        ),
+    )?;
+    let model_args = if args.preset == "tiny" {
+        vec![
+            "--model".into(),
+            data.display().to_string(),
+            "--random-init".into(),
+        ]
+    } else {
+        vec![
+            "--preset".into(),
+            args.preset.clone(),
+            "--tokenizer".into(),
+            data.join("tokenizer.json").display().to_string(),
+        ]
+    };
+    Ok(Prepared {
+        data,
+        shards: shard_paths,
+        union,
+        eval,
+        node_toml,
+        train_table,
+        model_args,
+    })
+}
+
+fn start_bootstrap(out: &Path) -> anyhow::Result<(Process, String)> {
+    let mut child = self_command("__bootstrap")?
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--mesh", "testnet"])
+        .arg("--key-file")
+        .arg(out.join("bootstrap.key"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(std::fs::File::create(
+            out.join("bootstrap.log"),
+        )?))
+        .spawn()
+        .context("starting the bootstrap process")?;
+    let stdout = child.stdout.take().context("bootstrap stdout")?;
+    let process = Process {
+        name: "bootstrap".into(),
+        child,
+    };
+    let mut lines = BufReader::new(stdout).lines();
+    let address = lines
+        .next()
+        .context("the bootstrap process exited before printing its address")??;
+    Ok((process, address.trim().to_owned()))
+}
+
+fn read_records(path: &Path) -> Vec<RoundRecord> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// One federated run of the mesh with `codec`; prints the live table when `live`.
+fn run_federated(
+    args: &TestnetArgs,
+    prepared: &Prepared,
+    codec: &str,
+    dir: &Path,
+    live: bool,
+) -> anyhow::Result<FederatedRun> {
+    std::fs::create_dir_all(dir)?;
+    let started = Instant::now();
+    let (_bootstrap, address) = start_bootstrap(dir)?;
+    tracing::info!(bootstrap = %address, codec, "starting {} nodes", args.nodes);
+    let mut nodes = Vec::new();
+    for (i, shard) in prepared.shards.iter().enumerate() {
+        let out = dir.join(format!("node-{i}"));
+        let child = self_command("__node")?
+            .args(&prepared.model_args)
+            .arg("--train")
+            .arg(shard)
+            .arg("--eval")
+            .arg(&prepared.eval)
+            .arg("--out")
+            .arg(&out)
+            .arg("--config")
+            .arg(&prepared.node_toml)
+            .args(["--bootstrap", &address])
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-quic"])
+            .args(["--rounds", &args.rounds.to_string()])
+            .args(["--local-steps", &args.local_steps.to_string()])
+            .args(["--codec", codec, "--aggregation", &args.aggregation])
+            .args(["--wait-for-peers", &(args.nodes - 1).to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(
+                dir.join(format!("node-{i}.log")),
+            )?))
+            .spawn()
+            .with_context(|| format!("starting node {i}"))?;
+        nodes.push((
+            Process {
+                name: format!("node-{i}"),
+                child,
+            },
+            out,
+        ));
+    }
+    if live {
+        println!(
+            "{:>5} | {:>28} | {:>8} | {:>10} | {:>10} | {:>7} | {:>5}",
+            "round", "train loss per node", "ROUGE-L", "sent", "received", "time", "peers"
+        );
+    }
+    let mut printed = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        let records: Vec<Vec<RoundRecord>> = nodes
+            .iter()
+            .map(|(_, out)| read_records(&out.join("rounds.jsonl")))
+            .collect();
+        while live && records.iter().all(|r| r.len() as u64 > printed) {
+            let row: Vec<&RoundRecord> = records.iter().map(|r| &r[printed as usize]).collect();
+            print_row(&row);
+            printed += 1;
+        }
+        let mut finished = 0;
+        for (process, _) in &mut nodes {
+            if let Some(status) = process.child.try_wait()? {
+                anyhow::ensure!(
+                    status.success(),
+                    "{} failed ({status}); see {}",
+                    process.name,
+                    dir.join(format!("{}.log", process.name)).display()
+                );
+                finished += 1;
+            }
+        }
+        if finished == nodes.len() {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the testnet did not finish in an hour"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let records: Vec<Vec<RoundRecord>> = nodes
+        .iter()
+        .map(|(_, out)| read_records(&out.join("rounds.jsonl")))
+        .collect();
+    while live && records.iter().all(|r| r.len() as u64 > printed) {
+        let row: Vec<&RoundRecord> = records.iter().map(|r| &r[printed as usize]).collect();
+        print_row(&row);
+        printed += 1;
+    }
+    Ok(FederatedRun {
+        codec: codec.to_owned(),
+        records,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn human_bytes(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / f64::from(1 << 20)),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+fn print_row(row: &[&RoundRecord]) {
+    let losses: Vec<String> = row
+        .iter()
+        .map(|r| r.train_loss.map_or("-".into(), |l| format!("{l:.2}")))
+        .collect();
+    let rouge: Vec<f64> = row.iter().filter_map(|r| r.rouge_l).collect();
+    let mean_rouge = if rouge.is_empty() {
+        "-".into()
+    } else {
+        format!("{:.3}", rouge.iter().sum::<f64>() / rouge.len() as f64)
+    };
+    let sent: u64 = row.iter().map(|r| r.wire_out).sum::<u64>() / row.len().max(1) as u64;
+    let received: u64 = row.iter().map(|r| r.wire_in).sum::<u64>() / row.len().max(1) as u64;
+    let time = row.iter().map(|r| r.seconds_total).fold(0.0, f64::max);
+    let peers = row.iter().map(|r| r.mesh_peers).min().unwrap_or(0);
+    println!(
+        "{:>5} | {:>28} | {:>8} | {:>10} | {:>10} | {:>6.1}s | {:>5}",
+        row[0].round,
+        losses.join(" "),
+        mean_rouge,
+        human_bytes(sent),
+        human_bytes(received),
+        time,
+        peers
+    );
+}
+
+/// `metrics.jsonl` rows of `meshtune train`: (step, ROUGE-L) where evaluated.
+fn rouge_curve(path: &Path) -> Vec<(usize, f64)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["step"].as_u64()? as usize, v["rouge_l"].as_f64()?)))
+        .collect()
+}
+
+fn run_training(
+    prepared: &Prepared,
+    train: &Path,
+    steps: usize,
+    eval_every: usize,
+    out: &Path,
+) -> anyhow::Result<Process> {
+    let config = out.with_extension("toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}eval_every = {eval_every}\ncheckpoint_every = 1000000\nkeep_checkpoints = 1\n",
+            prepared.train_table
+        ),
+    )?;
+    let child = self_command("__train")?
+        .args(&prepared.model_args)
+        .arg("--train")
+        .arg(train)
+        .arg("--eval")
+        .arg(&prepared.eval)
+        .arg("--out")
+        .arg(out)
+        .arg("--config")
+        .arg(&config)
+        .args(["--steps", &steps.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(
+            out.with_extension("log"),
+        )?))
+        .spawn()?;
+    Ok(Process {
+        name: out.display().to_string(),
+        child,
+    })
+}
+
+fn wait_all(processes: &mut [Process]) -> anyhow::Result<()> {
+    for process in processes {
+        let status = process.child.wait()?;
+        anyhow::ensure!(status.success(), "{} failed ({status})", process.name);
+    }
+    Ok(())
+}
+
+/// Each node alone on its shard, and one model on the union, with the same total steps.
+fn run_baselines(args: &TestnetArgs, prepared: &Prepared, dir: &Path) -> anyhow::Result<Baselines> {
+    std::fs::create_dir_all(dir)?;
+    let steps = args.rounds as usize * args.local_steps;
+    let started = Instant::now();
+    let mut alone = Vec::new();
+    for (i, shard) in prepared.shards.iter().enumerate() {
+        alone.push(run_training(
+            prepared,
+            shard,
+            steps,
+            args.local_steps,
+            &dir.join(format!("alone-{i}")),
+        )?);
+    }
+    wait_all(&mut alone)?;
+    let central_steps = steps * args.nodes;
+    let mut central = vec![run_training(
+        prepared,
+        &prepared.union,
+        central_steps,
+        args.local_steps * args.nodes,
+        &dir.join("centralized"),
+    )?];
+    wait_all(&mut central)?;
+    let alone_curves: Vec<Vec<(usize, f64)>> = (0..args.nodes)
+        .map(|i| rouge_curve(&dir.join(format!("alone-{i}/metrics.jsonl"))))
+        .collect();
+    let central_curve = rouge_curve(&dir.join("centralized/metrics.jsonl"));
+    Ok(Baselines {
+        alone: alone_curves,
+        centralized: central_curve,
+        steps_per_node: steps,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The whole job: federated run with a live table, then (unless `--no-compare`) the baselines
+/// and the other codecs, then the report. Returns the report directory.
+pub fn run_testnet(args: TestnetArgs) -> anyhow::Result<PathBuf> {
+    let out = args.out.clone().unwrap_or_else(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        PathBuf::from(format!("testnet-runs/{now}"))
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let prepared = prepare(&args, &out)?;
+    println!(
+        "meshtune testnet: {} nodes, {} rounds x {} local steps, codec {}, split {}, data in {}",
+        args.nodes,
+        args.rounds,
+        args.local_steps,
+        args.codec,
+        args.split,
+        prepared.data.display()
+    );
+    let main = run_federated(&args, &prepared, &args.codec, &out.join("federated"), true)?;
+    let mut codecs = vec![main];
+    let mut baselines = None;
+    if !args.no_compare {
+        for codec in ["f32", "int8/64+zstd:1"] {
+            if codec != args.codec {
+                println!("\ncomparison: the same mesh with codec {codec}");
+                let dir = out.join(format!(
+                    "codec-{}",
+                    codec.replace(['/', '%', ':', '+'], "_")
+                ));
+                codecs.push(run_federated(&args, &prepared, codec, &dir, false)?);
+            }
+        }
+        println!("\ncomparison: each node alone, and centralized on the union (same steps)");
+        baselines = Some(run_baselines(&args, &prepared, &out.join("baselines"))?);
+    }
+    let report_dir = out.join("report");
+    report::write(&report_dir, &args, &codecs, baselines.as_ref())?;
+    Ok(report_dir)
+}

@@ -1,0 +1,69 @@
+//! `meshtune-testnet`: with no arguments, a local mesh of 1 bootstrap + 4 nodes as real
+//! processes on loopback, fine-tuning the bundled tiny FLAN-T5 on the bundled synthetic corpus
+//! split non-IID, with a live per-round table and a report directory.
+//!
+//! The processes are this same executable started with a hidden role (`__node`,
+//! `__bootstrap`, `__train`), so the one binary `cargo run -p meshtune-testnet` builds is all
+//! the testnet needs.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use meshtune_testnet::local::{TestnetArgs, run_testnet};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "meshtune-testnet",
+    version,
+    about = "Run a local meshtune mesh and report on it"
+)]
+struct Cli {
+    #[command(subcommand)]
+    role: Option<Role>,
+    #[command(flatten)]
+    testnet: TestnetArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Role {
+    /// (internal) run one mesh node, as `meshtune node`.
+    #[command(name = "__node", hide = true)]
+    Node(Box<meshtune_node::commands::node::NodeArgs>),
+    /// (internal) run the bootstrap node; prints its addresses on stdout.
+    #[command(name = "__bootstrap", hide = true)]
+    Bootstrap(meshtune_testnet::local::BootstrapArgs),
+    /// (internal) local training for the baselines, as `meshtune train`.
+    #[command(name = "__train", hide = true)]
+    Train(Box<meshtune_node::commands::train::TrainArgs>),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.role {
+        Some(Role::Node(args)) => {
+            meshtune_node::logging::init(meshtune_node::logging::LogFormat::Json);
+            meshtune_node::commands::node::run(*args)
+        }
+        Some(Role::Train(args)) => {
+            meshtune_node::logging::init(meshtune_node::logging::LogFormat::Json);
+            meshtune_node::commands::train::run(*args)
+        }
+        Some(Role::Bootstrap(args)) => {
+            meshtune_node::logging::init(meshtune_node::logging::LogFormat::Json);
+            meshtune_testnet::local::run_bootstrap(args)
+        }
+        None => {
+            meshtune_node::logging::init(meshtune_node::logging::LogFormat::Text);
+            run_testnet(cli.testnet).map(|report| {
+                println!("\nreport: {}", report.display());
+            })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

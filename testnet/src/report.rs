@@ -1,0 +1,363 @@
+//! The testnet report: every node's round records as JSON and CSV, charts (SVG and PNG) of
+//! loss, ROUGE-L, bytes and round time, and `summary.md` comparing federated training with
+//! each node alone, centralized training and other codecs.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use meshtune_node::coordinator::RoundRecord;
+use meshtune_node::plot::{Series, line_chart_svg};
+
+use crate::local::TestnetArgs;
+use crate::png::write_png;
+
+/// One federated run: the records of every node.
+#[derive(Debug, Clone)]
+pub struct FederatedRun {
+    pub codec: String,
+    /// `records[node][round]`.
+    pub records: Vec<Vec<RoundRecord>>,
+    pub seconds: f64,
+}
+
+impl FederatedRun {
+    /// Mean ROUGE-L over nodes of the last evaluated round.
+    pub fn final_rouge_l(&self) -> Option<f64> {
+        let finals: Vec<f64> = self
+            .records
+            .iter()
+            .filter_map(|r| r.iter().rev().find_map(|x| x.rouge_l))
+            .collect();
+        (!finals.is_empty()).then(|| finals.iter().sum::<f64>() / finals.len() as f64)
+    }
+
+    /// Mean over nodes of the bytes each sent on the wire during the run.
+    pub fn bytes_sent_per_node(&self) -> f64 {
+        let totals: Vec<u64> = self
+            .records
+            .iter()
+            .map(|r| r.iter().map(|x| x.wire_out).sum())
+            .collect();
+        totals.iter().sum::<u64>() as f64 / totals.len().max(1) as f64
+    }
+
+    /// Mean encoded delta size and raw f32 size per node-round.
+    pub fn delta_sizes(&self) -> (f64, f64) {
+        let all: Vec<&RoundRecord> = self.records.iter().flatten().collect();
+        let n = all.len().max(1) as f64;
+        (
+            all.iter().map(|r| r.delta_bytes as f64).sum::<f64>() / n,
+            all.iter().map(|r| r.raw_delta_bytes as f64).sum::<f64>() / n,
+        )
+    }
+
+    fn mean_by_round(&self, value: impl Fn(&RoundRecord) -> Option<f64>) -> Vec<(f64, f64)> {
+        let rounds = self.records.iter().map(Vec::len).max().unwrap_or(0);
+        (0..rounds)
+            .filter_map(|i| {
+                let values: Vec<f64> = self
+                    .records
+                    .iter()
+                    .filter_map(|r| r.get(i).and_then(&value))
+                    .collect();
+                (!values.is_empty()).then(|| {
+                    (
+                        (i + 1) as f64,
+                        values.iter().sum::<f64>() / values.len() as f64,
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
+/// The non-federated baselines: ROUGE-L curves as (step, value).
+#[derive(Debug, Clone)]
+pub struct Baselines {
+    pub alone: Vec<Vec<(usize, f64)>>,
+    pub centralized: Vec<(usize, f64)>,
+    pub steps_per_node: usize,
+    pub seconds: f64,
+}
+
+impl Baselines {
+    pub fn alone_final(&self) -> Option<f64> {
+        let finals: Vec<f64> = self
+            .alone
+            .iter()
+            .filter_map(|c| c.last().map(|p| p.1))
+            .collect();
+        (!finals.is_empty()).then(|| finals.iter().sum::<f64>() / finals.len() as f64)
+    }
+
+    pub fn centralized_final(&self) -> Option<f64> {
+        self.centralized.last().map(|p| p.1)
+    }
+}
+
+fn chart(
+    dir: &Path,
+    name: &str,
+    title: &str,
+    x: &str,
+    y: &str,
+    series: &[Series],
+) -> anyhow::Result<()> {
+    let svg = line_chart_svg(title, x, y, series);
+    std::fs::write(dir.join(format!("{name}.svg")), &svg)?;
+    if let Err(err) = write_png(&svg, &dir.join(format!("{name}.png"))) {
+        tracing::warn!(chart = name, error = %format!("{err:#}"), "PNG not written (the SVG is)");
+    }
+    Ok(())
+}
+
+fn fmt_opt(value: Option<f64>) -> String {
+    value.map_or("n/a".into(), |v| format!("{v:.3}"))
+}
+
+fn human(bytes: f64) -> String {
+    if bytes >= f64::from(1 << 20) {
+        format!("{:.2} MiB", bytes / f64::from(1 << 20))
+    } else {
+        format!("{:.1} KiB", bytes / 1024.0)
+    }
+}
+
+/// Writes the report of `runs` (the first is the main run) into `dir`.
+pub fn write(
+    dir: &Path,
+    args: &TestnetArgs,
+    runs: &[FederatedRun],
+    baselines: Option<&Baselines>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let main = runs.first().context("no federated run to report")?;
+
+    // Data: JSON (all runs) and CSV (main run).
+    let json = serde_json::json!({
+        "config": {
+            "nodes": args.nodes, "rounds": args.rounds, "local_steps": args.local_steps,
+            "codec": args.codec, "aggregation": args.aggregation, "split": args.split,
+            "preset": args.preset, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+        },
+        "runs": runs.iter().map(|r| serde_json::json!({
+            "codec": r.codec, "seconds": r.seconds, "nodes": r.records,
+        })).collect::<Vec<_>>(),
+        "baselines": baselines.map(|b| serde_json::json!({
+            "alone_rouge_l": b.alone, "centralized_rouge_l": b.centralized,
+            "steps_per_node": b.steps_per_node, "seconds": b.seconds,
+        })),
+    });
+    std::fs::write(
+        dir.join("metrics.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    let mut csv = String::from(
+        "node,round,train_loss,eval_loss,rouge_l,deltas,mesh_peers,delta_bytes,raw_delta_bytes,payload_in,wire_in,wire_out,amplification,seconds_train,seconds_total\n",
+    );
+    let opt = |v: Option<f64>| v.map_or(String::new(), |x| x.to_string());
+    for (node, records) in main.records.iter().enumerate() {
+        for r in records {
+            writeln!(
+                csv,
+                "{node},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                r.round,
+                opt(r.train_loss),
+                opt(r.eval_loss),
+                opt(r.rouge_l),
+                r.deltas,
+                r.mesh_peers,
+                r.delta_bytes,
+                r.raw_delta_bytes,
+                r.payload_in,
+                r.wire_in,
+                r.wire_out,
+                opt(r.amplification),
+                r.seconds_train,
+                r.seconds_total
+            )?;
+        }
+    }
+    std::fs::write(dir.join("rounds.csv"), csv)?;
+
+    // Charts.
+    let per_node = |value: &dyn Fn(&RoundRecord) -> Option<f64>| -> Vec<Series> {
+        main.records
+            .iter()
+            .enumerate()
+            .map(|(i, records)| {
+                Series::new(
+                    &format!("node {i}"),
+                    records
+                        .iter()
+                        .filter_map(|r| value(r).map(|v| ((r.round + 1) as f64, v)))
+                        .collect(),
+                )
+            })
+            .collect()
+    };
+    chart(
+        dir,
+        "loss",
+        "Local training loss per round",
+        "round",
+        "token cross-entropy",
+        &per_node(&|r| r.train_loss),
+    )?;
+    let mut rouge = vec![Series::new(
+        &format!("federated ({})", main.codec),
+        main.mean_by_round(|r| r.rouge_l),
+    )];
+    for run in &runs[1..] {
+        rouge.push(Series::new(
+            &format!("federated ({})", run.codec),
+            run.mean_by_round(|r| r.rouge_l),
+        ));
+    }
+    if let Some(b) = baselines {
+        let steps_per_round = args.local_steps as f64;
+        let mut alone_mean: Vec<(f64, f64)> = Vec::new();
+        if let Some(first) = b.alone.first() {
+            for (k, (step, _)) in first.iter().enumerate() {
+                let values: Vec<f64> = b
+                    .alone
+                    .iter()
+                    .filter_map(|c| c.get(k).map(|p| p.1))
+                    .collect();
+                alone_mean.push((
+                    *step as f64 / steps_per_round,
+                    values.iter().sum::<f64>() / values.len().max(1) as f64,
+                ));
+            }
+        }
+        rouge.push(Series::new("each node alone (mean)", alone_mean));
+        let central_per_round = steps_per_round * args.nodes as f64;
+        rouge.push(Series::new(
+            "centralized (same total steps)",
+            b.centralized
+                .iter()
+                .map(|(s, v)| (*s as f64 / central_per_round, *v))
+                .collect(),
+        ));
+    }
+    chart(
+        dir,
+        "rouge",
+        "Eval ROUGE-L per round",
+        "round",
+        "ROUGE-L F",
+        &rouge,
+    )?;
+    chart(
+        dir,
+        "bytes",
+        "Bytes sent per node per round (wire)",
+        "round",
+        "bytes",
+        &per_node(&|r| Some(r.wire_out as f64)),
+    )?;
+    chart(
+        dir,
+        "round_time",
+        "Round time: compute vs communication (mean over nodes)",
+        "round",
+        "seconds",
+        &[
+            Series::new(
+                "compute (local training)",
+                main.mean_by_round(|r| Some(r.seconds_train)),
+            ),
+            Series::new(
+                "communication + waiting",
+                main.mean_by_round(|r| Some((r.seconds_total - r.seconds_train).max(0.0))),
+            ),
+        ],
+    )?;
+
+    // Summary.
+    let mut md = String::new();
+    writeln!(md, "# meshtune testnet report\n")?;
+    writeln!(
+        md,
+        "{} nodes on loopback, {} rounds x {} local steps (batch {}, lr {}), model `{}`, data split `{}`, aggregation `{}`.\n",
+        args.nodes,
+        args.rounds,
+        args.local_steps,
+        args.batch_size,
+        args.lr,
+        args.preset,
+        args.split,
+        args.aggregation
+    )?;
+    writeln!(md, "## Quality and bytes\n")?;
+    writeln!(
+        md,
+        "| setup | final ROUGE-L | bytes sent per node (wire, whole run) | delta per round (encoded / raw f32) | wall time |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|")?;
+    for run in runs {
+        let (encoded, raw) = run.delta_sizes();
+        writeln!(
+            md,
+            "| federated, codec `{}` | {} | {} | {} / {} ({:.1}x) | {:.0} s |",
+            run.codec,
+            fmt_opt(run.final_rouge_l()),
+            human(run.bytes_sent_per_node()),
+            human(encoded),
+            human(raw),
+            raw / encoded.max(1.0),
+            run.seconds
+        )?;
+    }
+    if let Some(b) = baselines {
+        writeln!(
+            md,
+            "| each node alone ({} steps, mean over nodes) | {} | 0 | - | {:.0} s (with centralized) |",
+            b.steps_per_node,
+            fmt_opt(b.alone_final()),
+            b.seconds
+        )?;
+        writeln!(
+            md,
+            "| centralized on the union ({} steps) | {} | 0 | - | |",
+            b.steps_per_node * args.nodes,
+            fmt_opt(b.centralized_final())
+        )?;
+    }
+    writeln!(md)?;
+    let f32_run = runs.iter().find(|r| r.codec == "f32");
+    if let (Some(f32_run), Some(central)) =
+        (f32_run, baselines.and_then(Baselines::centralized_final))
+    {
+        let ratio = f32_run.bytes_sent_per_node() / main.bytes_sent_per_node().max(1.0);
+        let gap = main.final_rouge_l().map(|r| (central - r) * 100.0);
+        writeln!(
+            md,
+            "Goal: federated within 1 ROUGE-L point of centralized at >= 50x fewer bytes than f32 deltas. \
+             Measured: {} points below centralized, {ratio:.1}x fewer bytes on the wire than the f32 run.\n",
+            gap.map_or("n/a".into(), |g| format!("{g:.1}"))
+        )?;
+    }
+    writeln!(md, "## Charts\n")?;
+    for (name, what) in [
+        (
+            "rouge",
+            "eval ROUGE-L per round, federated vs alone vs centralized",
+        ),
+        ("loss", "local training loss per node"),
+        ("bytes", "bytes sent per node per round"),
+        (
+            "round_time",
+            "round time split into compute and communication",
+        ),
+    ] {
+        writeln!(md, "- {what}: ![{name}]({name}.png) ([svg]({name}.svg))")?;
+    }
+    writeln!(
+        md,
+        "\nData: `metrics.json` (every record of every run), `rounds.csv` (main run)."
+    )?;
+    std::fs::write(dir.join("summary.md"), md)?;
+    Ok(())
+}

@@ -181,25 +181,29 @@ async fn honest_nodes_refuse_a_hostile_peer_and_keep_training() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let limits = Limits::default();
-    // 1. NaN deltas for the first rounds: the right layout, a blob that hashes correctly,
-    //    values that do not decode to finite numbers.
+    // 1. Deltas for the first rounds with the right layout and a blob that hashes correctly:
+    //    rounds 0 and 2 hold NaN (refused at decoding), round 1 is finite but scaled far
+    //    beyond the honest deltas (left out by the norm screen before averaging).
     let f32_raw: CodecParams = "f32".parse().expect("codec");
     for round in 0..3u64 {
-        let zeros = TensorSet::new(
+        let fill = if round == 1 { 1_000.0 } else { 0.0 };
+        let values = TensorSet::new(
             base.tensors()
                 .iter()
-                .map(|t| Tensor::new(t.name.clone(), t.shape.clone(), vec![0.0; t.values.len()]))
+                .map(|t| Tensor::new(t.name.clone(), t.shape.clone(), vec![fill; t.values.len()]))
                 .collect::<Result<Vec<_>, _>>()
                 .expect("tensors"),
         )
         .expect("set");
-        let mut encoded = encode_delta(&zeros, &f32_raw, None).expect("encode");
-        let start = encoded.tensors[0].offset as usize;
-        let end = start + encoded.tensors[0].length as usize;
-        for value in encoded.blob[start..end].chunks_exact_mut(4) {
-            value.copy_from_slice(&f32::NAN.to_le_bytes());
+        let mut encoded = encode_delta(&values, &f32_raw, None).expect("encode");
+        if round != 1 {
+            let start = encoded.tensors[0].offset as usize;
+            let end = start + encoded.tensors[0].length as usize;
+            for value in encoded.blob[start..end].chunks_exact_mut(4) {
+                value.copy_from_slice(&f32::NAN.to_le_bytes());
+            }
+            encoded.blob[end - 1] ^= round as u8; // a distinct blob per round
         }
-        encoded.blob[end - 1] ^= round as u8; // a distinct blob per round
         let chunks = chunk_blob(&encoded.blob, 1 << 16).expect("chunks");
         let manifest = DeltaManifest {
             mesh_id: "test".into(),
@@ -274,6 +278,12 @@ async fn honest_nodes_refuse_a_hostile_peer_and_keep_training() {
                 .collect::<Vec<_>>()
         );
         assert!(rejected >= 1, "node {i} never refused a NaN delta");
+        let screened: u64 = summary
+            .rounds
+            .iter()
+            .filter_map(|r| r.rejected.get("norm_outlier"))
+            .sum();
+        assert!(screened >= 1, "node {i} averaged the scaled delta");
         for r in &summary.rounds {
             assert!(
                 r.deltas <= honest,

@@ -12,20 +12,26 @@ pub fn write_png(svg: &str, path: &Path) -> anyhow::Result<()> {
     let fonts = options.fontdb_mut();
     fonts.load_system_fonts();
     // The charts ask for the generic `sans-serif`; map it to a font this machine has.
-    let family = ["DejaVu Sans", "Liberation Sans", "Noto Sans", "Arial", "Helvetica"]
-        .into_iter()
-        .find(|name| {
-            fonts
-                .faces()
-                .any(|face| face.families.iter().any(|(family, _)| family == name))
-        })
-        .map(str::to_owned)
-        .or_else(|| {
-            fonts
-                .faces()
-                .next()
-                .and_then(|face| face.families.first().map(|(family, _)| family.clone()))
-        });
+    let family = [
+        "DejaVu Sans",
+        "Liberation Sans",
+        "Noto Sans",
+        "Arial",
+        "Helvetica",
+    ]
+    .into_iter()
+    .find(|name| {
+        fonts
+            .faces()
+            .any(|face| face.families.iter().any(|(family, _)| family == name))
+    })
+    .map(str::to_owned)
+    .or_else(|| {
+        fonts
+            .faces()
+            .next()
+            .and_then(|face| face.families.first().map(|(family, _)| family.clone()))
+    });
     if let Some(family) = family {
         fonts.set_sans_serif_family(family);
     }

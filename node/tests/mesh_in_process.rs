@@ -357,3 +357,70 @@ async fn many_chunk_deltas_arrive_whole() {
         node.shutdown.cancel();
     }
 }
+
+/// A private mesh: nodes and bootstrap share a pre-shared key; a node without it, given the
+/// same bootstrap address, never connects to anyone and the members train without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_mesh_key_cannot_join() {
+    use libp2p::pnet::PreSharedKey;
+    init_logs();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let psk = PreSharedKey::new([0x42; 32]);
+    let (_bootstrap, boot_addr) = start_bootstrap_with_psk(6_000, Some(psk)).await;
+    let data = shards(3, 32);
+    let members: Vec<TestNode> = (0..2)
+        .map(|i| {
+            start_node_with_psk(
+                Some(psk),
+                None,
+                6_001 + i as u64,
+                &boot_addr,
+                &data[i],
+                &dir.path().join(format!("node{i}")),
+                1,
+                |c| c.rounds = Some(3),
+            )
+        })
+        .collect();
+    // The outsider: right address, no key.
+    let keypair = Keypair::generate_ed25519();
+    let base = trainer(&data[2], &train_config())
+        .weights()
+        .await
+        .expect("weights");
+    let mut net = NetworkConfig::new("test".parse().expect("mesh"));
+    net.listen = vec!["/memory/6100".parse().expect("addr")];
+    net.bootstrap = vec![boot_addr.clone()];
+    let shutdown = CancellationToken::new();
+    let mut outsider = network::start(
+        &keypair,
+        memory_transport(&keypair, None).expect("transport"),
+        net,
+        Arc::new(base.layout()),
+        Arc::new(Mutex::new(BlobStore::default())),
+        &mut Registry::default(),
+        shutdown.child_token(),
+    )
+    .expect("outsider network");
+    for (i, node) in members.into_iter().enumerate() {
+        let summary = tokio::time::timeout(Duration::from_secs(120), node.handle)
+            .await
+            .expect("in time")
+            .expect("task")
+            .expect("run");
+        assert_eq!(summary.rounds.len(), 3, "member {i}");
+        for r in &summary.rounds {
+            assert_eq!(r.deltas, 2, "member {i} round {}", r.round);
+        }
+        node.shutdown.cancel();
+    }
+    let peers = outsider.client.mesh_peers().await.expect("peers");
+    assert!(peers.is_empty(), "the outsider reached {peers:?}");
+    while let Ok(event) = outsider.events.try_recv() {
+        assert!(
+            !matches!(event, network::NetworkEvent::Manifest { .. }),
+            "the outsider received a manifest"
+        );
+    }
+    shutdown.cancel();
+}

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use libp2p::identity::Keypair;
+use libp2p::pnet::PreSharedKey;
 use libp2p::{Multiaddr, PeerId};
 use meshtune_bootstrap::transport::memory_transport;
 use meshtune_bootstrap::{BootstrapConfig, PeerAddr};
@@ -101,12 +102,20 @@ pub struct TestNode {
 }
 
 pub async fn start_bootstrap(port: u64) -> (meshtune_bootstrap::RunningBootstrap, PeerAddr) {
+    start_bootstrap_with_psk(port, None).await
+}
+
+/// A bootstrap node whose transport requires the pre-shared key `psk`.
+pub async fn start_bootstrap_with_psk(
+    port: u64,
+    psk: Option<PreSharedKey>,
+) -> (meshtune_bootstrap::RunningBootstrap, PeerAddr) {
     let keypair = Keypair::generate_ed25519();
     let mut config = BootstrapConfig::new(PathBuf::from("unused"));
     let addr: Multiaddr = format!("/memory/{port}").parse().expect("addr");
     config.listen = vec![addr.clone()];
     config.behaviour.mesh = "test".parse().expect("mesh");
-    let transport = memory_transport(&keypair, None).expect("transport");
+    let transport = memory_transport(&keypair, psk).expect("transport");
     let bootstrap = meshtune_bootstrap::start_with_transport(&config, keypair, transport)
         .await
         .expect("bootstrap");
@@ -115,6 +124,30 @@ pub async fn start_bootstrap(port: u64) -> (meshtune_bootstrap::RunningBootstrap
 }
 
 pub fn start_node(
+    keypair: Option<Keypair>,
+    port: u64,
+    bootstrap: &PeerAddr,
+    records: &[SamsumRecord],
+    out: &Path,
+    peers_expected: usize,
+    configure: impl FnOnce(&mut CoordinatorConfig),
+) -> TestNode {
+    start_node_with_psk(
+        None,
+        keypair,
+        port,
+        bootstrap,
+        records,
+        out,
+        peers_expected,
+        configure,
+    )
+}
+
+/// [`start_node`] on a transport that requires the pre-shared key `psk` (a private mesh).
+#[allow(clippy::too_many_arguments)]
+pub fn start_node_with_psk(
+    psk: Option<PreSharedKey>,
     keypair: Option<Keypair>,
     port: u64,
     bootstrap: &PeerAddr,
@@ -139,7 +172,7 @@ pub fn start_node(
     let shutdown = CancellationToken::new();
     let running = network::start(
         &keypair,
-        memory_transport(&keypair, None).expect("transport"),
+        memory_transport(&keypair, psk).expect("transport"),
         net,
         layout,
         Arc::clone(&store),

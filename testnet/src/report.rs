@@ -331,12 +331,20 @@ pub fn write(
         (f32_run, baselines.and_then(Baselines::centralized_final))
     {
         let ratio = f32_run.bytes_sent_per_node() / main.bytes_sent_per_node().max(1.0);
-        let gap = main.final_rouge_l().map(|r| (central - r) * 100.0);
+        let gap = main.final_rouge_l().map(|r| (r - central) * 100.0);
+        let position = gap.map_or("n/a".into(), |g| {
+            if g >= 0.0 {
+                format!("{g:.1} ROUGE-L points above centralized")
+            } else {
+                format!("{:.1} ROUGE-L points below centralized", -g)
+            }
+        });
+        let met = gap.is_some_and(|g| g >= -1.0) && ratio >= 50.0;
         writeln!(
             md,
             "Goal: federated within 1 ROUGE-L point of centralized at >= 50x fewer bytes than f32 deltas. \
-             Measured: {} points below centralized, {ratio:.1}x fewer bytes on the wire than the f32 run.\n",
-            gap.map_or("n/a".into(), |g| format!("{g:.1}"))
+             Measured: {position}, {ratio:.1}x fewer bytes on the wire than the f32 run: goal {}.\n",
+            if met { "met" } else { "not met" }
         )?;
     }
     writeln!(md, "## Charts\n")?;

@@ -157,7 +157,7 @@ impl Default for MeshSettings {
             mesh: "default".into(),
             rounds: None,
             local_steps: 20,
-            codec: "top1%+int8/64+zstd:1".into(),
+            codec: "top2%+int8/64+zstd:1".into(),
             aggregation: Aggregation::Mean,
             outer: OuterOptimizer::Average,
             quorum: 1.0,

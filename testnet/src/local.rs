@@ -41,8 +41,8 @@ pub struct TestnetArgs {
     /// Model: flan-t5-small|base|large|xl with random weights, or `tiny` (the bundled config).
     #[arg(long, default_value = "tiny")]
     pub preset: String,
-    /// Fault scenario: none (more arrive with the scenario work: kill-node, restart, late-join,
-    /// partition, byzantine, slow-link).
+    /// Fault scenario of the main run: none, kill-node, restart or late-join (partition,
+    /// byzantine and slow-link are not built yet).
     #[arg(long, default_value = "none")]
     pub scenario: String,
     /// Skip the baselines (alone, centralized, other codecs): only the federated run.
@@ -153,9 +153,10 @@ fn write_records(path: &Path, records: &[SamsumRecord]) -> anyhow::Result<()> {
 fn prepare(args: &TestnetArgs, out: &Path) -> anyhow::Result<Prepared> {
     anyhow::ensure!(args.nodes >= 2, "a mesh needs at least 2 nodes");
     anyhow::ensure!(args.rounds >= 1, "--rounds must be at least 1");
+    Scenario::parse(&args.scenario)?;
     anyhow::ensure!(
-        args.scenario == "none",
-        "scenario `{}` is not implemented yet (only `none`); see the open scenario work",
+        args.scenario == "none" || args.nodes >= 3,
+        "scenario `{}` needs at least 3 nodes",
         args.scenario
     );
     let data = out.join("data");
@@ -184,7 +185,7 @@ fn prepare(args: &TestnetArgs, out: &Path) -> anyhow::Result<Prepared> {
     std::fs::write(
         &node_toml,
         format!(
-            "[node]\nmesh = \"testnet\"\ncollect_timeout_s = 120\nwait_timeout_s = 120\n\n[train]\n{train_table}"
+            "[node]\nmesh = \"testnet\"\ncollect_timeout_s = 30\nwait_timeout_s = 60\n\n[train]\n{train_table}"
         ),
     )?;
     let model_args = if args.preset == "tiny" {
@@ -243,6 +244,56 @@ fn read_records(path: &Path) -> Vec<RoundRecord> {
         .collect()
 }
 
+/// The fault a run injects (`--scenario`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    None,
+    /// SIGKILL the last node once the mesh applied a third of the rounds; the rest finish.
+    KillNode,
+    /// As kill-node, then start it again: it resumes from its checkpoint and rejoins.
+    Restart,
+    /// Start the last node only once the others applied a third of the rounds: it syncs the
+    /// mesh's state, then trains with it.
+    LateJoin,
+}
+
+impl Scenario {
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        Ok(match text {
+            "none" => Scenario::None,
+            "kill-node" => Scenario::KillNode,
+            "restart" => Scenario::Restart,
+            "late-join" => Scenario::LateJoin,
+            other => anyhow::bail!(
+                "scenario `{other}` is not implemented: use none, kill-node, restart or late-join \
+                 (partition, byzantine and slow-link are not built yet)"
+            ),
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::None => "none",
+            Scenario::KillNode => "kill-node",
+            Scenario::Restart => "restart",
+            Scenario::LateJoin => "late-join",
+        }
+    }
+}
+
+/// What the scenario did, for the summary.
+#[derive(Debug, Clone, Default)]
+pub struct FaultLog {
+    pub events: Vec<String>,
+}
+
+struct NodeSlot {
+    process: Option<Process>,
+    out: PathBuf,
+    /// Killed on purpose and not restarted: its exit is expected.
+    killed: bool,
+}
+
 /// One federated run of the mesh with `codec`; prints the live table when `live`.
 fn run_federated(
     args: &TestnetArgs,
@@ -250,22 +301,26 @@ fn run_federated(
     codec: &str,
     dir: &Path,
     live: bool,
+    scenario: Scenario,
 ) -> anyhow::Result<FederatedRun> {
     std::fs::create_dir_all(dir)?;
     let started = Instant::now();
     let (_bootstrap, address) = start_bootstrap(dir)?;
-    tracing::info!(bootstrap = %address, codec, "starting {} nodes", args.nodes);
-    let mut nodes = Vec::new();
-    for (i, shard) in prepared.shards.iter().enumerate() {
-        let out = dir.join(format!("node-{i}"));
+    tracing::info!(bootstrap = %address, codec, scenario = scenario.name(), "starting {} nodes", args.nodes);
+    let last = args.nodes - 1;
+    let spawn = |i: usize, wait_for: usize| -> anyhow::Result<Process> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("node-{i}.log")))?;
         let child = self_command("__node")?
             .args(&prepared.model_args)
             .arg("--train")
-            .arg(shard)
+            .arg(&prepared.shards[i])
             .arg("--eval")
             .arg(&prepared.eval)
             .arg("--out")
-            .arg(&out)
+            .arg(dir.join(format!("node-{i}")))
             .arg("--config")
             .arg(&prepared.node_toml)
             .args(["--bootstrap", &address])
@@ -273,21 +328,38 @@ fn run_federated(
             .args(["--rounds", &args.rounds.to_string()])
             .args(["--local-steps", &args.local_steps.to_string()])
             .args(["--codec", codec, "--aggregation", &args.aggregation])
-            .args(["--wait-for-peers", &(args.nodes - 1).to_string()])
+            .args(["--wait-for-peers", &wait_for.to_string()])
             .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(
-                dir.join(format!("node-{i}.log")),
-            )?))
+            .stderr(Stdio::from(log))
             .spawn()
             .with_context(|| format!("starting node {i}"))?;
-        nodes.push((
-            Process {
-                name: format!("node-{i}"),
-                child,
+        Ok(Process {
+            name: format!("node-{i}"),
+            child,
+        })
+    };
+    let mut nodes = Vec::new();
+    for i in 0..args.nodes {
+        let late = scenario == Scenario::LateJoin && i == last;
+        let wait_for = if scenario == Scenario::LateJoin {
+            args.nodes - 2
+        } else {
+            args.nodes - 1
+        };
+        nodes.push(NodeSlot {
+            process: if late {
+                None
+            } else {
+                Some(spawn(i, wait_for)?)
             },
-            out,
-        ));
+            out: dir.join(format!("node-{i}")),
+            killed: false,
+        });
     }
+    let trigger = (args.rounds / 3).max(1) as usize;
+    let mut log = FaultLog::default();
+    let mut fault_done = scenario == Scenario::None;
+    let mut restart_at: Option<Instant> = None;
     if live {
         println!(
             "{:>5} | {:>28} | {:>8} | {:>10} | {:>10} | {:>7} | {:>5}",
@@ -299,26 +371,72 @@ fn run_federated(
     loop {
         let records: Vec<Vec<RoundRecord>> = nodes
             .iter()
-            .map(|(_, out)| read_records(&out.join("rounds.jsonl")))
+            .map(|n| read_records(&n.out.join("rounds.jsonl")))
             .collect();
-        while live && records.iter().all(|r| r.len() as u64 > printed) {
-            let row: Vec<&RoundRecord> = records.iter().map(|r| &r[printed as usize]).collect();
-            print_row(&row);
-            printed += 1;
+        // The fault, once the first nodes applied `trigger` rounds.
+        let applied = records[..last].iter().map(Vec::len).min().unwrap_or(0);
+        if !fault_done && applied >= trigger {
+            match scenario {
+                Scenario::KillNode | Scenario::Restart => {
+                    if let Some(mut process) = nodes[last].process.take() {
+                        let _ = process.child.kill();
+                        let _ = process.child.wait();
+                    }
+                    nodes[last].killed = true;
+                    log.events.push(format!(
+                        "node-{last} SIGKILLed after the mesh applied {applied} rounds (it had applied {})",
+                        records[last].len()
+                    ));
+                    if scenario == Scenario::Restart {
+                        restart_at = Some(Instant::now() + Duration::from_secs(1));
+                    }
+                }
+                Scenario::LateJoin => {
+                    nodes[last].process = Some(spawn(last, 1)?);
+                    log.events.push(format!(
+                        "node-{last} started after the mesh applied {applied} rounds"
+                    ));
+                }
+                Scenario::None => {}
+            }
+            fault_done = true;
         }
-        let mut finished = 0;
-        for (process, _) in &mut nodes {
-            if let Some(status) = process.child.try_wait()? {
-                anyhow::ensure!(
+        if let Some(at) = restart_at
+            && Instant::now() >= at
+        {
+            nodes[last].process = Some(spawn(last, 1)?);
+            nodes[last].killed = false;
+            log.events.push(format!(
+                "node-{last} restarted on its checkpoint directory (its last applied round: {})",
+                records[last]
+                    .last()
+                    .map_or("none".into(), |r| r.round.to_string())
+            ));
+            restart_at = None;
+        }
+        if live {
+            while printed < args.rounds && row_ready(&nodes, &records, printed) {
+                print_row(printed, &records);
+                printed += 1;
+            }
+        }
+        let mut running = 0;
+        for slot in &mut nodes {
+            let Some(process) = slot.process.as_mut() else {
+                continue;
+            };
+            match process.child.try_wait()? {
+                Some(status) => anyhow::ensure!(
                     status.success(),
                     "{} failed ({status}); see {}",
                     process.name,
                     dir.join(format!("{}.log", process.name)).display()
-                );
-                finished += 1;
+                ),
+                None => running += 1,
             }
         }
-        if finished == nodes.len() {
+        let pending_start = (!fault_done && scenario == Scenario::LateJoin) || restart_at.is_some();
+        if running == 0 && !pending_start && fault_done {
             break;
         }
         anyhow::ensure!(
@@ -329,17 +447,27 @@ fn run_federated(
     }
     let records: Vec<Vec<RoundRecord>> = nodes
         .iter()
-        .map(|(_, out)| read_records(&out.join("rounds.jsonl")))
+        .map(|n| read_records(&n.out.join("rounds.jsonl")))
         .collect();
-    while live && records.iter().all(|r| r.len() as u64 > printed) {
-        let row: Vec<&RoundRecord> = records.iter().map(|r| &r[printed as usize]).collect();
-        print_row(&row);
-        printed += 1;
+    if live {
+        while printed < args.rounds {
+            print_row(printed, &records);
+            printed += 1;
+        }
     }
     Ok(FederatedRun {
         codec: codec.to_owned(),
         records,
         seconds: started.elapsed().as_secs_f64(),
+        scenario: scenario.name().to_owned(),
+        faults: log.events,
+    })
+}
+
+/// Round `round` can be printed when every node that is running has applied it or moved past.
+fn row_ready(nodes: &[NodeSlot], records: &[Vec<RoundRecord>], round: u64) -> bool {
+    nodes.iter().zip(records).all(|(slot, r)| {
+        slot.process.is_none() || slot.killed || r.iter().any(|x| x.round >= round)
     })
 }
 
@@ -351,24 +479,36 @@ fn human_bytes(bytes: u64) -> String {
     }
 }
 
-fn print_row(row: &[&RoundRecord]) {
+fn print_row(round: u64, records: &[Vec<RoundRecord>]) {
+    let row: Vec<Option<&RoundRecord>> = records
+        .iter()
+        .map(|r| r.iter().find(|x| x.round == round))
+        .collect();
+    let present: Vec<&RoundRecord> = row.iter().flatten().copied().collect();
+    if present.is_empty() {
+        return;
+    }
     let losses: Vec<String> = row
         .iter()
-        .map(|r| r.train_loss.map_or("-".into(), |l| format!("{l:.2}")))
+        .map(|r| {
+            r.and_then(|r| r.train_loss)
+                .map_or("-".into(), |l| format!("{l:.2}"))
+        })
         .collect();
-    let rouge: Vec<f64> = row.iter().filter_map(|r| r.rouge_l).collect();
+    let rouge: Vec<f64> = present.iter().filter_map(|r| r.rouge_l).collect();
     let mean_rouge = if rouge.is_empty() {
         "-".into()
     } else {
         format!("{:.3}", rouge.iter().sum::<f64>() / rouge.len() as f64)
     };
-    let sent: u64 = row.iter().map(|r| r.wire_out).sum::<u64>() / row.len().max(1) as u64;
-    let received: u64 = row.iter().map(|r| r.wire_in).sum::<u64>() / row.len().max(1) as u64;
-    let time = row.iter().map(|r| r.seconds_total).fold(0.0, f64::max);
-    let peers = row.iter().map(|r| r.mesh_peers).min().unwrap_or(0);
+    let count = present.len() as u64;
+    let sent: u64 = present.iter().map(|r| r.wire_out).sum::<u64>() / count;
+    let received: u64 = present.iter().map(|r| r.wire_in).sum::<u64>() / count;
+    let time = present.iter().map(|r| r.seconds_total).fold(0.0, f64::max);
+    let peers = present.iter().map(|r| r.mesh_peers).min().unwrap_or(0);
     println!(
         "{:>5} | {:>28} | {:>8} | {:>10} | {:>10} | {:>6.1}s | {:>5}",
-        row[0].round,
+        round,
         losses.join(" "),
         mean_rouge,
         human_bytes(sent),
@@ -490,7 +630,15 @@ pub fn run_testnet(args: TestnetArgs) -> anyhow::Result<PathBuf> {
         args.split,
         prepared.data.display()
     );
-    let main = run_federated(&args, &prepared, &args.codec, &out.join("federated"), true)?;
+    let scenario = Scenario::parse(&args.scenario)?;
+    let main = run_federated(
+        &args,
+        &prepared,
+        &args.codec,
+        &out.join("federated"),
+        true,
+        scenario,
+    )?;
     let mut codecs = vec![main];
     let mut baselines = None;
     if !args.no_compare {
@@ -501,7 +649,14 @@ pub fn run_testnet(args: TestnetArgs) -> anyhow::Result<PathBuf> {
                     "codec-{}",
                     codec.replace(['/', '%', ':', '+'], "_")
                 ));
-                codecs.push(run_federated(&args, &prepared, codec, &dir, false)?);
+                codecs.push(run_federated(
+                    &args,
+                    &prepared,
+                    codec,
+                    &dir,
+                    false,
+                    Scenario::None,
+                )?);
             }
         }
         println!("\ncomparison: each node alone, and centralized on the union (same steps)");

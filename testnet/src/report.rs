@@ -19,6 +19,9 @@ pub struct FederatedRun {
     /// `records[node][round]`.
     pub records: Vec<Vec<RoundRecord>>,
     pub seconds: f64,
+    /// `--scenario` of this run and what it did.
+    pub scenario: String,
+    pub faults: Vec<String>,
 }
 
 impl FederatedRun {
@@ -53,17 +56,23 @@ impl FederatedRun {
     }
 
     fn mean_by_round(&self, value: impl Fn(&RoundRecord) -> Option<f64>) -> Vec<(f64, f64)> {
-        let rounds = self.records.iter().map(Vec::len).max().unwrap_or(0);
+        let rounds = self
+            .records
+            .iter()
+            .flatten()
+            .map(|r| r.round + 1)
+            .max()
+            .unwrap_or(0);
         (0..rounds)
-            .filter_map(|i| {
+            .filter_map(|round| {
                 let values: Vec<f64> = self
                     .records
                     .iter()
-                    .filter_map(|r| r.get(i).and_then(&value))
+                    .filter_map(|r| r.iter().find(|x| x.round == round).and_then(&value))
                     .collect();
                 (!values.is_empty()).then(|| {
                     (
-                        (i + 1) as f64,
+                        (round + 1) as f64,
                         values.iter().sum::<f64>() / values.len() as f64,
                     )
                 })
@@ -290,6 +299,37 @@ pub fn write(
         args.split,
         args.aggregation
     )?;
+    if main.scenario != "none" {
+        writeln!(md, "## Scenario `{}`\n", main.scenario)?;
+        for event in &main.faults {
+            writeln!(md, "- {event}")?;
+        }
+        let last_round = args.rounds.saturating_sub(1);
+        let finals: Vec<Option<&RoundRecord>> = main
+            .records
+            .iter()
+            .map(|r| r.iter().find(|x| x.round == last_round))
+            .collect();
+        let finished = finals.iter().flatten().count();
+        let mut hashes: Vec<&str> = finals
+            .iter()
+            .flatten()
+            .map(|r| r.model_hash.as_str())
+            .collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        writeln!(
+            md,
+            "- {finished} of {} nodes applied the last round ({last_round}); they hold {} distinct final model(s)",
+            main.records.len(),
+            hashes.len()
+        )?;
+        for (i, records) in main.records.iter().enumerate() {
+            let rounds: Vec<String> = records.iter().map(|r| r.round.to_string()).collect();
+            writeln!(md, "- node {i} applied rounds [{}]", rounds.join(", "))?;
+        }
+        writeln!(md)?;
+    }
     writeln!(md, "## Quality and bytes\n")?;
     writeln!(
         md,

@@ -58,7 +58,11 @@ fn a_small_testnet_runs_to_completion_and_writes_its_report() {
 fn unknown_scenarios_and_splits_are_refused_by_name() {
     let dir = tempfile::tempdir().expect("tempdir");
     for (flag, value, expected) in [
-        ("--scenario", "meteor", "scenario `meteor`"),
+        (
+            "--scenario",
+            "meteor",
+            "scenario `meteor` is not implemented",
+        ),
         ("--split", "zipf", "unknown split `zipf`"),
     ] {
         let output = Command::new(env!("CARGO_BIN_EXE_meshtune-testnet"))
@@ -71,4 +75,31 @@ fn unknown_scenarios_and_splits_are_refused_by_name() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(expected), "{stderr}");
     }
+}
+
+#[test]
+fn restart_scenario_rejoins_and_ends_on_one_model() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("run");
+    let output = Command::new(env!("CARGO_BIN_EXE_meshtune-testnet"))
+        .args(["--scenario", "restart", "--nodes", "3", "--rounds", "6"])
+        .args(["--local-steps", "4", "--examples-per-node", "40"])
+        .args(["--eval-examples", "4", "--batch-size", "4", "--no-compare"])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run");
+    assert!(
+        output.status.success(),
+        "stderr:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary = std::fs::read_to_string(out.join("report/summary.md")).expect("summary");
+    assert!(summary.contains("SIGKILLed"), "{summary}");
+    assert!(summary.contains("restarted on its checkpoint"), "{summary}");
+    assert!(
+        summary
+            .contains("3 of 3 nodes applied the last round (5); they hold 1 distinct final model"),
+        "{summary}"
+    );
 }

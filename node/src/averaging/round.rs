@@ -382,6 +382,20 @@ impl RoundMachine {
         if round == self.round && self.phase != Phase::Syncing {
             self.check_base_majority(actions);
         }
+        // Most of the mesh already announces the next round while this node has not even
+        // published the current one: they aggregated it without us (a restart, a long stall).
+        // Our delta for it is useless; catch up on their state instead of making them wait.
+        if round == self.round + 1 && self.phase == Phase::Training {
+            let ahead = self.announced.get(&round).map_or(0, BTreeMap::len);
+            if ahead > self.peers / 2 && ahead > 0 {
+                tracing::info!(peer = %sender, round, local_round = self.round, ahead, "the mesh moved on without this node: syncing state");
+                self.phase = Phase::Syncing;
+                actions.push(Action::SyncState {
+                    from: sender,
+                    round,
+                });
+            }
+        }
     }
 
     /// More peers of this round on one other base than on ours: we are the odd one out.
@@ -696,7 +710,15 @@ mod tests {
             judged(m.handle(t0, manifest(p, 0, 0, 1))),
             Some(Verdict::Reject(RejectReason::StaleRound))
         );
-        // Next round: fetched now, used later.
+        // Our round-2 delta is out; p is already at round 3 (faster): fetched now, used later.
+        m.handle(t0, Input::PeerCount(1));
+        m.handle(
+            t0,
+            Input::LocalDeltaPublished {
+                round: 2,
+                base: hash(2),
+            },
+        );
         let a = m.handle(t0, manifest(p, 3, 3, 9));
         assert!(a.contains(&Action::Fetch {
             sender: p,
@@ -707,14 +729,6 @@ mod tests {
             Input::DeltaReady {
                 sender: p,
                 round: 3,
-            },
-        );
-        m.handle(t0, Input::PeerCount(1));
-        m.handle(
-            t0,
-            Input::LocalDeltaPublished {
-                round: 2,
-                base: hash(2),
             },
         );
         // Round 2 waits for p (quorum 1.0 over 2 nodes); at the deadline it goes alone.
@@ -861,6 +875,37 @@ mod tests {
             },
         );
         assert!(aggregate_of(&done).is_some());
+    }
+
+    #[test]
+    fn a_mesh_one_round_ahead_of_an_unpublished_round_triggers_sync() {
+        let (mut m, t0) = setup(1.0);
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        m.handle(t0, Input::PeerCount(3));
+        assert!(
+            !m.handle(t0, manifest(a, 1, 1, 1))
+                .iter()
+                .any(|x| matches!(x, Action::SyncState { .. }))
+        );
+        let sync = m.handle(t0, manifest(b, 1, 1, 2));
+        assert!(
+            sync.iter()
+                .any(|x| matches!(x, Action::SyncState { round: 1, .. }))
+        );
+        // After publishing our own delta, peers one round ahead are just faster: no sync.
+        let (mut m, t0) = setup(1.0);
+        m.handle(t0, Input::PeerCount(3));
+        m.handle(
+            t0,
+            Input::LocalDeltaPublished {
+                round: 0,
+                base: hash(0),
+            },
+        );
+        m.handle(t0, manifest(a, 1, 1, 1));
+        let none = m.handle(t0, manifest(b, 1, 1, 2));
+        assert!(!none.iter().any(|x| matches!(x, Action::SyncState { .. })));
+        let _ = c;
     }
 
     #[test]

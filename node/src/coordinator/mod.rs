@@ -11,6 +11,7 @@ pub mod metrics;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -265,8 +266,17 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pending_train: Option<(u64, ModelHash)> = None;
+    let current_round = Arc::new(AtomicU64::new(round));
 
     loop {
+        current_round.store(
+            if machine.phase() == crate::averaging::round::Phase::Syncing {
+                u64::MAX
+            } else {
+                machine.round()
+            },
+            Ordering::SeqCst,
+        );
         // Perform queued actions.
         while let Some(action) = pop_front(&mut queue) {
             match action {
@@ -303,6 +313,7 @@ pub async fn run(
                             steps,
                             feedback: fb,
                             me,
+                            current_round: Arc::clone(&current_round),
                         },
                         config.clone(),
                         trainer.clone(),
@@ -665,6 +676,9 @@ fn serve_state(
     Ok(())
 }
 
+/// How long a publish is retried while the gossip mesh forms.
+const PUBLISH_RETRY: Duration = Duration::from_secs(10);
+
 struct TrainJob {
     round: u64,
     base_hash: ModelHash,
@@ -672,6 +686,8 @@ struct TrainJob {
     steps: usize,
     feedback: ErrorFeedback,
     me: PeerId,
+    /// The round the machine is collecting for (`u64::MAX` while syncing).
+    current_round: Arc<AtomicU64>,
 }
 
 async fn train_and_publish(
@@ -689,6 +705,7 @@ async fn train_and_publish(
         steps,
         mut feedback,
         me,
+        current_round,
     } = job;
     let result: anyhow::Result<(TrainReport, TensorSet)> = async {
         // The trainer may hold weights from before a sync or a restore: start from the base.
@@ -766,20 +783,27 @@ async fn train_and_publish(
     if let Ok(mut store) = store.lock() {
         store.insert(round, Arc::new(verified.into_bytes()), chunks);
     }
-    // Gossip needs at least one mesh peer; keep trying while alone (bounded by the collect
-    // timeout: a lone node still finishes its round).
-    let started = Instant::now();
-    loop {
-        match client.publish(manifest_bytes.clone()).await {
-            Ok(()) => break,
-            Err(err) => {
-                if started.elapsed() > config.round.collect_timeout {
-                    tracing::warn!(round, error = %err, "could not publish the delta manifest");
-                    break;
+    // A node that synced or moved on meanwhile must not announce a stale round (peers would
+    // count it against this node).
+    if current_round.load(Ordering::SeqCst) == round {
+        // Gossip needs a mesh peer: retry briefly while the gossip mesh forms, but a node with
+        // no peer at all does not wait (its round completes on its own delta).
+        let started = Instant::now();
+        loop {
+            match client.publish(manifest_bytes.clone()).await {
+                Ok(()) => break,
+                Err(err) => {
+                    let alone = client.mesh_peers().await.map_or(true, |p| p.is_empty());
+                    if alone || started.elapsed() > PUBLISH_RETRY {
+                        tracing::warn!(round, error = %err, alone, "delta manifest not published");
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }
+    } else {
+        tracing::info!(round, "not announcing a round this node has left");
     }
     tracing::debug!(round, bytes = delta_bytes, raw_bytes, "published delta");
     let _ = done

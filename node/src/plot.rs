@@ -122,13 +122,20 @@ pub fn line_chart_svg(title: &str, x_label: &str, y_label: &str, series: &[Serie
                 points.join(" ")
             );
         }
+        // The legend sits in the top right corner, as wide as its longest name (about 7 px per
+        // character at 12 px) so that long names stay inside the chart.
+        let longest = series
+            .iter()
+            .map(|s| s.name.chars().count())
+            .max()
+            .unwrap_or(0) as f64;
+        let legend_x = (width - right - 30.0 - 7.0 * longest).max(left + 10.0);
         let ly = top + 8.0 + 16.0 * i as f64;
         let _ = write!(
             svg,
-            r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
-            width - right - 130.0,
-            width - right - 110.0,
-            width - right - 104.0,
+            r#"<line x1="{legend_x}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
+            legend_x + 20.0,
+            legend_x + 26.0,
             ly + 4.0,
             escape(&s.name)
         );

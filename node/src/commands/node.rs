@@ -18,11 +18,8 @@ use meshtune_bootstrap::behaviour::MeshId;
 use meshtune_bootstrap::identity::{self, KeyOrigin};
 use meshtune_bootstrap::metrics::MetricsServer;
 use meshtune_bootstrap::transport::{self, TransportConfig, is_quic};
-use meshtune_model::config::{Preset, T5Config};
 use meshtune_model::data::load_samsum;
 use meshtune_model::t5::T5;
-use meshtune_model::tokenizer::T5Tokenizer;
-use meshtune_model::weights::{RandomInit, SafetensorsSource};
 use meshtune_protocol::{CodecParams, Limits};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
@@ -30,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::averaging::aggregate::{Aggregation, OuterOptimizer};
 use crate::averaging::round::RoundConfig;
-use crate::commands::train::TrainConfig;
+use crate::commands::train::{TrainConfig, initial_model, model_config_and_tokenizer};
 use crate::coordinator::metrics::NodeMetrics;
 use crate::coordinator::{self, CoordinatorConfig, RunSummary};
 use crate::device::DeviceChoice;
@@ -422,39 +419,23 @@ fn build_trainer<B: AutodiffBackend>(
     args: &NodeArgs,
     config: &TrainConfig,
 ) -> anyhow::Result<TrainerHandle> {
-    let (model_config, tokenizer_path) = match (&args.model, &args.preset) {
-        (Some(dir), _) => (
-            T5Config::from_file(&dir.join("config.json"))?,
-            args.tokenizer
-                .clone()
-                .unwrap_or_else(|| dir.join("tokenizer.json")),
-        ),
-        (None, Some(preset)) => (
-            preset.parse::<Preset>()?.config(),
-            args.tokenizer
-                .clone()
-                .context("--preset needs --tokenizer FILE")?,
-        ),
-        (None, None) => anyhow::bail!("give --model DIR or --preset NAME"),
-    };
-    let tokenizer = T5Tokenizer::from_file(&tokenizer_path)?;
-    tokenizer.check_fits_model(model_config.vocab_size)?;
+    let (model_config, tokenizer) = model_config_and_tokenizer(
+        args.model.as_deref(),
+        args.preset.as_deref(),
+        args.tokenizer.as_deref(),
+    )?;
     let train = load_samsum(&args.train)?;
     let eval = match &args.eval {
         Some(path) => load_samsum(path)?,
         None => Vec::new(),
     };
-    B::seed(&device, config.seed);
-    let model: T5<B> = match (&args.model, args.random_init) {
-        (Some(dir), false) => T5::from_source(
-            &model_config,
-            &mut SafetensorsSource::<B>::open(dir, &device)?,
-        )?,
-        _ => T5::from_source(
-            &model_config,
-            &mut RandomInit::<B>::new(&model_config, &device, config.seed),
-        )?,
-    };
+    let model: T5<B> = initial_model(
+        &model_config,
+        args.model.as_deref(),
+        args.random_init,
+        config.seed,
+        &device,
+    )?;
     let trainer = T5Trainer::new(
         model,
         model_config,

@@ -314,6 +314,50 @@ fn load_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     Ok(config)
 }
 
+/// The model's config and tokenizer from `--model DIR` (its `config.json`, and
+/// `DIR/tokenizer.json` unless `--tokenizer` is given) or `--preset NAME` (needs `--tokenizer`),
+/// checked against each other. Shared by `meshtune train` and `meshtune node`.
+pub fn model_config_and_tokenizer(
+    model: Option<&Path>,
+    preset: Option<&str>,
+    tokenizer: Option<&Path>,
+) -> anyhow::Result<(T5Config, T5Tokenizer)> {
+    let (config, tokenizer_path) = match (model, preset) {
+        (Some(dir), _) => (
+            T5Config::from_file(&dir.join("config.json"))?,
+            tokenizer.map_or_else(|| dir.join("tokenizer.json"), Path::to_path_buf),
+        ),
+        (None, Some(preset)) => (
+            preset.parse::<Preset>()?.config(),
+            tokenizer
+                .context("--preset needs --tokenizer FILE")?
+                .to_path_buf(),
+        ),
+        (None, None) => anyhow::bail!("give --model DIR or --preset NAME"),
+    };
+    let tokenizer = T5Tokenizer::from_file(&tokenizer_path)?;
+    tokenizer.check_fits_model(config.vocab_size)?;
+    Ok((config, tokenizer))
+}
+
+/// The starting model: the weights in `model_dir`, or random weights from `seed` (with
+/// `random_init` or a preset). Also seeds the backend generator (dropout) with `seed`.
+pub fn initial_model<B: Backend>(
+    config: &T5Config,
+    model_dir: Option<&Path>,
+    random_init: bool,
+    seed: u64,
+    device: &B::Device,
+) -> anyhow::Result<T5<B>> {
+    B::seed(device, seed);
+    Ok(match (model_dir, random_init) {
+        (Some(dir), false) => {
+            T5::from_source(config, &mut SafetensorsSource::<B>::open(dir, device)?)?
+        }
+        _ => T5::from_source(config, &mut RandomInit::<B>::new(config, device, seed))?,
+    })
+}
+
 pub fn mem_available_gib() -> Option<f64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
@@ -323,26 +367,11 @@ pub fn mem_available_gib() -> Option<f64> {
 
 fn train_on<B: AutodiffBackend>(device: B::Device, args: &TrainArgs) -> anyhow::Result<()> {
     let config = load_config(args)?;
-    let (model_config, tokenizer_path, model_dir) = match (&args.model, &args.preset) {
-        (Some(dir), _) => (
-            T5Config::from_file(&dir.join("config.json"))?,
-            args.tokenizer
-                .clone()
-                .unwrap_or_else(|| dir.join("tokenizer.json")),
-            Some(dir.clone()),
-        ),
-        (None, Some(preset)) => {
-            let preset: Preset = preset.parse()?;
-            let tokenizer = args
-                .tokenizer
-                .clone()
-                .context("--preset needs --tokenizer FILE")?;
-            (preset.config(), tokenizer, None)
-        }
-        (None, None) => anyhow::bail!("give --model DIR or --preset NAME"),
-    };
-    let tokenizer = T5Tokenizer::from_file(&tokenizer_path)?;
-    tokenizer.check_fits_model(model_config.vocab_size)?;
+    let (model_config, tokenizer) = model_config_and_tokenizer(
+        args.model.as_deref(),
+        args.preset.as_deref(),
+        args.tokenizer.as_deref(),
+    )?;
     let train_records = load_samsum(&args.train)?;
     let eval_records = load_samsum(&args.eval)?;
     let train = tokenize(&train_records, &tokenizer, &config)?;
@@ -391,17 +420,13 @@ fn train_on<B: AutodiffBackend>(device: B::Device, args: &TrainArgs) -> anyhow::
         );
     }
 
-    B::seed(&device, config.seed);
-    let mut model: T5<B> = match (&model_dir, args.random_init) {
-        (Some(dir), false) => T5::from_source(
-            &model_config,
-            &mut SafetensorsSource::<B>::open(dir, &device)?,
-        )?,
-        _ => T5::from_source(
-            &model_config,
-            &mut RandomInit::<B>::new(&model_config, &device, config.seed),
-        )?,
-    };
+    let mut model: T5<B> = initial_model(
+        &model_config,
+        args.model.as_deref(),
+        args.random_init,
+        config.seed,
+        &device,
+    )?;
     if args.lora {
         model = attach_lora(
             model,

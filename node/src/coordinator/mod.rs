@@ -732,48 +732,51 @@ async fn train_and_publish(
     let limits = config.limits.clone();
     let chunk_size = config.chunk_size;
     let mesh_id = config.mesh_id.clone();
-    // Encoding a large model takes a while: off the async threads.
+    // Encoding a large model takes a while: off the async threads. The residuals come back on
+    // error too, so a failed encode does not lose what earlier rounds left out (encode_delta
+    // checks every tensor before it touches a residual).
     let encoded = tokio::task::spawn_blocking(move || {
-        let delta = difference(&after, &base)?;
-        let raw_bytes = delta.total_elements() * 4;
-        let lossy = !codec.is_lossless();
-        let encoded = encode_delta(&delta, &codec, lossy.then_some(&mut feedback))?;
-        let chunks = chunk_blob(&encoded.blob, chunk_size)?;
-        let manifest = DeltaManifest {
-            mesh_id,
-            round,
-            base_model: base_hash,
-            sender: me.to_bytes(),
-            sample_count: report.samples.max(1),
-            training_steps: report.steps as u64,
-            blob: chunks.descriptor(),
-            tensors: encoded.tensors,
-        };
-        let bytes = manifest.encode(&limits)?;
-        // What peers will decode, so every node aggregates identical values.
-        let verified = meshtune_protocol::VerifiedBlob::verify(encoded.blob, &manifest.blob)?;
-        let own = decode_delta(&manifest, &verified, &delta.layout(), &limits)?;
-        anyhow::Ok((bytes, own, chunks, verified, raw_bytes, feedback))
+        let result = (|| {
+            let delta = difference(&after, &base)?;
+            let raw_bytes = delta.total_elements() * 4;
+            let lossy = !codec.is_lossless();
+            let encoded = encode_delta(&delta, &codec, lossy.then_some(&mut feedback))?;
+            let chunks = chunk_blob(&encoded.blob, chunk_size)?;
+            let manifest = DeltaManifest {
+                mesh_id,
+                round,
+                base_model: base_hash,
+                sender: me.to_bytes(),
+                sample_count: report.samples.max(1),
+                training_steps: report.steps as u64,
+                blob: chunks.descriptor(),
+                tensors: encoded.tensors,
+            };
+            let bytes = manifest.encode(&limits)?;
+            // What peers will decode, so every node aggregates identical values.
+            let verified = meshtune_protocol::VerifiedBlob::verify(encoded.blob, &manifest.blob)?;
+            let own = decode_delta(&manifest, &verified, &delta.layout(), &limits)?;
+            anyhow::Ok((bytes, own, chunks, verified, raw_bytes))
+        })();
+        (feedback, result)
     })
     .await;
-    let (manifest_bytes, own, chunks, verified, raw_bytes, feedback) = match encoded {
-        Ok(Ok(ok)) => ok,
-        Ok(Err(err)) => {
+    let (feedback, encoded) = match encoded {
+        Ok((feedback, result)) => (
+            feedback,
+            result.map_err(|err| format!("encoding the delta: {err:#}")),
+        ),
+        // The encoder panicked: its residuals are gone with it.
+        Err(err) => (ErrorFeedback::new(), Err(format!("encoder task: {err}"))),
+    };
+    let (manifest_bytes, own, chunks, verified, raw_bytes) = match encoded {
+        Ok(ok) => ok,
+        Err(error) => {
             let _ = done
                 .send(Done::TrainFailed {
                     round,
-                    error: format!("encoding the delta: {err:#}"),
-                    feedback: ErrorFeedback::new(),
-                })
-                .await;
-            return;
-        }
-        Err(err) => {
-            let _ = done
-                .send(Done::TrainFailed {
-                    round,
-                    error: format!("encoder task: {err}"),
-                    feedback: ErrorFeedback::new(),
+                    error,
+                    feedback,
                 })
                 .await;
             return;

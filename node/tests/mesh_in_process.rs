@@ -43,6 +43,9 @@ async fn eight_nodes_converge_to_one_model_and_their_loss_drops() {
         .collect();
     let mut summaries = Vec::new();
     let mut weights = Vec::new();
+    // Every node is stopped only once all have finished: a node that stops early takes its
+    // blobs with it (in the product, `run` lingers while peers still fetch).
+    let stops: Vec<CancellationToken> = nodes.iter().map(|n| n.shutdown.clone()).collect();
     for node in nodes {
         let summary = tokio::time::timeout(Duration::from_secs(600), node.handle)
             .await
@@ -57,9 +60,11 @@ async fn eight_nodes_converge_to_one_model_and_their_loss_drops() {
         );
         weights.push(w);
         summaries.push(summary);
-        node.shutdown.cancel();
         let _ = node.metrics;
         let _ = node.peer_id;
+    }
+    for stop in stops {
+        stop.cancel();
     }
     drop(bootstrap);
     for (i, summary) in summaries.iter().enumerate() {

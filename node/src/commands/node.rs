@@ -146,6 +146,9 @@ pub struct MeshSettings {
     /// Mesh peers to wait for before the first round.
     pub wait_for_peers: usize,
     pub wait_timeout_s: f64,
+    /// After the last round, keep serving blobs until peers have fetched nothing for this
+    /// long (0: exit at once).
+    pub linger_quiet_s: f64,
 }
 
 impl Default for MeshSettings {
@@ -168,6 +171,7 @@ impl Default for MeshSettings {
             max_requests_per_peer_per_s: 200,
             wait_for_peers: 0,
             wait_timeout_s: 60.0,
+            linger_quiet_s: 5.0,
         }
     }
 }
@@ -228,6 +232,11 @@ pub fn resolve(args: &NodeArgs) -> anyhow::Result<(MeshSettings, TrainConfig)> {
         mesh.wait_for_peers = v;
     }
     positive_seconds("wait_timeout_s", mesh.wait_timeout_s)?;
+    anyhow::ensure!(
+        mesh.linger_quiet_s.is_finite() && mesh.linger_quiet_s >= 0.0,
+        "`linger_quiet_s` must be zero or a positive number of seconds, got {}",
+        mesh.linger_quiet_s
+    );
     anyhow::ensure!(
         (0.0..=1.0).contains(&mesh.quorum),
         "`quorum` must be between 0 and 1, got {}",
@@ -398,6 +407,7 @@ async fn run_async(args: NodeArgs) -> anyhow::Result<RunSummary> {
     config.limits = limits;
     config.wait_for_peers = settings.wait_for_peers;
     config.wait_timeout = Duration::from_secs_f64(settings.wait_timeout_s);
+    config.linger_quiet = Duration::from_secs_f64(settings.linger_quiet_s);
     let summary = coordinator::run(
         config,
         peer_id,

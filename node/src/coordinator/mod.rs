@@ -69,6 +69,10 @@ pub struct CoordinatorConfig {
     /// (bounded by `wait_timeout`), so a starting mesh does not begin with lone rounds.
     pub wait_for_peers: usize,
     pub wait_timeout: Duration,
+    /// After the last round, keep serving blobs until peers have not fetched anything for this
+    /// long (bounded by the collect timeout), so slower peers can still complete the round.
+    /// Zero stops at once.
+    pub linger_quiet: Duration,
 }
 
 impl CoordinatorConfig {
@@ -91,6 +95,7 @@ impl CoordinatorConfig {
             fetch: FetchConfig::default(),
             wait_for_peers: 0,
             wait_timeout: Duration::from_secs(60),
+            linger_quiet: Duration::from_secs(5),
         }
     }
 }
@@ -616,11 +621,62 @@ pub async fn run(
         };
         queue.extend(machine.handle(Instant::now(), input));
     }
+    if !shutdown.is_cancelled()
+        && mesh_peers > 0
+        && config.rounds.is_some_and(|n| machine.round() >= n)
+        && !config.linger_quiet.is_zero()
+    {
+        linger(
+            &store,
+            &mut events,
+            &shutdown,
+            config.linger_quiet,
+            config.round.collect_timeout,
+        )
+        .await;
+    }
     Ok(RunSummary {
         rounds: records,
         final_round: machine.round(),
         model_hash: base_hash,
     })
+}
+
+/// Serves blobs until no peer fetched anything for `quiet` (at most `max`), draining network
+/// events so the swarm never waits on a full channel.
+async fn linger(
+    store: &Mutex<BlobStore>,
+    events: &mut mpsc::Receiver<NetworkEvent>,
+    shutdown: &CancellationToken,
+    quiet: Duration,
+    max: Duration,
+) {
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tracing::info!(
+        quiet_s = quiet.as_secs_f64(),
+        "last round applied; serving blobs while peers still fetch"
+    );
+    loop {
+        let last = store
+            .lock()
+            .ok()
+            .and_then(|s| s.last_served())
+            .map_or(start, |t| t.max(start));
+        let now = Instant::now();
+        if now.duration_since(last) >= quiet || now.duration_since(start) >= max {
+            break;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+            event = events.recv() => if event.is_none() { break },
+        }
+    }
+    tracing::info!(
+        seconds = start.elapsed().as_secs_f64(),
+        "stopped serving: peers stopped fetching"
+    );
 }
 
 fn pop_front(queue: &mut Vec<Action>) -> Option<Action> {

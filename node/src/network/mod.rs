@@ -809,7 +809,7 @@ impl EventLoop {
             return;
         }
         let response = match self.store.lock() {
-            Ok(store) => store.answer(&request, self.config.mesh.as_str()),
+            Ok(mut store) => store.answer(&request, self.config.mesh.as_str()),
             Err(_) => ChunkResponse::NotFound,
         };
         if self

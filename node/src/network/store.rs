@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use meshtune_protocol::{
     BlobHash, ChunkList, ChunkListHash, ChunkRequest, ChunkResponse, StateManifest,
@@ -26,6 +27,7 @@ pub struct BlobStore {
     blobs: HashMap<BlobHash, StoredBlob>,
     lists: HashMap<ChunkListHash, BlobHash>,
     state: Option<(StateManifest, BlobHash)>,
+    last_served: Option<Instant>,
 }
 
 impl BlobStore {
@@ -99,8 +101,22 @@ impl BlobStore {
         )
     }
 
+    /// When a peer last got something other than `NotFound` from [`BlobStore::answer`]: a
+    /// finished node keeps serving until peers stop fetching.
+    pub fn last_served(&self) -> Option<Instant> {
+        self.last_served
+    }
+
     /// The answer to a peer's request.
-    pub fn answer(&self, request: &ChunkRequest, mesh: &str) -> ChunkResponse {
+    pub fn answer(&mut self, request: &ChunkRequest, mesh: &str) -> ChunkResponse {
+        let response = self.lookup(request, mesh);
+        if !matches!(response, ChunkResponse::NotFound) {
+            self.last_served = Some(Instant::now());
+        }
+        response
+    }
+
+    fn lookup(&self, request: &ChunkRequest, mesh: &str) -> ChunkResponse {
         match request {
             ChunkRequest::ChunkList { chunk_list_hash } => self
                 .lists
@@ -148,6 +164,7 @@ mod tests {
         let bytes: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
         let list = chunk_blob(&bytes, 300).expect("chunks");
         store.insert(3, Arc::new(bytes.clone()), list.clone());
+        assert!(store.last_served().is_none());
         let answer = store.answer(
             &ChunkRequest::ChunkList {
                 chunk_list_hash: list.hash(),
@@ -155,6 +172,7 @@ mod tests {
             "m",
         );
         assert_eq!(answer, ChunkResponse::ChunkList(list.clone()));
+        let served = store.last_served().expect("a served list counts");
         let chunk = store.answer(
             &ChunkRequest::Chunk {
                 blob_hash: list.blob_hash(),
@@ -183,6 +201,10 @@ mod tests {
             "m",
         );
         assert_eq!(beyond, ChunkResponse::NotFound);
+        assert!(
+            store.last_served().expect("served") >= served,
+            "a NotFound answer is not serving"
+        );
         store.forget_before(4);
         assert!(!store.contains(&list.blob_hash()));
         assert_eq!(store.usage(), (0, 0));

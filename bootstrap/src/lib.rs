@@ -13,6 +13,7 @@
 //!   Kademlia address hand-off, and the bootstrap node's own behaviour.
 //! - [`peer_addr`]: `/ip4/…/tcp/…/p2p/<id>` arguments split into peer id and address.
 //! - [`metrics`]: the `/metrics` HTTP endpoint.
+//! - [`shaping`]: link profiles (bandwidth, delay, loss) applied inside the TCP transport.
 //!
 //! The binary is a thin wrapper around [`service::start`].
 
@@ -22,6 +23,7 @@ pub mod identity;
 pub mod metrics;
 pub mod peer_addr;
 pub mod service;
+pub mod shaping;
 pub mod transport;
 
 pub use behaviour::{BootstrapBehaviour, MeshId};

@@ -7,13 +7,22 @@
 //! its own TLS handshake and has no place for a pre-shared key, so with a key QUIC is
 //! off: otherwise anyone could join the "private" mesh over UDP.
 //!
+//! TCP connections pass through [`Shaped`] first, which is a no-op unless a
+//! [`LinkProfile`] is configured (the testnet's slow and lossy links).
+//!
 //! This module builds transports and swarms; it never drives a swarm.
 
 use std::{
     io::{self, Read},
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
+
+use crate::shaping::{LinkProfile, Shaped};
 
 use libp2p::{
     Multiaddr, PeerId, Swarm, Transport,
@@ -51,6 +60,8 @@ pub struct TransportConfig {
     /// Whether QUIC is wanted. It is still off when `psk` is set.
     pub quic: bool,
     pub upgrade_timeout: Duration,
+    /// Shaping of every TCP connection (bandwidth, delay, loss); QUIC is off when set.
+    pub link: LinkProfile,
 }
 
 impl Default for TransportConfig {
@@ -59,14 +70,16 @@ impl Default for TransportConfig {
             psk: None,
             quic: true,
             upgrade_timeout: DEFAULT_UPGRADE_TIMEOUT,
+            link: LinkProfile::UNLIMITED,
         }
     }
 }
 
 impl TransportConfig {
-    /// QUIC runs only when wanted and no pnet key is set (QUIC cannot carry the key).
+    /// QUIC runs only when wanted, no pnet key is set (QUIC cannot carry the key) and no
+    /// link shaping is asked for (shaping works on TCP streams).
     pub fn quic_enabled(&self) -> bool {
-        self.quic && self.psk.is_none()
+        self.quic && self.psk.is_none() && self.link.is_unlimited()
     }
 }
 
@@ -97,7 +110,13 @@ pub fn network_transport(
     keypair: &Keypair,
     config: &TransportConfig,
 ) -> Result<BoxedTransport, TransportBuildError> {
-    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    let link = config.link;
+    let connections = Arc::new(AtomicU64::new(0));
+    let tcp =
+        tcp::tokio::Transport::new(tcp::Config::default().nodelay(true)).map(move |stream, _| {
+            let seed = connections.fetch_add(1, Ordering::Relaxed);
+            Shaped::new(stream, link, seed)
+        });
     let tcp = secure_and_multiplex(tcp, keypair, config.psk, config.upgrade_timeout)?;
     let transport = if config.quic_enabled() {
         let mut quic_config = quic::Config::new(keypair);

@@ -75,6 +75,8 @@ pub enum BenchCommand {
     Forward(commands::bench::ForwardBenchArgs),
     /// Delta codecs: compression ratio, encode/decode GB/s, reconstruction error.
     Codec(commands::bench::CodecBenchArgs),
+    /// Link shaping (`--link` profiles): measured vs expected throughput and round trip.
+    Link(commands::bench::LinkBenchArgs),
 }
 
 /// Where the model and the examples come from.
@@ -140,6 +142,8 @@ pub struct ModelInfoArgs {
     /// A HF T5 folder (reads config.json only).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub memory: commands::model_info::MemoryArgs,
 }
 
 pub fn main() -> ExitCode {
@@ -154,10 +158,18 @@ pub fn main() -> ExitCode {
         Command::Rouge(args) => commands::rouge::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Data(command) => commands::data::run(command),
+        Command::Model(ModelCommand::Info(args)) if args.memory.memory => {
+            commands::model_info::memory(
+                &args.memory,
+                args.preset.as_deref(),
+                args.model.as_deref(),
+            )
+        }
         Command::Model(ModelCommand::Info(args)) => commands::model_info::run(args),
         Command::Model(ModelCommand::Export(args)) => commands::model_info::export(args),
         Command::Bench(BenchCommand::Forward(args)) => commands::bench::forward(args),
         Command::Bench(BenchCommand::Codec(args)) => commands::bench::codec(args),
+        Command::Bench(BenchCommand::Link(args)) => commands::bench::link(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -41,10 +41,15 @@ pub struct TestnetArgs {
     /// Model: flan-t5-small|base|large|xl with random weights, or `tiny` (the bundled config).
     #[arg(long, default_value = "tiny")]
     pub preset: String,
-    /// Fault scenario of the main run: none, kill-node, restart or late-join (partition,
-    /// byzantine and slow-link are not built yet).
+    /// Fault scenario of the main run: none, kill-node, restart, late-join, partition,
+    /// byzantine or slow-link (see README). With a scenario, the same mesh also runs without
+    /// it, for comparison (unless --no-compare).
     #[arg(long, default_value = "none")]
     pub scenario: String,
+    /// Shape every node's TCP connections: lan, wifi, lte, 5g, slow or settings such as
+    /// `rate=10mbit,delay=25ms,loss=0.1%` (`meshtune bench link` checks them).
+    #[arg(long)]
+    pub link: Option<String>,
     /// Skip the baselines (alone, centralized, other codecs): only the federated run.
     #[arg(long)]
     pub no_compare: bool,
@@ -154,6 +159,10 @@ fn prepare(args: &TestnetArgs, out: &Path) -> anyhow::Result<Prepared> {
     anyhow::ensure!(args.nodes >= 2, "a mesh needs at least 2 nodes");
     anyhow::ensure!(args.rounds >= 1, "--rounds must be at least 1");
     Scenario::parse(&args.scenario)?;
+    if let Some(link) = &args.link {
+        link.parse::<meshtune_bootstrap::shaping::LinkProfile>()
+            .with_context(|| format!("invalid --link `{link}`"))?;
+    }
     anyhow::ensure!(
         args.scenario == "none" || args.nodes >= 3,
         "scenario `{}` needs at least 3 nodes",
@@ -255,6 +264,13 @@ pub enum Scenario {
     /// Start the last node only once the others applied a third of the rounds: it syncs the
     /// mesh's state, then trains with it.
     LateJoin,
+    /// After a third of the rounds the two halves of the mesh refuse each other (deny
+    /// files); after another third the partition heals and the halves must reconverge.
+    Partition,
+    /// The last node publishes NaN deltas in odd rounds and 100x scaled ones in even rounds.
+    Byzantine,
+    /// The last node sits on a 1 Mbit/s link with 20 ms delay (link preset `slow`).
+    SlowLink,
 }
 
 impl Scenario {
@@ -264,9 +280,12 @@ impl Scenario {
             "kill-node" => Scenario::KillNode,
             "restart" => Scenario::Restart,
             "late-join" => Scenario::LateJoin,
+            "partition" => Scenario::Partition,
+            "byzantine" => Scenario::Byzantine,
+            "slow-link" => Scenario::SlowLink,
             other => anyhow::bail!(
-                "scenario `{other}` is not implemented: use none, kill-node, restart or late-join \
-                 (partition, byzantine and slow-link are not built yet)"
+                "unknown scenario `{other}`: use none, kill-node, restart, late-join, partition, \
+                 byzantine or slow-link"
             ),
         })
     }
@@ -277,6 +296,9 @@ impl Scenario {
             Scenario::KillNode => "kill-node",
             Scenario::Restart => "restart",
             Scenario::LateJoin => "late-join",
+            Scenario::Partition => "partition",
+            Scenario::Byzantine => "byzantine",
+            Scenario::SlowLink => "slow-link",
         }
     }
 }
@@ -329,6 +351,7 @@ fn run_federated(
             .args(["--local-steps", &args.local_steps.to_string()])
             .args(["--codec", codec, "--aggregation", &args.aggregation])
             .args(["--wait-for-peers", &wait_for.to_string()])
+            .args(node_fault_args(args, scenario, i, dir)?)
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()
@@ -358,8 +381,22 @@ fn run_federated(
     }
     let trigger = (args.rounds / 3).max(1) as usize;
     let mut log = FaultLog::default();
-    let mut fault_done = scenario == Scenario::None;
+    let mut fault_done = matches!(
+        scenario,
+        Scenario::None | Scenario::Byzantine | Scenario::SlowLink
+    );
+    match scenario {
+        Scenario::Byzantine => log.events.push(format!(
+            "node-{last} is byzantine from the start: NaN deltas in odd rounds, 100x scaled deltas in even rounds"
+        )),
+        Scenario::SlowLink => log.events.push(format!(
+            "node-{last} is on the `slow` link (1 Mbit/s each way, 20 ms one-way delay); the others on `{}`",
+            args.link.as_deref().unwrap_or("unshaped loopback")
+        )),
+        _ => {}
+    }
     let mut restart_at: Option<Instant> = None;
+    let mut heal_at_round: Option<usize> = None;
     if live {
         println!(
             "{:>5} | {:>28} | {:>8} | {:>10} | {:>10} | {:>7} | {:>5}",
@@ -397,9 +434,42 @@ fn run_federated(
                         "node-{last} started after the mesh applied {applied} rounds"
                     ));
                 }
-                Scenario::None => {}
+                Scenario::Partition => {
+                    let ids: Vec<String> = records
+                        .iter()
+                        .map(|r| r.first().map(|x| x.peer_id.clone()).unwrap_or_default())
+                        .collect();
+                    let half = nodes.len() / 2;
+                    for (i, slot) in nodes.iter().enumerate() {
+                        let other: Vec<&str> = ids
+                            .iter()
+                            .enumerate()
+                            .filter(|(j, _)| (*j < half) != (i < half))
+                            .map(|(_, id)| id.as_str())
+                            .collect();
+                        write_deny_file(&slot.out, &other)?;
+                    }
+                    heal_at_round = Some(applied + trigger);
+                    log.events.push(format!(
+                        "partitioned after {applied} applied rounds: nodes 0-{} and {half}-{last} refuse each other",
+                        half - 1
+                    ));
+                }
+                Scenario::None | Scenario::Byzantine | Scenario::SlowLink => {}
             }
             fault_done = true;
+        }
+        let applied_all = records.iter().map(Vec::len).min().unwrap_or(0);
+        if let Some(at) = heal_at_round
+            && (applied_all >= at || records.iter().any(|r| r.len() as u64 >= args.rounds))
+        {
+            for slot in &nodes {
+                write_deny_file(&slot.out, &[])?;
+            }
+            log.events.push(format!(
+                "partition healed once every node applied {applied_all} rounds"
+            ));
+            heal_at_round = None;
         }
         if let Some(at) = restart_at
             && Instant::now() >= at
@@ -462,6 +532,49 @@ fn run_federated(
         scenario: scenario.name().to_owned(),
         faults: log.events,
     })
+}
+
+/// Flags that put node `i` into the scenario (its link, deny file, misbehaviour).
+fn node_fault_args(
+    args: &TestnetArgs,
+    scenario: Scenario,
+    i: usize,
+    dir: &Path,
+) -> anyhow::Result<Vec<String>> {
+    let last = args.nodes - 1;
+    let mut extra = Vec::new();
+    let link = if scenario == Scenario::SlowLink && i == last {
+        Some("slow")
+    } else {
+        args.link.as_deref()
+    };
+    if let Some(link) = link {
+        extra.extend(["--link".to_owned(), link.to_owned()]);
+    }
+    if scenario == Scenario::Partition {
+        let out = dir.join(format!("node-{i}"));
+        std::fs::create_dir_all(&out)?;
+        extra.push("--deny-file".into());
+        extra.push(out.join("deny.txt").display().to_string());
+    }
+    if scenario == Scenario::Byzantine && i == last {
+        extra.extend(["--byzantine".to_owned(), "mixed:100".to_owned()]);
+    }
+    Ok(extra)
+}
+
+/// Writes a node's deny file atomically (it re-reads it every second).
+fn write_deny_file(node_out: &Path, peers: &[&str]) -> anyhow::Result<()> {
+    let path = node_out.join("deny.txt");
+    let tmp = node_out.join("deny.txt.tmp");
+    let mut text = String::from("# written by meshtune-testnet (partition scenario)\n");
+    for peer in peers {
+        text.push_str(peer);
+        text.push('\n');
+    }
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(())
 }
 
 /// Round `round` can be printed when every node that is running has applied it or moved past.
@@ -641,6 +754,21 @@ pub fn run_testnet(args: TestnetArgs) -> anyhow::Result<PathBuf> {
     )?;
     let mut codecs = vec![main];
     let mut baselines = None;
+    let mut clean = None;
+    if !args.no_compare && scenario != Scenario::None {
+        println!(
+            "\ncomparison: the same mesh without the `{}` scenario",
+            scenario.name()
+        );
+        clean = Some(run_federated(
+            &args,
+            &prepared,
+            &args.codec,
+            &out.join("clean"),
+            false,
+            Scenario::None,
+        )?);
+    }
     if !args.no_compare {
         for codec in ["f32", "int8/64+zstd:1"] {
             if codec != args.codec {
@@ -663,6 +791,12 @@ pub fn run_testnet(args: TestnetArgs) -> anyhow::Result<PathBuf> {
         baselines = Some(run_baselines(&args, &prepared, &out.join("baselines"))?);
     }
     let report_dir = out.join("report");
-    report::write(&report_dir, &args, &codecs, baselines.as_ref())?;
+    report::write(
+        &report_dir,
+        &args,
+        &codecs,
+        clean.as_ref(),
+        baselines.as_ref(),
+    )?;
     Ok(report_dir)
 }

@@ -121,6 +121,120 @@ fn chart(
     Ok(())
 }
 
+/// Final ROUGE-L, mean over the nodes in `nodes`.
+fn final_rouge_of(run: &FederatedRun, nodes: impl Fn(usize) -> bool) -> Option<f64> {
+    let finals: Vec<f64> = run
+        .records
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| nodes(*i))
+        .filter_map(|(_, r)| r.iter().rev().find_map(|x| x.rouge_l))
+        .collect();
+    (!finals.is_empty()).then(|| finals.iter().sum::<f64>() / finals.len() as f64)
+}
+
+fn mean_round_seconds(run: &FederatedRun, nodes: impl Fn(usize) -> bool) -> (f64, f64) {
+    let rows: Vec<&RoundRecord> = run
+        .records
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| nodes(*i))
+        .flat_map(|(_, r)| r.iter())
+        .collect();
+    let n = rows.len().max(1) as f64;
+    (
+        rows.iter().map(|r| r.seconds_total).sum::<f64>() / n,
+        rows.iter().map(|r| r.seconds_train).sum::<f64>() / n,
+    )
+}
+
+/// What the scenario shows, against the clean run where there is one.
+fn scenario_verdict(
+    md: &mut String,
+    run: &FederatedRun,
+    clean: Option<&FederatedRun>,
+    distinct_finals: usize,
+) -> anyhow::Result<()> {
+    let last = run.records.len().saturating_sub(1);
+    let clean_rouge = clean.and_then(FederatedRun::final_rouge_l);
+    match run.scenario.as_str() {
+        "partition" => writeln!(
+            md,
+            "- **{}**: after healing the halves hold {distinct_finals} distinct final model(s)",
+            if distinct_finals == 1 {
+                "reconverged"
+            } else {
+                "not reconverged"
+            }
+        )?,
+        "byzantine" => {
+            let honest = final_rouge_of(run, |i| i != last);
+            let rejected: u64 = run
+                .records
+                .iter()
+                .take(last)
+                .flatten()
+                .flat_map(|r| r.rejected.values())
+                .sum();
+            let mut honest_finals: Vec<&str> = run.records[..last]
+                .iter()
+                .filter_map(|r| r.last().map(|x| x.model_hash.as_str()))
+                .collect();
+            honest_finals.sort_unstable();
+            honest_finals.dedup();
+            writeln!(
+                md,
+                "- honest nodes refused or left out {rejected} delta(s) in all and hold {} distinct final model(s); their final ROUGE-L {} vs {} without the byzantine node",
+                honest_finals.len(),
+                fmt_opt(honest),
+                fmt_opt(clean_rouge)
+            )?;
+            if let (Some(h), Some(c)) = (honest, clean_rouge) {
+                let gap = (c - h) * 100.0;
+                writeln!(
+                    md,
+                    "- **robust aggregation {}**: {:.1} ROUGE-L points {} the clean run (goal: within 1 point)",
+                    if gap <= 1.0 { "held" } else { "did not hold" },
+                    gap.abs(),
+                    if gap >= 0.0 { "below" } else { "above" }
+                )?;
+            }
+        }
+        "slow-link" => {
+            let (slow_total, slow_train) = mean_round_seconds(run, |i| i == last);
+            let (fast_total, _) = mean_round_seconds(run, |i| i != last);
+            let slow_wire: u64 = run.records[last]
+                .iter()
+                .map(|r| r.wire_in + r.wire_out)
+                .sum();
+            writeln!(
+                md,
+                "- the slow node: {slow_total:.1} s per round ({slow_train:.1} s compute, {:.1} s communication and waiting), {} on its link; the others {fast_total:.1} s per round",
+                (slow_total - slow_train).max(0.0),
+                human(slow_wire as f64)
+            )?;
+            if let Some(clean) = clean {
+                let (clean_total, _) = mean_round_seconds(clean, |_| true);
+                writeln!(
+                    md,
+                    "- without the slow link: {clean_total:.1} s per round ({:.2}x)",
+                    fast_total / clean_total.max(1e-9)
+                )?;
+            }
+        }
+        _ => {}
+    }
+    if run.scenario != "byzantine" {
+        writeln!(
+            md,
+            "- final ROUGE-L {} vs {} without the scenario",
+            fmt_opt(run.final_rouge_l()),
+            fmt_opt(clean_rouge)
+        )?;
+    }
+    Ok(())
+}
+
 fn fmt_opt(value: Option<f64>) -> String {
     value.map_or("n/a".into(), |v| format!("{v:.3}"))
 }
@@ -133,11 +247,13 @@ fn human(bytes: f64) -> String {
     }
 }
 
-/// Writes the report of `runs` (the first is the main run) into `dir`.
+/// Writes the report of `runs` (the first is the main run, possibly under a scenario) into
+/// `dir`; `clean` is the same mesh without the scenario.
 pub fn write(
     dir: &Path,
     args: &TestnetArgs,
     runs: &[FederatedRun],
+    clean: Option<&FederatedRun>,
     baselines: Option<&Baselines>,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -150,8 +266,9 @@ pub fn write(
             "codec": args.codec, "aggregation": args.aggregation, "split": args.split,
             "preset": args.preset, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
         },
-        "runs": runs.iter().map(|r| serde_json::json!({
-            "codec": r.codec, "seconds": r.seconds, "nodes": r.records,
+        "runs": runs.iter().chain(clean).map(|r| serde_json::json!({
+            "codec": r.codec, "scenario": r.scenario, "faults": r.faults,
+            "seconds": r.seconds, "nodes": r.records,
         })).collect::<Vec<_>>(),
         "baselines": baselines.map(|b| serde_json::json!({
             "alone_rouge_l": b.alone, "centralized_rouge_l": b.centralized,
@@ -218,6 +335,12 @@ pub fn write(
         &format!("federated ({})", main.codec),
         main.mean_by_round(|r| r.rouge_l),
     )];
+    if let Some(clean) = clean {
+        rouge.push(Series::new(
+            &format!("federated ({}), no `{}`", clean.codec, main.scenario),
+            clean.mean_by_round(|r| r.rouge_l),
+        ));
+    }
     for run in &runs[1..] {
         rouge.push(Series::new(
             &format!("federated ({})", run.codec),
@@ -328,6 +451,7 @@ pub fn write(
             let rounds: Vec<String> = records.iter().map(|r| r.round.to_string()).collect();
             writeln!(md, "- node {i} applied rounds [{}]", rounds.join(", "))?;
         }
+        scenario_verdict(&mut md, main, clean, hashes.len())?;
         writeln!(md)?;
     }
     writeln!(md, "## Quality and bytes\n")?;
@@ -336,12 +460,19 @@ pub fn write(
         "| setup | final ROUGE-L | bytes sent per node (wire, whole run) | delta per round (encoded / raw f32) | wall time |"
     )?;
     writeln!(md, "|---|---|---|---|---|")?;
-    for run in runs {
+    for run in runs.iter().chain(clean) {
         let (encoded, raw) = run.delta_sizes();
+        let label = if run.scenario == "none" {
+            format!("federated, codec `{}`", run.codec)
+        } else {
+            format!(
+                "federated, codec `{}`, scenario `{}`",
+                run.codec, run.scenario
+            )
+        };
         writeln!(
             md,
-            "| federated, codec `{}` | {} | {} | {} / {} ({:.1}x) | {:.0} s |",
-            run.codec,
+            "| {label} | {} | {} | {} / {} ({:.1}x) | {:.0} s |",
             fmt_opt(run.final_rouge_l()),
             human(run.bytes_sent_per_node()),
             human(encoded),
@@ -366,6 +497,8 @@ pub fn write(
         )?;
     }
     writeln!(md)?;
+    // The goal is about the mesh without faults.
+    let main = clean.unwrap_or(main);
     let f32_run = runs.iter().find(|r| r.codec == "f32");
     if let (Some(f32_run), Some(central)) =
         (f32_run, baselines.and_then(Baselines::centralized_final))

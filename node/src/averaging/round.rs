@@ -26,7 +26,9 @@
 //!   bases differ by at most the previous round's disagreement. But when more peers announce
 //!   one other base than share ours, or announce a round beyond the window, this node is the
 //!   one that fell behind: [`Action::SyncState`] fetches that peer's state, and the round
-//!   restarts from it ([`Input::StateSynced`]).
+//!   restarts from it ([`Input::StateSynced`]). As many on one other base as on ours (the
+//!   halves of a healed partition) is broken by hash: the side with the larger hash syncs,
+//!   since adding the same averaged delta to two bases would keep them apart forever.
 //! - A second, different manifest from one sender for one round is equivocation: rejected.
 
 use std::collections::BTreeMap;
@@ -408,11 +410,13 @@ impl RoundMachine {
             counts.entry(a.base).or_insert((0, *peer)).0 += 1;
         }
         let ours = counts.get(&self.base).map_or(0, |c| c.0) + 1;
-        if let Some((_, (count, peer))) = counts
+        // A tie (two halves of a healed partition) goes to the smaller hash, so exactly one
+        // side moves and the mesh ends on one model.
+        if let Some((base, (count, peer))) = counts
             .iter()
             .filter(|(base, _)| **base != self.base)
-            .max_by_key(|(_, (count, _))| *count)
-            && *count > ours
+            .max_by_key(|(base, (count, _))| (*count, std::cmp::Reverse(**base)))
+            && (*count > ours || (*count == ours && *base < self.base))
             && self.phase != Phase::Applying
         {
             tracing::info!(peer = %peer, round = self.round, agreeing = count, "most peers are on another base: syncing state");
@@ -474,6 +478,12 @@ impl RoundMachine {
                     .collect()
             })
             .unwrap_or_default();
+        // A sender whose delta failed (bad data, or unavailable after every retry) has been
+        // heard from: nothing more will come from it this round, so it counts towards the
+        // quorum, and a byzantine peer cannot make the honest mesh wait for the deadline.
+        let failed = manifests.map_or(0, |m| {
+            m.values().filter(|a| a.fetch == Fetch::Failed).count()
+        });
         let in_flight = manifests.is_some_and(|m| {
             m.values()
                 .any(|a| matches!(a.fetch, Fetch::InFlight | Fetch::Deferred))
@@ -481,7 +491,8 @@ impl RoundMachine {
         let have = ready.len() + usize::from(self.own_published);
         let mesh = self.peers.max(manifests.map_or(0, BTreeMap::len)) + 1;
         let wanted = ((self.config.quorum * mesh as f64).ceil() as usize).clamp(1, mesh);
-        let quorum_done = have >= wanted && !in_flight;
+        let quorum_done =
+            have + failed >= wanted && !in_flight && have >= self.config.min_deltas.max(1);
         let deadline_done =
             now >= since + self.config.collect_timeout && have >= self.config.min_deltas.max(1);
         if quorum_done || deadline_done {
@@ -924,6 +935,42 @@ mod tests {
     }
 
     #[test]
+    fn a_tie_between_two_bases_moves_only_the_side_with_the_larger_hash() {
+        let config = RoundConfig {
+            quorum: 1.0,
+            min_deltas: 1,
+            collect_timeout: Duration::from_secs(10),
+            future_window: 1,
+        };
+        let t0 = Instant::now();
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        // Our base 9, one peer with us, two on base 5: the smaller hash wins the tie.
+        let (mut larger, _) = RoundMachine::new(PeerId::random(), 0, hash(9), config.clone());
+        larger.handle(t0, Input::PeerCount(3));
+        let mut actions = larger.handle(t0, manifest(a, 0, 9, 1));
+        actions.extend(larger.handle(t0, manifest(b, 0, 5, 2)));
+        actions.extend(larger.handle(t0, manifest(c, 0, 5, 3)));
+        assert!(
+            actions
+                .iter()
+                .any(|x| matches!(x, Action::SyncState { round: 0, .. })),
+            "{actions:?}"
+        );
+        // The same split seen from the side with the smaller hash: it stays.
+        let (mut smaller, _) = RoundMachine::new(PeerId::random(), 0, hash(0), config);
+        smaller.handle(t0, Input::PeerCount(3));
+        let mut actions = smaller.handle(t0, manifest(a, 0, 0, 1));
+        actions.extend(smaller.handle(t0, manifest(b, 0, 5, 2)));
+        actions.extend(smaller.handle(t0, manifest(c, 0, 5, 3)));
+        assert!(
+            !actions
+                .iter()
+                .any(|x| matches!(x, Action::SyncState { .. })),
+            "{actions:?}"
+        );
+    }
+
+    #[test]
     fn bad_data_is_judged_and_does_not_block_the_round() {
         let (mut m, t0) = setup(1.0);
         let p = PeerId::random();
@@ -949,8 +996,8 @@ mod tests {
             round: 0,
             verdict: Verdict::Reject(RejectReason::BadData)
         }));
-        // Only our own delta is good; the quorum (2) cannot be met, the deadline ends it.
-        let done = m.handle(t0 + Duration::from_secs(10), Input::Tick);
-        assert_eq!(aggregate_of(&done), Some((true, vec![])));
+        // Every sender is heard from (one with a bad delta): the round ends at once with
+        // only the good deltas, instead of waiting for the deadline.
+        assert_eq!(aggregate_of(&a), Some((true, vec![])));
     }
 }

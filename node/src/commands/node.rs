@@ -4,6 +4,7 @@
 //! Settings come from built-in defaults, then `--config node.toml`, then `MESHTUNE_*`
 //! environment variables and flags (clap reads both; flags win).
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -12,11 +13,12 @@ use std::time::Duration;
 use anyhow::Context;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
-use libp2p::Multiaddr;
+use libp2p::{Multiaddr, PeerId};
 use meshtune_bootstrap::PeerAddr;
 use meshtune_bootstrap::behaviour::MeshId;
 use meshtune_bootstrap::identity::{self, KeyOrigin};
 use meshtune_bootstrap::metrics::MetricsServer;
+use meshtune_bootstrap::shaping::LinkProfile;
 use meshtune_bootstrap::transport::{self, TransportConfig, is_quic};
 use meshtune_model::data::load_samsum;
 use meshtune_model::t5::T5;
@@ -29,7 +31,7 @@ use crate::averaging::aggregate::{Aggregation, OuterOptimizer};
 use crate::averaging::round::RoundConfig;
 use crate::commands::train::{TrainConfig, initial_model, model_config_and_tokenizer};
 use crate::coordinator::metrics::NodeMetrics;
-use crate::coordinator::{self, CoordinatorConfig, RunSummary};
+use crate::coordinator::{self, CoordinatorConfig, Misbehaviour, RunSummary};
 use crate::device::DeviceChoice;
 use crate::network::{self, NetworkConfig, store::BlobStore};
 use crate::trainer::{T5Trainer, TrainerHandle};
@@ -122,6 +124,19 @@ pub struct NodeArgs {
     /// Discover peers on the local network with mDNS.
     #[arg(long)]
     pub mdns: bool,
+    /// Shape this node's TCP connections like a real link: a preset (lan, wifi, lte, 5g,
+    /// slow) or settings such as `rate=1mbit,delay=20ms,loss=0.1%` (see `meshtune bench
+    /// link`). QUIC is off while shaping.
+    #[arg(long, env = "MESHTUNE_LINK")]
+    pub link: Option<String>,
+    /// Peers to refuse: a file of peer ids (one per line, `#` comments), re-read every
+    /// second; a peer leaves the list to be dialed again.
+    #[arg(long, env = "MESHTUNE_DENY_FILE")]
+    pub deny_file: Option<PathBuf>,
+    /// Fault injection for testnets only: publish bad deltas on purpose (`scale:FACTOR`,
+    /// `nan`, `mixed:FACTOR`).
+    #[arg(long, hide = true)]
+    pub byzantine: Option<String>,
 }
 
 /// `[node]` of node.toml.
@@ -296,9 +311,25 @@ async fn run_async(args: NodeArgs) -> anyhow::Result<RunSummary> {
         !(psk.is_some() && args.relay_client),
         "--relay-client cannot be combined with --psk-file: relayed connections would bypass the key"
     );
+    let link = match &args.link {
+        Some(text) => text
+            .parse::<LinkProfile>()
+            .with_context(|| format!("invalid --link `{text}`"))?,
+        None => LinkProfile::UNLIMITED,
+    };
+    if !link.is_unlimited() {
+        tracing::info!(link = %link, "shaping every TCP connection (QUIC is off)");
+    }
+    let misbehave = args
+        .byzantine
+        .as_deref()
+        .map(str::parse::<Misbehaviour>)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("invalid --byzantine: {e}"))?;
     let transport_config = TransportConfig {
         psk,
         quic: !args.no_quic,
+        link,
         ..TransportConfig::default()
     };
     let mut listen = if args.listen.is_empty() {
@@ -384,7 +415,15 @@ async fn run_async(args: NodeArgs) -> anyhow::Result<RunSummary> {
             }
         });
     }
+    if let Some(path) = args.deny_file.clone() {
+        tokio::spawn(watch_deny_file(
+            path,
+            running.client.clone(),
+            shutdown.child_token(),
+        ));
+    }
     let mut config = CoordinatorConfig::new(&settings.mesh, args.out.clone());
+    config.misbehave = misbehave;
     config.local_steps = settings.local_steps;
     config.rounds = settings.rounds;
     config.final_exchange = args.final_exchange;
@@ -422,6 +461,66 @@ async fn run_async(args: NodeArgs) -> anyhow::Result<RunSummary> {
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), running.task).await;
     summary
+}
+
+/// Peer ids in a deny file: one per line, blank lines and `#` comments ignored.
+pub fn parse_deny_list(text: &str) -> anyhow::Result<HashSet<PeerId>> {
+    let mut peers = HashSet::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let peer = line
+            .parse::<PeerId>()
+            .with_context(|| format!("line {}: `{line}` is not a peer id", number + 1))?;
+        peers.insert(peer);
+    }
+    Ok(peers)
+}
+
+/// Re-reads the deny file every second and hands changes to the network. A missing file
+/// is an empty list; a malformed one keeps the previous list and says what is wrong.
+async fn watch_deny_file(path: PathBuf, client: network::Client, shutdown: CancellationToken) {
+    let mut last: Option<HashSet<PeerId>> = None;
+    let mut last_error = String::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(err) => {
+                let message = format!("cannot read {}: {err}", path.display());
+                if message != last_error {
+                    tracing::warn!(error = %message, "deny file unreadable; keeping the previous list");
+                    last_error = message;
+                }
+                continue;
+            }
+        };
+        match parse_deny_list(&text) {
+            Ok(peers) => {
+                last_error.clear();
+                if last.as_ref() != Some(&peers) {
+                    if client.set_denied(peers.clone()).await.is_err() {
+                        return;
+                    }
+                    last = Some(peers);
+                }
+            }
+            Err(err) => {
+                let message = format!("{}: {err:#}", path.display());
+                if message != last_error {
+                    tracing::warn!(error = %message, "deny file malformed; keeping the previous list");
+                    last_error = message;
+                }
+            }
+        }
+    }
 }
 
 fn build_trainer<B: AutodiffBackend>(

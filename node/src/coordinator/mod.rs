@@ -73,6 +73,52 @@ pub struct CoordinatorConfig {
     /// long (bounded by the collect timeout), so slower peers can still complete the round.
     /// Zero stops at once.
     pub linger_quiet: Duration,
+    /// Fault injection for the testnet's byzantine scenario: this node publishes bad deltas
+    /// on purpose. Never set in normal operation.
+    pub misbehave: Option<Misbehaviour>,
+}
+
+/// The bad deltas a deliberately byzantine node sends (`meshtune node --byzantine`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Misbehaviour {
+    /// Its honest delta times this factor.
+    Scale(f32),
+    /// NaN in the first tensor of a correctly hashed blob (raw f32).
+    Nan,
+    /// NaN in odd rounds, scaled by the factor in even rounds.
+    Mixed(f32),
+}
+
+impl std::str::FromStr for Misbehaviour {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let factor = |v: &str| {
+            v.parse::<f32>()
+                .ok()
+                .filter(|f| f.is_finite())
+                .ok_or_else(|| format!("`{v}` is not a finite scale factor"))
+        };
+        match text.split_once(':') {
+            None if text == "nan" => Ok(Misbehaviour::Nan),
+            Some(("scale", v)) => Ok(Misbehaviour::Scale(factor(v)?)),
+            Some(("mixed", v)) => Ok(Misbehaviour::Mixed(factor(v)?)),
+            _ => Err(format!(
+                "unknown misbehaviour `{text}`: use scale:FACTOR, nan or mixed:FACTOR"
+            )),
+        }
+    }
+}
+
+impl Misbehaviour {
+    /// What to send in `round`: `Some(factor)` to scale, `None` for NaN.
+    fn in_round(self, round: u64) -> Option<f32> {
+        match self {
+            Misbehaviour::Scale(k) => Some(k),
+            Misbehaviour::Nan => None,
+            Misbehaviour::Mixed(k) => (round % 2 == 0).then_some(k),
+        }
+    }
 }
 
 impl CoordinatorConfig {
@@ -96,6 +142,7 @@ impl CoordinatorConfig {
             wait_for_peers: 0,
             wait_timeout: Duration::from_secs(60),
             linger_quiet: Duration::from_secs(5),
+            misbehave: None,
         }
     }
 }
@@ -788,15 +835,42 @@ async fn train_and_publish(
     let limits = config.limits.clone();
     let chunk_size = config.chunk_size;
     let mesh_id = config.mesh_id.clone();
+    let misbehave = config.misbehave.map(|m| m.in_round(round));
     // Encoding a large model takes a while: off the async threads. The residuals come back on
     // error too, so a failed encode does not lose what earlier rounds left out (encode_delta
     // checks every tensor before it touches a residual).
     let encoded = tokio::task::spawn_blocking(move || {
         let result = (|| {
-            let delta = difference(&after, &base)?;
+            let mut delta = difference(&after, &base)?;
             let raw_bytes = delta.total_elements() * 4;
+            let codec = match misbehave {
+                Some(Some(factor)) => {
+                    tracing::warn!(
+                        round,
+                        factor,
+                        "byzantine: publishing a scaled delta on purpose"
+                    );
+                    for (_, values) in delta.values_mut() {
+                        values.iter_mut().for_each(|v| *v *= factor);
+                    }
+                    codec
+                }
+                Some(None) => "f32".parse::<CodecParams>()?,
+                None => codec,
+            };
             let lossy = !codec.is_lossless();
-            let encoded = encode_delta(&delta, &codec, lossy.then_some(&mut feedback))?;
+            let mut encoded = encode_delta(&delta, &codec, lossy.then_some(&mut feedback))?;
+            if misbehave == Some(None) {
+                tracing::warn!(round, "byzantine: publishing a NaN delta on purpose");
+                let first = &encoded.tensors[0];
+                let (start, end) = (
+                    first.offset as usize,
+                    (first.offset + first.length) as usize,
+                );
+                for value in encoded.blob[start..end].chunks_exact_mut(4) {
+                    value.copy_from_slice(&f32::NAN.to_le_bytes());
+                }
+            }
             let chunks = chunk_blob(&encoded.blob, chunk_size)?;
             let manifest = DeltaManifest {
                 mesh_id,
@@ -811,7 +885,11 @@ async fn train_and_publish(
             let bytes = manifest.encode(&limits)?;
             // What peers will decode, so every node aggregates identical values.
             let verified = meshtune_protocol::VerifiedBlob::verify(encoded.blob, &manifest.blob)?;
-            let own = decode_delta(&manifest, &verified, &delta.layout(), &limits)?;
+            let own = if misbehave == Some(None) {
+                delta
+            } else {
+                decode_delta(&manifest, &verified, &delta.layout(), &limits)?
+            };
             anyhow::Ok((bytes, own, chunks, verified, raw_bytes))
         })();
         (feedback, result)

@@ -18,7 +18,7 @@ pub mod codec;
 pub mod fetch;
 pub mod store;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,8 +34,8 @@ use libp2p::metrics::Recorder;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle};
 use libp2p::{
-    Multiaddr, PeerId, Swarm, autonat, connection_limits, dcutr, identify, mdns, noise, ping,
-    relay, yamux,
+    Multiaddr, PeerId, Swarm, allow_block_list, autonat, connection_limits, dcutr, identify, mdns,
+    noise, ping, relay, yamux,
 };
 use meshtune_bootstrap::PeerAddr;
 use meshtune_bootstrap::behaviour::{MeshId, add_identified_addresses, identify_config, kademlia};
@@ -66,6 +66,10 @@ pub struct NetworkConfig {
     pub limits: Limits,
     /// Random-walk interval of Kademlia (a lookup of a random key).
     pub random_walk_interval: Duration,
+    /// How often a node with fewer than `target_peers` connections dials known peers it is
+    /// not connected to (heals partitions and dropped links).
+    pub reconnect_interval: Duration,
+    pub target_peers: usize,
     pub request_timeout: Duration,
     /// Inbound blob requests one peer may make per second (averaged over 10 s).
     pub max_requests_per_peer_per_s: u32,
@@ -88,6 +92,8 @@ impl NetworkConfig {
             external: Vec::new(),
             limits: Limits::default(),
             random_walk_interval: Duration::from_secs(30),
+            reconnect_interval: Duration::from_secs(5),
+            target_peers: 8,
             request_timeout: Duration::from_secs(30),
             max_requests_per_peer_per_s: 200,
             gossip_heartbeat: Duration::from_millis(500),
@@ -177,6 +183,9 @@ enum Command {
     Dial {
         addr: Multiaddr,
     },
+    SetDenied {
+        peers: HashSet<PeerId>,
+    },
 }
 
 /// Talks to the network task.
@@ -263,11 +272,18 @@ impl Client {
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), RequestError> {
         self.send(Command::Dial { addr }).await
     }
+
+    /// Replaces the operator's deny list (`--deny-file`): these peers are disconnected and
+    /// refused until they leave the list.
+    pub async fn set_denied(&self, peers: HashSet<PeerId>) -> Result<(), RequestError> {
+        self.send(Command::SetDenied { peers }).await
+    }
 }
 
 /// Everything a meshtune node speaks.
 #[derive(NetworkBehaviour)]
 pub struct NodeBehaviour {
+    denied: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     limits: connection_limits::Behaviour,
     kademlia: kad::Behaviour<kad::store::MemoryStore>,
     identify: identify::Behaviour,
@@ -392,6 +408,7 @@ pub fn start(
         None
     };
     let behaviour = NodeBehaviour {
+        denied: allow_block_list::Behaviour::default(),
         limits: connection_limits::Behaviour::new(limits),
         kademlia: kademlia(peer_id, &config.mesh, Duration::from_secs(300)),
         identify: identify::Behaviour::new(identify_config(
@@ -455,6 +472,7 @@ pub fn start(
         pending: HashMap::new(),
         inbound: HashMap::new(),
         strikes: HashMap::new(),
+        denied: HashSet::new(),
         mesh_peers: 0,
     };
     let task = tokio::spawn(event_loop.run(shutdown));
@@ -487,6 +505,7 @@ struct EventLoop {
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<ChunkResponse, RequestError>>>,
     inbound: HashMap<PeerId, InboundWindow>,
     strikes: HashMap<PeerId, u32>,
+    denied: HashSet<PeerId>,
     mesh_peers: usize,
 }
 
@@ -494,6 +513,8 @@ impl EventLoop {
     async fn run(mut self, shutdown: CancellationToken) {
         let mut walk = tokio::time::interval(self.config.random_walk_interval);
         walk.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reconnect = tokio::time::interval(self.config.reconnect_interval);
+        reconnect.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -506,6 +527,7 @@ impl EventLoop {
                     // A lookup of a random key finds peers across the keyspace.
                     self.swarm.behaviour_mut().kademlia.get_closest_peers(PeerId::random());
                 }
+                _ = reconnect.tick() => self.reconnect(),
             }
         }
         tracing::debug!("network task stopped");
@@ -593,6 +615,7 @@ impl EventLoop {
                     tracing::warn!(addr = %addr, error = %err, "dial failed");
                 }
             }
+            Command::SetDenied { peers } => self.set_denied(peers),
         }
     }
 
@@ -611,7 +634,66 @@ impl EventLoop {
     }
 
     fn is_blacklisted(&self, peer: &PeerId) -> bool {
-        self.strikes.get(peer).is_some_and(|s| *s >= MAX_STRIKES)
+        self.strikes.get(peer).is_some_and(|s| *s >= MAX_STRIKES) || self.denied.contains(peer)
+    }
+
+    /// Below `target_peers` connections, dials up to 4 peers from the routing table that are
+    /// neither connected, blacklisted nor denied.
+    fn reconnect(&mut self) {
+        let me = *self.swarm.local_peer_id();
+        let connected = self.swarm.connected_peers().count();
+        if connected >= self.config.target_peers {
+            return;
+        }
+        let mut known = Vec::new();
+        for bucket in self.swarm.behaviour_mut().kademlia.kbuckets() {
+            for entry in bucket.iter() {
+                known.push(*entry.node.key.preimage());
+            }
+        }
+        let candidates: Vec<PeerId> = known
+            .into_iter()
+            .filter(|p| *p != me && !self.swarm.is_connected(p) && !self.is_blacklisted(p))
+            .take(4)
+            .collect();
+        for peer in candidates {
+            tracing::debug!(peer = %peer, connected, "dialing a known peer to stay connected");
+            let _ = self.swarm.dial(peer);
+        }
+    }
+
+    fn set_denied(&mut self, peers: HashSet<PeerId>) {
+        let added: Vec<PeerId> = peers.difference(&self.denied).copied().collect();
+        let removed: Vec<PeerId> = self.denied.difference(&peers).copied().collect();
+        for peer in &added {
+            self.swarm.behaviour_mut().denied.block_peer(*peer);
+            self.swarm.behaviour_mut().gossipsub.blacklist_peer(peer);
+        }
+        for peer in &removed {
+            self.swarm.behaviour_mut().denied.unblock_peer(*peer);
+            if !self.strikes.get(peer).is_some_and(|s| *s >= MAX_STRIKES) {
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .remove_blacklisted_peer(peer);
+            }
+        }
+        if !added.is_empty() || !removed.is_empty() {
+            tracing::info!(
+                denied = peers.len(),
+                added = added.len(),
+                removed = removed.len(),
+                "deny list updated"
+            );
+        }
+        self.denied = peers;
+        // Peers that left the list are dialed again at once.
+        for peer in removed {
+            if !self.swarm.is_connected(&peer) {
+                let _ = self.swarm.dial(peer);
+            }
+        }
+        self.update_mesh_peers();
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<NodeBehaviourEvent>) {

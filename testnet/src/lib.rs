@@ -1,4 +1,5 @@
-//! `meshtune-testnet`: launches a local mesh (bootstrap + N node processes on loopback),
+//! `meshtune-testnet`: launches a local mesh (bootstrap + N node processes on loopback, or
+//! each in its own network namespace),
 //! watches it round by round, runs the baselines it is compared with, and writes a report.
 //!
 //! Owns: processes, run directories, the live table and the report. Must not touch: node
@@ -7,5 +8,6 @@
 //! `metrics.jsonl`).
 
 pub mod local;
+pub mod netns;
 pub mod png;
 pub mod report;

@@ -14,6 +14,7 @@ use meshtune_model::split::{SplitStrategy, split_records};
 use meshtune_model::synthetic::{embedded, to_jsonl};
 use meshtune_node::coordinator::RoundRecord;
 
+use crate::netns::Netns;
 use crate::report::{self, Baselines, FederatedRun};
 
 /// Flags of `meshtune-testnet` (all optional: the defaults are the README's main job).
@@ -50,6 +51,10 @@ pub struct TestnetArgs {
     /// `rate=10mbit,delay=25ms,loss=0.1%` (`meshtune bench link` checks them).
     #[arg(long)]
     pub link: Option<String>,
+    /// Where the processes run: `process` (loopback) or `netns` (each in its own network
+    /// namespace on a bridge; needs root and iproute2).
+    #[arg(long, default_value = "process")]
+    pub mode: String,
     /// Skip the baselines (alone, centralized, other codecs): only the federated run.
     #[arg(long)]
     pub no_compare: bool,
@@ -117,10 +122,39 @@ impl Drop for Process {
 }
 
 fn self_command(role: &str) -> anyhow::Result<Command> {
+    role_command(None, None, role)
+}
+
+/// This executable with `role`, inside the bootstrap's (`node: None`) or node `i`'s network
+/// namespace when `net` is set.
+fn role_command(net: Option<&Netns>, node: Option<usize>, role: &str) -> anyhow::Result<Command> {
     let exe = std::env::current_exe().context("locating meshtune-testnet")?;
-    let mut cmd = Command::new(exe);
+    let mut cmd = match net {
+        Some(net) => net.command(node, &exe),
+        None => Command::new(exe),
+    };
     cmd.arg(role);
     Ok(cmd)
+}
+
+/// `--mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Process,
+    Netns,
+}
+
+impl Mode {
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        match text {
+            "process" => Ok(Mode::Process),
+            "netns" => Ok(Mode::Netns),
+            "docker" => anyhow::bail!(
+                "--mode docker is not built yet: use docker/build.sh and docker/test-compose.sh (see docker/README.md), or --mode process|netns"
+            ),
+            other => anyhow::bail!("unknown mode `{other}`: use process or netns"),
+        }
+    }
 }
 
 fn parse_split(text: &str) -> anyhow::Result<SplitStrategy> {
@@ -159,6 +193,7 @@ fn prepare(args: &TestnetArgs, out: &Path) -> anyhow::Result<Prepared> {
     anyhow::ensure!(args.nodes >= 2, "a mesh needs at least 2 nodes");
     anyhow::ensure!(args.rounds >= 1, "--rounds must be at least 1");
     Scenario::parse(&args.scenario)?;
+    Mode::parse(&args.mode)?;
     if let Some(link) = &args.link {
         link.parse::<meshtune_bootstrap::shaping::LinkProfile>()
             .with_context(|| format!("invalid --link `{link}`"))?;
@@ -222,9 +257,10 @@ fn prepare(args: &TestnetArgs, out: &Path) -> anyhow::Result<Prepared> {
     })
 }
 
-fn start_bootstrap(out: &Path) -> anyhow::Result<(Process, String)> {
-    let mut child = self_command("__bootstrap")?
-        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--mesh", "testnet"])
+fn start_bootstrap(out: &Path, net: Option<&Netns>) -> anyhow::Result<(Process, String)> {
+    let ip = net.map_or("127.0.0.1".to_owned(), Netns::bootstrap_ip);
+    let mut child = role_command(net, None, "__bootstrap")?
+        .args(["--listen", &format!("/ip4/{ip}/tcp/0"), "--mesh", "testnet"])
         .arg("--key-file")
         .arg(out.join("bootstrap.key"))
         .stdout(Stdio::piped())
@@ -327,7 +363,12 @@ fn run_federated(
 ) -> anyhow::Result<FederatedRun> {
     std::fs::create_dir_all(dir)?;
     let started = Instant::now();
-    let (_bootstrap, address) = start_bootstrap(dir)?;
+    // Declared before the processes, so it is removed after they are killed.
+    let net = match Mode::parse(&args.mode)? {
+        Mode::Netns => Some(Netns::create(args.nodes)?),
+        Mode::Process => None,
+    };
+    let (_bootstrap, address) = start_bootstrap(dir, net.as_ref())?;
     tracing::info!(bootstrap = %address, codec, scenario = scenario.name(), "starting {} nodes", args.nodes);
     let last = args.nodes - 1;
     let spawn = |i: usize, wait_for: usize| -> anyhow::Result<Process> {
@@ -335,7 +376,10 @@ fn run_federated(
             .create(true)
             .append(true)
             .open(dir.join(format!("node-{i}.log")))?;
-        let child = self_command("__node")?
+        let ip = net
+            .as_ref()
+            .map_or("127.0.0.1".to_owned(), |n| n.node_ip(i));
+        let child = role_command(net.as_ref(), Some(i), "__node")?
             .args(&prepared.model_args)
             .arg("--train")
             .arg(&prepared.shards[i])
@@ -346,7 +390,7 @@ fn run_federated(
             .arg("--config")
             .arg(&prepared.node_toml)
             .args(["--bootstrap", &address])
-            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-quic"])
+            .args(["--listen", &format!("/ip4/{ip}/tcp/0"), "--no-quic"])
             .args(["--rounds", &args.rounds.to_string()])
             .args(["--local-steps", &args.local_steps.to_string()])
             .args(["--codec", codec, "--aggregation", &args.aggregation])

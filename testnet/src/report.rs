@@ -412,8 +412,16 @@ pub fn write(
     writeln!(md, "# meshtune testnet report\n")?;
     writeln!(
         md,
-        "{} nodes on loopback, {} rounds x {} local steps (batch {}, lr {}), model `{}`, data split `{}`, aggregation `{}`.\n",
+        "{} nodes ({}{}), {} rounds x {} local steps (batch {}, lr {}), model `{}`, data split `{}`, aggregation `{}`.\n",
         args.nodes,
+        if args.mode == "netns" {
+            "each in its own network namespace"
+        } else {
+            "processes on loopback"
+        },
+        args.link
+            .as_deref()
+            .map_or(String::new(), |l| format!(", every link shaped as `{l}`")),
         args.rounds,
         args.local_steps,
         args.batch_size,

@@ -83,6 +83,10 @@ pub enum Input {
     LocalDeltaPublished { round: u64, base: ModelHash },
     /// Local training of `round` failed; the round completes on peers' deltas alone.
     LocalTrainingFailed { round: u64 },
+    /// Local training of `round` finished while this node was syncing, so its delta was not
+    /// announced: after the sync the round is trained again from the adopted (or, if the
+    /// sync failed, the current) base.
+    LocalDeltaWithheld { round: u64 },
     /// A peer's manifest passed gossip validation.
     ManifestReceived {
         sender: PeerId,
@@ -189,6 +193,8 @@ pub struct RoundMachine {
     base: ModelHash,
     phase: Phase,
     own_published: bool,
+    /// This round's training finished unannounced (see [`Input::LocalDeltaWithheld`]).
+    withheld: bool,
     peers: usize,
     /// Manifests by round, then sender.
     announced: BTreeMap<u64, BTreeMap<PeerId, Announced>>,
@@ -209,6 +215,7 @@ impl RoundMachine {
             base,
             phase: Phase::Training,
             own_published: false,
+            withheld: false,
             peers: 0,
             announced: BTreeMap::new(),
         };
@@ -246,6 +253,11 @@ impl RoundMachine {
                     if self.phase == Phase::Training {
                         self.phase = Phase::Collecting { since: now };
                     }
+                }
+            }
+            Input::LocalDeltaWithheld { round } => {
+                if round == self.round && !self.own_published {
+                    self.withheld = true;
                 }
             }
             Input::LocalTrainingFailed { round } => {
@@ -300,11 +312,15 @@ impl RoundMachine {
                     // The round's own training was never cancelled: wait for it, or collect if
                     // it already published (retraining would publish a second, conflicting
                     // manifest for the round).
-                    self.phase = if self.own_published {
-                        Phase::Collecting { since: now }
+                    if self.own_published {
+                        self.phase = Phase::Collecting { since: now };
+                    } else if self.withheld {
+                        // Its training finished unannounced: train the round again.
+                        let (round, base) = (self.round, self.base);
+                        self.start_round(round, base, &mut actions);
                     } else {
-                        Phase::Training
-                    };
+                        self.phase = Phase::Training;
+                    }
                 }
             }
             Input::Tick => {}
@@ -444,6 +460,7 @@ impl RoundMachine {
         self.base = base;
         self.phase = Phase::Training;
         self.own_published = false;
+        self.withheld = false;
         self.announced = self.announced.split_off(&round);
         actions.push(Action::Forget {
             before_round: round,
@@ -968,6 +985,39 @@ mod tests {
                 .any(|x| matches!(x, Action::SyncState { .. })),
             "{actions:?}"
         );
+    }
+
+    #[test]
+    fn a_delta_withheld_during_a_sync_is_trained_again_after_it() {
+        for sync_succeeds in [true, false] {
+            let (mut m, t0) = setup(1.0);
+            let (a, b) = (PeerId::random(), PeerId::random());
+            m.handle(t0, Input::PeerCount(2));
+            m.handle(t0, manifest(a, 0, 5, 1));
+            let sync = m.handle(t0, manifest(b, 0, 5, 2));
+            assert!(sync.iter().any(|x| matches!(x, Action::SyncState { .. })));
+            // The round's training finishes while syncing: not announced.
+            m.handle(t0, Input::LocalDeltaWithheld { round: 0 });
+            let after = if sync_succeeds {
+                m.handle(
+                    t0,
+                    Input::StateSynced {
+                        round: 0,
+                        base: hash(5),
+                    },
+                )
+            } else {
+                m.handle(t0, Input::SyncFailed { from: a })
+            };
+            let base = if sync_succeeds { hash(5) } else { hash(0) };
+            assert!(
+                after.contains(&Action::Train { round: 0, base }),
+                "sync ok {sync_succeeds}: {after:?}"
+            );
+            if sync_succeeds {
+                assert_eq!(m.phase(), Phase::Training);
+            }
+        }
     }
 
     #[test]

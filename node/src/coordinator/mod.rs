@@ -188,6 +188,8 @@ pub struct RunSummary {
 enum Done {
     Published {
         round: u64,
+        /// False when the node had left the round (syncing) and withheld the manifest.
+        announced: bool,
         base: ModelHash,
         own: Box<TensorSet>,
         samples: u64,
@@ -319,6 +321,9 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pending_train: Option<(u64, ModelHash)> = None;
     let current_round = Arc::new(AtomicU64::new(round));
+    // The base the round is trained from: a training that started before a sync must not
+    // announce its delta after it (a second manifest for the round would be equivocation).
+    let current_base = Arc::new(Mutex::new(base_hash));
 
     loop {
         current_round.store(
@@ -329,6 +334,9 @@ pub async fn run(
             },
             Ordering::SeqCst,
         );
+        if let Ok(mut current) = current_base.lock() {
+            *current = base_hash;
+        }
         // Perform queued actions.
         while let Some(action) = pop_front(&mut queue) {
             match action {
@@ -366,6 +374,7 @@ pub async fn run(
                             feedback: fb,
                             me,
                             current_round: Arc::clone(&current_round),
+                            current_base: Arc::clone(&current_base),
                         },
                         config.clone(),
                         trainer.clone(),
@@ -536,9 +545,16 @@ pub async fn run(
             },
             done = done_rx.recv() => match done {
                 None => break,
-                Some(Done::Published { round, base: hash, own, samples, report, feedback: fb, delta_bytes, raw_bytes }) => {
+                Some(Done::Published { round, announced, base: hash, own, samples, report, feedback: fb, delta_bytes, raw_bytes }) => {
                     feedback_slot = Some(fb);
                     metrics.train_loss.set(report.loss);
+                    if !announced {
+                        if let Some((r, h)) = pending_train.take() {
+                            queue.push(Action::Train { round: r, base: h });
+                        }
+                        queue.extend(machine.handle(Instant::now(), Input::LocalDeltaWithheld { round }));
+                        continue;
+                    }
                     if round == machine.round() && hash == base_hash {
                         open.report = Some(report);
                         open.own = Some((*own, samples));
@@ -651,6 +667,9 @@ pub async fn run(
                         trainer.set_weights((*weights).clone()).await?;
                         base = *weights;
                         base_hash = ModelHash::of_tensors(&base);
+                        if let Ok(mut current) = current_base.lock() {
+                            *current = base_hash;
+                        }
                         if let Some(fb) = feedback_slot.as_mut() {
                             fb.clear();
                         }
@@ -791,6 +810,7 @@ struct TrainJob {
     me: PeerId,
     /// The round the machine is collecting for (`u64::MAX` while syncing).
     current_round: Arc<AtomicU64>,
+    current_base: Arc<Mutex<ModelHash>>,
 }
 
 async fn train_and_publish(
@@ -809,6 +829,7 @@ async fn train_and_publish(
         mut feedback,
         me,
         current_round,
+        current_base,
     } = job;
     let result: anyhow::Result<(TrainReport, TensorSet)> = async {
         // The trainer may hold weights from before a sync or a restore: start from the base.
@@ -922,7 +943,9 @@ async fn train_and_publish(
     }
     // A node that synced or moved on meanwhile must not announce a stale round (peers would
     // count it against this node).
-    if current_round.load(Ordering::SeqCst) == round {
+    let announced = current_round.load(Ordering::SeqCst) == round
+        && current_base.lock().is_ok_and(|b| *b == base_hash);
+    if announced {
         // Gossip needs a mesh peer: retry briefly while the gossip mesh forms, but a node with
         // no peer at all does not wait (its round completes on its own delta).
         let started = Instant::now();
@@ -946,6 +969,7 @@ async fn train_and_publish(
     let _ = done
         .send(Done::Published {
             round,
+            announced,
             base: base_hash,
             own: Box::new(own),
             samples: report.samples.max(1),

@@ -27,6 +27,9 @@ pub struct BlobStore {
     blobs: HashMap<BlobHash, StoredBlob>,
     lists: HashMap<ChunkListHash, BlobHash>,
     state: Option<(StateManifest, BlobHash)>,
+    /// The state served before the current one: a peer that asked for it just before this
+    /// node moved on can still finish fetching it.
+    previous_state: Option<BlobHash>,
     last_served: Option<Instant>,
 }
 
@@ -58,11 +61,14 @@ impl BlobStore {
     /// Serves `manifest` (and its blob, inserted under its round) to late joiners.
     pub fn set_state(&mut self, manifest: StateManifest, bytes: Arc<Vec<u8>>, chunks: ChunkList) {
         let hash = chunks.blob_hash();
-        if let Some((old, old_hash)) = self.state.take()
+        if let Some((_, old_hash)) = self.state.take()
             && old_hash != hash
         {
-            self.remove(&old_hash);
-            drop(old);
+            if let Some(older) = self.previous_state.replace(old_hash)
+                && older != hash
+            {
+                self.remove(&older);
+            }
         }
         self.insert(manifest.round, bytes, chunks);
         self.state = Some((manifest, hash));
@@ -79,13 +85,16 @@ impl BlobStore {
         }
     }
 
-    /// Drops deltas of rounds before `round` (the served state stays).
+    /// Drops deltas of rounds before `round` (the served states stay).
     pub fn forget_before(&mut self, round: u64) {
         let keep_state = self.state.as_ref().map(|(_, h)| *h);
+        let keep_previous = self.previous_state;
         let old: Vec<BlobHash> = self
             .blobs
             .iter()
-            .filter(|(h, b)| b.round < round && Some(**h) != keep_state)
+            .filter(|(h, b)| {
+                b.round < round && Some(**h) != keep_state && Some(**h) != keep_previous
+            })
             .map(|(h, _)| *h)
             .collect();
         for hash in old {
@@ -208,5 +217,43 @@ mod tests {
         store.forget_before(4);
         assert!(!store.contains(&list.blob_hash()));
         assert_eq!(store.usage(), (0, 0));
+    }
+
+    #[test]
+    fn the_previous_state_stays_servable_until_the_next_one() {
+        let mut store = BlobStore::default();
+        let state = |round: u64| {
+            let bytes: Vec<u8> = (0..500u32).map(|i| (i as u64 * 7 + round) as u8).collect();
+            let list = chunk_blob(&bytes, 200).expect("chunks");
+            let manifest = StateManifest {
+                mesh_id: "m".into(),
+                round,
+                model_hash: meshtune_protocol::ModelHash([round as u8; 32]),
+                sender: Vec::new(),
+                training_steps: 0,
+                blob: list.descriptor(),
+                model: Vec::new(),
+                optimizer: Vec::new(),
+            };
+            (manifest, bytes, list)
+        };
+        let (m1, b1, l1) = state(1);
+        let (m2, b2, l2) = state(2);
+        let (m3, b3, l3) = state(3);
+        store.set_state(m1, Arc::new(b1), l1.clone());
+        store.set_state(m2, Arc::new(b2), l2.clone());
+        store.forget_before(10);
+        assert!(
+            store.contains(&l1.blob_hash()),
+            "a sync of state 1 in flight can finish"
+        );
+        assert!(store.contains(&l2.blob_hash()));
+        assert_eq!(store.state().map(|m| m.round), Some(2));
+        store.set_state(m3, Arc::new(b3), l3.clone());
+        assert!(
+            !store.contains(&l1.blob_hash()),
+            "only one previous state is kept"
+        );
+        assert!(store.contains(&l2.blob_hash()) && store.contains(&l3.blob_hash()));
     }
 }

@@ -7,6 +7,7 @@
 //! with the node's own arguments) and reads what nodes write (`rounds.jsonl`,
 //! `metrics.jsonl`).
 
+pub mod docker;
 pub mod local;
 pub mod netns;
 pub mod png;

@@ -14,6 +14,7 @@ use meshtune_model::split::{SplitStrategy, split_records};
 use meshtune_model::synthetic::{embedded, to_jsonl};
 use meshtune_node::coordinator::RoundRecord;
 
+use crate::docker::DockerMesh;
 use crate::netns::Netns;
 use crate::report::{self, Baselines, FederatedRun};
 
@@ -36,6 +37,10 @@ pub struct TestnetArgs {
     /// mean, median, trimmed-mean[:F].
     #[arg(long, default_value = "mean")]
     pub aggregation: String,
+    /// Outer step: `average` (plain gossip averaging) or `nesterov:LR:MOMENTUM` (DiLoCo's outer
+    /// optimizer, e.g. nesterov:0.7:0.9).
+    #[arg(long, default_value = "average")]
+    pub outer: String,
     /// iid, dirichlet:ALPHA (non-IID by topic) or by-length.
     #[arg(long, default_value = "dirichlet:0.5")]
     pub split: String,
@@ -51,8 +56,9 @@ pub struct TestnetArgs {
     /// `rate=10mbit,delay=25ms,loss=0.1%` (`meshtune bench link` checks them).
     #[arg(long)]
     pub link: Option<String>,
-    /// Where the processes run: `process` (loopback) or `netns` (each in its own network
-    /// namespace on a bridge; needs root and iproute2).
+    /// Where the processes run: `process` (loopback), `netns` (each in its own network
+    /// namespace on a bridge; needs root and iproute2) or `docker` (containers of the
+    /// `meshtune:cpu` image from docker/build.sh on a private compose network).
     #[arg(long, default_value = "process")]
     pub mode: String,
     /// Skip the baselines (alone, centralized, other codecs): only the federated run.
@@ -142,6 +148,7 @@ fn role_command(net: Option<&Netns>, node: Option<usize>, role: &str) -> anyhow:
 pub enum Mode {
     Process,
     Netns,
+    Docker,
 }
 
 impl Mode {
@@ -149,10 +156,8 @@ impl Mode {
         match text {
             "process" => Ok(Mode::Process),
             "netns" => Ok(Mode::Netns),
-            "docker" => anyhow::bail!(
-                "--mode docker is not built yet: use docker/build.sh and docker/test-compose.sh (see docker/README.md), or --mode process|netns"
-            ),
-            other => anyhow::bail!("unknown mode `{other}`: use process or netns"),
+            "docker" => Ok(Mode::Docker),
+            other => anyhow::bail!("unknown mode `{other}`: use process, netns or docker"),
         }
     }
 }
@@ -171,6 +176,26 @@ fn parse_split(text: &str) -> anyhow::Result<SplitStrategy> {
             SplitStrategy::Dirichlet { alpha }
         }
     })
+}
+
+/// `--outer` as a `[node]` line.
+fn outer_toml(text: &str) -> anyhow::Result<String> {
+    if text == "average" {
+        return Ok(String::new());
+    }
+    let parts: Vec<&str> = text.split(':').collect();
+    let number = |s: &str| s.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0);
+    match parts.as_slice() {
+        ["nesterov", lr, momentum] => match (number(lr), number(momentum)) {
+            (Some(lr), Some(m)) if lr > 0.0 && m < 1.0 => Ok(format!(
+                "outer = {{ kind = \"nesterov\", lr = {lr}, momentum = {m} }}\n"
+            )),
+            _ => anyhow::bail!(
+                "invalid --outer `{text}`: nesterov needs LR > 0 and 0 <= MOMENTUM < 1"
+            ),
+        },
+        _ => anyhow::bail!("unknown --outer `{text}`: use average or nesterov:LR:MOMENTUM"),
+    }
 }
 
 /// Files every run shares.
@@ -226,10 +251,11 @@ fn prepare(args: &TestnetArgs, out: &Path) -> anyhow::Result<Prepared> {
         args.batch_size, args.lr, args.seed, args.eval_examples
     );
     let node_toml = out.join("node.toml");
+    let outer = outer_toml(&args.outer)?;
     std::fs::write(
         &node_toml,
         format!(
-            "[node]\nmesh = \"testnet\"\ncollect_timeout_s = 30\nwait_timeout_s = 60\n\n[train]\n{train_table}"
+            "[node]\nmesh = \"testnet\"\ncollect_timeout_s = 30\nwait_timeout_s = 60\n{outer}\n[train]\n{train_table}"
         ),
     )?;
     let model_args = if args.preset == "tiny" {
@@ -345,8 +371,57 @@ pub struct FaultLog {
     pub events: Vec<String>,
 }
 
+/// A running node: a child process (process and netns modes) or a container.
+enum Handle {
+    Child(Process),
+    Container(String),
+}
+
+impl Handle {
+    fn name(&self) -> &str {
+        match self {
+            Handle::Child(p) => &p.name,
+            Handle::Container(name) => name,
+        }
+    }
+
+    /// SIGKILL.
+    fn kill(self, docker: Option<&DockerMesh>) -> anyhow::Result<()> {
+        match (self, docker) {
+            (Handle::Child(mut p), _) => {
+                let _ = p.child.kill();
+                let _ = p.child.wait();
+                Ok(())
+            }
+            (Handle::Container(name), Some(docker)) => docker.kill(&name),
+            (Handle::Container(_), None) => anyhow::bail!("internal: a container without docker"),
+        }
+    }
+
+    /// `None` while running, else whether it exited successfully (or how it failed).
+    fn exit(&mut self, docker: Option<&DockerMesh>) -> anyhow::Result<Option<Result<(), String>>> {
+        Ok(match (self, docker) {
+            (Handle::Child(p), _) => p.child.try_wait()?.map(|s| {
+                if s.success() {
+                    Ok(())
+                } else {
+                    Err(s.to_string())
+                }
+            }),
+            (Handle::Container(name), Some(docker)) => docker.status(name)?.map(|code| {
+                if code == 0 {
+                    Ok(())
+                } else {
+                    Err(format!("exit code {code}"))
+                }
+            }),
+            (Handle::Container(_), None) => anyhow::bail!("internal: a container without docker"),
+        })
+    }
+}
+
 struct NodeSlot {
-    process: Option<Process>,
+    process: Option<Handle>,
     out: PathBuf,
     /// Killed on purpose and not restarted: its exit is expected.
     killed: bool,
@@ -364,46 +439,98 @@ fn run_federated(
     std::fs::create_dir_all(dir)?;
     let started = Instant::now();
     // Declared before the processes, so it is removed after they are killed.
-    let net = match Mode::parse(&args.mode)? {
+    let mode = Mode::parse(&args.mode)?;
+    let net = match mode {
         Mode::Netns => Some(Netns::create(args.nodes)?),
-        Mode::Process => None,
+        Mode::Process | Mode::Docker => None,
     };
-    let (_bootstrap, address) = start_bootstrap(dir, net.as_ref())?;
+    let docker = match mode {
+        Mode::Docker => {
+            let root = prepared.data.parent().context("run directory")?;
+            Some(DockerMesh::create(root, dir)?)
+        }
+        Mode::Process | Mode::Netns => None,
+    };
+    let (_bootstrap, address) = match &docker {
+        Some(docker) => {
+            let key = dir.join("bootstrap.key");
+            let (keypair, _) = meshtune_bootstrap::identity::load_or_create(&key)?;
+            let ip = docker.bootstrap_ip();
+            docker.start(
+                "bootstrap",
+                ip.clone(),
+                "/meshtune-bootstrap",
+                vec![
+                    "--listen".into(),
+                    format!("/ip4/{ip}/tcp/4001"),
+                    "--key-file".into(),
+                    key.display().to_string(),
+                    "--mesh".into(),
+                    "testnet".into(),
+                ],
+            )?;
+            let address = format!("/ip4/{ip}/tcp/4001/p2p/{}", keypair.public().to_peer_id());
+            (None, address)
+        }
+        None => {
+            let (process, address) = start_bootstrap(dir, net.as_ref())?;
+            (Some(process), address)
+        }
+    };
     tracing::info!(bootstrap = %address, codec, scenario = scenario.name(), "starting {} nodes", args.nodes);
     let last = args.nodes - 1;
-    let spawn = |i: usize, wait_for: usize| -> anyhow::Result<Process> {
+    let spawn = |i: usize, wait_for: usize| -> anyhow::Result<Handle> {
+        let ip = match (&net, &docker) {
+            (Some(n), _) => n.node_ip(i),
+            (_, Some(d)) => d.node_ip(i),
+            _ => "127.0.0.1".to_owned(),
+        };
+        let path = |p: &Path| p.display().to_string();
+        let mut node_args: Vec<String> = prepared.model_args.clone();
+        node_args.extend([
+            "--train".into(),
+            path(&prepared.shards[i]),
+            "--eval".into(),
+            path(&prepared.eval),
+            "--out".into(),
+            path(&dir.join(format!("node-{i}"))),
+            "--config".into(),
+            path(&prepared.node_toml),
+            "--bootstrap".into(),
+            address.clone(),
+            "--listen".into(),
+            format!("/ip4/{ip}/tcp/0"),
+            "--no-quic".into(),
+            "--rounds".into(),
+            args.rounds.to_string(),
+            "--local-steps".into(),
+            args.local_steps.to_string(),
+            "--codec".into(),
+            codec.to_owned(),
+            "--aggregation".into(),
+            args.aggregation.clone(),
+            "--wait-for-peers".into(),
+            wait_for.to_string(),
+        ]);
+        node_args.extend(node_fault_args(args, scenario, i, dir)?);
+        let name = format!("node-{i}");
+        if let Some(docker) = &docker {
+            let mut command = vec!["__node".to_owned()];
+            command.extend(node_args);
+            docker.start(&name, ip, "/meshtune-testnet", command)?;
+            return Ok(Handle::Container(name));
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.join(format!("node-{i}.log")))?;
-        let ip = net
-            .as_ref()
-            .map_or("127.0.0.1".to_owned(), |n| n.node_ip(i));
+            .open(dir.join(format!("{name}.log")))?;
         let child = role_command(net.as_ref(), Some(i), "__node")?
-            .args(&prepared.model_args)
-            .arg("--train")
-            .arg(&prepared.shards[i])
-            .arg("--eval")
-            .arg(&prepared.eval)
-            .arg("--out")
-            .arg(dir.join(format!("node-{i}")))
-            .arg("--config")
-            .arg(&prepared.node_toml)
-            .args(["--bootstrap", &address])
-            .args(["--listen", &format!("/ip4/{ip}/tcp/0"), "--no-quic"])
-            .args(["--rounds", &args.rounds.to_string()])
-            .args(["--local-steps", &args.local_steps.to_string()])
-            .args(["--codec", codec, "--aggregation", &args.aggregation])
-            .args(["--wait-for-peers", &wait_for.to_string()])
-            .args(node_fault_args(args, scenario, i, dir)?)
+            .args(&node_args)
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()
             .with_context(|| format!("starting node {i}"))?;
-        Ok(Process {
-            name: format!("node-{i}"),
-            child,
-        })
+        Ok(Handle::Child(Process { name, child }))
     };
     let mut nodes = Vec::new();
     for i in 0..args.nodes {
@@ -459,9 +586,8 @@ fn run_federated(
         if !fault_done && applied >= trigger {
             match scenario {
                 Scenario::KillNode | Scenario::Restart => {
-                    if let Some(mut process) = nodes[last].process.take() {
-                        let _ = process.child.kill();
-                        let _ = process.child.wait();
+                    if let Some(handle) = nodes[last].process.take() {
+                        handle.kill(docker.as_ref())?;
                     }
                     nodes[last].killed = true;
                     log.events.push(format!(
@@ -536,15 +662,15 @@ fn run_federated(
         }
         let mut running = 0;
         for slot in &mut nodes {
-            let Some(process) = slot.process.as_mut() else {
+            let Some(handle) = slot.process.as_mut() else {
                 continue;
             };
-            match process.child.try_wait()? {
-                Some(status) => anyhow::ensure!(
-                    status.success(),
+            match handle.exit(docker.as_ref())? {
+                Some(Ok(())) => {}
+                Some(Err(status)) => anyhow::bail!(
                     "{} failed ({status}); see {}",
-                    process.name,
-                    dir.join(format!("{}.log", process.name)).display()
+                    handle.name(),
+                    dir.join(format!("{}.log", handle.name())).display()
                 ),
                 None => running += 1,
             }
@@ -690,14 +816,25 @@ fn run_training(
     train: &Path,
     steps: usize,
     eval_every: usize,
+    lr: f64,
     out: &Path,
 ) -> anyhow::Result<Process> {
     let config = out.with_extension("toml");
+    let table: String = prepared
+        .train_table
+        .lines()
+        .map(|l| {
+            if l.starts_with("lr = ") {
+                format!("lr = {lr}\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
     std::fs::write(
         &config,
         format!(
-            "{}eval_every = {eval_every}\ncheckpoint_every = 1000000\nkeep_checkpoints = 1\n",
-            prepared.train_table
+            "{table}eval_every = {eval_every}\ncheckpoint_every = 1000000\nkeep_checkpoints = 1\n"
         ),
     )?;
     let child = self_command("__train")?
@@ -742,26 +879,55 @@ fn run_baselines(args: &TestnetArgs, prepared: &Prepared, dir: &Path) -> anyhow:
             shard,
             steps,
             args.local_steps,
+            args.lr,
             &dir.join(format!("alone-{i}")),
         )?);
     }
     wait_all(&mut alone)?;
+    // Centralized training is tuned a little, so the comparison is not against a baseline
+    // handicapped by the mesh's learning rate: the mesh's lr and a third of it, best kept.
     let central_steps = steps * args.nodes;
-    let mut central = vec![run_training(
-        prepared,
-        &prepared.union,
-        central_steps,
-        args.local_steps * args.nodes,
-        &dir.join("centralized"),
-    )?];
+    let lrs = [args.lr, args.lr / 3.0];
+    let mut central = Vec::new();
+    for (k, lr) in lrs.iter().enumerate() {
+        central.push(run_training(
+            prepared,
+            &prepared.union,
+            central_steps,
+            args.local_steps * args.nodes,
+            *lr,
+            &dir.join(format!("centralized-{k}")),
+        )?);
+    }
     wait_all(&mut central)?;
     let alone_curves: Vec<Vec<(usize, f64)>> = (0..args.nodes)
         .map(|i| rouge_curve(&dir.join(format!("alone-{i}/metrics.jsonl"))))
         .collect();
-    let central_curve = rouge_curve(&dir.join("centralized/metrics.jsonl"));
+    let tried: Vec<(f64, Vec<(usize, f64)>)> = lrs
+        .iter()
+        .enumerate()
+        .map(|(k, lr)| {
+            (
+                *lr,
+                rouge_curve(&dir.join(format!("centralized-{k}/metrics.jsonl"))),
+            )
+        })
+        .collect();
+    let best = tried
+        .iter()
+        .max_by(|a, b| {
+            let last = |c: &Vec<(usize, f64)>| c.last().map_or(f64::NEG_INFINITY, |p| p.1);
+            last(&a.1).total_cmp(&last(&b.1))
+        })
+        .context("no centralized run")?;
     Ok(Baselines {
         alone: alone_curves,
-        centralized: central_curve,
+        centralized: best.1.clone(),
+        centralized_lr: best.0,
+        centralized_tried: tried
+            .iter()
+            .map(|(lr, c)| (*lr, c.last().map(|p| p.1)))
+            .collect(),
         steps_per_node: steps,
         seconds: started.elapsed().as_secs_f64(),
     })
@@ -777,6 +943,10 @@ pub fn run_testnet(args: TestnetArgs) -> anyhow::Result<PathBuf> {
         PathBuf::from(format!("testnet-runs/{now}"))
     });
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    // Absolute, so the same paths work inside network namespaces and containers.
+    let out = out
+        .canonicalize()
+        .with_context(|| format!("resolving {}", out.display()))?;
     let prepared = prepare(&args, &out)?;
     println!(
         "meshtune testnet: {} nodes, {} rounds x {} local steps, codec {}, split {}, data in {}",

@@ -85,7 +85,11 @@ impl FederatedRun {
 #[derive(Debug, Clone)]
 pub struct Baselines {
     pub alone: Vec<Vec<(usize, f64)>>,
+    /// The best of the centralized runs (by final ROUGE-L).
     pub centralized: Vec<(usize, f64)>,
+    pub centralized_lr: f64,
+    /// Every centralized run: learning rate and final ROUGE-L.
+    pub centralized_tried: Vec<(f64, Option<f64>)>,
     pub steps_per_node: usize,
     pub seconds: f64,
 }
@@ -272,6 +276,7 @@ pub fn write(
         })).collect::<Vec<_>>(),
         "baselines": baselines.map(|b| serde_json::json!({
             "alone_rouge_l": b.alone, "centralized_rouge_l": b.centralized,
+            "centralized_lr": b.centralized_lr, "centralized_tried": b.centralized_tried,
             "steps_per_node": b.steps_per_node, "seconds": b.seconds,
         })),
     });
@@ -366,7 +371,7 @@ pub fn write(
         rouge.push(Series::new("each node alone (mean)", alone_mean));
         let central_per_round = steps_per_round * args.nodes as f64;
         rouge.push(Series::new(
-            "centralized (same total steps)",
+            &format!("centralized (same total steps, lr {})", b.centralized_lr),
             b.centralized
                 .iter()
                 .map(|(s, v)| (*s as f64 / central_per_round, *v))
@@ -499,8 +504,14 @@ pub fn write(
         )?;
         writeln!(
             md,
-            "| centralized on the union ({} steps) | {} | 0 | - | |",
+            "| centralized on the union ({} steps, lr {}; best of {}) | {} | 0 | - | |",
             b.steps_per_node * args.nodes,
+            b.centralized_lr,
+            b.centralized_tried
+                .iter()
+                .map(|(lr, r)| format!("lr {lr}: {}", fmt_opt(*r)))
+                .collect::<Vec<_>>()
+                .join(", "),
             fmt_opt(b.centralized_final())
         )?;
     }

@@ -105,6 +105,10 @@ pub enum Input {
     },
     /// Number of connected peers of this mesh.
     PeerCount(usize),
+    /// The connected peers of this mesh, by id: the round then knows whether a sender that
+    /// was heard from is still among them (a blacklisted or departed sender is not counted
+    /// twice when judging the quorum).
+    Peers(Vec<PeerId>),
     /// The aggregate of `round` was applied; the new base hashes to `new_base`.
     RoundApplied { round: u64, new_base: ModelHash },
     /// A verified state was adopted: the node is now at the start of `round` on `base`.
@@ -196,6 +200,8 @@ pub struct RoundMachine {
     /// This round's training finished unannounced (see [`Input::LocalDeltaWithheld`]).
     withheld: bool,
     peers: usize,
+    /// The connected peers when known ([`Input::Peers`]); empty when only a count is known.
+    peer_set: std::collections::BTreeSet<PeerId>,
     /// Manifests by round, then sender.
     announced: BTreeMap<u64, BTreeMap<PeerId, Announced>>,
 }
@@ -216,6 +222,7 @@ impl RoundMachine {
             phase: Phase::Training,
             own_published: false,
             withheld: false,
+            peer_set: std::collections::BTreeSet::new(),
             peers: 0,
             announced: BTreeMap::new(),
         };
@@ -287,7 +294,14 @@ impl RoundMachine {
                     });
                 }
             }
-            Input::PeerCount(count) => self.peers = count,
+            Input::PeerCount(count) => {
+                self.peers = count;
+                self.peer_set.clear();
+            }
+            Input::Peers(peers) => {
+                self.peers = peers.len();
+                self.peer_set = peers.into_iter().collect();
+            }
             Input::RoundApplied { round, new_base } => {
                 if round == self.round && self.phase == Phase::Applying {
                     self.start_round(round + 1, new_base, &mut actions);
@@ -506,7 +520,14 @@ impl RoundMachine {
                 .any(|a| matches!(a.fetch, Fetch::InFlight | Fetch::Deferred))
         });
         let have = ready.len() + usize::from(self.own_published);
-        let mesh = self.peers.max(manifests.map_or(0, BTreeMap::len)) + 1;
+        // Everyone expected this round: the connected peers and whoever announced for it.
+        let others = match manifests {
+            Some(m) if !self.peer_set.is_empty() => {
+                self.peer_set.len() + m.keys().filter(|p| !self.peer_set.contains(p)).count()
+            }
+            m => self.peers.max(m.map_or(0, BTreeMap::len)),
+        };
+        let mesh = others + 1;
         let wanted = ((self.config.quorum * mesh as f64).ceil() as usize).clamp(1, mesh);
         let quorum_done =
             have + failed >= wanted && !in_flight && have >= self.config.min_deltas.max(1);
@@ -1018,6 +1039,52 @@ mod tests {
                 assert_eq!(m.phase(), Phase::Training);
             }
         }
+    }
+
+    #[test]
+    fn a_refused_sender_that_left_is_not_counted_twice() {
+        let (mut m, t0) = setup(1.0);
+        let (a, b, bad) = (PeerId::random(), PeerId::random(), PeerId::random());
+        m.handle(t0, Input::Peers(vec![a, b, bad]));
+        m.handle(t0, manifest(bad, 0, 0, 9));
+        m.handle(t0, manifest(a, 0, 0, 1));
+        m.handle(
+            t0,
+            Input::LocalDeltaPublished {
+                round: 0,
+                base: hash(0),
+            },
+        );
+        m.handle(
+            t0,
+            Input::DeltaFailed {
+                sender: bad,
+                round: 0,
+                bad_data: true,
+            },
+        );
+        // The bad sender is blacklisted and disconnected: the connected set shrinks.
+        let early = m.handle(t0, Input::Peers(vec![a, b]));
+        let early2 = m.handle(
+            t0,
+            Input::DeltaReady {
+                sender: a,
+                round: 0,
+            },
+        );
+        assert_eq!(aggregate_of(&early), None);
+        assert_eq!(aggregate_of(&early2), None, "b has not been heard from yet");
+        m.handle(t0, manifest(b, 0, 0, 2));
+        let done = m.handle(
+            t0,
+            Input::DeltaReady {
+                sender: b,
+                round: 0,
+            },
+        );
+        let mut want = vec![a, b];
+        want.sort();
+        assert_eq!(aggregate_of(&done), Some((true, want)));
     }
 
     #[test]

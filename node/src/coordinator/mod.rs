@@ -116,7 +116,7 @@ impl Misbehaviour {
         match self {
             Misbehaviour::Scale(k) => Some(k),
             Misbehaviour::Nan => None,
-            Misbehaviour::Mixed(k) => (round % 2 == 0).then_some(k),
+            Misbehaviour::Mixed(k) => round.is_multiple_of(2).then_some(k),
         }
     }
 }
@@ -512,7 +512,10 @@ pub async fn run(
                 Some(NetworkEvent::MeshPeers(n)) => {
                     mesh_peers = n;
                     metrics.mesh_peers.set(n as i64);
-                    Input::PeerCount(n)
+                    match client.mesh_peers().await {
+                        Ok(peers) => Input::Peers(peers),
+                        Err(_) => Input::PeerCount(n),
+                    }
                 }
                 Some(NetworkEvent::Manifest { message_id, source, manifest }) => {
                     let Ok(sender) = PeerId::from_bytes(&manifest.sender) else { continue };

@@ -671,7 +671,7 @@ impl EventLoop {
         }
         for peer in &removed {
             self.swarm.behaviour_mut().denied.unblock_peer(*peer);
-            if !self.strikes.get(peer).is_some_and(|s| *s >= MAX_STRIKES) {
+            if self.strikes.get(peer).is_none_or(|s| *s < MAX_STRIKES) {
                 self.swarm
                     .behaviour_mut()
                     .gossipsub

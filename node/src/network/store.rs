@@ -63,12 +63,10 @@ impl BlobStore {
         let hash = chunks.blob_hash();
         if let Some((_, old_hash)) = self.state.take()
             && old_hash != hash
+            && let Some(older) = self.previous_state.replace(old_hash)
+            && older != hash
         {
-            if let Some(older) = self.previous_state.replace(old_hash)
-                && older != hash
-            {
-                self.remove(&older);
-            }
+            self.remove(&older);
         }
         self.insert(manifest.round, bytes, chunks);
         self.state = Some((manifest, hash));

@@ -510,8 +510,8 @@ impl RoundMachine {
             })
             .unwrap_or_default();
         // A sender whose delta failed (bad data, or unavailable after every retry) has been
-        // heard from: nothing more will come from it this round, so it counts towards the
-        // quorum, and a byzantine peer cannot make the honest mesh wait for the deadline.
+        // heard from: nothing more will come from it this round, so once everyone is heard
+        // a byzantine peer cannot make the honest mesh wait for the deadline.
         let failed = manifests.map_or(0, |m| {
             m.values().filter(|a| a.fetch == Fetch::Failed).count()
         });
@@ -529,8 +529,11 @@ impl RoundMachine {
         };
         let mesh = others + 1;
         let wanted = ((self.config.quorum * mesh as f64).ceil() as usize).clamp(1, mesh);
-        let quorum_done =
-            have + failed >= wanted && !in_flight && have >= self.config.min_deltas.max(1);
+        // A partial quorum counts usable deltas only; a failed sender ends the round early only
+        // once everyone expected has been heard from (nothing more can arrive).
+        let all_heard =
+            have + failed >= mesh && !in_flight && have >= self.config.min_deltas.max(1);
+        let quorum_done = (have >= wanted && !in_flight) || all_heard;
         let deadline_done =
             now >= since + self.config.collect_timeout && have >= self.config.min_deltas.max(1);
         if quorum_done || deadline_done {

@@ -542,6 +542,42 @@ impl LinkMeasurement {
     }
 }
 
+/// Sends `len` bytes from `writer` while `reader` takes them; the time from the first write to
+/// the last byte read.
+async fn timed_transfer<W, R>(writer: &mut W, reader: &mut R, len: usize) -> io::Result<Duration>
+where
+    W: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+{
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    let block = vec![0x5a_u8; 64 * 1024];
+    let started = Instant::now();
+    let send = async {
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(block.len());
+            writer.write_all(&block[..n]).await?;
+            left -= n;
+        }
+        writer.flush().await
+    };
+    let receive = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0;
+        while got < len {
+            let n = reader.read(&mut buf).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            got += n;
+        }
+        io::Result::Ok(Instant::now())
+    };
+    let (sent, received) = tokio::join!(send, receive);
+    sent?;
+    Ok(received? - started)
+}
+
 /// Measures a shaped loopback TCP connection: `bytes` uploaded through the shaped side,
 /// `bytes` downloaded into it, and `pings` 1-byte round trips to an unshaped echo.
 pub async fn measure(
@@ -563,63 +599,10 @@ pub async fn measure(
     let mut shaped = Shaped::new(client.compat(), profile, 1);
     let mut plain = server.compat();
     let len = usize::try_from(bytes).map_err(|_| io::Error::other("transfer too large"))?;
-    let block = vec![0x5a_u8; 64 * 1024];
-
-    // Upload: from the first byte written to the last byte read at the far end.
-    let started = Instant::now();
-    let send = async {
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(block.len());
-            shaped.write_all(&block[..n]).await?;
-            left -= n;
-        }
-        shaped.flush().await?;
-        io::Result::Ok(())
-    };
-    let receive = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut got = 0;
-        while got < len {
-            let n = plain.read(&mut buf).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            got += n;
-        }
-        io::Result::Ok(Instant::now())
-    };
-    let (sent, received) = tokio::join!(send, receive);
-    sent?;
-    let upload_measured = received? - started;
-
-    // Download: the unshaped side writes, the shaped side reads at its download rate.
-    let started = Instant::now();
-    let send = async {
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(block.len());
-            plain.write_all(&block[..n]).await?;
-            left -= n;
-        }
-        plain.flush().await?;
-        io::Result::Ok(())
-    };
-    let receive = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut got = 0;
-        while got < len {
-            let n = shaped.read(&mut buf).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            got += n;
-        }
-        io::Result::Ok(Instant::now())
-    };
-    let (sent, received) = tokio::join!(send, receive);
-    sent?;
-    let download_measured = received? - started;
+    // Upload: from the first byte written to the last byte read at the far end; download:
+    // the unshaped side writes, the shaped side reads at its download rate.
+    let upload_measured = timed_transfer(&mut shaped, &mut plain, len).await?;
+    let download_measured = timed_transfer(&mut plain, &mut shaped, len).await?;
 
     // Round trips: shaped side sends one byte, the far end echoes it.
     let mut rtts = Vec::with_capacity(pings);

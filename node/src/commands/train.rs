@@ -380,12 +380,7 @@ fn train_on<B: AutodiffBackend>(device: B::Device, args: &TrainArgs) -> anyhow::
     // Memory check before anything big is allocated.
     let total_params = model_config.num_parameters().total();
     let trainable_estimate = if args.lora {
-        let layers = model_config.num_layers + 2 * model_config.decoder_layers();
-        layers
-            * config.lora.targets.len()
-            * config.lora.rank
-            * 2
-            * model_config.d_model.max(model_config.inner_dim())
+        crate::commands::model_info::lora_trainable_estimate(&model_config, &config.lora)
     } else {
         total_params
     };

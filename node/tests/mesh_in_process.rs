@@ -190,11 +190,58 @@ async fn honest_nodes_refuse_a_hostile_peer_and_keep_training() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let limits = Limits::default();
+    // 0. A poisoned model whose hash is smaller than the honest base's, served as this peer's
+    //    state. Its round-0 manifest names it as its base and arrives before any honest one:
+    //    counted against the manifests heard so far, that is a 1-to-1 tie that the smaller
+    //    hash wins, and every honest node would adopt the poison. Counted against the mesh
+    //    (4 nodes) it is a minority and nobody moves.
+    let poison = (1..)
+        .map(|k| {
+            TensorSet::new(
+                base.tensors()
+                    .iter()
+                    .map(|t| {
+                        Tensor::new(
+                            t.name.clone(),
+                            t.shape.clone(),
+                            vec![100.0 + k as f32; t.values.len()],
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .expect("tensors"),
+            )
+            .expect("set")
+        })
+        .find(|p| ModelHash::of_tensors(p) < base_hash)
+        .expect("some fill hashes below the base");
+    let poison_hash = ModelHash::of_tensors(&poison);
+    let state = meshtune_protocol::encode_state(
+        &poison,
+        &TensorSet::new(Vec::new()).expect("empty"),
+        &meshtune_protocol::StateCodecParams::default(),
+    )
+    .expect("state");
+    let state_chunks = chunk_blob(&state.blob, 1 << 16).expect("chunks");
+    store.lock().expect("store").set_state(
+        meshtune_protocol::StateManifest {
+            mesh_id: "test".into(),
+            round: 0,
+            model_hash: poison_hash,
+            sender: hostile_id.to_bytes(),
+            training_steps: 0,
+            blob: state_chunks.descriptor(),
+            model: state.model,
+            optimizer: state.optimizer,
+        },
+        Arc::new(state.blob),
+        state_chunks,
+    );
     // 1. Deltas for the first rounds with the right layout and a blob that hashes correctly:
     //    rounds 0 and 2 hold NaN (refused at decoding), round 1 is finite but scaled far
-    //    beyond the honest deltas (left out by the norm screen before averaging).
+    //    beyond the honest deltas (left out by the norm screen before averaging). Round 0's
+    //    names the poisoned base; a manifest a million rounds ahead claims the mesh moved on.
     let f32_raw: CodecParams = "f32".parse().expect("codec");
-    for round in 0..3u64 {
+    for round in [0, 1, 2, 1_000_000u64] {
         let fill = if round == 1 { 1_000.0 } else { 0.0 };
         let values = TensorSet::new(
             base.tensors()
@@ -211,13 +258,13 @@ async fn honest_nodes_refuse_a_hostile_peer_and_keep_training() {
             for value in encoded.blob[start..end].chunks_exact_mut(4) {
                 value.copy_from_slice(&f32::NAN.to_le_bytes());
             }
-            encoded.blob[end - 1] ^= round as u8; // a distinct blob per round
+            encoded.blob[end - 1] ^= (round % 251) as u8 + 1; // a distinct blob per round
         }
         let chunks = chunk_blob(&encoded.blob, 1 << 16).expect("chunks");
         let manifest = DeltaManifest {
             mesh_id: "test".into(),
             round,
-            base_model: base_hash,
+            base_model: if round == 1 { base_hash } else { poison_hash },
             sender: hostile_id.to_bytes(),
             sample_count: 64,
             training_steps: 3,
@@ -294,12 +341,24 @@ async fn honest_nodes_refuse_a_hostile_peer_and_keep_training() {
             .sum();
         assert!(screened >= 1, "node {i} averaged the scaled delta");
         for r in &summary.rounds {
-            assert!(
-                r.deltas <= honest,
-                "node {i} used a hostile delta in round {}",
-                r.round
+            // Every honest delta, and only those: a hostile delta would make it 4, a lost
+            // honest one 2.
+            assert_eq!(
+                r.deltas, honest,
+                "node {i} round {}: used {} deltas",
+                r.round, r.deltas
             );
         }
+        let text = node.metrics.text();
+        let strikes: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("meshtune_peer_strikes_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(
+            strikes >= 1.0,
+            "node {i} never struck the hostile peer:\n{text}"
+        );
         let first = summary.rounds[0].train_loss.expect("loss");
         let last = summary.rounds[2].train_loss.expect("loss");
         assert!(last < first, "node {i}: loss {first} -> {last}");

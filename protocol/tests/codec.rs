@@ -221,6 +221,45 @@ proptest! {
         meshtune_protocol::fuzz_harness::delta_blob(&mutate(input, &damage));
     }
 
+    /// A state blob damaged anywhere (and re-hashed, as a malicious peer would announce it)
+    /// never panics the decoder; what it accepts hashes to the announced model.
+    #[test]
+    fn damaged_states_never_panic(model in tensor_set(), optimizer in tensor_set(), zstd: bool, damage in mutations()) {
+        let params = StateCodecParams { byte_shuffle: false, zstd_level: zstd.then_some(1) };
+        let encoded = encode_state(&model, &optimizer, &params).expect("encodes");
+        let damaged = mutate(encoded.blob, &damage);
+        let chunk_list = chunk_blob(&damaged, 512).expect("chunks");
+        let manifest = StateManifest {
+            mesh_id: "mesh".into(),
+            round: 9,
+            model_hash: encoded.model_hash,
+            sender: vec![7; 38],
+            training_steps: 1000,
+            blob: chunk_list.descriptor(),
+            model: encoded.model,
+            optimizer: encoded.optimizer,
+        };
+        let limits = Limits::default();
+        let blob = VerifiedBlob::verify(damaged, &manifest.blob).expect("re-hashed");
+        if let Ok(state) = decode_state(&manifest, &blob, &model.layout(), &optimizer.layout(), &limits) {
+            prop_assert_eq!(ModelHash::of_tensors(&state.model), manifest.model_hash);
+            prop_assert_eq!(state.model.layout(), model.layout());
+            prop_assert_eq!(state.optimizer.layout(), optimizer.layout());
+        }
+    }
+
+    /// Codec settings and hashes come from config files and flags: any text parses or is
+    /// refused, never panics.
+    #[test]
+    fn arbitrary_codec_and_hash_strings_never_panic(text in ".{0,80}", hex in "[0-9a-fA-Fg]{0,70}") {
+        let _ = text.parse::<CodecParams>();
+        let _ = hex.parse::<ModelHash>();
+        let _ = text.parse::<ModelHash>();
+        if let Ok(hash) = hex.parse::<ModelHash>() {
+            prop_assert_eq!(hash.to_string().parse::<ModelHash>().expect("own output parses"), hash);
+        }
+    }
+
     #[test]
     fn codec_strings_round_trip(params in codec_params()) {
         let text = params.to_string();

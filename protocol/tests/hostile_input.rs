@@ -512,3 +512,65 @@ fn encoder_input_errors_are_typed() {
     };
     assert!(encoding.is_lossless());
 }
+
+/// A state whose model does not hash to the announced model hash (a peer announcing one model
+/// and serving another), or whose entries are lossy (a state must restore exactly), is refused
+/// with its own error, and nothing is returned.
+#[test]
+fn states_with_a_wrong_model_hash_or_lossy_entries_are_rejected() {
+    use meshtune_protocol::{StateCodecParams, StateManifest, decode_state, encode_state};
+    let model = delta();
+    let optimizer = delta();
+    let encoded = encode_state(&model, &optimizer, &StateCodecParams::default()).expect("encodes");
+    let chunk_list = chunk_blob(&encoded.blob, 64).expect("chunks");
+    let honest = StateManifest {
+        mesh_id: "mesh".into(),
+        round: 3,
+        model_hash: encoded.model_hash,
+        sender: vec![1; 38],
+        training_steps: 10,
+        blob: chunk_list.descriptor(),
+        model: encoded.model.clone(),
+        optimizer: encoded.optimizer.clone(),
+    };
+    let blob = VerifiedBlob::verify(encoded.blob.clone(), &honest.blob).expect("matches");
+    let limits = Limits::default();
+    let decode =
+        |m: &StateManifest| decode_state(m, &blob, &model.layout(), &optimizer.layout(), &limits);
+    assert!(decode(&honest).is_ok());
+
+    let mut other_hash = honest.clone();
+    other_hash.model_hash = ModelHash([9; 32]);
+    match decode(&other_hash) {
+        Err(DecodeError::ModelHashMismatch { expected, found }) => {
+            assert_eq!(expected, ModelHash([9; 32]));
+            assert_eq!(found, encoded.model_hash);
+        }
+        other => panic!("expected ModelHashMismatch, got {other:?}"),
+    }
+
+    // A self-consistent manifest and blob, but the model stored as int8.
+    let lossy =
+        encode_delta(&model, &raw(ValueFormat::Int8 { block_size: 64 }), None).expect("encodes");
+    let lossy_chunks = chunk_blob(&lossy.blob, 64).expect("chunks");
+    let lossy_state = StateManifest {
+        blob: lossy_chunks.descriptor(),
+        model: lossy.tensors,
+        optimizer: Vec::new(),
+        ..honest.clone()
+    };
+    let lossy_blob = VerifiedBlob::verify(lossy.blob, &lossy_state.blob).expect("matches");
+    let no_optimizer = TensorSet::new(Vec::new()).expect("empty set");
+    match decode_state(
+        &lossy_state,
+        &lossy_blob,
+        &model.layout(),
+        &no_optimizer.layout(),
+        &limits,
+    ) {
+        Err(err @ DecodeError::LossyState { .. }) => {
+            assert!(err.to_string().contains("a.weight"), "{err}");
+        }
+        other => panic!("expected LossyState, got {other:?}"),
+    }
+}

@@ -12,6 +12,7 @@ use clap::Args;
 use meshtune_model::data::{SamsumRecord, load_samsum};
 use meshtune_model::split::{SplitStrategy, split_records};
 use meshtune_model::synthetic::{embedded, to_jsonl};
+use meshtune_node::averaging::aggregate::OuterOptimizer;
 use meshtune_node::coordinator::RoundRecord;
 
 use crate::docker::DockerMesh;
@@ -37,8 +38,8 @@ pub struct TestnetArgs {
     /// mean, median, trimmed-mean[:F].
     #[arg(long, default_value = "mean")]
     pub aggregation: String,
-    /// Outer step: `average` (plain gossip averaging) or `nesterov:LR:MOMENTUM` (DiLoCo's outer
-    /// optimizer, e.g. nesterov:0.7:0.9).
+    /// Outer step on the averaged delta: average, momentum:LR:M (FedAvgM), nesterov:LR:M
+    /// (DiLoCo), adam:LR[:BETA1:BETA2:EPS] (FedAdam), adamw:LR[:BETA1:BETA2:EPS:WD].
     #[arg(long, default_value = "average")]
     pub outer: String,
     /// iid, dirichlet:ALPHA (non-IID by topic) or by-length.
@@ -180,22 +181,12 @@ fn parse_split(text: &str) -> anyhow::Result<SplitStrategy> {
 
 /// `--outer` as a `[node]` line.
 fn outer_toml(text: &str) -> anyhow::Result<String> {
-    if text == "average" {
+    let outer: OuterOptimizer = text.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    if outer == OuterOptimizer::Average {
         return Ok(String::new());
     }
-    let parts: Vec<&str> = text.split(':').collect();
-    let number = |s: &str| s.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0);
-    match parts.as_slice() {
-        ["nesterov", lr, momentum] => match (number(lr), number(momentum)) {
-            (Some(lr), Some(m)) if lr > 0.0 && m < 1.0 => Ok(format!(
-                "outer = {{ kind = \"nesterov\", lr = {lr}, momentum = {m} }}\n"
-            )),
-            _ => anyhow::bail!(
-                "invalid --outer `{text}`: nesterov needs LR > 0 and 0 <= MOMENTUM < 1"
-            ),
-        },
-        _ => anyhow::bail!("unknown --outer `{text}`: use average or nesterov:LR:MOMENTUM"),
-    }
+    let value = toml::Value::try_from(outer).context("writing the outer optimizer")?;
+    Ok(format!("outer = {value}\n"))
 }
 
 /// Files every run shares.
@@ -1018,4 +1009,33 @@ pub fn run_testnet(args: TestnetArgs) -> anyhow::Result<PathBuf> {
         baselines.as_ref(),
     )?;
     Ok(report_dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outer_flag_becomes_a_node_toml_line_that_parses_back() {
+        assert_eq!(outer_toml("average").expect("valid"), "");
+        for text in [
+            "momentum:0.9:0.5",
+            "nesterov:0.7:0.9",
+            "adam:0.01",
+            "adamw:0.01:0.9:0.95:1e-6:0.1",
+        ] {
+            let line = outer_toml(text).expect("valid");
+            let file: meshtune_node::commands::node::NodeFile =
+                toml::from_str(&format!("[node]\n{line}")).expect("parses");
+            assert_eq!(
+                file.node.outer,
+                text.parse::<OuterOptimizer>().expect("valid"),
+                "{line}"
+            );
+        }
+        let err = outer_toml("adam:-1").expect_err("negative lr");
+        assert!(err.to_string().contains("lr"), "{err}");
+        let err = outer_toml("sgd:1").expect_err("unknown");
+        assert!(err.to_string().contains("unknown --outer"), "{err}");
+    }
 }

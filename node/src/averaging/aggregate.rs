@@ -1,7 +1,8 @@
 //! Aggregation of one round's deltas and the outer step that applies the result.
 //!
 //! Owns: the arithmetic on host tensors (sample-weighted mean, coordinate-wise median,
-//! trimmed mean, the norm screen, plain averaging and Nesterov outer momentum). Must not
+//! trimmed mean, the norm screen, and the outer step: plain averaging, momentum, Nesterov,
+//! Adam and AdamW on the pseudo-gradient). Must not
 //! touch: I/O, decoding, or which deltas take part (the round state machine decides that).
 //!
 //! Every function is deterministic in its inputs' order, and callers pass deltas sorted by
@@ -10,7 +11,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use meshtune_protocol::{Tensor, TensorSet};
+use meshtune_protocol::{ModelLayout, Tensor, TensorSet, TensorSpec};
 
 /// How the deltas of a round are combined.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -71,16 +72,218 @@ impl<'de> serde::Deserialize<'de> for Aggregation {
     }
 }
 
-/// How the aggregated delta moves the shared model (DiLoCo's outer optimizer).
+/// How the aggregated delta moves the shared model: the outer ("server") optimizer of
+/// DiLoCo and of Reddi et al., *Adaptive Federated Optimization* (2021), applied by every node
+/// to the pseudo-gradient `g = -aggregate`. Every node of a mesh must use the same one (a late
+/// joiner receives its state in the `StateManifest`).
 #[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum OuterOptimizer {
     /// `model += aggregate` (FedAvg / plain gossip averaging).
     #[default]
     Average,
-    /// Nesterov momentum on the outer gradient `g = -aggregate`:
+    /// Heavy-ball momentum (FedAvgM): `m = momentum * m + g; model -= lr * m`.
+    Momentum { lr: f64, momentum: f64 },
+    /// Nesterov momentum (DiLoCo), as torch's `SGD(nesterov=True)`:
     /// `m = momentum * m + g; model -= lr * (g + momentum * m)`.
     Nesterov { lr: f64, momentum: f64 },
+    /// FedAdam: `torch.optim.Adam` on `g` (bias-corrected moments; `eps` is the paper's tau,
+    /// the adaptivity floor).
+    Adam {
+        lr: f64,
+        #[serde(default = "default_beta1")]
+        beta1: f64,
+        #[serde(default = "default_beta2")]
+        beta2: f64,
+        #[serde(default = "default_eps")]
+        eps: f64,
+    },
+    /// FedAdamW: `torch.optim.AdamW` on `g` (decoupled weight decay `model *= 1 - lr * wd`
+    /// before the Adam step).
+    AdamW {
+        lr: f64,
+        #[serde(default = "default_beta1")]
+        beta1: f64,
+        #[serde(default = "default_beta2")]
+        beta2: f64,
+        #[serde(default = "default_eps")]
+        eps: f64,
+        #[serde(default = "default_weight_decay")]
+        weight_decay: f64,
+    },
+}
+
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.99
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_weight_decay() -> f64 {
+    0.01
+}
+
+impl OuterOptimizer {
+    /// Which state buffers the optimizer keeps per parameter: first moment (momentum) and
+    /// second moment.
+    fn buffers(self) -> (bool, bool) {
+        match self {
+            OuterOptimizer::Average => (false, false),
+            OuterOptimizer::Momentum { .. } | OuterOptimizer::Nesterov { .. } => (true, false),
+            OuterOptimizer::Adam { .. } | OuterOptimizer::AdamW { .. } => (true, true),
+        }
+    }
+
+    /// Whether the optimizer keeps state between rounds.
+    pub fn is_stateful(self) -> bool {
+        self != OuterOptimizer::Average
+    }
+
+    /// Refuses settings that would diverge or are meaningless.
+    pub fn validate(self) -> Result<(), String> {
+        let positive = |name: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("outer {name} must be finite and > 0, not {v}"))
+            }
+        };
+        let unit = |name: &str, v: f64| {
+            if (0.0..1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("outer {name} must be in [0, 1), not {v}"))
+            }
+        };
+        match self {
+            OuterOptimizer::Average => Ok(()),
+            OuterOptimizer::Momentum { lr, momentum }
+            | OuterOptimizer::Nesterov { lr, momentum } => {
+                positive("lr", lr)?;
+                unit("momentum", momentum)
+            }
+            OuterOptimizer::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+            } => {
+                positive("lr", lr)?;
+                unit("beta1", beta1)?;
+                unit("beta2", beta2)?;
+                positive("eps", eps)
+            }
+            OuterOptimizer::AdamW {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => {
+                positive("lr", lr)?;
+                unit("beta1", beta1)?;
+                unit("beta2", beta2)?;
+                positive("eps", eps)?;
+                if weight_decay.is_finite() && weight_decay >= 0.0 {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "outer weight_decay must be finite and >= 0, not {weight_decay}"
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// `average`, `momentum:LR:M`, `nesterov:LR:M`, `adam:LR[:BETA1:BETA2:EPS]`,
+/// `adamw:LR[:BETA1:BETA2:EPS:WD]` (the `--outer` flag of `meshtune node` and the testnet).
+impl FromStr for OuterOptimizer {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let usage = "use average, momentum:LR:M, nesterov:LR:M, adam:LR[:BETA1:BETA2:EPS] or \
+                     adamw:LR[:BETA1:BETA2:EPS:WD]";
+        let parts: Vec<&str> = text.split(':').collect();
+        let numbers = parts[1..]
+            .iter()
+            .map(|p| {
+                p.parse::<f64>()
+                    .map_err(|_| format!("invalid --outer `{text}`: `{p}` is not a number"))
+            })
+            .collect::<Result<Vec<f64>, String>>()?;
+        let optimizer = match (parts[0], numbers.as_slice()) {
+            ("average", []) => OuterOptimizer::Average,
+            ("momentum", [lr, momentum]) => OuterOptimizer::Momentum {
+                lr: *lr,
+                momentum: *momentum,
+            },
+            ("nesterov", [lr, momentum]) => OuterOptimizer::Nesterov {
+                lr: *lr,
+                momentum: *momentum,
+            },
+            ("adam", [lr]) => OuterOptimizer::Adam {
+                lr: *lr,
+                beta1: default_beta1(),
+                beta2: default_beta2(),
+                eps: default_eps(),
+            },
+            ("adam", [lr, beta1, beta2, eps]) => OuterOptimizer::Adam {
+                lr: *lr,
+                beta1: *beta1,
+                beta2: *beta2,
+                eps: *eps,
+            },
+            ("adamw", [lr]) => OuterOptimizer::AdamW {
+                lr: *lr,
+                beta1: default_beta1(),
+                beta2: default_beta2(),
+                eps: default_eps(),
+                weight_decay: default_weight_decay(),
+            },
+            ("adamw", [lr, beta1, beta2, eps, weight_decay]) => OuterOptimizer::AdamW {
+                lr: *lr,
+                beta1: *beta1,
+                beta2: *beta2,
+                eps: *eps,
+                weight_decay: *weight_decay,
+            },
+            _ => return Err(format!("unknown --outer `{text}`: {usage}")),
+        };
+        optimizer
+            .validate()
+            .map_err(|err| format!("invalid --outer `{text}`: {err}"))?;
+        Ok(optimizer)
+    }
+}
+
+impl fmt::Display for OuterOptimizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OuterOptimizer::Average => f.write_str("average"),
+            OuterOptimizer::Momentum { lr, momentum } => write!(f, "momentum:{lr}:{momentum}"),
+            OuterOptimizer::Nesterov { lr, momentum } => write!(f, "nesterov:{lr}:{momentum}"),
+            OuterOptimizer::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+            } => {
+                write!(f, "adam:{lr}:{beta1}:{beta2}:{eps}")
+            }
+            OuterOptimizer::AdamW {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => {
+                write!(f, "adamw:{lr}:{beta1}:{beta2}:{eps}:{weight_decay}")
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -220,10 +423,128 @@ fn rebuild(tensors: Vec<Tensor>) -> TensorSet {
     TensorSet::new(tensors).expect("names and shapes come from a valid tensor set")
 }
 
-/// The outer optimizer's memory between rounds.
+/// The outer optimizer's memory between rounds: the number of outer steps taken and, as the
+/// optimizer needs them, the first and second moments (same layout as the model).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct OuterState {
-    pub momentum: Option<TensorSet>,
+    pub step: u64,
+    pub first: Option<TensorSet>,
+    pub second: Option<TensorSet>,
+}
+
+/// Names of the outer state in a checkpoint and in a `StateManifest`'s optimizer section.
+const STEP_TENSOR: &str = "outer.step";
+const FIRST_PREFIX: &str = "outer.m.";
+const SECOND_PREFIX: &str = "outer.v.";
+
+fn zeros_like(model: &TensorSet) -> TensorSet {
+    rebuild(
+        model
+            .tensors()
+            .iter()
+            .map(|t| Tensor {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                values: vec![0.0; t.values.len()],
+            })
+            .collect(),
+    )
+}
+
+impl OuterState {
+    /// The state as one tensor set (`outer.step` and `outer.m.*` / `outer.v.*` per model
+    /// tensor), zeros before the first step; empty for plain averaging. This is what a
+    /// node serves to late joiners and keeps in its checkpoints.
+    pub fn to_tensors(&self, optimizer: OuterOptimizer, model: &TensorSet) -> TensorSet {
+        let (first, second) = optimizer.buffers();
+        if !optimizer.is_stateful() {
+            return rebuild(Vec::new());
+        }
+        // Exact in f32 up to 2^24 rounds.
+        let mut tensors = vec![Tensor {
+            name: STEP_TENSOR.into(),
+            shape: vec![1],
+            values: vec![self.step as f32],
+        }];
+        let mut add = |prefix: &str, buffer: &Option<TensorSet>| {
+            let zeros;
+            let set = match buffer {
+                Some(set) => set,
+                None => {
+                    zeros = zeros_like(model);
+                    &zeros
+                }
+            };
+            tensors.extend(set.tensors().iter().map(|t| Tensor {
+                name: format!("{prefix}{}", t.name),
+                shape: t.shape.clone(),
+                values: t.values.clone(),
+            }));
+        };
+        if first {
+            add(FIRST_PREFIX, &self.first);
+        }
+        if second {
+            add(SECOND_PREFIX, &self.second);
+        }
+        rebuild(tensors)
+    }
+
+    /// The layout [`OuterState::to_tensors`] produces for `model`: what a node expects in a
+    /// peer's state (a peer with another outer optimizer is refused by layout).
+    pub fn layout(optimizer: OuterOptimizer, model: &ModelLayout) -> ModelLayout {
+        let (first, second) = optimizer.buffers();
+        let mut specs = Vec::new();
+        if optimizer.is_stateful() {
+            specs.push(TensorSpec::new(STEP_TENSOR, vec![1]));
+        }
+        for (on, prefix) in [(first, FIRST_PREFIX), (second, SECOND_PREFIX)] {
+            if on {
+                specs.extend(
+                    model
+                        .specs()
+                        .iter()
+                        .map(|s| TensorSpec::new(format!("{prefix}{}", s.name), s.shape.clone())),
+                );
+            }
+        }
+        ModelLayout::new(specs).expect("prefixed names of a valid layout are unique")
+    }
+
+    /// Reads back [`OuterState::to_tensors`]; `None` for an empty set (plain averaging, or a
+    /// checkpoint from before the outer state was kept).
+    pub fn from_tensors(set: &TensorSet) -> Result<Self, AggregateError> {
+        if set.is_empty() {
+            return Ok(Self::default());
+        }
+        let step = set
+            .get(STEP_TENSOR)
+            .and_then(|t| t.values.first())
+            .filter(|v| v.is_finite() && **v >= 0.0)
+            .ok_or_else(|| AggregateError::LayoutMismatch {
+                index: 0,
+                tensor: STEP_TENSOR.into(),
+            })?;
+        let pick = |prefix: &str| {
+            let tensors: Vec<Tensor> = set
+                .tensors()
+                .iter()
+                .filter_map(|t| {
+                    t.name.strip_prefix(prefix).map(|name| Tensor {
+                        name: name.to_owned(),
+                        shape: t.shape.clone(),
+                        values: t.values.clone(),
+                    })
+                })
+                .collect();
+            (!tensors.is_empty()).then(|| rebuild(tensors))
+        };
+        Ok(Self {
+            step: *step as u64,
+            first: pick(FIRST_PREFIX),
+            second: pick(SECOND_PREFIX),
+        })
+    }
 }
 
 /// Applies the aggregated delta to `model` with `optimizer`, updating `state`.
@@ -247,6 +568,23 @@ pub fn apply_outer_step(
             });
         }
     }
+    for buffer in [&state.first, &state.second].into_iter().flatten() {
+        if buffer.layout() != model.layout() {
+            return Err(AggregateError::LayoutMismatch {
+                index: 0,
+                tensor: "outer optimizer state".into(),
+            });
+        }
+    }
+    let (wants_first, wants_second) = optimizer.buffers();
+    if wants_first && state.first.is_none() {
+        state.first = Some(zeros_like(aggregate));
+    }
+    if wants_second && state.second.is_none() {
+        state.second = Some(zeros_like(aggregate));
+    }
+    state.step += 1;
+    let t = state.step as i32;
     match optimizer {
         OuterOptimizer::Average => {
             for ((_, values), a) in model.values_mut().zip(aggregate.tensors()) {
@@ -255,20 +593,9 @@ pub fn apply_outer_step(
                 }
             }
         }
-        OuterOptimizer::Nesterov { lr, momentum } => {
-            let buffer = state.momentum.get_or_insert_with(|| {
-                rebuild(
-                    aggregate
-                        .tensors()
-                        .iter()
-                        .map(|t| Tensor {
-                            name: t.name.clone(),
-                            shape: t.shape.clone(),
-                            values: vec![0.0; t.values.len()],
-                        })
-                        .collect(),
-                )
-            });
+        OuterOptimizer::Momentum { lr, momentum } | OuterOptimizer::Nesterov { lr, momentum } => {
+            let nesterov = matches!(optimizer, OuterOptimizer::Nesterov { .. });
+            let buffer = state.first.as_mut().expect("created above");
             let (lr, mu) = (lr as f32, momentum as f32);
             for (((_, values), (_, m)), a) in model
                 .values_mut()
@@ -278,7 +605,54 @@ pub fn apply_outer_step(
                 for ((v, m), d) in values.iter_mut().zip(m.iter_mut()).zip(&a.values) {
                     let g = -d;
                     *m = mu * *m + g;
-                    *v -= lr * (g + mu * *m);
+                    *v -= if nesterov {
+                        lr * (g + mu * *m)
+                    } else {
+                        lr * *m
+                    };
+                }
+            }
+        }
+        OuterOptimizer::Adam {
+            lr,
+            beta1,
+            beta2,
+            eps,
+        }
+        | OuterOptimizer::AdamW {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            ..
+        } => {
+            let decay = match optimizer {
+                OuterOptimizer::AdamW { weight_decay, .. } => (1.0 - lr * weight_decay) as f32,
+                _ => 1.0,
+            };
+            // torch.optim.Adam(W): step = lr / (1 - b1^t); denom = sqrt(v) / sqrt(1 - b2^t) + eps.
+            let step_size = (lr / (1.0 - beta1.powi(t))) as f32;
+            let correction2 = (1.0 - beta2.powi(t)).sqrt() as f32;
+            let (b1, b2, eps) = (beta1 as f32, beta2 as f32, eps as f32);
+            let first = state.first.as_mut().expect("created above");
+            let second = state.second.as_mut().expect("created above");
+            for ((((_, values), (_, m)), (_, s)), a) in model
+                .values_mut()
+                .zip(first.values_mut())
+                .zip(second.values_mut())
+                .zip(aggregate.tensors())
+            {
+                for (((v, m), s), d) in values
+                    .iter_mut()
+                    .zip(m.iter_mut())
+                    .zip(s.iter_mut())
+                    .zip(&a.values)
+                {
+                    let g = -d;
+                    *v *= decay;
+                    *m = b1 * *m + (1.0 - b1) * g;
+                    *s = b2 * *s + (1.0 - b2) * g * g;
+                    *v -= step_size * *m / (s.sqrt() / correction2 + eps);
                 }
             }
         }
@@ -497,6 +871,145 @@ mod tests {
         let buf = 0.9 * 1.0 + 1.0;
         let after_two = after_one + 0.7 * (1.0 + 0.9 * buf);
         assert!((f64::from(values(&model)[0]) - after_two).abs() < 1e-5);
+    }
+
+    #[test]
+    fn momentum_is_heavy_ball() {
+        // m1 = g = -1; p = 0 - 0.5 * -1 = 0.5. m2 = 0.9 * -1 + -1 = -1.9; p = 0.5 + 0.95.
+        let mut model = set(&[0.0]);
+        let mut state = OuterState::default();
+        let opt = OuterOptimizer::Momentum {
+            lr: 0.5,
+            momentum: 0.9,
+        };
+        apply_outer_step(&mut model, &set(&[1.0]), opt, &mut state).expect("1");
+        assert!((values(&model)[0] - 0.5).abs() < 1e-6);
+        apply_outer_step(&mut model, &set(&[1.0]), opt, &mut state).expect("2");
+        assert!((values(&model)[0] - 1.45).abs() < 1e-6);
+        assert_eq!(state.step, 2);
+    }
+
+    // scripts/outer_optimizer_reference.py, torch 2.15.0.
+    const ADAM_REFERENCE: [[f32; 3]; 3] = [
+        [0.600000024, -2.0999999, 0.0],
+        [0.693344831, -2.14704084, 0.0],
+        [0.70442307, -2.11497021, 0.0],
+    ];
+    const ADAMW_REFERENCE: [[f32; 3]; 3] = [
+        [0.574999988, -2.0, 0.0],
+        [0.639594793, -1.9470408, 0.0],
+        [0.618693292, -1.81761801, 0.0],
+    ];
+
+    #[test]
+    fn adam_and_adamw_match_torch() {
+        // Reference: torch 2.15 Adam/AdamW(lr=0.1, betas=(0.9, 0.99), eps=1e-8[, weight_decay=0.5])
+        // on p = [0.5, -2.0, 0.0] with grads -delta for deltas [1, -2, 0], [0.5, 0.5, 0], [-1, 3, 0]
+        // (scripts/outer_optimizer_reference.py).
+        let deltas = [[1.0, -2.0, 0.0], [0.5, 0.5, 0.0], [-1.0, 3.0, 0.0]];
+        let check = |opt: OuterOptimizer, expected: [[f32; 3]; 3]| {
+            let mut model = set(&[0.5, -2.0, 0.0]);
+            let mut state = OuterState::default();
+            for (delta, want) in deltas.iter().zip(expected) {
+                apply_outer_step(&mut model, &set(delta), opt, &mut state).expect("step");
+                for (got, want) in values(&model).iter().zip(want) {
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "{opt}: {:?} vs {want:?}",
+                        values(&model)
+                    );
+                }
+            }
+        };
+        check(
+            OuterOptimizer::Adam {
+                lr: 0.1,
+                beta1: 0.9,
+                beta2: 0.99,
+                eps: 1e-8,
+            },
+            ADAM_REFERENCE,
+        );
+        check(
+            OuterOptimizer::AdamW {
+                lr: 0.1,
+                beta1: 0.9,
+                beta2: 0.99,
+                eps: 1e-8,
+                weight_decay: 0.5,
+            },
+            ADAMW_REFERENCE,
+        );
+    }
+
+    #[test]
+    fn outer_state_round_trips_through_tensors_and_layout() {
+        let model = set(&[1.0, 2.0, 3.0]);
+        let opt: OuterOptimizer = "adam:0.01".parse().expect("valid");
+        let mut state = OuterState::default();
+        // Before the first step: zeros of the right layout, step 0.
+        let zeros = state.to_tensors(opt, &model);
+        assert_eq!(zeros.layout(), OuterState::layout(opt, &model.layout()));
+        let mut next = model.clone();
+        apply_outer_step(&mut next, &set(&[0.1, -0.2, 0.3]), opt, &mut state).expect("step");
+        let shipped = state.to_tensors(opt, &model);
+        assert_eq!(shipped.layout(), OuterState::layout(opt, &model.layout()));
+        assert_eq!(
+            OuterState::from_tensors(&shipped).expect("reads back"),
+            state
+        );
+        // Another optimizer expects another layout, so a mismatched peer state is refused.
+        let nesterov: OuterOptimizer = "nesterov:0.7:0.9".parse().expect("valid");
+        assert_ne!(
+            OuterState::layout(nesterov, &model.layout()),
+            OuterState::layout(opt, &model.layout())
+        );
+        assert!(OuterState::layout(OuterOptimizer::Average, &model.layout()).is_empty());
+        assert_eq!(
+            OuterState::from_tensors(&TensorSet::new(Vec::new()).expect("empty")).expect("empty"),
+            OuterState::default()
+        );
+    }
+
+    #[test]
+    fn outer_optimizer_text_round_trips_and_bad_settings_are_named() {
+        for text in [
+            "average",
+            "momentum:0.9:0.5",
+            "nesterov:0.7:0.9",
+            "adam:0.01:0.9:0.99:0.001",
+            "adamw:0.01:0.9:0.95:0.000001:0.1",
+        ] {
+            let opt: OuterOptimizer = text.parse().expect(text);
+            assert_eq!(
+                opt.to_string()
+                    .parse::<OuterOptimizer>()
+                    .expect("own output"),
+                opt
+            );
+        }
+        let adam: OuterOptimizer = "adam:0.02".parse().expect("defaults");
+        assert_eq!(
+            adam,
+            OuterOptimizer::Adam {
+                lr: 0.02,
+                beta1: 0.9,
+                beta2: 0.99,
+                eps: 1e-8
+            }
+        );
+        for (bad, needle) in [
+            ("nesterov:0.7:1.5", "momentum"),
+            ("adam:0", "lr"),
+            ("adam:0.1:0.9:1:1e-8", "beta2"),
+            ("adamw:0.1:0.9:0.99:1e-8:-1", "weight_decay"),
+            ("adam:x", "not a number"),
+            ("lamb:0.1", "unknown --outer"),
+            ("nesterov:0.7", "unknown --outer"),
+        ] {
+            let err = bad.parse::<OuterOptimizer>().expect_err(bad);
+            assert!(err.contains(needle), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -26,9 +26,13 @@
 //!   bases differ by at most the previous round's disagreement. But when more peers announce
 //!   one other base than share ours, or announce a round beyond the window, this node is the
 //!   one that fell behind: [`Action::SyncState`] fetches that peer's state, and the round
-//!   restarts from it ([`Input::StateSynced`]). As many on one other base as on ours (the
-//!   halves of a healed partition) is broken by hash: the side with the larger hash syncs,
-//!   since adding the same averaged delta to two bases would keep them apart forever.
+//!   restarts from it ([`Input::StateSynced`]). "More" means a majority of the whole mesh
+//!   (connected peers and announcers), never of the manifests heard so far, so a hostile
+//!   minority that announces a made-up base or a far-future round first cannot make an honest
+//!   node adopt its state. Exact halves (a healed partition) are broken by hash: the side
+//!   with the larger hash syncs, since adding the same averaged delta to two bases would keep
+//!   them apart forever. A mesh of two has no majority to protect it: there the tie rule
+//!   decides.
 //! - A second, different manifest from one sender for one round is equivocation: rejected.
 
 use std::collections::BTreeMap;
@@ -399,7 +403,8 @@ impl RoundMachine {
                 .flat_map(|(_, m)| m.keys())
                 .collect::<std::collections::BTreeSet<_>>()
                 .len();
-            let needed = self.peers.div_ceil(2).max(1);
+            // A majority of the other peers: a hostile minority cannot pull the node away.
+            let needed = self.mesh_size(round).saturating_sub(1) / 2 + 1;
             if self.phase != Phase::Syncing && ahead >= needed {
                 tracing::info!(peer = %sender, round, local_round = self.round, "behind the mesh: syncing state");
                 self.phase = Phase::Syncing;
@@ -430,23 +435,42 @@ impl RoundMachine {
         }
     }
 
-    /// More peers of this round on one other base than on ours: we are the odd one out.
+    /// The mesh as this round sees it, this node included: the connected peers plus whoever
+    /// announced for `round` without being among them (or, when only a count of peers is
+    /// known, the larger of that count and the announcers).
+    fn mesh_size(&self, round: u64) -> usize {
+        let manifests = self.announced.get(&round);
+        let others = match manifests {
+            Some(m) if !self.peer_set.is_empty() => {
+                self.peer_set.len() + m.keys().filter(|p| !self.peer_set.contains(p)).count()
+            }
+            m => self.peers.max(m.map_or(0, BTreeMap::len)),
+        };
+        others + 1
+    }
+
+    /// A majority of the whole mesh on one other base: we are the odd one out.
+    ///
+    /// Counted against the whole mesh, not against the manifests heard so far, so the order of
+    /// arrival does not matter: a hostile minority announcing a made-up base first can never
+    /// make an honest node adopt its state. Exact halves (a healed partition: both sides heard
+    /// in full) go to the smaller hash, so exactly one side moves and the mesh ends on one
+    /// model. In a mesh of two that tie is all there is: two nodes cannot outvote a liar.
     fn check_base_majority(&mut self, actions: &mut Vec<Action>) {
         let Some(manifests) = self.announced.get(&self.round) else {
             return;
         };
+        let mesh = self.mesh_size(self.round);
         let mut counts: BTreeMap<ModelHash, (usize, PeerId)> = BTreeMap::new();
         for (peer, a) in manifests {
             counts.entry(a.base).or_insert((0, *peer)).0 += 1;
         }
         let ours = counts.get(&self.base).map_or(0, |c| c.0) + 1;
-        // A tie (two halves of a healed partition) goes to the smaller hash, so exactly one
-        // side moves and the mesh ends on one model.
         if let Some((base, (count, peer))) = counts
             .iter()
             .filter(|(base, _)| **base != self.base)
             .max_by_key(|(base, (count, _))| (*count, std::cmp::Reverse(**base)))
-            && (*count > ours || (*count == ours && *base < self.base))
+            && (*count * 2 > mesh || (*count * 2 == mesh && ours * 2 == mesh && *base < self.base))
             && self.phase != Phase::Applying
         {
             tracing::info!(peer = %peer, round = self.round, agreeing = count, "most peers are on another base: syncing state");
@@ -521,13 +545,7 @@ impl RoundMachine {
         });
         let have = ready.len() + usize::from(self.own_published);
         // Everyone expected this round: the connected peers and whoever announced for it.
-        let others = match manifests {
-            Some(m) if !self.peer_set.is_empty() => {
-                self.peer_set.len() + m.keys().filter(|p| !self.peer_set.contains(p)).count()
-            }
-            m => self.peers.max(m.map_or(0, BTreeMap::len)),
-        };
-        let mesh = others + 1;
+        let mesh = self.mesh_size(self.round);
         let wanted = ((self.config.quorum * mesh as f64).ceil() as usize).clamp(1, mesh);
         // A partial quorum counts usable deltas only; a failed sender ends the round early only
         // once everyone expected has been heard from (nothing more can arrive).
@@ -864,9 +882,76 @@ mod tests {
         let liar = PeerId::random();
         let a = m.handle(t0, manifest(liar, 1_000_000, 9, 1));
         assert!(!a.iter().any(|x| matches!(x, Action::SyncState { .. })));
+        // Two of four other peers are not a majority of them either.
         let other = PeerId::random();
         let a = m.handle(t0, manifest(other, 1_000_000, 9, 2));
+        assert!(!a.iter().any(|x| matches!(x, Action::SyncState { .. })));
+        let third = PeerId::random();
+        let a = m.handle(t0, manifest(third, 1_000_000, 9, 3));
         assert!(a.iter().any(|x| matches!(x, Action::SyncState { .. })));
+    }
+
+    #[test]
+    fn a_hostile_minority_announcing_a_small_base_first_is_never_adopted() {
+        // Four nodes, one hostile: its manifest on base 0 (smaller than ours) arrives before
+        // any honest one. Counting against the manifests heard so far would make that a tie
+        // (1 vs 1) broken toward the hostile's smaller hash.
+        let (mut m, _) = RoundMachine::new(PeerId::random(), 0, hash(9), RoundConfig::default());
+        let t0 = Instant::now();
+        let (hostile, h1, h2) = (PeerId::random(), PeerId::random(), PeerId::random());
+        m.handle(t0, Input::Peers(vec![hostile, h1, h2]));
+        let mut actions = m.handle(t0, manifest(hostile, 0, 0, 1));
+        actions.extend(m.handle(t0, manifest(h1, 0, 9, 2)));
+        actions.extend(m.handle(t0, manifest(h2, 0, 9, 3)));
+        assert!(
+            !actions
+                .iter()
+                .any(|x| matches!(x, Action::SyncState { .. })),
+            "{actions:?}"
+        );
+        assert_eq!(m.base(), hash(9));
+        // Five nodes, two colluding on base 0 and first: 2 of 5 is no majority.
+        let (mut m, _) = RoundMachine::new(PeerId::random(), 0, hash(9), RoundConfig::default());
+        let (x, y, h1, h2) = (
+            PeerId::random(),
+            PeerId::random(),
+            PeerId::random(),
+            PeerId::random(),
+        );
+        m.handle(t0, Input::Peers(vec![x, y, h1, h2]));
+        let mut actions = m.handle(t0, manifest(x, 0, 0, 1));
+        actions.extend(m.handle(t0, manifest(y, 0, 0, 2)));
+        assert!(
+            !actions
+                .iter()
+                .any(|x| matches!(x, Action::SyncState { .. })),
+            "{actions:?}"
+        );
+        // Two liars far ahead of a mesh of five are no majority of the other four.
+        let mut actions = m.handle(t0, manifest(x, 50, 0, 3));
+        actions.extend(m.handle(t0, manifest(y, 50, 0, 4)));
+        assert!(
+            !actions
+                .iter()
+                .any(|x| matches!(x, Action::SyncState { .. })),
+            "{actions:?}"
+        );
+        // Honest peers on our base keep it that way; a real majority elsewhere still moves it.
+        let (mut m, _) = RoundMachine::new(PeerId::random(), 0, hash(9), RoundConfig::default());
+        m.handle(t0, Input::Peers(vec![x, y, h1, h2]));
+        let mut actions = m.handle(t0, manifest(x, 0, 5, 1));
+        actions.extend(m.handle(t0, manifest(y, 0, 5, 2)));
+        assert!(
+            !actions
+                .iter()
+                .any(|a| matches!(a, Action::SyncState { .. }))
+        );
+        let actions = m.handle(t0, manifest(h1, 0, 5, 3));
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::SyncState { .. }))
+        );
     }
 
     #[test]

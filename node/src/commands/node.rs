@@ -89,6 +89,15 @@ pub struct NodeArgs {
     /// mean, median, trimmed-mean[:F].
     #[arg(long, env = "MESHTUNE_AGGREGATION")]
     pub aggregation: Option<String>,
+    /// Outer step on the averaged delta: average, momentum:LR:M (FedAvgM), nesterov:LR:M
+    /// (DiLoCo), adam:LR[:BETA1:BETA2:EPS] (FedAdam) or adamw:LR[:BETA1:BETA2:EPS:WD]. Every
+    /// node of a mesh must use the same one.
+    #[arg(long, env = "MESHTUNE_OUTER")]
+    pub outer: Option<String>,
+    /// Refuse deltas whose L2 norm exceeds this (besides the screen against 10x the round's
+    /// median norm).
+    #[arg(long, env = "MESHTUNE_MAX_DELTA_NORM")]
+    pub max_delta_norm: Option<f64>,
     /// Fraction of the mesh whose deltas end a round early.
     #[arg(long, env = "MESHTUNE_QUORUM")]
     pub quorum: Option<f64>,
@@ -237,6 +246,12 @@ pub fn resolve(args: &NodeArgs) -> anyhow::Result<(MeshSettings, TrainConfig)> {
     if let Some(v) = &args.aggregation {
         mesh.aggregation = v.parse().map_err(|e: String| anyhow::anyhow!(e))?;
     }
+    if let Some(v) = &args.outer {
+        mesh.outer = v.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    }
+    if let Some(v) = args.max_delta_norm {
+        mesh.max_delta_norm = Some(v);
+    }
     if let Some(v) = args.quorum {
         mesh.quorum = v;
     }
@@ -258,6 +273,13 @@ pub fn resolve(args: &NodeArgs) -> anyhow::Result<(MeshSettings, TrainConfig)> {
         mesh.quorum
     );
     positive_seconds("collect_timeout_s", mesh.collect_timeout_s)?;
+    mesh.outer.validate().map_err(|e| anyhow::anyhow!(e))?;
+    if let Some(norm) = mesh.max_delta_norm {
+        anyhow::ensure!(
+            norm.is_finite() && norm > 0.0,
+            "`max_delta_norm` must be a positive number, got {norm}"
+        );
+    }
     positive_seconds("request_timeout_s", mesh.request_timeout_s)?;
     mesh.codec
         .parse::<CodecParams>()

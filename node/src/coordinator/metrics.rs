@@ -28,6 +28,7 @@ pub struct NodeMetrics {
     pub round: Gauge,
     pub train_loss: Gauge<f64, AtomicU64>,
     pub eval_rouge_l: Gauge<f64, AtomicU64>,
+    pub eval_loss: Gauge<f64, AtomicU64>,
     pub round_seconds: Gauge<f64, AtomicU64>,
     pub mesh_peers: Gauge,
     pub deltas_used: Gauge,
@@ -43,6 +44,7 @@ impl NodeMetrics {
             round: Gauge::default(),
             train_loss: Gauge::default(),
             eval_rouge_l: Gauge::default(),
+            eval_loss: Gauge::default(),
             round_seconds: Gauge::default(),
             mesh_peers: Gauge::default(),
             deltas_used: Gauge::default(),
@@ -61,6 +63,11 @@ impl NodeMetrics {
             "eval_rouge_l",
             "Eval ROUGE-L F after the last evaluated round",
             metrics.eval_rouge_l.clone(),
+        );
+        sub.register(
+            "eval_loss",
+            "Eval loss (mean token cross-entropy) after the last evaluated round",
+            metrics.eval_loss.clone(),
         );
         sub.register(
             "round_seconds",
@@ -111,19 +118,22 @@ impl NodeMetrics {
             .inc();
     }
 
+    /// The whole registry in Prometheus text (what `/metrics` serves); empty before
+    /// [`Self::attach_registry`].
+    pub fn text(&self) -> String {
+        let mut text = String::new();
+        if let Ok(slot) = self.registry.lock()
+            && let Some(registry) = slot.as_ref()
+            && prometheus_client::encoding::text::encode(&mut text, registry).is_err()
+        {
+            text.clear();
+        }
+        text
+    }
+
     /// Bytes received and sent on the wire so far (libp2p's transport counters).
     pub fn wire_bytes(&self) -> (u64, u64) {
-        let Ok(slot) = self.registry.lock() else {
-            return (0, 0);
-        };
-        let Some(registry) = slot.as_ref() else {
-            return (0, 0);
-        };
-        let mut text = String::new();
-        if prometheus_client::encoding::text::encode(&mut text, registry).is_err() {
-            return (0, 0);
-        }
-        wire_bytes_in_text(&text)
+        wire_bytes_in_text(&self.text())
     }
 }
 

@@ -216,7 +216,7 @@ enum Done {
     },
     Synced {
         from: PeerId,
-        result: Result<(u64, Box<TensorSet>), String>,
+        result: Result<(u64, Box<TensorSet>, OuterState), String>,
     },
 }
 
@@ -250,23 +250,22 @@ pub async fn run(
     let mut round = 0u64;
     if let Some(restored) = trainer.restore(checkpoints.clone()).await? {
         round = restored.state["next_round"].as_u64().unwrap_or(0);
-        let mut momentum = Vec::new();
+        let mut outer = Vec::new();
         for (name, shape, values) in restored.extras {
             if let Some(tensor) = name.strip_prefix("feedback/") {
                 feedback.restore_residual(tensor, values);
-            } else if let Some(tensor) = name.strip_prefix("momentum/") {
-                momentum.push(meshtune_protocol::Tensor::new(tensor, shape, values)?);
+            } else if let Some(tensor) = name.strip_prefix("outer/") {
+                outer.push(meshtune_protocol::Tensor::new(tensor, shape, values)?);
             }
         }
-        if !momentum.is_empty() {
-            outer_state.momentum = Some(TensorSet::new(momentum)?);
-        }
+        outer_state = OuterState::from_tensors(&TensorSet::new(outer)?)
+            .context("outer optimizer state in the checkpoint")?;
         tracing::info!(round, "resumed from checkpoint");
     }
     let mut base = trainer.weights().await?;
     let layout: ModelLayout = base.layout();
     let mut base_hash = ModelHash::of_tensors(&base);
-    serve_state(&store, &config, me, round, &base)?;
+    serve_state(&store, &config, me, round, &base, &outer_state)?;
     let rounds_path = config.out.join("rounds.jsonl");
     let mut records: Vec<RoundRecord> = std::fs::read_to_string(&rounds_path)
         .unwrap_or_default()
@@ -473,6 +472,7 @@ pub async fn run(
                         layout.clone(),
                         config.clone(),
                         client.clone(),
+                        metrics.clone(),
                         done_tx.clone(),
                     ));
                 }
@@ -630,6 +630,7 @@ pub async fn run(
                     };
                     metrics.round_seconds.set(record.seconds_total);
                     if let Some(e) = eval {
+                        metrics.eval_loss.set(e.loss);
                         metrics.eval_rouge_l.set(e.rouge_l);
                     }
                     tracing::info!(
@@ -651,10 +652,8 @@ pub async fn run(
                             extras.push((format!("feedback/{name}"), vec![values.len()], values.to_vec()));
                         }
                     }
-                    if let Some(momentum) = &outer_state.momentum {
-                        for t in momentum.tensors() {
-                            extras.push((format!("momentum/{}", t.name), t.shape.clone(), t.values.clone()));
-                        }
+                    for t in outer_state.to_tensors(config.outer, &base).into_tensors() {
+                        extras.push((format!("outer/{}", t.name), t.shape, t.values));
                     }
                     trainer
                         .save(checkpoints.clone(), (round + 1) as usize, serde_json::json!({"next_round": round + 1, "model_hash": hash.to_string()}), extras)
@@ -662,11 +661,11 @@ pub async fn run(
                         .context("checkpoint after the round")?;
                     append_record(&rounds_path, &record)?;
                     records.push(record);
-                    serve_state(&store, &config, me, round + 1, &base)?;
+                    serve_state(&store, &config, me, round + 1, &base, &outer_state)?;
                     Input::RoundApplied { round, new_base: hash }
                 }
                 Some(Done::Synced { from, result }) => match result {
-                    Ok((synced_round, weights)) => {
+                    Ok((synced_round, weights, outer)) => {
                         trainer.set_weights((*weights).clone()).await?;
                         base = *weights;
                         base_hash = ModelHash::of_tensors(&base);
@@ -676,8 +675,10 @@ pub async fn run(
                         if let Some(fb) = feedback_slot.as_mut() {
                             fb.clear();
                         }
-                        outer_state = OuterState::default();
-                        serve_state(&store, &config, me, synced_round, &base)?;
+                        // The mesh's outer optimizer state comes with its model, so the next
+                        // outer step here is the one every other node takes.
+                        outer_state = outer;
+                        serve_state(&store, &config, me, synced_round, &base, &outer_state)?;
                         tracing::info!(peer = %from, round = synced_round, hash = %base_hash, "adopted a peer's state");
                         Input::StateSynced { round: synced_round, base: base_hash }
                     }
@@ -774,23 +775,26 @@ fn append_record(path: &std::path::Path, record: &RoundRecord) -> anyhow::Result
     Ok(())
 }
 
-/// Encodes the current base losslessly and serves it to late joiners.
+/// Encodes the current base and the outer optimizer's state losslessly and serves them to
+/// late joiners and to nodes that resynchronise.
 fn serve_state(
     store: &Arc<Mutex<BlobStore>>,
     config: &CoordinatorConfig,
     me: PeerId,
     round: u64,
     base: &TensorSet,
+    outer: &OuterState,
 ) -> anyhow::Result<()> {
-    let empty = TensorSet::new(Vec::new())?;
-    let encoded = encode_state(base, &empty, &StateCodecParams::default())?;
+    let outer = outer.to_tensors(config.outer, base);
+    let encoded = encode_state(base, &outer, &StateCodecParams::default())?;
     let chunks = chunk_blob(&encoded.blob, config.chunk_size)?;
     let manifest = StateManifest {
         mesh_id: config.mesh_id.clone(),
         round,
         model_hash: encoded.model_hash,
         sender: me.to_bytes(),
-        training_steps: 0,
+        // Local optimizer steps each node took to reach this model.
+        training_steps: round * config.local_steps as u64,
         blob: chunks.descriptor(),
         model: encoded.model,
         optimizer: encoded.optimizer,
@@ -1087,6 +1091,7 @@ async fn sync_state(
     layout: ModelLayout,
     config: CoordinatorConfig,
     client: Client,
+    metrics: NodeMetrics,
     done: mpsc::Sender<Done>,
 ) {
     let result = async {
@@ -1120,16 +1125,24 @@ async fn sync_state(
         )
         .await
         .map_err(|err| err.to_string())?;
+        metrics.bytes("state_in", fetched.blob.as_bytes().len() as u64);
         let limits = config.limits.clone();
-        let empty = ModelLayout::new(Vec::new()).map_err(|err| err.to_string())?;
+        let outer_layout = OuterState::layout(config.outer, &layout);
         let state = tokio::task::spawn_blocking(move || {
-            decode_state(&manifest, &fetched.blob, &layout, &empty, &limits)
+            decode_state(&manifest, &fetched.blob, &layout, &outer_layout, &limits)
                 .map(|s| (manifest.round, s))
         })
         .await
         .map_err(|err| err.to_string())?
-        .map_err(|err| format!("state does not verify: {err}"))?;
-        Ok((state.0, Box::new(state.1.model)))
+        .map_err(|err| {
+            format!(
+                "state does not verify (this node's outer optimizer is `{}`): {err}",
+                config.outer
+            )
+        })?;
+        let outer = OuterState::from_tensors(&state.1.optimizer)
+            .map_err(|err| format!("peer's outer optimizer state: {err}"))?;
+        Ok((state.0, Box::new(state.1.model), outer))
     }
     .await;
     let _ = done.send(Done::Synced { from, result }).await;

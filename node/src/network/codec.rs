@@ -136,4 +136,24 @@ mod tests {
                 .is_err()
         );
     }
+
+    proptest::proptest! {
+        /// Whatever a peer writes on a blob stream, reading it is an error or a message that
+        /// re-encodes to the same bytes: never a panic.
+        #[test]
+        fn arbitrary_streams_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+            runtime.block_on(async {
+                let mut codec = BlobCodec { limits: Limits::default() };
+                let protocol = blob_protocol("test").expect("protocol");
+                if let Ok(request) = codec.read_request(&protocol, &mut Cursor::new(bytes.clone())).await {
+                    proptest::prop_assert_eq!(request.encode(&codec.limits).expect("encodes"), bytes.clone());
+                }
+                if let Ok(response) = codec.read_response(&protocol, &mut Cursor::new(bytes.clone())).await {
+                    proptest::prop_assert_eq!(response.encode(&codec.limits).expect("encodes"), bytes);
+                }
+                Ok(())
+            })?;
+        }
+    }
 }

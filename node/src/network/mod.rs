@@ -41,6 +41,9 @@ use meshtune_bootstrap::PeerAddr;
 use meshtune_bootstrap::behaviour::{MeshId, add_identified_addresses, identify_config, kademlia};
 use meshtune_bootstrap::transport::BoxedTransport;
 use meshtune_protocol::{ChunkRequest, ChunkResponse, DeltaManifest, Limits, ModelLayout};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -428,6 +431,7 @@ pub fn start(
         mdns: mdns.into(),
     };
     let metrics = libp2p::metrics::Metrics::new(registry);
+    let net_metrics = NetMetrics::register(registry);
     let mut swarm = meshtune_bootstrap::transport::build_swarm(
         keypair,
         transport,
@@ -467,6 +471,7 @@ pub fn start(
         layout,
         store,
         metrics,
+        net_metrics,
         commands: command_receiver,
         events: event_sender,
         pending: HashMap::new(),
@@ -487,6 +492,53 @@ pub fn start(
     })
 }
 
+/// The event loop's own counters (served at `/metrics` next to the node's and libp2p's).
+#[derive(Debug, Clone, Default)]
+struct NetMetrics {
+    /// Misbehaviours counted against peers, by reason.
+    strikes: Family<Vec<(String, String)>, Counter>,
+    /// Manifests refused at gossip validation, by reason.
+    rejected_manifests: Family<Vec<(String, String)>, Counter>,
+    /// Blob bytes this node served to peers, by kind (chunk, chunk_list, state_manifest).
+    served_bytes: Family<Vec<(String, String)>, Counter>,
+    /// Peers blacklisted so far (strikes or deny list).
+    blacklisted: Gauge,
+}
+
+impl NetMetrics {
+    fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let metrics = Self::default();
+        let sub = registry.sub_registry_with_prefix("meshtune");
+        sub.register(
+            "peer_strikes",
+            "Misbehaviours counted against peers, by reason",
+            metrics.strikes.clone(),
+        );
+        sub.register(
+            "gossip_rejected",
+            "Manifests refused at gossip validation, by reason",
+            metrics.rejected_manifests.clone(),
+        );
+        sub.register(
+            "served_bytes",
+            "Blob bytes served to peers, by kind",
+            metrics.served_bytes.clone(),
+        );
+        sub.register(
+            "blacklisted_peers",
+            "Peers blacklisted after repeated misbehaviour",
+            metrics.blacklisted.clone(),
+        );
+        metrics
+    }
+
+    fn count(family: &Family<Vec<(String, String)>, Counter>, key: &str, value: &str, by: u64) {
+        family
+            .get_or_create(&vec![(key.to_owned(), value.to_owned())])
+            .inc_by(by);
+    }
+}
+
 struct InboundWindow {
     started: Instant,
     count: u32,
@@ -500,6 +552,7 @@ struct EventLoop {
     layout: Arc<ModelLayout>,
     store: Arc<Mutex<BlobStore>>,
     metrics: libp2p::metrics::Metrics,
+    net_metrics: NetMetrics,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetworkEvent>,
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<ChunkResponse, RequestError>>>,
@@ -624,8 +677,12 @@ impl EventLoop {
         *strikes += 1;
         let strikes = *strikes;
         tracing::warn!(peer = %peer, reason, strikes, "peer misbehaved");
+        NetMetrics::count(&self.net_metrics.strikes, "reason", reason, 1);
         let gossipsub = &mut self.swarm.behaviour_mut().gossipsub;
         gossipsub.set_application_score(&peer, -100.0 * f64::from(strikes));
+        if strikes == MAX_STRIKES {
+            self.net_metrics.blacklisted.inc();
+        }
         if strikes >= MAX_STRIKES {
             tracing::warn!(peer = %peer, strikes, "blacklisting and disconnecting peer");
             gossipsub.blacklist_peer(&peer);
@@ -802,6 +859,7 @@ impl EventLoop {
             }),
             Err(reason) => {
                 tracing::warn!(peer = %source, reason, "rejecting manifest");
+                NetMetrics::count(&self.net_metrics.rejected_manifests, "reason", reason, 1);
                 self.swarm
                     .behaviour_mut()
                     .gossipsub
@@ -894,6 +952,15 @@ impl EventLoop {
             Ok(mut store) => store.answer(&request, self.config.mesh.as_str()),
             Err(_) => ChunkResponse::NotFound,
         };
+        let served = match &response {
+            ChunkResponse::Chunk(bytes) => Some(("chunk", bytes.len())),
+            ChunkResponse::ChunkList(list) => Some(("chunk_list", 32 * list.chunk_hashes().len())),
+            ChunkResponse::State(_) => Some(("state_manifest", 0)),
+            ChunkResponse::NotFound => None,
+        };
+        if let Some((kind, bytes)) = served {
+            NetMetrics::count(&self.net_metrics.served_bytes, "kind", kind, bytes as u64);
+        }
         if self
             .swarm
             .behaviour_mut()

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod commands;
 pub mod coordinator;
 pub mod device;
+pub mod energy;
 pub mod logging;
 pub mod network;
 pub mod plot;

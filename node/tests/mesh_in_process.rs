@@ -359,6 +359,14 @@ async fn honest_nodes_refuse_a_hostile_peer_and_keep_training() {
             strikes >= 1.0,
             "node {i} never struck the hostile peer:\n{text}"
         );
+        if i == 0 {
+            // The flooded node scored the flood down (strikes lower the gossip score; five
+            // blacklist the peer).
+            assert!(
+                text.contains("meshtune_peer_strikes_total{reason=\"request flood\"}"),
+                "the flood earned no strike:\n{text}"
+            );
+        }
         let first = summary.rounds[0].train_loss.expect("loss");
         let last = summary.rounds[2].train_loss.expect("loss");
         assert!(last < first, "node {i}: loss {first} -> {last}");

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use libp2p::identity::Keypair;
-use meshtune_node::averaging::aggregate::relative_disagreement;
+use meshtune_node::averaging::aggregate::{OuterOptimizer, relative_disagreement};
 use meshtune_node::coordinator::RoundRecord;
 
 fn records(out: &Path) -> Vec<RoundRecord> {
@@ -60,15 +60,38 @@ async fn finish(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_joiner_syncs_the_state_then_trains_with_the_mesh() {
+    late_joiner(3_000, OuterOptimizer::Average).await;
+}
+
+/// With a stateful outer optimizer the joiner must also adopt the mesh's outer state (shipped
+/// in the `StateManifest`): with its momentum starting from zero, its next outer step would
+/// differ from everyone else's and the models would drift apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_joiner_adopts_the_outer_optimizer_state() {
+    late_joiner(
+        3_100,
+        OuterOptimizer::Nesterov {
+            lr: 0.7,
+            momentum: 0.9,
+        },
+    )
+    .await;
+}
+
+async fn late_joiner(port: u64, outer: OuterOptimizer) {
     init_logs();
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_bootstrap, boot) = start_bootstrap(3_000).await;
+    let (_bootstrap, boot) = start_bootstrap(port).await;
     let data = shards(4, 64);
+    let configure = move |c: &mut meshtune_node::coordinator::CoordinatorConfig| {
+        configure(c);
+        c.outer = outer;
+    };
     let mut nodes: Vec<TestNode> = (0..3)
         .map(|i| {
             start_node(
                 None,
-                3_001 + i as u64,
+                port + 1 + i as u64,
                 &boot,
                 &data[i],
                 &dir.path().join(format!("node{i}")),
@@ -80,7 +103,13 @@ async fn a_late_joiner_syncs_the_state_then_trains_with_the_mesh() {
     wait_for_round(&dir.path().join("node0"), 3).await;
     let late_out = dir.path().join("late");
     nodes.push(start_node(
-        None, 3_010, &boot, &data[3], &late_out, 1, configure,
+        None,
+        port + 10,
+        &boot,
+        &data[3],
+        &late_out,
+        1,
+        configure,
     ));
     let done = finish(nodes).await;
     let late = &done[3].0;

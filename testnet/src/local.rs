@@ -42,6 +42,10 @@ pub struct TestnetArgs {
     /// (DiLoCo), adam:LR[:BETA1:BETA2:EPS] (FedAdam), adamw:LR[:BETA1:BETA2:EPS:WD].
     #[arg(long, default_value = "average")]
     pub outer: String,
+    /// Also run the mesh with each of these outer optimizers (same codec, seeds and data) and
+    /// compare ROUGE-L per round, e.g. `momentum:0.9:0.5,nesterov:0.7:0.9,adam:0.001`.
+    #[arg(long, value_delimiter = ',')]
+    pub compare_outer: Vec<String>,
     /// iid, dirichlet:ALPHA (non-IID by topic) or by-length.
     #[arg(long, default_value = "dirichlet:0.5")]
     pub split: String,
@@ -68,9 +72,13 @@ pub struct TestnetArgs {
     /// Training examples per node (taken from the bundled corpus before splitting).
     #[arg(long, default_value_t = 400)]
     pub examples_per_node: usize,
-    /// Held-out examples for ROUGE-L each round.
+    /// Held-out examples for ROUGE-L.
     #[arg(long, default_value_t = 24)]
     pub eval_examples: usize,
+    /// Evaluate every this many rounds (and always after the last one); 0 picks about ten
+    /// evaluations per run.
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: u64,
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
     #[arg(long, default_value_t = 3e-3)]
@@ -80,6 +88,17 @@ pub struct TestnetArgs {
     /// Report directory (default: testnet-runs/<unix time>).
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+impl TestnetArgs {
+    /// Rounds between evaluations (`--eval-every`, or about ten per run).
+    pub fn eval_rounds(&self) -> u64 {
+        if self.eval_every > 0 {
+            self.eval_every
+        } else {
+            self.rounds.div_ceil(10).max(1)
+        }
+    }
 }
 
 /// Internal flags of the `__bootstrap` role.
@@ -179,16 +198,6 @@ fn parse_split(text: &str) -> anyhow::Result<SplitStrategy> {
     })
 }
 
-/// `--outer` as a `[node]` line.
-fn outer_toml(text: &str) -> anyhow::Result<String> {
-    let outer: OuterOptimizer = text.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-    if outer == OuterOptimizer::Average {
-        return Ok(String::new());
-    }
-    let value = toml::Value::try_from(outer).context("writing the outer optimizer")?;
-    Ok(format!("outer = {value}\n"))
-}
-
 /// Files every run shares.
 struct Prepared {
     data: PathBuf,
@@ -242,11 +251,19 @@ fn prepare(args: &TestnetArgs, out: &Path) -> anyhow::Result<Prepared> {
         args.batch_size, args.lr, args.seed, args.eval_examples
     );
     let node_toml = out.join("node.toml");
-    let outer = outer_toml(&args.outer)?;
+    args.outer
+        .parse::<OuterOptimizer>()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    for outer in &args.compare_outer {
+        outer
+            .parse::<OuterOptimizer>()
+            .map_err(|e| anyhow::anyhow!(e))?;
+    }
     std::fs::write(
         &node_toml,
         format!(
-            "[node]\nmesh = \"testnet\"\ncollect_timeout_s = 30\nwait_timeout_s = 60\n{outer}\n[train]\n{train_table}"
+            "[node]\nmesh = \"testnet\"\ncollect_timeout_s = 30\nwait_timeout_s = 60\neval_every = {}\n\n[train]\n{train_table}",
+            args.eval_rounds()
         ),
     )?;
     let model_args = if args.preset == "tiny" {
@@ -422,7 +439,7 @@ struct NodeSlot {
 fn run_federated(
     args: &TestnetArgs,
     prepared: &Prepared,
-    codec: &str,
+    (codec, outer): (&str, &str),
     dir: &Path,
     live: bool,
     scenario: Scenario,
@@ -500,6 +517,8 @@ fn run_federated(
             codec.to_owned(),
             "--aggregation".into(),
             args.aggregation.clone(),
+            "--outer".into(),
+            outer.to_owned(),
             "--wait-for-peers".into(),
             wait_for.to_string(),
         ]);
@@ -561,8 +580,16 @@ fn run_federated(
     let mut heal_at_round: Option<usize> = None;
     if live {
         println!(
-            "{:>5} | {:>28} | {:>8} | {:>10} | {:>10} | {:>7} | {:>5}",
-            "round", "train loss per node", "ROUGE-L", "sent", "received", "time", "peers"
+            "{:>5} | {:>28} | {:>8} | {:>10} | {:>10} | {:>7} | {:>5} | {:>5} | {:>8}",
+            "round",
+            "train loss per node",
+            "ROUGE-L",
+            "sent",
+            "received",
+            "time",
+            "peers",
+            "G",
+            "tok/s/W"
         );
     }
     let mut printed = 0u64;
@@ -693,6 +720,7 @@ fn run_federated(
     }
     Ok(FederatedRun {
         codec: codec.to_owned(),
+        outer: outer.to_owned(),
         records,
         seconds: started.elapsed().as_secs_f64(),
         scenario: scenario.name().to_owned(),
@@ -785,15 +813,41 @@ fn print_row(round: u64, records: &[Vec<RoundRecord>]) {
     let received: u64 = present.iter().map(|r| r.wire_in).sum::<u64>() / count;
     let time = present.iter().map(|r| r.seconds_total).fold(0.0, f64::max);
     let peers = present.iter().map(|r| r.mesh_peers).min().unwrap_or(0);
+    let mean = |values: Vec<f64>, digits: usize| {
+        if values.is_empty() {
+            "-".to_owned()
+        } else {
+            format!(
+                "{:.digits$}",
+                values.iter().sum::<f64>() / values.len() as f64
+            )
+        }
+    };
+    let granularity = mean(
+        present
+            .iter()
+            .filter_map(|r| r.energy.granularity)
+            .collect(),
+        1,
+    );
+    let efficiency = mean(
+        present
+            .iter()
+            .filter_map(|r| r.energy.tokens_per_s_per_w)
+            .collect(),
+        1,
+    );
     println!(
-        "{:>5} | {:>28} | {:>8} | {:>10} | {:>10} | {:>6.1}s | {:>5}",
+        "{:>5} | {:>28} | {:>8} | {:>10} | {:>10} | {:>6.1}s | {:>5} | {:>5} | {:>8}",
         round,
         losses.join(" "),
         mean_rouge,
         human_bytes(sent),
         human_bytes(received),
         time,
-        peers
+        peers,
+        granularity,
+        efficiency
     );
 }
 
@@ -874,7 +928,7 @@ fn run_baselines(args: &TestnetArgs, prepared: &Prepared, dir: &Path) -> anyhow:
             prepared,
             shard,
             steps,
-            args.local_steps,
+            args.local_steps * args.eval_rounds() as usize,
             args.lr,
             &dir.join(format!("alone-{i}")),
         )?);
@@ -890,7 +944,7 @@ fn run_baselines(args: &TestnetArgs, prepared: &Prepared, dir: &Path) -> anyhow:
             prepared,
             &prepared.union,
             central_steps,
-            args.local_steps * args.nodes,
+            args.local_steps * args.nodes * args.eval_rounds() as usize,
             *lr,
             &dir.join(format!("centralized-{k}")),
         )?);
@@ -957,7 +1011,7 @@ pub fn run_testnet(args: TestnetArgs) -> anyhow::Result<PathBuf> {
     let main = run_federated(
         &args,
         &prepared,
-        &args.codec,
+        (&args.codec, &args.outer),
         &out.join("federated"),
         true,
         scenario,
@@ -973,7 +1027,7 @@ pub fn run_testnet(args: TestnetArgs) -> anyhow::Result<PathBuf> {
         clean = Some(run_federated(
             &args,
             &prepared,
-            &args.codec,
+            (&args.codec, &args.outer),
             &out.join("clean"),
             false,
             Scenario::None,
@@ -990,12 +1044,23 @@ pub fn run_testnet(args: TestnetArgs) -> anyhow::Result<PathBuf> {
                 codecs.push(run_federated(
                     &args,
                     &prepared,
-                    codec,
+                    (codec, &args.outer),
                     &dir,
                     false,
                     Scenario::None,
                 )?);
             }
+        }
+        for (k, outer) in args.compare_outer.iter().enumerate() {
+            println!("\ncomparison: the same mesh with outer optimizer {outer}");
+            codecs.push(run_federated(
+                &args,
+                &prepared,
+                (&args.codec, outer),
+                &out.join(format!("outer-{k}")),
+                false,
+                Scenario::None,
+            )?);
         }
         println!("\ncomparison: each node alone, and centralized on the union (same steps)");
         baselines = Some(run_baselines(&args, &prepared, &out.join("baselines"))?);
@@ -1009,33 +1074,4 @@ pub fn run_testnet(args: TestnetArgs) -> anyhow::Result<PathBuf> {
         baselines.as_ref(),
     )?;
     Ok(report_dir)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn outer_flag_becomes_a_node_toml_line_that_parses_back() {
-        assert_eq!(outer_toml("average").expect("valid"), "");
-        for text in [
-            "momentum:0.9:0.5",
-            "nesterov:0.7:0.9",
-            "adam:0.01",
-            "adamw:0.01:0.9:0.95:1e-6:0.1",
-        ] {
-            let line = outer_toml(text).expect("valid");
-            let file: meshtune_node::commands::node::NodeFile =
-                toml::from_str(&format!("[node]\n{line}")).expect("parses");
-            assert_eq!(
-                file.node.outer,
-                text.parse::<OuterOptimizer>().expect("valid"),
-                "{line}"
-            );
-        }
-        let err = outer_toml("adam:-1").expect_err("negative lr");
-        assert!(err.to_string().contains("lr"), "{err}");
-        let err = outer_toml("sgd:1").expect_err("unknown");
-        assert!(err.to_string().contains("unknown --outer"), "{err}");
-    }
 }

@@ -16,6 +16,8 @@ use crate::png::write_png;
 #[derive(Debug, Clone)]
 pub struct FederatedRun {
     pub codec: String,
+    /// `--outer` of this run.
+    pub outer: String,
     /// `records[node][round]`.
     pub records: Vec<Vec<RoundRecord>>,
     pub seconds: f64,
@@ -25,6 +27,15 @@ pub struct FederatedRun {
 }
 
 impl FederatedRun {
+    /// `codec`, plus the outer optimizer when it is not plain averaging.
+    pub fn label(&self) -> String {
+        if self.outer == "average" {
+            self.codec.clone()
+        } else {
+            format!("{}, outer {}", self.codec, self.outer)
+        }
+    }
+
     /// Mean ROUGE-L over nodes of the last evaluated round.
     pub fn final_rouge_l(&self) -> Option<f64> {
         let finals: Vec<f64> = self
@@ -271,7 +282,7 @@ pub fn write(
             "preset": args.preset, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
         },
         "runs": runs.iter().chain(clean).map(|r| serde_json::json!({
-            "codec": r.codec, "scenario": r.scenario, "faults": r.faults,
+            "codec": r.codec, "outer": r.outer, "scenario": r.scenario, "faults": r.faults,
             "seconds": r.seconds, "nodes": r.records,
         })).collect::<Vec<_>>(),
         "baselines": baselines.map(|b| serde_json::json!({
@@ -285,14 +296,14 @@ pub fn write(
         serde_json::to_string_pretty(&json)?,
     )?;
     let mut csv = String::from(
-        "node,round,train_loss,eval_loss,rouge_l,deltas,mesh_peers,delta_bytes,raw_delta_bytes,payload_in,wire_in,wire_out,amplification,seconds_train,seconds_total\n",
+        "node,round,train_loss,eval_loss,rouge_l,deltas,mesh_peers,delta_bytes,raw_delta_bytes,payload_in,wire_in,wire_out,amplification,seconds_train,seconds_total,seconds_eval,tokens,granularity,energy_compute_j,energy_comm_j,tokens_per_s_per_w\n",
     );
     let opt = |v: Option<f64>| v.map_or(String::new(), |x| x.to_string());
     for (node, records) in main.records.iter().enumerate() {
         for r in records {
             writeln!(
                 csv,
-                "{node},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                "{node},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
                 r.round,
                 opt(r.train_loss),
                 opt(r.eval_loss),
@@ -306,7 +317,13 @@ pub fn write(
                 r.wire_out,
                 opt(r.amplification),
                 r.seconds_train,
-                r.seconds_total
+                r.seconds_total,
+                r.seconds_eval,
+                r.tokens,
+                opt(r.energy.granularity),
+                opt(r.energy.compute_j),
+                opt(r.energy.comm_j),
+                opt(r.energy.tokens_per_s_per_w)
             )?;
         }
     }
@@ -337,18 +354,18 @@ pub fn write(
         &per_node(&|r| r.train_loss),
     )?;
     let mut rouge = vec![Series::new(
-        &format!("federated ({})", main.codec),
+        &format!("federated ({})", main.label()),
         main.mean_by_round(|r| r.rouge_l),
     )];
     if let Some(clean) = clean {
         rouge.push(Series::new(
-            &format!("federated ({}), no `{}`", clean.codec, main.scenario),
+            &format!("federated ({}), no `{}`", clean.label(), main.scenario),
             clean.mean_by_round(|r| r.rouge_l),
         ));
     }
     for run in &runs[1..] {
         rouge.push(Series::new(
-            &format!("federated ({})", run.codec),
+            &format!("federated ({})", run.label()),
             run.mean_by_round(|r| r.rouge_l),
         ));
     }
@@ -407,10 +424,42 @@ pub fn write(
             ),
             Series::new(
                 "communication + waiting",
-                main.mean_by_round(|r| Some((r.seconds_total - r.seconds_train).max(0.0))),
+                main.mean_by_round(|r| {
+                    Some((r.seconds_total - r.seconds_train - r.seconds_eval).max(0.0))
+                }),
             ),
+            Series::new("evaluation", main.mean_by_round(|r| Some(r.seconds_eval))),
         ],
     )?;
+    chart(
+        dir,
+        "granularity",
+        "Granularity G = compute time / communication time (mean over nodes)",
+        "round",
+        "G",
+        &[Series::new(
+            &format!("federated ({})", main.codec),
+            main.mean_by_round(|r| r.energy.granularity),
+        )],
+    )?;
+    let measured = main
+        .records
+        .iter()
+        .flatten()
+        .any(|r| r.energy.compute_j.is_some());
+    if measured {
+        chart(
+            dir,
+            "energy",
+            "Energy per round: compute vs communication (mean over nodes)",
+            "round",
+            "joules",
+            &[
+                Series::new("compute", main.mean_by_round(|r| r.energy.compute_j)),
+                Series::new("communication", main.mean_by_round(|r| r.energy.comm_j)),
+            ],
+        )?;
+    }
 
     // Summary.
     let mut md = String::new();
@@ -476,11 +525,12 @@ pub fn write(
     for run in runs.iter().chain(clean) {
         let (encoded, raw) = run.delta_sizes();
         let label = if run.scenario == "none" {
-            format!("federated, codec `{}`", run.codec)
+            format!("federated, codec `{}`", run.label())
         } else {
             format!(
                 "federated, codec `{}`, scenario `{}`",
-                run.codec, run.scenario
+                run.label(),
+                run.scenario
             )
         };
         writeln!(
@@ -516,9 +566,45 @@ pub fn write(
         )?;
     }
     writeln!(md)?;
+    let outers: Vec<&FederatedRun> = runs
+        .iter()
+        .filter(|r| r.codec == main.codec && r.scenario == "none")
+        .collect();
+    if outers.len() > 1 {
+        writeln!(
+            md,
+            "## Outer optimizers (codec `{}`, same data and seeds)\n",
+            main.codec
+        )?;
+        writeln!(
+            md,
+            "| outer step | final ROUGE-L | wall time |\n|---|---|---|"
+        )?;
+        for run in &outers {
+            writeln!(
+                md,
+                "| `{}` | {} | {:.0} s |",
+                run.outer,
+                fmt_opt(run.final_rouge_l()),
+                run.seconds
+            )?;
+        }
+        if let Some(best) = outers.iter().max_by(|a, b| {
+            let key = |r: &FederatedRun| r.final_rouge_l().unwrap_or(f64::NEG_INFINITY);
+            key(a).total_cmp(&key(b))
+        }) {
+            writeln!(
+                md,
+                "\nHighest final ROUGE-L on this task: `{}`.\n",
+                best.outer
+            )?;
+        }
+    }
     // The goal is about the mesh without faults.
     let main = clean.unwrap_or(main);
-    let f32_run = runs.iter().find(|r| r.codec == "f32");
+    let f32_run = runs
+        .iter()
+        .find(|r| r.codec == "f32" && r.outer == main.outer);
     if let (Some(f32_run), Some(central)) =
         (f32_run, baselines.and_then(Baselines::centralized_final))
     {
@@ -539,7 +625,39 @@ pub fn write(
             if met { "met" } else { "not met" }
         )?;
     }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    let granularity = median(
+        main.records
+            .iter()
+            .flatten()
+            .filter_map(|r| r.energy.granularity)
+            .collect(),
+    );
+    let efficiency = median(
+        main.records
+            .iter()
+            .flatten()
+            .filter_map(|r| r.energy.tokens_per_s_per_w)
+            .collect(),
+    );
+    writeln!(
+        md,
+        "Granularity G = T_comp / T_comm (median over node-rounds): {}. Energy: {}.\n",
+        granularity.map_or("-".into(), |g| format!("{g:.2}")),
+        match efficiency {
+            Some(e) => format!(
+                "{e:.1} training tokens/s/W (median; the power reader measures the whole \
+                 device, shared by every node on it)"
+            ),
+            None =>
+                "unavailable (no readable power reader here: see `meshtune node --power`)".into(),
+        }
+    )?;
     writeln!(md, "## Charts\n")?;
+    let energy_chart = measured.then_some(("energy", "energy per round, compute vs communication"));
     for (name, what) in [
         (
             "rouge",
@@ -549,9 +667,13 @@ pub fn write(
         ("bytes", "bytes sent per node per round"),
         (
             "round_time",
-            "round time split into compute and communication",
+            "round time split into compute, communication and evaluation",
         ),
-    ] {
+        ("granularity", "granularity G = T_comp / T_comm per round"),
+    ]
+    .into_iter()
+    .chain(energy_chart)
+    {
         writeln!(md, "- {what}: ![{name}]({name}.png) ([svg]({name}.svg))")?;
     }
     writeln!(

@@ -39,6 +39,7 @@ fn a_small_testnet_runs_to_completion_and_writes_its_report() {
         "rouge.svg",
         "bytes.svg",
         "round_time.svg",
+        "granularity.svg",
         "loss.png",
     ] {
         assert!(report.join(file).exists(), "missing {file}");
@@ -48,8 +49,15 @@ fn a_small_testnet_runs_to_completion_and_writes_its_report() {
     let rows: Vec<&str> = csv.lines().skip(1).collect();
     assert_eq!(rows.len(), 4, "{csv}");
     for row in rows {
-        assert_eq!(row.split(',').nth(5), Some("2"), "deltas column: {row}");
+        let cells: Vec<&str> = row.split(',').collect();
+        assert_eq!(cells[5], "2", "deltas column: {row}");
+        // Trained tokens and a granularity G for every round that trained.
+        assert!(cells[16].parse::<u64>().expect("tokens") > 0, "{row}");
+        assert!(cells[17].parse::<f64>().expect("G") > 0.0, "{row}");
     }
+    assert!(stdout.contains("| tok/s/W"), "{stdout}");
+    let summary = std::fs::read_to_string(report.join("summary.md")).expect("summary");
+    assert!(summary.contains("Granularity G"), "{summary}");
     let png = std::fs::read(report.join("loss.png")).expect("png");
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
 }

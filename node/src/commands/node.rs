@@ -98,6 +98,10 @@ pub struct NodeArgs {
     /// median norm).
     #[arg(long, env = "MESHTUNE_MAX_DELTA_NORM")]
     pub max_delta_norm: Option<f64>,
+    /// Power reader for per-round energy, tokens/s/W: auto (Jetson INA3221, then NVML, then
+    /// RAPL, else unavailable), jetson, nvml, rapl or none.
+    #[arg(long, env = "MESHTUNE_POWER", default_value = "auto")]
+    pub power: crate::energy::PowerSource,
     /// Fraction of the mesh whose deltas end a round early.
     #[arg(long, env = "MESHTUNE_QUORUM")]
     pub quorum: Option<f64>,
@@ -446,6 +450,12 @@ async fn run_async(args: NodeArgs) -> anyhow::Result<RunSummary> {
     }
     let mut config = CoordinatorConfig::new(&settings.mesh, args.out.clone());
     config.misbehave = misbehave;
+    let reader = crate::energy::detect(args.power).map_err(|e| anyhow::anyhow!(e))?;
+    tracing::info!(reader = reader.name(), "power reader");
+    config.energy = Some(crate::energy::EnergyMeter::start(
+        reader,
+        Duration::from_millis(100),
+    ));
     config.local_steps = settings.local_steps;
     config.rounds = settings.rounds;
     config.final_exchange = args.final_exchange;

@@ -32,6 +32,9 @@ pub struct NodeMetrics {
     pub round_seconds: Gauge<f64, AtomicU64>,
     pub mesh_peers: Gauge,
     pub deltas_used: Gauge,
+    energy_j: Family<KindLabel, Gauge<f64, AtomicU64>>,
+    tokens_per_s_per_w: Gauge<f64, AtomicU64>,
+    granularity: Gauge<f64, AtomicU64>,
     bytes: Family<KindLabel, Counter>,
     rejected: Family<ReasonLabel, Counter>,
     /// Filled in after registration is complete (the registry is shared with the server).
@@ -48,6 +51,9 @@ impl NodeMetrics {
             round_seconds: Gauge::default(),
             mesh_peers: Gauge::default(),
             deltas_used: Gauge::default(),
+            energy_j: Family::default(),
+            tokens_per_s_per_w: Gauge::default(),
+            granularity: Gauge::default(),
             bytes: Family::default(),
             rejected: Family::default(),
             registry: Arc::new(Mutex::new(None)),
@@ -85,6 +91,21 @@ impl NodeMetrics {
             metrics.deltas_used.clone(),
         );
         sub.register(
+            "round_energy_joules",
+            "Energy of the last round by phase (compute, comm); absent without a power reader",
+            metrics.energy_j.clone(),
+        );
+        sub.register(
+            "tokens_per_s_per_w",
+            "Training tokens per second per watt in the last round",
+            metrics.tokens_per_s_per_w.clone(),
+        );
+        sub.register(
+            "granularity",
+            "G = compute time / communication time of the last round",
+            metrics.granularity.clone(),
+        );
+        sub.register(
             "payload_bytes",
             "Delta and state payload bytes by kind",
             metrics.bytes.clone(),
@@ -101,6 +122,23 @@ impl NodeMetrics {
     pub fn attach_registry(&self, registry: Arc<Registry>) {
         if let Ok(mut slot) = self.registry.lock() {
             *slot = Some(registry);
+        }
+    }
+
+    /// Sets the energy gauges from a finished round (unmeasured values are left out).
+    pub fn record_energy(&self, energy: &crate::energy::RoundEnergy) {
+        for (kind, value) in [("compute", energy.compute_j), ("comm", energy.comm_j)] {
+            if let Some(v) = value {
+                self.energy_j
+                    .get_or_create(&KindLabel { kind: kind.into() })
+                    .set(v);
+            }
+        }
+        if let Some(v) = energy.tokens_per_s_per_w {
+            self.tokens_per_s_per_w.set(v);
+        }
+        if let Some(v) = energy.granularity {
+            self.granularity.set(v);
         }
     }
 

@@ -32,6 +32,7 @@ use crate::averaging::aggregate::{
     difference, l2_norm, norm_outliers,
 };
 use crate::averaging::round::{Action, Input, RejectReason, RoundConfig, RoundMachine, Verdict};
+use crate::energy::{EnergyMeter, RoundEnergy};
 use crate::network::fetch::{FetchConfig, FetchError, fetch_blob};
 use crate::network::store::BlobStore;
 use crate::network::{Client, NetworkEvent};
@@ -76,6 +77,8 @@ pub struct CoordinatorConfig {
     /// Fault injection for the testnet's byzantine scenario: this node publishes bad deltas
     /// on purpose. Never set in normal operation.
     pub misbehave: Option<Misbehaviour>,
+    /// Where per-round energy comes from (`None`: not measured).
+    pub energy: Option<EnergyMeter>,
 }
 
 /// The bad deltas a deliberately byzantine node sends (`meshtune node --byzantine`).
@@ -138,6 +141,7 @@ impl CoordinatorConfig {
             limits: Limits::default(),
             chunk_size: DEFAULT_CHUNK_SIZE,
             out,
+            energy: None,
             fetch: FetchConfig::default(),
             wait_for_peers: 0,
             wait_timeout: Duration::from_secs(60),
@@ -172,6 +176,15 @@ pub struct RoundRecord {
     pub amplification: Option<f64>,
     pub seconds_train: f64,
     pub seconds_total: f64,
+    /// Evaluation time inside `seconds_total`.
+    #[serde(default)]
+    pub seconds_eval: f64,
+    /// Training tokens (source + target, no padding).
+    #[serde(default)]
+    pub tokens: u64,
+    /// Compute vs communication energy, tokens/s/W and granularity G.
+    #[serde(default, flatten)]
+    pub energy: RoundEnergy,
     pub model_hash: String,
     pub rejected: BTreeMap<String, u64>,
 }
@@ -228,6 +241,7 @@ struct OpenRound {
     raw_bytes: u64,
     payload_in: u64,
     wire_at_start: (u64, u64),
+    energy_at_start: Option<f64>,
 }
 
 /// Runs rounds until `config.rounds` are applied or `shutdown` fires.
@@ -313,6 +327,7 @@ pub async fn run(
         raw_bytes: 0,
         payload_in: 0,
         wire_at_start: metrics.wire_bytes(),
+        energy_at_start: config.energy.as_ref().and_then(EnergyMeter::joules),
     };
     let mut feedback_slot = Some(std::mem::take(&mut feedback));
     let mut queue: Vec<Action> = actions;
@@ -362,6 +377,7 @@ pub async fn run(
                         raw_bytes: 0,
                         payload_in: 0,
                         wire_at_start: metrics.wire_bytes(),
+                        energy_at_start: config.energy.as_ref().and_then(EnergyMeter::joules),
                     };
                     metrics.round.set(round as i64);
                     tokio::spawn(train_and_publish(
@@ -461,6 +477,7 @@ pub async fn run(
                         config.eval_every > 0
                             && (round % config.eval_every == 0
                                 || config.rounds.is_some_and(|n| round + 1 == n)),
+                        config.energy.clone(),
                         done_tx.clone(),
                     ));
                     deltas_used = count;
@@ -607,7 +624,20 @@ pub async fn run(
                     let wire_now = metrics.wire_bytes();
                     let wire_in = wire_now.0.saturating_sub(open.wire_at_start.0);
                     let wire_out = wire_now.1.saturating_sub(open.wire_at_start.1);
-                    let report = open.report.unwrap_or(TrainReport { steps: 0, samples: 0, loss: f64::NAN, seconds: 0.0 });
+                    let report = open.report.unwrap_or(TrainReport { steps: 0, samples: 0, loss: f64::NAN, seconds: 0.0, tokens: 0, energy_j: None });
+                    let seconds_total = open.started.elapsed().as_secs_f64();
+                    let seconds_eval = eval.map_or(0.0, |e| e.seconds);
+                    let round_j = config.energy.as_ref().and_then(EnergyMeter::joules).zip(open.energy_at_start).map(|(now, start)| now - start);
+                    let comm_j = round_j.zip(report.energy_j).map(|(total, compute)| {
+                        (total - compute - eval.and_then(|e| e.energy_j).unwrap_or(0.0)).max(0.0)
+                    });
+                    let energy = RoundEnergy::new(
+                        report.tokens,
+                        report.seconds,
+                        (seconds_total - report.seconds - seconds_eval).max(0.0),
+                        report.energy_j,
+                        comm_j,
+                    );
                     let record = RoundRecord {
                         round,
                         peer_id: me.to_string(),
@@ -624,11 +654,15 @@ pub async fn run(
                         wire_out,
                         amplification: (open.payload_in > 0).then(|| wire_in as f64 / open.payload_in as f64),
                         seconds_train: report.seconds,
-                        seconds_total: open.started.elapsed().as_secs_f64(),
+                        seconds_total,
+                        seconds_eval,
+                        tokens: report.tokens,
+                        energy,
                         model_hash: hash.to_string(),
                         rejected: std::mem::take(&mut rejected),
                     };
                     metrics.round_seconds.set(record.seconds_total);
+                    metrics.record_energy(&record.energy);
                     if let Some(e) = eval {
                         metrics.eval_loss.set(e.loss);
                         metrics.eval_rouge_l.set(e.rouge_l);
@@ -841,7 +875,10 @@ async fn train_and_publish(
     let result: anyhow::Result<(TrainReport, TensorSet)> = async {
         // The trainer may hold weights from before a sync or a restore: start from the base.
         trainer.set_weights(base.clone()).await?;
-        let report = trainer.train(steps).await?;
+        let before = config.energy.as_ref().and_then(EnergyMeter::joules);
+        let mut report = trainer.train(steps).await?;
+        let after = config.energy.as_ref().and_then(EnergyMeter::joules);
+        report.energy_j = before.zip(after).map(|(b, a)| a - b);
         let after = trainer.weights().await?;
         Ok((report, after))
     }
@@ -1056,12 +1093,17 @@ async fn apply_round(
     hash: ModelHash,
     trainer: TrainerHandle,
     evaluate: bool,
+    energy: Option<EnergyMeter>,
     done: mpsc::Sender<Done>,
 ) {
     let result = async {
         trainer.set_weights(next.clone()).await?;
         let eval = if evaluate {
-            Some(trainer.evaluate().await?)
+            let before = energy.as_ref().and_then(EnergyMeter::joules);
+            let mut report = trainer.evaluate().await?;
+            let after = energy.as_ref().and_then(EnergyMeter::joules);
+            report.energy_j = before.zip(after).map(|(b, a)| a - b);
+            Some(report)
         } else {
             None
         };

@@ -37,6 +37,12 @@ pub struct TrainReport {
     /// Mean loss over the steps.
     pub loss: f64,
     pub seconds: f64,
+    /// Source + target tokens trained on (no padding).
+    #[serde(default)]
+    pub tokens: u64,
+    /// Joules the power reader measured while training (`None`: no reader).
+    #[serde(default)]
+    pub energy_j: Option<f64>,
 }
 
 /// Held-out quality.
@@ -44,6 +50,11 @@ pub struct TrainReport {
 pub struct EvalReport {
     pub loss: f64,
     pub rouge_l: f64,
+    /// Wall time of the evaluation.
+    #[serde(default)]
+    pub seconds: f64,
+    #[serde(default)]
+    pub energy_j: Option<f64>,
 }
 
 /// A node-level checkpoint as the trainer restores it.
@@ -155,6 +166,7 @@ impl<B: AutodiffBackend> LocalTrainer for T5Trainer<B> {
         let started = Instant::now();
         let mut loss = 0.0;
         let mut samples = 0u64;
+        let mut tokens = 0u64;
         for _ in 0..steps {
             let mut micro = Vec::with_capacity(self.config.grad_accum);
             for _ in 0..self.config.grad_accum {
@@ -170,6 +182,10 @@ impl<B: AutodiffBackend> LocalTrainer for T5Trainer<B> {
                 }
                 let rows = &self.batches[self.position];
                 samples += rows.len() as u64;
+                tokens += rows
+                    .iter()
+                    .map(|&i| (self.train[i].source.len() + self.train[i].target.len()) as u64)
+                    .sum::<u64>();
                 micro.push(to_batch(&self.train, rows, &self.model_config)?);
                 self.position += 1;
             }
@@ -188,10 +204,13 @@ impl<B: AutodiffBackend> LocalTrainer for T5Trainer<B> {
                 loss / steps as f64
             },
             seconds: started.elapsed().as_secs_f64(),
+            tokens,
+            energy_j: None,
         })
     }
 
     fn evaluate(&mut self) -> anyhow::Result<EvalReport> {
+        let started = Instant::now();
         let (loss, rouge) = evaluate(
             &self.state.model.valid(),
             &self.model_config,
@@ -203,6 +222,8 @@ impl<B: AutodiffBackend> LocalTrainer for T5Trainer<B> {
         Ok(EvalReport {
             loss,
             rouge_l: rouge.2,
+            seconds: started.elapsed().as_secs_f64(),
+            energy_j: None,
         })
     }
 

@@ -296,14 +296,14 @@ pub fn write(
         serde_json::to_string_pretty(&json)?,
     )?;
     let mut csv = String::from(
-        "node,round,train_loss,eval_loss,rouge_l,deltas,mesh_peers,delta_bytes,raw_delta_bytes,payload_in,wire_in,wire_out,amplification,seconds_train,seconds_total,seconds_eval,tokens,granularity,energy_compute_j,energy_comm_j,tokens_per_s_per_w\n",
+        "node,round,train_loss,eval_loss,rouge_l,deltas,mesh_peers,delta_bytes,raw_delta_bytes,payload_in,wire_in,wire_out,amplification,seconds_train,seconds_total,seconds_eval,tokens,granularity,energy_compute_j,energy_comm_j,tokens_per_s_per_w,deadline_s\n",
     );
     let opt = |v: Option<f64>| v.map_or(String::new(), |x| x.to_string());
     for (node, records) in main.records.iter().enumerate() {
         for r in records {
             writeln!(
                 csv,
-                "{node},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                "{node},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
                 r.round,
                 opt(r.train_loss),
                 opt(r.eval_loss),
@@ -323,7 +323,8 @@ pub fn write(
                 opt(r.energy.granularity),
                 opt(r.energy.compute_j),
                 opt(r.energy.comm_j),
-                opt(r.energy.tokens_per_s_per_w)
+                opt(r.energy.tokens_per_s_per_w),
+                r.deadline_s
             )?;
         }
     }

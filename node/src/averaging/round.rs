@@ -49,8 +49,11 @@ pub struct RoundConfig {
     /// Deltas (own included) needed to aggregate at the deadline; below it the round waits
     /// for one more deadline.
     pub min_deltas: usize,
-    /// How long after publishing its own delta a node waits for the quorum.
+    /// How long after publishing its own delta a node waits for the quorum (the first
+    /// rounds' deadline; with `adaptive` set, later ones follow the observed arrivals).
     pub collect_timeout: Duration,
+    /// Deadlines that adapt to when peers' deltas actually arrive.
+    pub adaptive: Option<AdaptiveDeadline>,
     /// Future rounds whose manifests are kept rather than treated as "I am behind".
     pub future_window: u64,
 }
@@ -62,9 +65,34 @@ impl Default for RoundConfig {
             min_deltas: 1,
             collect_timeout: Duration::from_secs(60),
             future_window: 1,
+            adaptive: Some(AdaptiveDeadline::default()),
         }
     }
 }
+
+/// Deadline = `2 x p95 + 2 s` of the recent arrival delays (how long after this node started
+/// collecting a peer's delta was ready, or its manifest arrived when it came after the
+/// round), bounded by `[min, max]`. A fast LAN stops waiting for a dead peer after seconds; a
+/// slow link whose deltas came after the deadline raises it until they fit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaptiveDeadline {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl Default for AdaptiveDeadline {
+    fn default() -> Self {
+        Self {
+            min: Duration::from_secs(10),
+            max: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Arrival delays remembered for the adaptive deadline.
+const ARRIVALS_KEPT: usize = 64;
+/// Arrivals needed before the deadline adapts.
+const ARRIVALS_NEEDED: usize = 4;
 
 /// What the machine is waiting for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,6 +236,10 @@ pub struct RoundMachine {
     peer_set: std::collections::BTreeSet<PeerId>,
     /// Manifests by round, then sender.
     announced: BTreeMap<u64, BTreeMap<PeerId, Announced>>,
+    /// Recent arrival delays (seconds after collecting started), newest last.
+    arrivals: std::collections::VecDeque<f64>,
+    /// When the previous round started collecting (late manifests are timed from it).
+    previous_since: Option<Instant>,
 }
 
 impl RoundMachine {
@@ -229,6 +261,8 @@ impl RoundMachine {
             peer_set: std::collections::BTreeSet::new(),
             peers: 0,
             announced: BTreeMap::new(),
+            arrivals: std::collections::VecDeque::new(),
+            previous_since: None,
         };
         (machine, vec![Action::Train { round, base }])
     }
@@ -248,9 +282,30 @@ impl RoundMachine {
     /// When the machine next needs a [`Input::Tick`] (the collect deadline), if ever.
     pub fn deadline(&self) -> Option<Instant> {
         match self.phase {
-            Phase::Collecting { since } => Some(since + self.config.collect_timeout),
+            Phase::Collecting { since } => Some(since + self.collect_timeout()),
             _ => None,
         }
+    }
+
+    /// The deadline for collecting now: fixed, or adapted to recent arrivals.
+    pub fn collect_timeout(&self) -> Duration {
+        let Some(bounds) = self.config.adaptive else {
+            return self.config.collect_timeout;
+        };
+        if self.arrivals.len() < ARRIVALS_NEEDED {
+            return self.config.collect_timeout;
+        }
+        let mut sorted: Vec<f64> = self.arrivals.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        let p95 = sorted[((sorted.len() as f64 * 0.95).ceil() as usize).clamp(1, sorted.len()) - 1];
+        Duration::from_secs_f64(2.0 * p95 + 2.0).clamp(bounds.min, bounds.max)
+    }
+
+    fn record_arrival(&mut self, seconds: f64) {
+        if self.arrivals.len() == ARRIVALS_KEPT {
+            self.arrivals.pop_front();
+        }
+        self.arrivals.push_back(seconds.max(0.0));
     }
 
     /// Processes one input.
@@ -282,8 +337,33 @@ impl RoundMachine {
                 round,
                 base,
                 blob,
-            } => self.on_manifest(sender, round, base, blob, &mut actions),
-            Input::DeltaReady { sender, round } => self.set_fetch(sender, round, Fetch::Ready),
+            } => {
+                // A manifest of the round this node already closed came after its deadline:
+                // remember how late, so the deadline grows for a slow peer.
+                if round + 1 == self.round
+                    && let Some(since) = self.previous_since
+                {
+                    self.record_arrival((now - since).as_secs_f64());
+                }
+                self.on_manifest(sender, round, base, blob, &mut actions);
+            }
+            Input::DeltaReady { sender, round } => {
+                if round == self.round
+                    && self
+                        .announced
+                        .get(&round)
+                        .and_then(|r| r.get(&sender))
+                        .is_some_and(|a| a.fetch == Fetch::InFlight)
+                {
+                    // Ready before this node published counts as no wait at all.
+                    let delay = match self.phase {
+                        Phase::Collecting { since } => (now - since).as_secs_f64(),
+                        _ => 0.0,
+                    };
+                    self.record_arrival(delay);
+                }
+                self.set_fetch(sender, round, Fetch::Ready);
+            }
             Input::DeltaFailed {
                 sender,
                 round,
@@ -552,8 +632,8 @@ impl RoundMachine {
         let all_heard =
             have + failed >= mesh && !in_flight && have >= self.config.min_deltas.max(1);
         let quorum_done = (have >= wanted && !in_flight) || all_heard;
-        let deadline_done =
-            now >= since + self.config.collect_timeout && have >= self.config.min_deltas.max(1);
+        let timeout = self.collect_timeout();
+        let deadline_done = now >= since + timeout && have >= self.config.min_deltas.max(1);
         if quorum_done || deadline_done {
             if deadline_done && !quorum_done {
                 tracing::info!(
@@ -564,12 +644,13 @@ impl RoundMachine {
                 );
             }
             self.phase = Phase::Applying;
+            self.previous_since = Some(since);
             actions.push(Action::Aggregate {
                 round: self.round,
                 own: self.own_published,
                 peers: ready,
             });
-        } else if now >= since + self.config.collect_timeout {
+        } else if now >= since + timeout {
             // Too few deltas: wait one more deadline.
             self.phase = Phase::Collecting { since: now };
         }
@@ -599,6 +680,7 @@ mod tests {
                 min_deltas: 1,
                 collect_timeout: Duration::from_secs(10),
                 future_window: 1,
+                adaptive: None,
             },
         );
         assert_eq!(
@@ -1067,6 +1149,7 @@ mod tests {
             min_deltas: 1,
             collect_timeout: Duration::from_secs(10),
             future_window: 1,
+            adaptive: None,
         };
         let t0 = Instant::now();
         let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
@@ -1094,6 +1177,106 @@ mod tests {
                 .any(|x| matches!(x, Action::SyncState { .. })),
             "{actions:?}"
         );
+    }
+
+    /// One round where `ready` peers' deltas are ready `after` publishing; returns the time the
+    /// round aggregated (ticking each second until it does).
+    fn timed_round(
+        m: &mut RoundMachine,
+        start: Instant,
+        peers: &[PeerId],
+        ready: &[PeerId],
+        after: Duration,
+    ) -> Instant {
+        let round = m.round();
+        let base = m.base();
+        m.handle(start, Input::LocalDeltaPublished { round, base });
+        for (k, p) in peers.iter().enumerate() {
+            m.handle(
+                start,
+                Input::ManifestReceived {
+                    sender: *p,
+                    round,
+                    base,
+                    blob: blob(100 + k as u8 + 10 * round as u8),
+                },
+            );
+        }
+        let mut now = start + after;
+        for p in ready {
+            if let Some(agg) = aggregate_of(&m.handle(now, Input::DeltaReady { sender: *p, round }))
+            {
+                assert_eq!(agg.1.len(), ready.len());
+            }
+        }
+        while m.phase() != Phase::Applying {
+            now += Duration::from_secs(1);
+            m.handle(now, Input::Tick);
+            assert!(now < start + Duration::from_secs(1000), "never aggregated");
+        }
+        m.handle(
+            now,
+            Input::RoundApplied {
+                round,
+                new_base: hash(round as u8 + 1),
+            },
+        );
+        now
+    }
+
+    #[test]
+    fn the_deadline_adapts_to_observed_arrivals() {
+        let config = RoundConfig {
+            quorum: 1.0,
+            min_deltas: 1,
+            collect_timeout: Duration::from_secs(30),
+            future_window: 1,
+            adaptive: Some(AdaptiveDeadline {
+                min: Duration::from_secs(5),
+                max: Duration::from_secs(120),
+            }),
+        };
+        let (a, b) = (PeerId::random(), PeerId::random());
+        // A fast LAN: deltas ready 0.3 s after publishing. After two rounds (four arrivals)
+        // the deadline drops from 30 s to its 5 s floor, so a peer that died costs 5 s.
+        let (mut m, _) = RoundMachine::new(PeerId::random(), 0, hash(0), config.clone());
+        m.handle(Instant::now(), Input::Peers(vec![a, b]));
+        assert_eq!(m.collect_timeout(), Duration::from_secs(30));
+        let mut now = Instant::now();
+        for _ in 0..2 {
+            now = timed_round(&mut m, now, &[a, b], &[a, b], Duration::from_millis(300));
+        }
+        assert_eq!(m.collect_timeout(), Duration::from_secs(5));
+        let start = now;
+        let done = timed_round(&mut m, start, &[a, b], &[a], Duration::from_millis(300));
+        let waited = done - start;
+        assert!(
+            waited >= Duration::from_secs(5) && waited < Duration::from_secs(6),
+            "a dead peer held the round {waited:?}"
+        );
+
+        // A slow link: b's manifests come 40 s after this node started collecting, after the
+        // 30 s deadline. Recorded as late arrivals, they raise the deadline (2 x p95 + 2 s)
+        // until b fits: 82 s, bounded by the 120 s ceiling.
+        let (mut m, _) = RoundMachine::new(PeerId::random(), 0, hash(0), config);
+        m.handle(Instant::now(), Input::Peers(vec![a, b]));
+        let mut now = Instant::now();
+        for _ in 0..3 {
+            let start = now;
+            let round = m.round();
+            now = timed_round(&mut m, start, &[a], &[a], Duration::from_millis(300));
+            assert!(now - start < Duration::from_secs(83), "{:?}", now - start);
+            m.handle(
+                start + Duration::from_secs(40),
+                manifest(b, round, round as u8, 200 + round as u8),
+            );
+            now = now.max(start + Duration::from_secs(40));
+        }
+        assert_eq!(m.collect_timeout(), Duration::from_secs(82));
+        for _ in 0..64 {
+            m.record_arrival(500.0);
+        }
+        assert_eq!(m.collect_timeout(), Duration::from_secs(120));
     }
 
     #[test]

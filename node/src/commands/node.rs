@@ -125,9 +125,13 @@ pub struct NodeArgs {
     /// Do not listen or dial over QUIC.
     #[arg(long)]
     pub no_quic: bool,
-    /// Reserve a slot on a relay (for nodes behind NAT; not with --psk-file).
+    /// Use circuit relays: dial peers' `/p2p-circuit` addresses (not with --psk-file).
     #[arg(long)]
     pub relay_client: bool,
+    /// Reserve a slot on this relay (a `meshtune-bootstrap --relay` address) and listen through
+    /// it, for nodes behind NAT; repeat for several. Implies --relay-client.
+    #[arg(long, env = "MESHTUNE_RELAY", value_delimiter = ',')]
+    pub relay: Vec<PeerAddr>,
     /// Direct connection upgrade through relays (hole punching).
     #[arg(long)]
     pub dcutr: bool,
@@ -164,7 +168,13 @@ pub struct MeshSettings {
     pub outer: OuterOptimizer,
     pub quorum: f64,
     pub min_deltas: usize,
+    /// The first rounds' collect deadline (and every round's with `adaptive_deadline = false`).
     pub collect_timeout_s: f64,
+    /// Later deadlines follow peers' observed arrival times (2 x p95 + 2 s), bounded by
+    /// `[min_collect_timeout_s, max_collect_timeout_s]`.
+    pub adaptive_deadline: bool,
+    pub min_collect_timeout_s: f64,
+    pub max_collect_timeout_s: f64,
     pub future_window: u64,
     pub eval_every: u64,
     pub max_delta_norm: Option<f64>,
@@ -191,6 +201,9 @@ impl Default for MeshSettings {
             quorum: 1.0,
             min_deltas: 1,
             collect_timeout_s: 60.0,
+            adaptive_deadline: true,
+            min_collect_timeout_s: 10.0,
+            max_collect_timeout_s: 600.0,
             future_window: 1,
             eval_every: 1,
             max_delta_norm: None,
@@ -277,6 +290,14 @@ pub fn resolve(args: &NodeArgs) -> anyhow::Result<(MeshSettings, TrainConfig)> {
         mesh.quorum
     );
     positive_seconds("collect_timeout_s", mesh.collect_timeout_s)?;
+    positive_seconds("min_collect_timeout_s", mesh.min_collect_timeout_s)?;
+    positive_seconds("max_collect_timeout_s", mesh.max_collect_timeout_s)?;
+    anyhow::ensure!(
+        mesh.min_collect_timeout_s <= mesh.max_collect_timeout_s,
+        "`min_collect_timeout_s` ({}) is above `max_collect_timeout_s` ({})",
+        mesh.min_collect_timeout_s,
+        mesh.max_collect_timeout_s
+    );
     mesh.outer.validate().map_err(|e| anyhow::anyhow!(e))?;
     if let Some(norm) = mesh.max_delta_norm {
         anyhow::ensure!(
@@ -334,7 +355,7 @@ async fn run_async(args: NodeArgs) -> anyhow::Result<RunSummary> {
         .map(transport::load_psk)
         .transpose()?;
     anyhow::ensure!(
-        !(psk.is_some() && args.relay_client),
+        !(psk.is_some() && (args.relay_client || !args.relay.is_empty())),
         "--relay-client cannot be combined with --psk-file: relayed connections would bypass the key"
     );
     let link = match &args.link {
@@ -406,7 +427,8 @@ async fn run_async(args: NodeArgs) -> anyhow::Result<RunSummary> {
     network_config.limits = limits.clone();
     network_config.request_timeout = Duration::from_secs_f64(settings.request_timeout_s);
     network_config.max_requests_per_peer_per_s = settings.max_requests_per_peer_per_s;
-    network_config.relay_client = args.relay_client;
+    network_config.relay_client = args.relay_client || !args.relay.is_empty();
+    network_config.relays = args.relay.clone();
     network_config.dcutr = args.dcutr;
     network_config.autonat = args.autonat;
     network_config.mdns = args.mdns;
@@ -467,6 +489,12 @@ async fn run_async(args: NodeArgs) -> anyhow::Result<RunSummary> {
         min_deltas: settings.min_deltas,
         collect_timeout: Duration::from_secs_f64(settings.collect_timeout_s),
         future_window: settings.future_window,
+        adaptive: settings
+            .adaptive_deadline
+            .then(|| crate::averaging::round::AdaptiveDeadline {
+                min: Duration::from_secs_f64(settings.min_collect_timeout_s),
+                max: Duration::from_secs_f64(settings.max_collect_timeout_s),
+            }),
     };
     config.max_delta_norm = settings.max_delta_norm;
     config.norm_outlier_factor = settings.norm_outlier_factor;

@@ -179,6 +179,9 @@ pub struct RoundRecord {
     /// Evaluation time inside `seconds_total`.
     #[serde(default)]
     pub seconds_eval: f64,
+    /// The collect deadline in force for this round (adaptive unless configured fixed).
+    #[serde(default)]
+    pub deadline_s: f64,
     /// Training tokens (source + target, no padding).
     #[serde(default)]
     pub tokens: u64,
@@ -242,6 +245,8 @@ struct OpenRound {
     payload_in: u64,
     wire_at_start: (u64, u64),
     energy_at_start: Option<f64>,
+    /// The collect deadline in force when the round aggregated.
+    deadline_s: f64,
 }
 
 /// Runs rounds until `config.rounds` are applied or `shutdown` fires.
@@ -328,6 +333,7 @@ pub async fn run(
         payload_in: 0,
         wire_at_start: metrics.wire_bytes(),
         energy_at_start: config.energy.as_ref().and_then(EnergyMeter::joules),
+        deadline_s: 0.0,
     };
     let mut feedback_slot = Some(std::mem::take(&mut feedback));
     let mut queue: Vec<Action> = actions;
@@ -378,6 +384,7 @@ pub async fn run(
                         payload_in: 0,
                         wire_at_start: metrics.wire_bytes(),
                         energy_at_start: config.energy.as_ref().and_then(EnergyMeter::joules),
+                        deadline_s: 0.0,
                     };
                     metrics.round.set(round as i64);
                     tokio::spawn(train_and_publish(
@@ -420,6 +427,7 @@ pub async fn run(
                     own,
                     peers: senders,
                 } => {
+                    open.deadline_s = machine.collect_timeout().as_secs_f64();
                     let mut inputs: Vec<(String, f64, &TensorSet)> = Vec::new();
                     if own && let Some((delta, samples)) = &open.own {
                         inputs.push(("self".into(), *samples as f64, delta));
@@ -656,6 +664,7 @@ pub async fn run(
                         seconds_train: report.seconds,
                         seconds_total,
                         seconds_eval,
+                        deadline_s: open.deadline_s,
                         tokens: report.tokens,
                         energy,
                         model_hash: hash.to_string(),

@@ -80,6 +80,9 @@ pub struct NetworkConfig {
     pub idle_connection_timeout: Duration,
     pub max_connections: u32,
     pub relay_client: bool,
+    /// Relays to reserve a slot on (with `relay_client`): the node then also listens on
+    /// `<relay>/p2p-circuit`, so peers that cannot reach it directly connect through the relay.
+    pub relays: Vec<PeerAddr>,
     pub dcutr: bool,
     pub autonat: bool,
     pub mdns: bool,
@@ -103,6 +106,7 @@ impl NetworkConfig {
             idle_connection_timeout: Duration::from_secs(120),
             max_connections: 256,
             relay_client: false,
+            relays: Vec::new(),
             dcutr: false,
             autonat: false,
             mdns: false,
@@ -448,6 +452,21 @@ pub fn start(
     }
     for addr in &config.external {
         swarm.add_external_address(addr.clone());
+    }
+    if config.relay_client {
+        for relay in &config.relays {
+            // Listening on a circuit address makes the relay client dial the relay and ask for
+            // a reservation; once accepted the circuit address is reported as a listen address.
+            let circuit = relay
+                .to_multiaddr()
+                .with(libp2p::multiaddr::Protocol::P2pCircuit);
+            swarm
+                .listen_on(circuit.clone())
+                .map_err(|err| NetworkError::Listen {
+                    addr: circuit,
+                    reason: err.to_string(),
+                })?;
+        }
     }
     for peer in &config.bootstrap {
         if peer.peer_id == peer_id {

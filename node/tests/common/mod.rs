@@ -192,6 +192,7 @@ pub fn start_node_with_psk(
         min_deltas: 1,
         collect_timeout: Duration::from_secs(60),
         future_window: 1,
+        adaptive: Some(Default::default()),
     };
     config.wait_for_peers = peers_expected;
     config.wait_timeout = Duration::from_secs(30);

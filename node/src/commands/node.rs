@@ -429,6 +429,7 @@ async fn run_async(args: NodeArgs) -> anyhow::Result<RunSummary> {
     network_config.max_requests_per_peer_per_s = settings.max_requests_per_peer_per_s;
     network_config.relay_client = args.relay_client || !args.relay.is_empty();
     network_config.relays = args.relay.clone();
+    network_config.peer_table = Some(args.out.join("peers.json"));
     network_config.dcutr = args.dcutr;
     network_config.autonat = args.autonat;
     network_config.mdns = args.mdns;

@@ -83,6 +83,9 @@ pub struct NetworkConfig {
     /// Relays to reserve a slot on (with `relay_client`): the node then also listens on
     /// `<relay>/p2p-circuit`, so peers that cannot reach it directly connect through the relay.
     pub relays: Vec<PeerAddr>,
+    /// Where the known peers (Kademlia's table) are kept across restarts: a node whose
+    /// bootstrap is gone rejoins through any peer it knew.
+    pub peer_table: Option<std::path::PathBuf>,
     pub dcutr: bool,
     pub autonat: bool,
     pub mdns: bool,
@@ -107,6 +110,7 @@ impl NetworkConfig {
             max_connections: 256,
             relay_client: false,
             relays: Vec::new(),
+            peer_table: None,
             dcutr: false,
             autonat: false,
             mdns: false,
@@ -453,6 +457,21 @@ pub fn start(
     for addr in &config.external {
         swarm.add_external_address(addr.clone());
     }
+    if let Some(path) = &config.peer_table {
+        let known = load_peer_table(path);
+        if !known.is_empty() {
+            tracing::info!(peers = known.len(), file = %path.display(), "known peers from the last run");
+        }
+        for peer in known.iter().filter(|p| p.peer_id != peer_id) {
+            swarm
+                .behaviour_mut()
+                .kademlia
+                .add_address(&peer.peer_id, peer.addr.clone());
+        }
+        for peer in known.iter().filter(|p| p.peer_id != peer_id).take(4) {
+            let _ = swarm.dial(peer.to_multiaddr());
+        }
+    }
     if config.relay_client {
         for relay in &config.relays {
             // Listening on a circuit address makes the relay client dial the relay and ask for
@@ -496,6 +515,8 @@ pub fn start(
         pending: HashMap::new(),
         inbound: HashMap::new(),
         strikes: HashMap::new(),
+        bootstrap_retry: HashMap::new(),
+        saved_peers: Vec::new(),
         denied: HashSet::new(),
         mesh_peers: 0,
     };
@@ -558,6 +579,38 @@ impl NetMetrics {
     }
 }
 
+/// Wait before the `attempt`-th redial of an unreachable bootstrap node: 5 s doubling to 5 min.
+pub fn bootstrap_backoff(attempt: u32) -> Duration {
+    Duration::from_secs(
+        5u64.saturating_mul(1 << attempt.saturating_sub(1).min(6))
+            .min(300),
+    )
+}
+
+/// The peers saved by a previous run; a missing or unreadable file is an empty table (with a
+/// warning for a corrupt one: the node still starts from its bootstrap addresses).
+pub fn load_peer_table(path: &std::path::Path) -> Vec<PeerAddr> {
+    let Ok(bytes) = std::fs::read(path) else {
+        return Vec::new();
+    };
+    match serde_json::from_slice::<Vec<String>>(&bytes) {
+        Ok(entries) => entries
+            .iter()
+            .filter_map(|e| match e.parse::<PeerAddr>() {
+                Ok(peer) => Some(peer),
+                Err(err) => {
+                    tracing::warn!(file = %path.display(), entry = e, error = %err, "skipping a bad peer table entry");
+                    None
+                }
+            })
+            .collect(),
+        Err(err) => {
+            tracing::warn!(file = %path.display(), error = %err, "ignoring a corrupt peer table");
+            Vec::new()
+        }
+    }
+}
+
 struct InboundWindow {
     started: Instant,
     count: u32,
@@ -577,6 +630,10 @@ struct EventLoop {
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<ChunkResponse, RequestError>>>,
     inbound: HashMap<PeerId, InboundWindow>,
     strikes: HashMap<PeerId, u32>,
+    /// Failed bootstrap dials so far and when to try again, while the node has no peer.
+    bootstrap_retry: HashMap<PeerId, (u32, Instant)>,
+    /// The peer table as last written to `config.peer_table`.
+    saved_peers: Vec<String>,
     denied: HashSet<PeerId>,
     mesh_peers: usize,
 }
@@ -718,6 +775,24 @@ impl EventLoop {
     fn reconnect(&mut self) {
         let me = *self.swarm.local_peer_id();
         let connected = self.swarm.connected_peers().count();
+        self.save_peer_table();
+        if connected == 0 {
+            // Alone: dial the bootstrap peers again, backing off per peer.
+            let now = Instant::now();
+            for peer in self.config.bootstrap.clone() {
+                let (attempts, next) = self.bootstrap_retry.entry(peer.peer_id).or_insert((0, now));
+                if now < *next {
+                    continue;
+                }
+                *attempts += 1;
+                let wait = bootstrap_backoff(*attempts);
+                *next = now + wait;
+                tracing::warn!(bootstrap = %peer, attempt = *attempts, retry_in_s = wait.as_secs(), "no peers: dialing the bootstrap node again (training and checkpoints go on)");
+                let _ = self.swarm.dial(peer.to_multiaddr());
+            }
+        } else {
+            self.bootstrap_retry.clear();
+        }
         if connected >= self.config.target_peers {
             return;
         }
@@ -735,6 +810,46 @@ impl EventLoop {
         for peer in candidates {
             tracing::debug!(peer = %peer, connected, "dialing a known peer to stay connected");
             let _ = self.swarm.dial(peer);
+        }
+    }
+
+    /// Writes Kademlia's known peers to `config.peer_table` when they changed (atomically:
+    /// temporary file, then rename).
+    fn save_peer_table(&mut self) {
+        let Some(path) = self.config.peer_table.clone() else {
+            return;
+        };
+        let me = *self.swarm.local_peer_id();
+        let mut peers = Vec::new();
+        for bucket in self.swarm.behaviour_mut().kademlia.kbuckets() {
+            for entry in bucket.iter() {
+                let peer = *entry.node.key.preimage();
+                if peer == me {
+                    continue;
+                }
+                for addr in entry.node.value.iter() {
+                    peers.push(PeerAddr::new(peer, addr.clone()).to_string());
+                }
+            }
+        }
+        for bootstrap in &self.config.bootstrap {
+            peers.push(bootstrap.to_string());
+        }
+        peers.sort();
+        peers.dedup();
+        if peers == self.saved_peers {
+            return;
+        }
+        let tmp = path.with_extension("tmp");
+        let written = serde_json::to_vec_pretty(&peers)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        match written {
+            Ok(()) => self.saved_peers = peers,
+            Err(err) => {
+                tracing::warn!(file = %path.display(), error = %err, "cannot save the peer table");
+            }
         }
     }
 
@@ -792,6 +907,15 @@ impl EventLoop {
                 }
             }
             SwarmEvent::ConnectionClosed { .. } => self.update_mesh_peers(),
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } => {
+                if let Some(bootstrap) = self.config.bootstrap.iter().find(|b| b.peer_id == peer) {
+                    tracing::warn!(bootstrap = %bootstrap, error = %error, "cannot reach the bootstrap node");
+                }
+            }
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
             _ => {}
         }
@@ -845,6 +969,20 @@ impl EventLoop {
                         self.update_mesh_peers();
                     }
                     _ => {}
+                }
+            }
+            NodeBehaviourEvent::Autonat(autonat::Event::StatusChanged { new, .. }) => {
+                // Kademlia starts in server mode (most nodes of a mesh are reachable, and the
+                // bootstrap needs servers to answer lookups). Once AutoNAT finds this node
+                // behind NAT, it stops advertising itself as a server peers cannot dial.
+                let mode = match new {
+                    autonat::NatStatus::Private => Some(kad::Mode::Client),
+                    autonat::NatStatus::Public(_) => Some(kad::Mode::Server),
+                    autonat::NatStatus::Unknown => None,
+                };
+                if let Some(mode) = mode {
+                    tracing::info!(?mode, "reachability changed: Kademlia mode set");
+                    self.swarm.behaviour_mut().kademlia.set_mode(Some(mode));
                 }
             }
             NodeBehaviourEvent::Blobs(event) => self.on_blob_event(event),
@@ -989,5 +1127,36 @@ impl EventLoop {
         {
             tracing::debug!(peer = %peer, "peer went away before its response");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bootstrap_redials_back_off_to_five_minutes() {
+        let waits: Vec<u64> = (1..=9).map(|a| bootstrap_backoff(a).as_secs()).collect();
+        assert_eq!(waits, vec![5, 10, 20, 40, 80, 160, 300, 300, 300]);
+    }
+
+    #[test]
+    fn a_missing_or_corrupt_peer_table_is_empty_and_bad_entries_are_skipped() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("peers.json");
+        assert!(load_peer_table(&path).is_empty());
+        std::fs::write(&path, b"{not json").expect("write");
+        assert!(load_peer_table(&path).is_empty());
+        let good = PeerAddr::new(
+            PeerId::random(),
+            "/ip4/10.0.0.7/tcp/4001".parse().expect("addr"),
+        );
+        std::fs::write(
+            &path,
+            serde_json::to_vec(&vec![good.to_string(), "/ip4/1.2.3.4/tcp/1".to_owned()])
+                .expect("json"),
+        )
+        .expect("write");
+        assert_eq!(load_peer_table(&path), vec![good]);
     }
 }

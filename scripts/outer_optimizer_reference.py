@@ -23,7 +23,7 @@ def run(make):
 
 def rust(name, rows):
     body = ", ".join("[" + ", ".join(f"{v:.9}" for v in row) + "]" for row in rows)
-    print(f"const {name}: [[f32; 3]; 3] = [{body}];")
+    print(f"const {name}: [[f64; 3]; 3] = [{body}];")
 
 
 print(f"// torch {torch.__version__}")

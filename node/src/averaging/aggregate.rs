@@ -890,12 +890,12 @@ mod tests {
     }
 
     // scripts/outer_optimizer_reference.py, torch 2.15.0.
-    const ADAM_REFERENCE: [[f32; 3]; 3] = [
+    const ADAM_REFERENCE: [[f64; 3]; 3] = [
         [0.600000024, -2.0999999, 0.0],
         [0.693344831, -2.14704084, 0.0],
         [0.70442307, -2.11497021, 0.0],
     ];
-    const ADAMW_REFERENCE: [[f32; 3]; 3] = [
+    const ADAMW_REFERENCE: [[f64; 3]; 3] = [
         [0.574999988, -2.0, 0.0],
         [0.639594793, -1.9470408, 0.0],
         [0.618693292, -1.81761801, 0.0],
@@ -907,14 +907,14 @@ mod tests {
         // on p = [0.5, -2.0, 0.0] with grads -delta for deltas [1, -2, 0], [0.5, 0.5, 0], [-1, 3, 0]
         // (scripts/outer_optimizer_reference.py).
         let deltas = [[1.0, -2.0, 0.0], [0.5, 0.5, 0.0], [-1.0, 3.0, 0.0]];
-        let check = |opt: OuterOptimizer, expected: [[f32; 3]; 3]| {
+        let check = |opt: OuterOptimizer, expected: [[f64; 3]; 3]| {
             let mut model = set(&[0.5, -2.0, 0.0]);
             let mut state = OuterState::default();
             for (delta, want) in deltas.iter().zip(expected) {
                 apply_outer_step(&mut model, &set(delta), opt, &mut state).expect("step");
                 for (got, want) in values(&model).iter().zip(want) {
                     assert!(
-                        (got - want).abs() < 1e-5,
+                        (f64::from(*got) - want).abs() < 1e-5,
                         "{opt}: {:?} vs {want:?}",
                         values(&model)
                     );

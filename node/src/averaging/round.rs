@@ -72,7 +72,7 @@ impl Default for RoundConfig {
 
 /// Deadline = `2 x p95 + 2 s` of the recent arrival delays (how long after this node started
 /// collecting a peer's delta was ready, or its manifest arrived when it came after the
-/// round), bounded by `[min, max]`. A fast LAN stops waiting for a dead peer after seconds; a
+/// round), bounded by `[min(min, collect_timeout), max]`. A fast LAN stops waiting for a dead peer after seconds; a
 /// slow link whose deltas came after the deadline raises it until they fit.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdaptiveDeadline {
@@ -298,7 +298,10 @@ impl RoundMachine {
         let mut sorted: Vec<f64> = self.arrivals.iter().copied().collect();
         sorted.sort_by(f64::total_cmp);
         let p95 = sorted[((sorted.len() as f64 * 0.95).ceil() as usize).clamp(1, sorted.len()) - 1];
-        Duration::from_secs_f64(2.0 * p95 + 2.0).clamp(bounds.min, bounds.max)
+        // The configured deadline is also a floor's ceiling: a short `collect_timeout` is not
+        // lengthened by a longer default minimum.
+        let min = bounds.min.min(self.config.collect_timeout);
+        Duration::from_secs_f64(2.0 * p95 + 2.0).clamp(min, bounds.max.max(min))
     }
 
     fn record_arrival(&mut self, seconds: f64) {
@@ -533,9 +536,11 @@ impl RoundMachine {
     ///
     /// Counted against the whole mesh, not against the manifests heard so far, so the order of
     /// arrival does not matter: a hostile minority announcing a made-up base first can never
-    /// make an honest node adopt its state. Exact halves (a healed partition: both sides heard
-    /// in full) go to the smaller hash, so exactly one side moves and the mesh ends on one
-    /// model. In a mesh of two that tie is all there is: two nodes cannot outvote a liar.
+    /// make an honest node adopt its state. With no majority anywhere (halves of a healed
+    /// partition, a three-way split), once every expected node has announced, the base with
+    /// the most nodes wins, ties to the smaller hash, so every node picks the same one and the
+    /// mesh ends on one model. That fallback is where a liar can win: only when the honest
+    /// nodes are themselves split with no majority (and always in a mesh of two).
     fn check_base_majority(&mut self, actions: &mut Vec<Action>) {
         let Some(manifests) = self.announced.get(&self.round) else {
             return;
@@ -546,11 +551,22 @@ impl RoundMachine {
             counts.entry(a.base).or_insert((0, *peer)).0 += 1;
         }
         let ours = counts.get(&self.base).map_or(0, |c| c.0) + 1;
+        // Everyone expected this round has announced: with no majority anywhere (a mesh split
+        // three ways, or into halves) every node can compute the same winner, the base most
+        // nodes are on, ties to the smaller hash, and the others move to it.
+        let complete = manifests.len() + 1 >= mesh;
+        let plurality_winner = complete
+            && counts
+                .iter()
+                .map(|(base, (count, _))| (*count + usize::from(*base == self.base), *base))
+                .chain(std::iter::once((ours, self.base)))
+                .max_by_key(|(count, base)| (*count, std::cmp::Reverse(*base)))
+                .is_some_and(|(_, winner)| winner != self.base);
         if let Some((base, (count, peer))) = counts
             .iter()
             .filter(|(base, _)| **base != self.base)
             .max_by_key(|(base, (count, _))| (*count, std::cmp::Reverse(**base)))
-            && (*count * 2 > mesh || (*count * 2 == mesh && ours * 2 == mesh && *base < self.base))
+            && (*count * 2 > mesh || (plurality_winner && ours * 2 <= mesh))
             && self.phase != Phase::Applying
         {
             tracing::info!(peer = %peer, round = self.round, agreeing = count, "most peers are on another base: syncing state");
@@ -1277,6 +1293,32 @@ mod tests {
             m.record_arrival(500.0);
         }
         assert_eq!(m.collect_timeout(), Duration::from_secs(120));
+    }
+
+    #[test]
+    fn a_three_way_split_ends_on_the_smallest_hash_once_everyone_announced() {
+        let t0 = Instant::now();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let sync_of = |ours: u8, theirs: [u8; 2]| {
+            let (mut m, _) =
+                RoundMachine::new(PeerId::random(), 0, hash(ours), RoundConfig::default());
+            m.handle(t0, Input::Peers(vec![a, b]));
+            let mut actions = m.handle(t0, manifest(a, 0, theirs[0], 1));
+            // One of two peers heard: no decision yet.
+            assert!(
+                !actions
+                    .iter()
+                    .any(|x| matches!(x, Action::SyncState { .. }))
+            );
+            actions.extend(m.handle(t0, manifest(b, 0, theirs[1], 2)));
+            actions.iter().find_map(|x| match x {
+                Action::SyncState { from, .. } => Some(*from),
+                _ => None,
+            })
+        };
+        assert_eq!(sync_of(9, [5, 7]), Some(a));
+        assert_eq!(sync_of(7, [9, 5]), Some(b));
+        assert_eq!(sync_of(5, [7, 9]), None);
     }
 
     #[test]

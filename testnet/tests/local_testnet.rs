@@ -55,7 +55,7 @@ fn a_small_testnet_runs_to_completion_and_writes_its_report() {
         assert!(cells[16].parse::<u64>().expect("tokens") > 0, "{row}");
         assert!(cells[17].parse::<f64>().expect("G") > 0.0, "{row}");
     }
-    assert!(stdout.contains("| tok/s/W"), "{stdout}");
+    assert!(stdout.contains("tok/s/W"), "{stdout}");
     let summary = std::fs::read_to_string(report.join("summary.md")).expect("summary");
     assert!(summary.contains("Granularity G"), "{summary}");
     let png = std::fs::read(report.join("loss.png")).expect("png");

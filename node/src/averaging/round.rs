@@ -573,7 +573,7 @@ impl RoundMachine {
                 .chain(std::iter::once((ours, self.base)))
                 .max_by_key(|(count, base)| (*count, std::cmp::Reverse(*base)))
                 .is_some_and(|(_, winner)| winner != self.base);
-        if let Some((base, (count, peer))) = counts
+        if let Some((_, (count, peer))) = counts
             .iter()
             .filter(|(base, _)| **base != self.base)
             .max_by_key(|(base, (count, _))| (*count, std::cmp::Reverse(**base)))

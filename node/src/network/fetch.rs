@@ -80,9 +80,20 @@ pub async fn fetch_blob(
     // The chunk list.
     let mut chunk_list = None;
     let mut last_error = String::new();
-    for provider in providers.iter().cycle().take(config.max_attempts.max(1)) {
+    for (attempt, provider) in providers
+        .iter()
+        .cycle()
+        .take(config.max_attempts.max(1))
+        .enumerate()
+    {
         if bad_peers.contains(provider) {
             continue;
+        }
+        if attempt > 0 {
+            // Peers other than the announcer may still be fetching the blob themselves (and
+            // the announcer may be reachable only through them): give them time, 200 ms more
+            // per attempt (3 s over six attempts).
+            tokio::time::sleep(std::time::Duration::from_millis(200 * attempt as u64)).await;
         }
         match client
             .request(

@@ -54,9 +54,6 @@ pub struct RoundConfig {
     pub collect_timeout: Duration,
     /// Deadlines that adapt to when peers' deltas actually arrive.
     pub adaptive: Option<AdaptiveDeadline>,
-    /// Peers expected in the first round (the node waited for them before starting): a peer
-    /// reached only through another one, whose manifest has not arrived yet, still counts.
-    pub expected_peers: usize,
     /// Future rounds whose manifests are kept rather than treated as "I am behind".
     pub future_window: u64,
 }
@@ -69,7 +66,6 @@ impl Default for RoundConfig {
             collect_timeout: Duration::from_secs(60),
             future_window: 1,
             adaptive: Some(AdaptiveDeadline::default()),
-            expected_peers: 0,
         }
     }
 }
@@ -244,11 +240,6 @@ pub struct RoundMachine {
     arrivals: std::collections::VecDeque<f64>,
     /// When the previous round started collecting (late manifests are timed from it).
     previous_since: Option<Instant>,
-    /// Peers this round expects at least: those that announced in the previous round (or
-    /// `expected_peers` in the first). A peer not directly connected (its manifest relayed by
-    /// gossip) is then waited for even before its manifest arrives; one that left costs one
-    /// deadline, after which it is no longer expected.
-    floor_peers: usize,
 }
 
 impl RoundMachine {
@@ -259,7 +250,6 @@ impl RoundMachine {
         base: ModelHash,
         config: RoundConfig,
     ) -> (Self, Vec<Action>) {
-        let expected_peers = config.expected_peers;
         let machine = Self {
             me,
             config,
@@ -273,7 +263,6 @@ impl RoundMachine {
             announced: BTreeMap::new(),
             arrivals: std::collections::VecDeque::new(),
             previous_since: None,
-            floor_peers: expected_peers,
         };
         (machine, vec![Action::Train { round, base }])
     }
@@ -540,7 +529,7 @@ impl RoundMachine {
             }
             m => self.peers.max(m.map_or(0, BTreeMap::len)),
         };
-        others.max(self.floor_peers) + 1
+        others + 1
     }
 
     /// A majority of the whole mesh on one other base: we are the odd one out.
@@ -601,10 +590,6 @@ impl RoundMachine {
     }
 
     fn start_round(&mut self, round: u64, base: ModelHash, actions: &mut Vec<Action>) {
-        self.floor_peers = self
-            .announced
-            .get(&self.round)
-            .map_or(0, |m| m.keys().filter(|p| **p != self.me).count());
         self.round = round;
         self.base = base;
         self.phase = Phase::Training;
@@ -712,7 +697,6 @@ mod tests {
                 collect_timeout: Duration::from_secs(10),
                 future_window: 1,
                 adaptive: None,
-                expected_peers: 0,
             },
         );
         assert_eq!(
@@ -1182,7 +1166,6 @@ mod tests {
             collect_timeout: Duration::from_secs(10),
             future_window: 1,
             adaptive: None,
-            expected_peers: 0,
         };
         let t0 = Instant::now();
         let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
@@ -1268,7 +1251,6 @@ mod tests {
                 min: Duration::from_secs(5),
                 max: Duration::from_secs(120),
             }),
-            expected_peers: 0,
         };
         let (a, b) = (PeerId::random(), PeerId::random());
         // A fast LAN: deltas ready 0.3 s after publishing. After two rounds (four arrivals)
@@ -1311,69 +1293,6 @@ mod tests {
             m.record_arrival(500.0);
         }
         assert_eq!(m.collect_timeout(), Duration::from_secs(120));
-    }
-
-    #[test]
-    fn a_peer_reached_only_through_another_is_waited_for() {
-        // Three nodes; this one is connected to `a` only, `b`'s manifests come relayed by gossip.
-        let config = RoundConfig {
-            expected_peers: 2,
-            adaptive: None,
-            ..RoundConfig::default()
-        };
-        let (a, b) = (PeerId::random(), PeerId::random());
-        let (mut m, _) = RoundMachine::new(PeerId::random(), 0, hash(0), config);
-        let t0 = Instant::now();
-        m.handle(t0, Input::Peers(vec![a]));
-        let round = |m: &mut RoundMachine, r: u64| {
-            let base = m.base();
-            m.handle(t0, Input::LocalDeltaPublished { round: r, base });
-            m.handle(
-                t0,
-                Input::ManifestReceived {
-                    sender: a,
-                    round: r,
-                    base,
-                    blob: blob(10 + r as u8),
-                },
-            );
-            let early = m.handle(
-                t0,
-                Input::DeltaReady {
-                    sender: a,
-                    round: r,
-                },
-            );
-            // Before b's manifest arrives the round is not complete.
-            assert!(aggregate_of(&early).is_none(), "round {r} ended without b");
-            m.handle(
-                t0,
-                Input::ManifestReceived {
-                    sender: b,
-                    round: r,
-                    base,
-                    blob: blob(20 + r as u8),
-                },
-            );
-            let done = m.handle(
-                t0,
-                Input::DeltaReady {
-                    sender: b,
-                    round: r,
-                },
-            );
-            assert_eq!(aggregate_of(&done).map(|x| x.1.len()), Some(2));
-            m.handle(
-                t0,
-                Input::RoundApplied {
-                    round: r,
-                    new_base: hash(r as u8 + 1),
-                },
-            );
-        };
-        // Round 0 from `expected_peers`, round 1 from round 0's announcers.
-        round(&mut m, 0);
-        round(&mut m, 1);
     }
 
     #[test]

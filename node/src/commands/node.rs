@@ -496,7 +496,6 @@ async fn run_async(args: NodeArgs) -> anyhow::Result<RunSummary> {
                 min: Duration::from_secs_f64(settings.min_collect_timeout_s),
                 max: Duration::from_secs_f64(settings.max_collect_timeout_s),
             }),
-        expected_peers: settings.wait_for_peers,
     };
     config.max_delta_norm = settings.max_delta_norm;
     config.norm_outlier_factor = settings.norm_outlier_factor;

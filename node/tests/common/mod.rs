@@ -193,7 +193,6 @@ pub fn start_node_with_psk(
         collect_timeout: Duration::from_secs(60),
         future_window: 1,
         adaptive: Some(Default::default()),
-        expected_peers: 0,
     };
     config.wait_for_peers = peers_expected;
     config.wait_timeout = Duration::from_secs(30);

@@ -1,31 +1,15 @@
 //! A node whose bootstrap node is gone rejoins through the peers it saved in its peer table.
 
-use std::sync::{Arc, Mutex};
+mod common;
+
 use std::time::Duration;
 
+use common::bare_network;
 use libp2p::PeerId;
-use libp2p::identity::Keypair;
 use meshtune_bootstrap::PeerAddr;
-use meshtune_bootstrap::transport::memory_transport;
-use meshtune_node::network::store::BlobStore;
-use meshtune_node::network::{self, NetworkConfig, RunningNetwork};
-use meshtune_protocol::{ChunkRequest, ChunkResponse, ModelLayout};
-use prometheus_client::registry::Registry;
+use meshtune_node::network::{self, NetworkConfig};
+use meshtune_protocol::{ChunkRequest, ChunkResponse};
 use tokio_util::sync::CancellationToken;
-
-fn node(config: NetworkConfig, shutdown: &CancellationToken) -> RunningNetwork {
-    let keypair = Keypair::generate_ed25519();
-    network::start(
-        &keypair,
-        memory_transport(&keypair, None).expect("transport"),
-        config,
-        Arc::new(ModelLayout::new(Vec::new()).expect("layout")),
-        Arc::new(Mutex::new(BlobStore::default())),
-        &mut Registry::default(),
-        shutdown.child_token(),
-    )
-    .expect("network")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_rejoins_through_its_saved_peers_when_the_bootstrap_is_gone() {
@@ -34,7 +18,7 @@ async fn a_node_rejoins_through_its_saved_peers_when_the_bootstrap_is_gone() {
     // A peer that is still up.
     let mut config = NetworkConfig::new("test".parse().expect("mesh"));
     config.listen = vec!["/memory/7300".parse().expect("addr")];
-    let alive = node(config, &shutdown);
+    let alive = bare_network(config, &shutdown);
     let alive_id = alive.peer_id;
     let mut alive_events = alive.events;
     let drain_alive = tokio::spawn(async move { while alive_events.recv().await.is_some() {} });
@@ -57,7 +41,7 @@ async fn a_node_rejoins_through_its_saved_peers_when_the_bootstrap_is_gone() {
     config.peer_table = Some(table.clone());
     config.reconnect_interval = Duration::from_millis(200);
     config.request_timeout = Duration::from_secs(5);
-    let restarted = node(config, &shutdown);
+    let restarted = bare_network(config, &shutdown);
     let client = restarted.client.clone();
     let mut events = restarted.events;
     let drain = tokio::spawn(async move { while events.recv().await.is_some() {} });

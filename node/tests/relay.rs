@@ -1,37 +1,28 @@
 //! NAT traversal: a node that no peer can reach directly reserves a slot on a relay (a
 //! `meshtune-bootstrap --relay`) and is reached through its `/p2p-circuit` address.
 
-use std::sync::{Arc, Mutex};
+mod common;
+
 use std::time::Duration;
+
+use common::bare_network;
 
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use meshtune_bootstrap::transport::memory_transport;
 use meshtune_bootstrap::{BootstrapConfig, PeerAddr};
-use meshtune_node::network::store::BlobStore;
-use meshtune_node::network::{self, NetworkConfig, RunningNetwork};
-use meshtune_protocol::{ChunkRequest, ChunkResponse, ModelLayout};
-use prometheus_client::registry::Registry;
+use meshtune_node::network::{NetworkConfig, RunningNetwork};
+use meshtune_protocol::{ChunkRequest, ChunkResponse};
 use tokio_util::sync::CancellationToken;
 
 /// A node with no listen address of its own: nobody can dial it directly.
 fn unreachable_node(relays: Vec<PeerAddr>, shutdown: &CancellationToken) -> RunningNetwork {
-    let keypair = Keypair::generate_ed25519();
     let mut config = NetworkConfig::new("test".parse().expect("mesh"));
     config.relay_client = true;
     config.relays = relays;
     config.request_timeout = Duration::from_secs(5);
-    network::start(
-        &keypair,
-        memory_transport(&keypair, None).expect("transport"),
-        config,
-        Arc::new(ModelLayout::new(Vec::new()).expect("layout")),
-        Arc::new(Mutex::new(BlobStore::default())),
-        &mut Registry::default(),
-        shutdown.child_token(),
-    )
-    .expect("network")
+    bare_network(config, shutdown)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

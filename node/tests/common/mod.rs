@@ -222,3 +222,21 @@ pub fn shards(n: usize, per_node: usize) -> Vec<Vec<SamsumRecord>> {
         .map(|i| all[i * per_node..(i + 1) * per_node].to_vec())
         .collect()
 }
+
+/// A network stack alone (no coordinator, no model) on the memory transport.
+pub fn bare_network(
+    config: NetworkConfig,
+    shutdown: &CancellationToken,
+) -> network::RunningNetwork {
+    let keypair = Keypair::generate_ed25519();
+    network::start(
+        &keypair,
+        memory_transport(&keypair, None).expect("transport"),
+        config,
+        Arc::new(meshtune_protocol::ModelLayout::new(Vec::new()).expect("layout")),
+        Arc::new(Mutex::new(BlobStore::default())),
+        &mut Registry::default(),
+        shutdown.child_token(),
+    )
+    .expect("network")
+}

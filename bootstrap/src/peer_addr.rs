@@ -25,7 +25,12 @@ pub enum PeerAddrError {
 }
 
 impl PeerAddr {
-    pub fn new(peer_id: PeerId, addr: Multiaddr) -> Self {
+    /// `addr` may already end in `/p2p/<peer_id>` (Kademlia and identify often hand out
+    /// such addresses): every trailing copy is removed, so the address is never doubled.
+    pub fn new(peer_id: PeerId, mut addr: Multiaddr) -> Self {
+        while matches!(addr.iter().last(), Some(Protocol::P2p(id)) if id == peer_id) {
+            addr.pop();
+        }
         Self { peer_id, addr }
     }
 
@@ -34,16 +39,18 @@ impl PeerAddr {
         self.addr.clone().with(Protocol::P2p(self.peer_id))
     }
 
-    /// Splits a parsed multiaddr; `input` is only used in error messages.
+    /// Splits a parsed multiaddr; `input` is only used in error messages. Repeated trailing
+    /// `/p2p/<peer id>` (as older peer tables wrote them) collapse to one.
     pub fn from_multiaddr(mut addr: Multiaddr) -> Result<Self, PeerAddrError> {
         let input = addr.to_string();
         let Some(Protocol::P2p(peer_id)) = addr.pop() else {
             return Err(PeerAddrError::MissingPeerId { input });
         };
-        if addr.is_empty() {
+        let peer = Self::new(peer_id, addr);
+        if peer.addr.is_empty() {
             return Err(PeerAddrError::MissingTransport { input });
         }
-        Ok(Self { peer_id, addr })
+        Ok(peer)
     }
 }
 
@@ -127,5 +134,17 @@ mod tests {
         let once = with_peer_id(addr, peer_id);
         let twice = with_peer_id(once.clone(), peer_id);
         assert_eq!(once, twice);
+    }
+
+    #[test]
+    fn a_peer_id_already_in_the_address_is_not_doubled() {
+        let peer = PeerId::random();
+        let base: Multiaddr = "/ip4/127.0.0.1/tcp/4001".parse().expect("addr");
+        let once = base.clone().with(Protocol::P2p(peer));
+        let twice = once.clone().with(Protocol::P2p(peer));
+        assert_eq!(PeerAddr::new(peer, once.clone()).addr, base);
+        assert_eq!(PeerAddr::new(peer, twice.clone()).to_multiaddr(), once);
+        let parsed: PeerAddr = twice.to_string().parse().expect("parse");
+        assert_eq!(parsed, PeerAddr::new(peer, base));
     }
 }

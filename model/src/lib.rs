@@ -12,6 +12,7 @@ pub mod flops;
 pub mod generate;
 pub mod lora;
 pub mod optim;
+pub mod precision;
 pub mod pretrained;
 pub mod rouge;
 pub mod score;

@@ -19,10 +19,11 @@ use burn::tensor::activation::{gelu, gelu_approximate, relu, silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::{attention, embedding, linear};
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 
 use crate::config::{DenseActivation, T5Config};
 use crate::error::ModelError;
+use crate::precision::Precision;
 use crate::weights::{WeightKey, WeightSource};
 
 /// Additive bias for masked positions. Finite so that bf16/f16 compute does not produce
@@ -59,6 +60,9 @@ pub struct Attention<B: Backend> {
     pub num_heads: usize,
     pub d_kv: usize,
     pub dropout: Dropout,
+    /// Dtype of the projections and score products (f32 master weights either way).
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 /// LoRA: `x W + scale * dropout(x) A^T B^T`, stored in our `[in, out]` layout:
@@ -73,9 +77,9 @@ pub struct LoraAdapter<B: Backend> {
 }
 
 impl<B: Backend> LoraAdapter<B> {
-    pub fn delta<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let low = linear(self.dropout.forward(x), self.a.val(), None);
-        linear(low, self.b.val(), None).mul_scalar(self.scale)
+    pub fn delta<const D: usize>(&self, x: Tensor<B, D>, precision: Precision) -> Tensor<B, D> {
+        let low = mixed_linear(self.dropout.forward(x), self.a.val(), precision);
+        mixed_linear(low, self.b.val(), precision).mul_scalar(self.scale)
     }
 
     /// The dense update `scale * A^T B^T` (`[in, out]`), what merging adds to the weight.
@@ -84,14 +88,43 @@ impl<B: Backend> LoraAdapter<B> {
     }
 }
 
+/// `x W` with both operands cast to the compute dtype and the product cast back to f32 (what
+/// autocast does for a linear layer); plain f32 `x W` under [`Precision::F32`]. The casts are
+/// differentiable: gradients reach the f32 weight in f32.
+pub fn mixed_linear<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    precision: Precision,
+) -> Tensor<B, D> {
+    match precision.compute_dtype() {
+        None => linear(x, weight, None),
+        Some(dtype) => linear(x.cast(dtype), weight.cast(dtype), None).cast(FloatDType::F32),
+    }
+}
+
+/// `a b` (batched) in the compute dtype, the product back in f32.
+fn mixed_matmul<B: Backend, const D: usize>(
+    a: Tensor<B, D>,
+    b: Tensor<B, D>,
+    precision: Precision,
+) -> Tensor<B, D> {
+    match precision.compute_dtype() {
+        None => a.matmul(b),
+        Some(dtype) => a.cast(dtype).matmul(b.cast(dtype)).cast(FloatDType::F32),
+    }
+}
+
 fn adapted_linear<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     weight: &Param<Tensor<B, 2>>,
     lora: &Option<LoraAdapter<B>>,
+    precision: Precision,
 ) -> Tensor<B, D> {
     match lora {
-        Some(adapter) => linear(x.clone(), weight.val(), None) + adapter.delta(x),
-        None => linear(x, weight.val(), None),
+        Some(adapter) => {
+            mixed_linear(x.clone(), weight.val(), precision) + adapter.delta(x, precision)
+        }
+        None => mixed_linear(x, weight.val(), precision),
     }
 }
 
@@ -104,7 +137,7 @@ impl<B: Backend> Attention<B> {
         lora: &Option<LoraAdapter<B>>,
     ) -> Tensor<B, 4> {
         let [batch, len, _] = x.dims();
-        adapted_linear(x, weight, lora)
+        adapted_linear(x, weight, lora, self.precision)
             .reshape([batch, len, self.num_heads, self.d_kv])
             .swap_dims(1, 2)
     }
@@ -132,11 +165,13 @@ impl<B: Backend> Attention<B> {
         let [batch, heads, q_len, d_kv] = q.dims();
         let k_len = k.dims()[2];
         let bias = bias.expand([batch, heads, q_len, k_len]);
-        let context = if B::ad_enabled(&q.device()) && self.dropout.prob > 0.0 {
-            // Training with dropout on the attention weights, as HF does: needs the explicit form.
-            let scores = q.matmul(k.swap_dims(2, 3)) + bias;
+        let explicit = B::ad_enabled(&q.device()) && self.dropout.prob > 0.0;
+        let context = if explicit || self.precision != Precision::F32 {
+            // Training with dropout on the attention weights, as HF does, or mixed precision
+            // (products in the compute dtype, softmax in f32): needs the explicit form.
+            let scores = mixed_matmul(q, k.swap_dims(2, 3), self.precision) + bias;
             let weights = self.dropout.forward(softmax(scores, 3));
-            weights.matmul(v)
+            mixed_matmul(weights, v, self.precision)
         } else {
             let options = AttentionModuleOptions {
                 scale: Some(1.0),
@@ -148,7 +183,7 @@ impl<B: Backend> Attention<B> {
         let merged = context
             .swap_dims(1, 2)
             .reshape([batch, q_len, heads * d_kv]);
-        adapted_linear(merged, &self.o, &self.lora_o)
+        adapted_linear(merged, &self.o, &self.lora_o, self.precision)
     }
 }
 
@@ -163,11 +198,13 @@ pub struct FeedForward<B: Backend> {
     #[module(skip)]
     pub activation: DenseActivation,
     pub dropout: Dropout,
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 impl<B: Backend> FeedForward<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let hidden = linear(x.clone(), self.wi.val(), None);
+        let hidden = mixed_linear(x.clone(), self.wi.val(), self.precision);
         let hidden = match self.activation {
             DenseActivation::Relu => relu(hidden),
             DenseActivation::Gelu => gelu(hidden),
@@ -175,10 +212,10 @@ impl<B: Backend> FeedForward<B> {
             DenseActivation::Silu => silu(hidden),
         };
         let hidden = match &self.wi_linear {
-            Some(wi_linear) => hidden * linear(x, wi_linear.val(), None),
+            Some(wi_linear) => hidden * mixed_linear(x, wi_linear.val(), self.precision),
             None => hidden,
         };
-        linear(self.dropout.forward(hidden), self.wo.val(), None)
+        mixed_linear(self.dropout.forward(hidden), self.wo.val(), self.precision)
     }
 }
 
@@ -413,6 +450,9 @@ pub struct T5<B: Backend> {
     pub d_model: usize,
     /// Multiply the decoder output by d_model^-0.5 before the head (original T5).
     pub scale_decoder_outputs: bool,
+    /// Dtype of the matrix products ([`T5::with_precision`]); parameters stay f32.
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 /// Encoder output plus the mask needed by cross-attention.
@@ -449,7 +489,28 @@ impl<B: Backend> T5<B> {
             lm_head,
             d_model: config.d_model,
             scale_decoder_outputs: config.scales_decoder_outputs(),
+            precision: Precision::F32,
         })
+    }
+
+    /// The same model computing its matrix products in `precision` (mixed precision: the
+    /// parameters, norms, softmax and loss stay f32).
+    #[must_use]
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        for block in self
+            .encoder
+            .blocks
+            .iter_mut()
+            .chain(self.decoder.blocks.iter_mut())
+        {
+            block.self_attention.precision = precision;
+            if let Some(cross) = block.cross_attention.as_mut() {
+                cross.precision = precision;
+            }
+            block.feed_forward.precision = precision;
+        }
+        self
     }
 
     pub fn tied(&self) -> bool {
@@ -494,8 +555,8 @@ impl<B: Backend> T5<B> {
             hidden
         };
         match &self.lm_head {
-            Some(head) => linear(hidden, head.val(), None),
-            None => linear(hidden, self.shared.val().transpose(), None),
+            Some(head) => mixed_linear(hidden, head.val(), self.precision),
+            None => mixed_linear(hidden, self.shared.val().transpose(), self.precision),
         }
     }
 
@@ -605,6 +666,7 @@ fn build_attention<B: Backend>(
         num_heads: config.num_heads,
         d_kv: config.d_kv,
         dropout: DropoutConfig::new(config.dropout_rate).init(),
+        precision: Precision::F32,
     })
 }
 
@@ -675,6 +737,7 @@ fn build_stack<B: Backend>(
                 wo: source.param2(&ff_key("wo"), [d_ff, d])?,
                 activation: ff.activation,
                 dropout: DropoutConfig::new(config.dropout_rate).init(),
+                precision: Precision::F32,
             }
         } else {
             FeedForward {
@@ -683,6 +746,7 @@ fn build_stack<B: Backend>(
                 wo: source.param2(&ff_key("wo"), [d_ff, d])?,
                 activation: ff.activation,
                 dropout: DropoutConfig::new(config.dropout_rate).init(),
+                precision: Precision::F32,
             }
         };
         blocks.push(T5Block {

@@ -13,6 +13,7 @@ use crate::error::ModelError;
 use crate::optim::{
     AdamW, AdamWConfig, ScheduleKind, clip_coefficient, global_grad_norm, lr_multiplier,
 };
+use crate::precision::{LossScaler, Precision};
 use crate::score::{Seq2SeqBatch, batch_loss};
 use crate::t5::T5;
 
@@ -26,6 +27,10 @@ pub struct StepConfig {
     pub total_steps: usize,
     /// Global-norm clipping threshold; `None` disables clipping.
     pub max_grad_norm: Option<f64>,
+    /// Dtype of the matrix products (master weights and optimizer state stay f32); fp16 adds
+    /// dynamic loss scaling.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 /// What one optimizer step measured.
@@ -41,6 +46,10 @@ pub struct StepStats {
     pub lr: f64,
     /// Target tokens seen.
     pub tokens: usize,
+    /// The loss scale this step used (fp16 only).
+    pub loss_scale: Option<f64>,
+    /// The scaled gradients overflowed: no update was made and the scale was halved.
+    pub skipped: bool,
 }
 
 /// A model under training with its optimizer state and step counter.
@@ -50,14 +59,21 @@ pub struct TrainState<B: AutodiffBackend> {
     pub optimizer: AdamW<B::InnerBackend>,
     pub step: usize,
     pub config: StepConfig,
+    /// Dynamic loss scaling (fp16 only).
+    pub scaler: Option<LossScaler>,
 }
 
 impl<B: AutodiffBackend> TrainState<B> {
+    /// `model` computing in `config.precision`.
     pub fn new(model: T5<B>, config: StepConfig) -> Self {
         Self {
-            model,
+            model: model.with_precision(config.precision),
             optimizer: AdamW::new(config.adamw),
             step: 0,
+            scaler: config
+                .precision
+                .needs_loss_scaling()
+                .then(LossScaler::default),
             config,
         }
     }
@@ -85,6 +101,7 @@ impl<B: AutodiffBackend> TrainState<B> {
         let mut accumulator = GradientsAccumulator::<T5<B>>::new();
         let mut loss_sum = 0.0;
         let mut tokens = 0;
+        let loss_scale = self.scaler.as_ref().map(|s| s.scale);
         for batch in micro_batches {
             let t = batch.tensors::<B>(&device);
             let (_, logits) =
@@ -101,11 +118,33 @@ impl<B: AutodiffBackend> TrainState<B> {
             }
             loss_sum += value;
             tokens += batch.target_tokens();
+            let loss = match loss_scale {
+                Some(scale) => loss.mul_scalar(scale),
+                None => loss,
+            };
             let grads = GradientsParams::from_grads::<B, T5<B>>(loss.backward(), &self.model);
             accumulator.accumulate::<B>(&self.model, grads);
         }
         let grads = accumulator.grads();
         let grad_norm = global_grad_norm::<B, T5<B>>(&self.model, &grads);
+        if let (Some(scaler), Some(scale)) = (self.scaler.as_mut(), loss_scale)
+            && !scaler.update(grad_norm.is_finite())
+        {
+            // fp16 overflow: skip the update (the schedule does not advance either, as in
+            // HF's Trainer) and retry the next batch at half the scale.
+            return Ok(StepStats {
+                step: self.step,
+                loss: loss_sum,
+                grad_norm,
+                lr: self.current_lr(),
+                tokens,
+                loss_scale: Some(scale),
+                skipped: true,
+            });
+        }
+        // Scaled gradients: the norm, and the factor the optimizer applies, are unscaled.
+        let unscale = loss_scale.unwrap_or(1.0);
+        let grad_norm = grad_norm / unscale;
         if !grad_norm.is_finite() {
             return Err(ModelError::Input(format!(
                 "gradient norm is {grad_norm} at step {}: skipping the update",
@@ -113,7 +152,7 @@ impl<B: AutodiffBackend> TrainState<B> {
             )));
         }
         let lr = self.current_lr();
-        let coefficient = clip_coefficient(grad_norm, self.config.max_grad_norm);
+        let coefficient = clip_coefficient(grad_norm, self.config.max_grad_norm) / unscale;
         let model = self.model.clone();
         self.model = self
             .optimizer
@@ -124,6 +163,8 @@ impl<B: AutodiffBackend> TrainState<B> {
             grad_norm,
             lr,
             tokens,
+            loss_scale,
+            skipped: false,
         };
         self.step += 1;
         Ok(stats)

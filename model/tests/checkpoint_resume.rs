@@ -61,6 +61,7 @@ fn config() -> StepConfig {
         warmup_steps: 1,
         total_steps: 6,
         max_grad_norm: Some(0.5),
+        precision: Default::default(),
     }
 }
 

@@ -1,7 +1,10 @@
 //! Choosing the compute device. Every command is written once, generic over the burn
 //! backend; [`dispatch!`](crate::dispatch) instantiates it for the backend the user picked.
 
+use std::path::Path;
 use std::str::FromStr;
+
+use meshtune_model::precision::DeviceInfo;
 
 /// `--device cpu` or `--device cuda[:N]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,4 +57,145 @@ macro_rules! dispatch {
             )),
         }
     }};
+}
+
+/// What the precision rule needs to know about `choice`: a Jetson's module (from the device
+/// tree), else the GPU's compute capability from NVML (loaded at run time), else unknown.
+pub fn device_info(choice: DeviceChoice) -> DeviceInfo {
+    match choice {
+        DeviceChoice::Cpu => DeviceInfo::Cpu,
+        DeviceChoice::Cuda(index) => {
+            if let Some(model) = read_device_tree_model(Path::new("/proc/device-tree/model"))
+                && let Some(cc) = jetson_compute_capability(&model)
+            {
+                return DeviceInfo::Cuda {
+                    name: model,
+                    compute_capability: Some(cc),
+                };
+            }
+            match nvml_compute_capability(index) {
+                Some((name, cc)) => DeviceInfo::Cuda {
+                    name,
+                    compute_capability: Some(cc),
+                },
+                None => DeviceInfo::Cuda {
+                    name: format!("cuda:{index}"),
+                    compute_capability: None,
+                },
+            }
+        }
+    }
+}
+
+/// The device tree's model string (NUL-terminated on disk), if there is one.
+pub fn read_device_tree_model(path: &Path) -> Option<String> {
+    let raw = std::fs::read(path).ok()?;
+    let text = String::from_utf8_lossy(&raw)
+        .trim_end_matches('\0')
+        .trim()
+        .to_owned();
+    (!text.is_empty()).then_some(text)
+}
+
+/// The CUDA compute capability of a Jetson module from its device-tree model string
+/// (e.g. "NVIDIA Jetson AGX Orin Developer Kit"); `None` when it is not a Jetson.
+pub fn jetson_compute_capability(model: &str) -> Option<(u32, u32)> {
+    let model = model.to_ascii_lowercase();
+    if !model.contains("jetson") {
+        return None;
+    }
+    if model.contains("orin") {
+        Some((8, 7))
+    } else if model.contains("xavier") {
+        Some((7, 2))
+    } else if model.contains("tx2") {
+        Some((6, 2))
+    } else if model.contains("nano") || model.contains("tx1") {
+        Some((5, 3))
+    } else {
+        None
+    }
+}
+
+/// Name and compute capability of GPU `index` through NVML; `None` without the library, a
+/// driver or the GPU.
+fn nvml_compute_capability(index: usize) -> Option<(String, (u32, u32))> {
+    type Device = *mut std::ffi::c_void;
+    let index = u32::try_from(index).ok()?;
+    // SAFETY: loading NVML runs its initialisers, which have no preconditions; every symbol is
+    // looked up with the signature of NVML's public header (nvml.h), and the name buffer is
+    // as long as we say it is.
+    unsafe {
+        let library = libloading::Library::new("libnvidia-ml.so.1").ok()?;
+        let init: libloading::Symbol<unsafe extern "C" fn() -> i32> =
+            library.get(b"nvmlInit_v2").ok()?;
+        if init() != 0 {
+            return None;
+        }
+        let handle: libloading::Symbol<unsafe extern "C" fn(u32, *mut Device) -> i32> =
+            library.get(b"nvmlDeviceGetHandleByIndex_v2").ok()?;
+        let capability: libloading::Symbol<
+            unsafe extern "C" fn(Device, *mut i32, *mut i32) -> i32,
+        > = library.get(b"nvmlDeviceGetCudaComputeCapability").ok()?;
+        let name_fn: libloading::Symbol<
+            unsafe extern "C" fn(Device, *mut std::ffi::c_char, u32) -> i32,
+        > = library.get(b"nvmlDeviceGetName").ok()?;
+        let mut device = std::ptr::null_mut();
+        if handle(index, &mut device) != 0 {
+            return None;
+        }
+        let (mut major, mut minor) = (0i32, 0i32);
+        if capability(device, &mut major, &mut minor) != 0 {
+            return None;
+        }
+        let mut buffer = [0 as std::ffi::c_char; 96];
+        let name = if name_fn(device, buffer.as_mut_ptr(), buffer.len() as u32) == 0 {
+            std::ffi::CStr::from_ptr(buffer.as_ptr())
+                .to_string_lossy()
+                .into_owned()
+        } else {
+            format!("cuda:{index}")
+        };
+        Some((
+            name,
+            (u32::try_from(major).ok()?, u32::try_from(minor).ok()?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jetson_modules_map_to_their_compute_capability() {
+        let cases = [
+            ("NVIDIA Jetson AGX Orin Developer Kit", Some((8, 7))),
+            (
+                "NVIDIA Orin NX Developer Kit / Jetson Orin NX",
+                Some((8, 7)),
+            ),
+            ("NVIDIA Jetson AGX Xavier [16GB]", Some((7, 2))),
+            ("NVIDIA Jetson Xavier NX Developer Kit", Some((7, 2))),
+            ("quill / NVIDIA Jetson TX2", Some((6, 2))),
+            ("NVIDIA Jetson Nano Developer Kit", Some((5, 3))),
+            ("Raspberry Pi 4 Model B Rev 1.4", None),
+        ];
+        for (model, want) in cases {
+            assert_eq!(jetson_compute_capability(model), want, "{model}");
+        }
+    }
+
+    #[test]
+    fn the_device_tree_model_is_read_without_its_terminator() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("model");
+        std::fs::write(&path, b"NVIDIA Jetson AGX Xavier [16GB]\0").expect("write");
+        assert_eq!(
+            read_device_tree_model(&path).as_deref(),
+            Some("NVIDIA Jetson AGX Xavier [16GB]")
+        );
+        assert_eq!(read_device_tree_model(&dir.path().join("missing")), None);
+        assert_eq!(device_info(DeviceChoice::Cpu), DeviceInfo::Cpu);
+    }
 }

@@ -4,31 +4,11 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
 use libp2p::identity::Keypair;
 use meshtune_node::averaging::aggregate::{OuterOptimizer, relative_disagreement};
-use meshtune_node::coordinator::RoundRecord;
-
-fn records(out: &Path) -> Vec<RoundRecord> {
-    std::fs::read_to_string(out.join("rounds.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-async fn wait_for_round(out: &Path, applied: usize) {
-    for _ in 0..6_000 {
-        if records(out).len() >= applied {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{} never applied {applied} rounds", out.display());
-}
 
 const ROUNDS: u64 = 8;
 
@@ -36,26 +16,6 @@ fn configure(c: &mut meshtune_node::coordinator::CoordinatorConfig) {
     c.rounds = Some(ROUNDS);
     c.local_steps = 4;
     c.round.collect_timeout = Duration::from_secs(4);
-}
-
-async fn finish(
-    nodes: Vec<TestNode>,
-) -> Vec<(
-    meshtune_node::coordinator::RunSummary,
-    meshtune_protocol::TensorSet,
-)> {
-    let mut out = Vec::new();
-    for node in nodes {
-        let summary = tokio::time::timeout(Duration::from_secs(300), node.handle)
-            .await
-            .expect("node finished in time")
-            .expect("task")
-            .expect("run");
-        let weights = node.trainer.weights().await.expect("weights");
-        node.shutdown.cancel();
-        out.push((summary, weights));
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,4 +149,48 @@ async fn a_restarted_node_resumes_from_its_checkpoint_and_rejoins() {
     let weights: Vec<_> = done.iter().map(|(_, w)| w.clone()).collect();
     let disagreement = relative_disagreement(&weights);
     assert!(disagreement <= 1e-5, "disagreement {disagreement}");
+}
+
+/// A node that ends the last round on a model of its own (here: it aggregates with the median
+/// while the others take the mean, so its last outer step differs) adopts the model the other
+/// two ended on: no later round exists to bring it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_ends_on_another_model_adopts_the_mesh_final_state() {
+    init_logs();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_bootstrap, boot) = start_bootstrap(4_200).await;
+    let data = shards(3, 48);
+    let nodes: Vec<TestNode> = (0..3)
+        .map(|i| {
+            start_node(
+                None,
+                4_201 + i as u64,
+                &boot,
+                &data[i],
+                &dir.path().join(format!("node{i}")),
+                2,
+                move |c: &mut meshtune_node::coordinator::CoordinatorConfig| {
+                    c.rounds = Some(3);
+                    c.final_exchange = false;
+                    c.round.collect_timeout = Duration::from_secs(4);
+                    if i == 2 {
+                        c.aggregation = meshtune_node::averaging::aggregate::Aggregation::Median;
+                    }
+                },
+            )
+        })
+        .collect();
+    let done = finish(nodes).await;
+    let adopted: Vec<Option<String>> = done
+        .iter()
+        .map(|(s, _)| s.adopted_final_state.clone())
+        .collect();
+    println!("adopted final state from: {adopted:?}");
+    assert!(adopted[0].is_none() && adopted[1].is_none(), "{adopted:?}");
+    assert!(adopted[2].is_some(), "node 2 kept its own model");
+    let weights: Vec<_> = done.iter().map(|(_, w)| w.clone()).collect();
+    let disagreement = relative_disagreement(&weights);
+    assert!(disagreement <= 1e-5, "disagreement {disagreement}");
+    // Its summary reports the adopted model.
+    assert_eq!(done[2].0.model_hash, done[0].0.model_hash);
 }

@@ -78,6 +78,9 @@ pub enum ChunkError {
     /// A chunk size of zero.
     #[error("chunk size must be at least 1 byte")]
     ZeroChunkSize,
+    /// Reading or writing the file a blob is streamed to failed.
+    #[error("blob file: {0}")]
+    Storage(String),
     /// The blob, its chunking or its chunk list is over a cap of [`Limits`] or malformed.
     #[error("invalid chunk list: {0}")]
     InvalidChunkList(#[from] WireError),
@@ -425,55 +428,16 @@ impl BlobAssembler {
     /// Takes chunk `index`. On error nothing is stored and the chunk can be asked for again
     /// (from another peer).
     pub fn accept_chunk(&mut self, index: u64, chunk: &[u8]) -> Result<(), ChunkError> {
-        let count = self.chunk_list.chunk_count();
-        let range = self
-            .chunk_list
-            .chunk_range(index)
-            .ok_or(ChunkError::IndexOutOfRange { index, count })?;
-        // index < count <= received.len(), so these conversions are exact.
-        let slot = index as usize;
-        if self.received[slot] {
-            return Err(ChunkError::Duplicate { index });
-        }
-        let expected = range.end - range.start;
-        let found = chunk.len() as u64;
-        if found < expected {
-            return Err(ChunkError::Truncated {
-                index,
-                expected,
-                found,
-            });
-        }
-        if found > expected {
-            return Err(ChunkError::Oversized {
-                index,
-                expected,
-                found,
-            });
-        }
-        let hash = ChunkHash::of_bytes(chunk);
-        let wanted = self.chunk_list.chunk_hashes[slot];
-        if hash != wanted {
-            return Err(ChunkError::ChunkHashMismatch {
-                index,
-                expected: wanted,
-                found: hash,
-            });
-        }
+        let range = check_chunk(&self.chunk_list, &self.received, index, chunk)?;
         self.bytes[range.start as usize..range.end as usize].copy_from_slice(chunk);
-        self.received[slot] = true;
+        self.received[index as usize] = true;
         self.missing -= 1;
         Ok(())
     }
 
     /// Chunks not received yet, with the hash each must have.
     pub fn missing_chunks(&self) -> impl Iterator<Item = (u64, ChunkHash)> + '_ {
-        self.received
-            .iter()
-            .zip(&self.chunk_list.chunk_hashes)
-            .enumerate()
-            .filter(|(_, (received, _))| !**received)
-            .map(|(index, (_, &hash))| (index as u64, hash))
+        missing_chunks(&self.chunk_list, &self.received)
     }
 
     /// Number of chunks not received yet.
@@ -512,5 +476,377 @@ impl BlobAssembler {
             hash: found,
             bytes: self.bytes,
         })
+    }
+}
+
+/// Checks chunk `index` against `list` (index, not received yet, length, hash): the byte range
+/// it fills.
+fn check_chunk(
+    list: &ChunkList,
+    received: &[bool],
+    index: u64,
+    chunk: &[u8],
+) -> Result<Range<u64>, ChunkError> {
+    let count = list.chunk_count();
+    let range = list
+        .chunk_range(index)
+        .ok_or(ChunkError::IndexOutOfRange { index, count })?;
+    // index < count <= received.len(), so these conversions are exact.
+    let slot = index as usize;
+    if received[slot] {
+        return Err(ChunkError::Duplicate { index });
+    }
+    let expected = range.end - range.start;
+    let found = chunk.len() as u64;
+    if found < expected {
+        return Err(ChunkError::Truncated {
+            index,
+            expected,
+            found,
+        });
+    }
+    if found > expected {
+        return Err(ChunkError::Oversized {
+            index,
+            expected,
+            found,
+        });
+    }
+    let hash = ChunkHash::of_bytes(chunk);
+    let wanted = list.chunk_hashes[slot];
+    if hash != wanted {
+        return Err(ChunkError::ChunkHashMismatch {
+            index,
+            expected: wanted,
+            found: hash,
+        });
+    }
+    Ok(range)
+}
+
+fn missing_chunks<'a>(
+    list: &'a ChunkList,
+    received: &'a [bool],
+) -> impl Iterator<Item = (u64, ChunkHash)> + 'a {
+    received
+        .iter()
+        .zip(&list.chunk_hashes)
+        .enumerate()
+        .filter(|(_, (received, _))| !**received)
+        .map(|(index, (_, &hash))| (index as u64, hash))
+}
+
+/// Where fetched chunks go: memory ([`BlobAssembler`]) or a file ([`FileAssembler`]).
+pub trait ChunkSink {
+    /// Checks and stores chunk `index`; on error nothing is stored.
+    fn accept(&mut self, index: u64, chunk: &[u8]) -> Result<(), ChunkError>;
+    /// Chunks still missing, with their hashes.
+    fn missing(&self) -> Vec<(u64, ChunkHash)>;
+    /// Whether every chunk arrived.
+    fn complete(&self) -> bool;
+}
+
+impl ChunkSink for BlobAssembler {
+    fn accept(&mut self, index: u64, chunk: &[u8]) -> Result<(), ChunkError> {
+        self.accept_chunk(index, chunk)
+    }
+    fn missing(&self) -> Vec<(u64, ChunkHash)> {
+        self.missing_chunks().collect()
+    }
+    fn complete(&self) -> bool {
+        self.is_complete()
+    }
+}
+
+/// A [`ChunkList`] computed while a blob is written piece by piece (e.g. a state encoded
+/// straight to a file): the same list [`chunk_blob`] gives for the whole blob.
+#[derive(Debug)]
+pub struct ChunkListBuilder {
+    chunk_size: u32,
+    blob: blake3::Hasher,
+    chunk: blake3::Hasher,
+    in_chunk: u64,
+    size: u64,
+    hashes: Vec<ChunkHash>,
+}
+
+impl ChunkListBuilder {
+    pub fn new(chunk_size: u32) -> Result<Self, ChunkError> {
+        if chunk_size == 0 {
+            return Err(ChunkError::ZeroChunkSize);
+        }
+        Ok(Self {
+            chunk_size,
+            blob: blake3::Hasher::new(),
+            chunk: blake3::Hasher::new(),
+            in_chunk: 0,
+            size: 0,
+            hashes: Vec::new(),
+        })
+    }
+
+    /// The next bytes of the blob.
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        self.blob.update(bytes);
+        self.size += bytes.len() as u64;
+        while !bytes.is_empty() {
+            let room = u64::from(self.chunk_size) - self.in_chunk;
+            let take = bytes.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+            self.chunk.update(&bytes[..take]);
+            self.in_chunk += take as u64;
+            bytes = &bytes[take..];
+            if self.in_chunk == u64::from(self.chunk_size) {
+                self.hashes.push(self.chunk.finalize().into());
+                self.chunk.reset();
+                self.in_chunk = 0;
+            }
+        }
+    }
+
+    #[must_use]
+    pub fn finish(mut self) -> ChunkList {
+        if self.in_chunk > 0 {
+            self.hashes.push(self.chunk.finalize().into());
+        }
+        ChunkList {
+            blob_hash: self.blob.finalize().into(),
+            blob_size: self.size,
+            chunk_size: self.chunk_size,
+            chunk_hashes: self.hashes,
+        }
+    }
+}
+
+/// A blob on disk whose every byte was checked against its hash; read it with
+/// [`VerifiedFile::read_at`]. Large states live here instead of in memory.
+#[derive(Debug)]
+pub struct VerifiedFile {
+    hash: BlobHash,
+    size: u64,
+    file: std::fs::File,
+}
+
+impl VerifiedFile {
+    /// Hashes `file` (streaming, 4 MiB at a time) and checks it against `list`'s blob hash
+    /// and size.
+    pub fn verify(file: std::fs::File, list: &ChunkList) -> Result<Self, ChunkError> {
+        let storage = |err: std::io::Error| ChunkError::Storage(err.to_string());
+        let size = file.metadata().map_err(storage)?.len();
+        if size != list.blob_size {
+            return Err(ChunkError::Storage(format!(
+                "the file holds {size} bytes, the blob has {}",
+                list.blob_size
+            )));
+        }
+        let mut hasher = blake3::Hasher::new();
+        let mut buffer = vec![0u8; 4 << 20];
+        let mut offset = 0u64;
+        while offset < size {
+            let len = usize::try_from((size - offset).min(buffer.len() as u64)).unwrap_or(0);
+            read_exact_at(&file, &mut buffer[..len], offset).map_err(storage)?;
+            hasher.update(&buffer[..len]);
+            offset += len as u64;
+        }
+        let found: BlobHash = hasher.finalize().into();
+        if found != list.blob_hash {
+            return Err(ChunkError::BlobHashMismatch {
+                expected: list.blob_hash,
+                found,
+            });
+        }
+        Ok(Self {
+            hash: found,
+            size,
+            file,
+        })
+    }
+
+    /// A file this process has just written together with `list` (e.g. by
+    /// [`crate::encode_state_to`], which hashed every byte on the way out): trusted without
+    /// reading it back, except for its size.
+    pub fn written(file: std::fs::File, list: &ChunkList) -> Result<Self, ChunkError> {
+        let size = file
+            .metadata()
+            .map_err(|err| ChunkError::Storage(err.to_string()))?
+            .len();
+        if size != list.blob_size {
+            return Err(ChunkError::Storage(format!(
+                "the file holds {size} bytes, the blob has {}",
+                list.blob_size
+            )));
+        }
+        Ok(Self {
+            hash: list.blob_hash,
+            size,
+            file,
+        })
+    }
+
+    #[must_use]
+    pub fn hash(&self) -> BlobHash {
+        self.hash
+    }
+
+    #[must_use]
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Fills `buffer` from byte `offset` of the blob.
+    pub fn read_at(&self, buffer: &mut [u8], offset: u64) -> std::io::Result<()> {
+        read_exact_at(&self.file, buffer, offset)
+    }
+}
+
+#[cfg(unix)]
+fn read_exact_at(file: &std::fs::File, buffer: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buffer, offset)
+}
+
+#[cfg(unix)]
+fn write_all_at(file: &std::fs::File, buffer: &[u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, buffer, offset)
+}
+
+#[cfg(not(unix))]
+fn read_exact_at(file: &std::fs::File, buffer: &mut [u8], offset: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buffer.len() {
+        let n = std::os::windows::fs::FileExt::seek_read(
+            file,
+            &mut buffer[done..],
+            offset + done as u64,
+        )?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn write_all_at(file: &std::fs::File, buffer: &[u8], offset: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buffer.len() {
+        done +=
+            std::os::windows::fs::FileExt::seek_write(file, &buffer[done..], offset + done as u64)?;
+    }
+    Ok(())
+}
+
+/// [`BlobAssembler`] writing into a file instead of memory: memory stays at one chunk
+/// whatever the blob's size (a 3B-parameter state is 12 GB).
+#[derive(Debug)]
+pub struct FileAssembler {
+    chunk_list: ChunkList,
+    file: std::fs::File,
+    received: Vec<bool>,
+    missing: u64,
+}
+
+impl FileAssembler {
+    /// Sizes `file` (created empty by the caller) for the blob of `chunk_list`, which must be
+    /// within `limits`.
+    pub fn new(
+        chunk_list: ChunkList,
+        limits: &Limits,
+        file: std::fs::File,
+    ) -> Result<Self, ChunkError> {
+        check_chunking(chunk_list.blob_size, chunk_list.chunk_size, limits)?;
+        file.set_len(chunk_list.blob_size)
+            .map_err(|err| ChunkError::Storage(err.to_string()))?;
+        let count = chunk_list.chunk_hashes.len();
+        Ok(Self {
+            received: vec![false; count],
+            missing: count as u64,
+            chunk_list,
+            file,
+        })
+    }
+
+    /// The blob file, once every chunk arrived and the whole file hashes to the blob's hash.
+    pub fn finish(self) -> Result<VerifiedFile, ChunkError> {
+        if self.missing > 0 {
+            return Err(ChunkError::Incomplete {
+                missing: self.missing,
+            });
+        }
+        VerifiedFile::verify(self.file, &self.chunk_list)
+    }
+}
+
+impl ChunkSink for FileAssembler {
+    fn accept(&mut self, index: u64, chunk: &[u8]) -> Result<(), ChunkError> {
+        let range = check_chunk(&self.chunk_list, &self.received, index, chunk)?;
+        write_all_at(&self.file, chunk, range.start)
+            .map_err(|err| ChunkError::Storage(err.to_string()))?;
+        self.received[index as usize] = true;
+        self.missing -= 1;
+        Ok(())
+    }
+    fn missing(&self) -> Vec<(u64, ChunkHash)> {
+        missing_chunks(&self.chunk_list, &self.received).collect()
+    }
+    fn complete(&self) -> bool {
+        self.missing == 0
+    }
+}
+
+#[cfg(test)]
+mod streaming_tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_list_built_piece_by_piece_equals_the_whole_blob_list() {
+        let blob: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        for chunk_size in [1u32, 7, 1000, 4096, 20_000] {
+            let whole = chunk_blob(&blob, chunk_size).expect("chunks");
+            for piece in [1usize, 3, 999, 10_000] {
+                let mut builder = ChunkListBuilder::new(chunk_size).expect("builder");
+                for part in blob.chunks(piece) {
+                    builder.update(part);
+                }
+                assert_eq!(builder.finish(), whole, "chunk {chunk_size}, piece {piece}");
+            }
+        }
+        assert!(matches!(
+            ChunkListBuilder::new(0),
+            Err(ChunkError::ZeroChunkSize)
+        ));
+    }
+
+    #[test]
+    fn a_file_assembler_checks_each_chunk_and_the_whole_file() {
+        let blob: Vec<u8> = (0..5_000u32).map(|i| (i % 253) as u8).collect();
+        let list = chunk_blob(&blob, 1024).expect("chunks");
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("blob"))
+            .expect("file");
+        let mut sink = FileAssembler::new(list.clone(), &Limits::default(), file).expect("sink");
+        // A wrong chunk is refused and stays missing.
+        assert!(matches!(
+            sink.accept(1, &blob[..1024]),
+            Err(ChunkError::ChunkHashMismatch { index: 1, .. })
+        ));
+        for index in (0..list.chunk_count()).rev() {
+            let range = list.chunk_range(index).expect("range");
+            sink.accept(index, &blob[range.start as usize..range.end as usize])
+                .expect("chunk");
+        }
+        assert!(sink.complete() && sink.missing().is_empty());
+        let verified = sink.finish().expect("verified");
+        assert_eq!(
+            (verified.hash(), verified.size()),
+            (list.blob_hash(), 5_000)
+        );
+        let mut back = vec![0u8; 100];
+        verified.read_at(&mut back, 4_900).expect("read");
+        assert_eq!(back, blob[4_900..]);
     }
 }

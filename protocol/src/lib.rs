@@ -45,11 +45,15 @@ pub mod t5_layout;
 pub mod tensor;
 pub mod wire;
 
-pub use chunk::{BlobAssembler, BlobDescriptor, ChunkError, ChunkList, VerifiedBlob, chunk_blob};
+pub use chunk::{
+    BlobAssembler, BlobDescriptor, ChunkError, ChunkList, ChunkListBuilder, ChunkSink,
+    FileAssembler, VerifiedBlob, VerifiedFile, chunk_blob,
+};
 pub use codec::{
-    CodecParams, DecodeError, EncodeError, EncodedDelta, EncodedState, ErrorFeedback, ModelState,
-    ParseCodecParamsError, Sparsity, StateCodecParams, TensorEncoding, ValueFormat, decode_delta,
-    decode_state, encode_delta, encode_state,
+    CodecParams, DecodeError, EncodeError, EncodedDelta, EncodedState, EncodedStateIndex,
+    ErrorFeedback, ModelState, ParseCodecParamsError, Sparsity, StateCodecParams, TensorEncoding,
+    ValueFormat, decode_delta, decode_state, decode_state_file, encode_delta, encode_state,
+    encode_state_to,
 };
 pub use hash::{BlobHash, ChunkHash, ChunkListHash, ModelHash, ParseHashError};
 pub use limits::{DEFAULT_CHUNK_SIZE, Limits, MAX_QUANT_BLOCK_SIZE};

@@ -50,6 +50,9 @@ pub enum ChunkResponse {
     State(StateManifest),
     /// The responder does not have it (any more).
     NotFound,
+    /// The responder has it but serves as many peers as it allows at once (a donor's cap on
+    /// concurrent state uploads): ask another holder, or again later.
+    Busy,
 }
 
 const REQUEST_CHUNK_LIST: u8 = 0;
@@ -60,6 +63,7 @@ const RESPONSE_CHUNK_LIST: u8 = 0;
 const RESPONSE_CHUNK: u8 = 1;
 const RESPONSE_STATE: u8 = 2;
 const RESPONSE_NOT_FOUND: u8 = 3;
+const RESPONSE_BUSY: u8 = 4;
 
 impl ChunkRequest {
     /// Largest encoded request these limits admit.
@@ -165,6 +169,7 @@ impl ChunkResponse {
                 writer.byte_string(&manifest.encode(limits)?);
             }
             Self::NotFound => writer.u8(RESPONSE_NOT_FOUND),
+            Self::Busy => writer.u8(RESPONSE_BUSY),
         }
         Ok(writer.into_bytes())
     }
@@ -189,6 +194,7 @@ impl ChunkResponse {
                 Self::State(StateManifest::decode(manifest, limits)?)
             }
             RESPONSE_NOT_FOUND => Self::NotFound,
+            RESPONSE_BUSY => Self::Busy,
             tag => {
                 return Err(WireError::UnknownTag {
                     field: "response tag",

@@ -37,6 +37,7 @@ fn chunk_response() -> impl Strategy<Value = ChunkResponse> {
         proptest::collection::vec(any::<u8>(), 0..3000).prop_map(ChunkResponse::Chunk),
         state_manifest().prop_map(ChunkResponse::State),
         Just(ChunkResponse::NotFound),
+        Just(ChunkResponse::Busy),
     ]
 }
 

@@ -510,6 +510,14 @@ pub fn write(
             main.records.len(),
             hashes.len()
         )?;
+        for (i, record) in finals.iter().enumerate() {
+            if let Some(peer) = record.and_then(|r| r.adopted_final_state.as_deref()) {
+                writeln!(
+                    md,
+                    "- node {i} missed part of the last round and adopted the final state most nodes held (from {peer})"
+                )?;
+            }
+        }
         for (i, records) in main.records.iter().enumerate() {
             let rounds: Vec<String> = records.iter().map(|r| r.round.to_string()).collect();
             writeln!(md, "- node {i} applied rounds [{}]", rounds.join(", "))?;

@@ -673,6 +673,35 @@ impl RoundMachine {
     }
 }
 
+/// After the last round: the model the mesh ended on, seen from a node on `own` that asked its
+/// peers for their final states (`peers`: each peer's model hash for the final round).
+///
+/// The model most nodes hold wins (this node counts too), ties to the smaller hash, the rule
+/// [`RoundMachine`] uses for bases, so every node that sees the same reports picks the same
+/// model. Returns a peer holding the winner when it is not `own`: this node missed part of
+/// the last round (a delta it could not fetch before its sender left) and must adopt that
+/// state, since no later round exists to bring it back.
+#[must_use]
+pub fn final_state_winner(
+    own: ModelHash,
+    peers: &[(PeerId, ModelHash)],
+) -> Option<(PeerId, ModelHash, usize)> {
+    let mut counts: BTreeMap<ModelHash, (usize, Option<PeerId>)> = BTreeMap::new();
+    counts.insert(own, (1, None));
+    for (peer, hash) in peers {
+        let entry = counts.entry(*hash).or_insert((0, Some(*peer)));
+        entry.0 += 1;
+        entry.1.get_or_insert(*peer);
+    }
+    let (winner, (count, holder)) = counts
+        .into_iter()
+        .max_by_key(|(hash, (count, _))| (*count, std::cmp::Reverse(*hash)))?;
+    if winner == own {
+        return None;
+    }
+    holder.map(|peer| (peer, winner, count))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1429,5 +1458,33 @@ mod tests {
         // Every sender is heard from (one with a bad delta): the round ends at once with
         // only the good deltas, instead of waiting for the deadline.
         assert_eq!(aggregate_of(&a), Some((true, vec![])));
+    }
+
+    #[test]
+    fn the_final_state_most_nodes_hold_wins() {
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        // Alone on a model the two others share: adopt theirs.
+        let (peer, winner, count) =
+            final_state_winner(hash(9), &[(a, hash(5)), (b, hash(5))]).expect("adopt");
+        assert!(peer == a || peer == b);
+        assert_eq!((winner, count), (hash(5), 2));
+        // With the majority: stay.
+        assert_eq!(
+            final_state_winner(hash(5), &[(a, hash(5)), (b, hash(9))]),
+            None
+        );
+        // Nobody reported: stay.
+        assert_eq!(final_state_winner(hash(5), &[]), None);
+        // A tie goes to the smaller hash, from either side.
+        assert_eq!(
+            final_state_winner(hash(9), &[(a, hash(5))]),
+            Some((a, hash(5), 1))
+        );
+        assert_eq!(final_state_winner(hash(5), &[(a, hash(9))]), None);
+        // Three-way split with two on the smaller hash of the pair of pairs.
+        assert_eq!(
+            final_state_winner(hash(7), &[(a, hash(7)), (b, hash(3)), (c, hash(3))]),
+            Some((b, hash(3), 2))
+        );
     }
 }

@@ -119,6 +119,10 @@ pub struct NodeArgs {
     pub final_exchange: bool,
     #[arg(long, env = "MESHTUNE_DEVICE", default_value = "cpu")]
     pub device: DeviceChoice,
+    /// Compute precision: auto (from the device: bf16 on compute capability >= 8.0, fp16 with
+    /// dynamic loss scaling on Jetson Xavier/Volta/Turing, f32 on CPU), f32, bf16 or fp16.
+    #[arg(long, env = "MESHTUNE_PRECISION")]
+    pub precision: Option<meshtune_model::precision::PrecisionChoice>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "MESHTUNE_METRICS")]
     pub metrics: Option<SocketAddr>,
@@ -187,6 +191,12 @@ pub struct MeshSettings {
     /// After the last round, keep serving blobs until peers have fetched nothing for this
     /// long (0: exit at once).
     pub linger_quiet_s: f64,
+    /// Peers this node serves state chunks to at once (late joiners beyond it are answered
+    /// `Busy` and pull from other donors); 0: no cap.
+    pub max_state_uploads: usize,
+    /// States of at least this many MiB are encoded to and synced through files under
+    /// `OUT/state/` instead of memory (a 3B-parameter state is about 12 GB).
+    pub stream_state_mib: u64,
 }
 
 impl Default for MeshSettings {
@@ -213,6 +223,8 @@ impl Default for MeshSettings {
             wait_for_peers: 0,
             wait_timeout_s: 60.0,
             linger_quiet_s: 5.0,
+            max_state_uploads: 4,
+            stream_state_mib: 256,
         }
     }
 }
@@ -315,6 +327,10 @@ pub fn resolve(args: &NodeArgs) -> anyhow::Result<(MeshSettings, TrainConfig)> {
         // The learning-rate schedule spans the whole run.
         train.steps = (rounds as usize * mesh.local_steps).max(1);
     }
+    if let Some(v) = args.precision {
+        train.precision = v;
+    }
+    train.resolve_precision(args.device);
     train.validate()?;
     Ok((mesh, train))
 }
@@ -327,8 +343,13 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     let summary = runtime.block_on(run_async(args))?;
     println!(
-        "stopped at round {}; model {}",
-        summary.final_round, summary.model_hash
+        "stopped at round {}; model {}{}",
+        summary.final_round,
+        summary.model_hash,
+        summary
+            .adopted_final_state
+            .map(|peer| format!(" (the mesh's final state, adopted from {peer})"))
+            .unwrap_or_default()
     );
     Ok(())
 }
@@ -436,7 +457,9 @@ async fn run_async(args: NodeArgs) -> anyhow::Result<RunSummary> {
 
     let mut registry = Registry::default();
     let metrics = NodeMetrics::new(&mut registry);
-    let store = Arc::new(Mutex::new(BlobStore::default()));
+    let store = Arc::new(Mutex::new(BlobStore::with_max_state_uploads(
+        settings.max_state_uploads,
+    )));
     let shutdown = CancellationToken::new();
     let net_transport = transport::network_transport(&keypair, &transport_config)?;
     let running = network::start(
@@ -508,6 +531,7 @@ async fn run_async(args: NodeArgs) -> anyhow::Result<RunSummary> {
     config.wait_for_peers = settings.wait_for_peers;
     config.wait_timeout = Duration::from_secs_f64(settings.wait_timeout_s);
     config.linger_quiet = Duration::from_secs_f64(settings.linger_quiet_s);
+    config.stream_state_bytes = settings.stream_state_mib.saturating_mul(1 << 20);
     let summary = coordinator::run(
         config,
         peer_id,

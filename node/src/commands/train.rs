@@ -19,6 +19,7 @@ use meshtune_model::flops::{device_peak, mfu, train_flops_per_step, training_mem
 use meshtune_model::generate::{GenerationConfig, generate};
 use meshtune_model::lora::{LoraConfig, PeftInit, attach_lora, merge_lora};
 use meshtune_model::optim::{AdamWConfig, ScheduleKind};
+use meshtune_model::precision::{Precision, PrecisionChoice};
 use meshtune_model::rouge::mean_f_scores;
 use meshtune_model::score::{Seq2SeqBatch, score_batch};
 use meshtune_model::t5::T5;
@@ -27,7 +28,7 @@ use meshtune_model::train::{StepConfig, TrainState};
 use meshtune_model::weights::{ExportDtype, RandomInit, SafetensorsSource, export_hf_folder};
 use serde::{Deserialize, Serialize};
 
-use crate::device::DeviceChoice;
+use crate::device::{DeviceChoice, device_info};
 use crate::plot::{Series, write_line_chart};
 
 #[derive(Debug, Args)]
@@ -66,6 +67,10 @@ pub struct TrainArgs {
     pub lora: bool,
     #[arg(long, default_value = "cpu")]
     pub device: DeviceChoice,
+    /// Compute precision: auto (from the device), f32, bf16 or fp16 (with dynamic loss
+    /// scaling); overrides the config file.
+    #[arg(long)]
+    pub precision: Option<PrecisionChoice>,
     /// Refuse to start when the estimated peak memory exceeds this many GiB
     /// (default: MemAvailable of this machine for cpu).
     #[arg(long)]
@@ -103,6 +108,10 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     pub keep_checkpoints: usize,
     pub lora: LoraConfig,
+    /// Compute dtype of the matrix products: `auto` (from the device: bf16 on compute
+    /// capability >= 8.0, fp16 with loss scaling on 5.3-7.x, f32 on CPU), `f32`, `bf16`,
+    /// `fp16`. Master weights and optimizer state are f32 in every case.
+    pub precision: PrecisionChoice,
 }
 
 impl Default for TrainConfig {
@@ -129,6 +138,7 @@ impl Default for TrainConfig {
             checkpoint_every: 100,
             keep_checkpoints: 2,
             lora: LoraConfig::default(),
+            precision: PrecisionChoice::Auto,
         }
     }
 }
@@ -157,6 +167,16 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// Replaces `auto` with the precision `device` calls for, and logs the choice and why.
+    pub fn resolve_precision(&mut self, device: DeviceChoice) -> Precision {
+        let (precision, reason) =
+            meshtune_model::precision::resolve_precision(self.precision, &device_info(device));
+        tracing::info!(%precision, reason, "training precision");
+        self.precision = PrecisionChoice::Fixed(precision);
+        precision
+    }
+
+    /// The step arithmetic; an unresolved `auto` precision is f32 (the CPU choice).
     pub fn step_config(&self) -> StepConfig {
         StepConfig {
             lr: self.lr,
@@ -170,6 +190,10 @@ impl TrainConfig {
             warmup_steps: self.warmup_steps,
             total_steps: self.steps,
             max_grad_norm: self.max_grad_norm,
+            precision: match self.precision {
+                PrecisionChoice::Auto => Precision::F32,
+                PrecisionChoice::Fixed(p) => p,
+            },
         }
     }
 }
@@ -310,6 +334,10 @@ fn load_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     if let Some(v) = args.seed {
         config.seed = v;
     }
+    if let Some(v) = args.precision {
+        config.precision = v;
+    }
+    config.resolve_precision(args.device);
     config.validate()?;
     Ok(config)
 }
@@ -531,6 +559,16 @@ fn train_on<B: AutodiffBackend>(device: B::Device, args: &TrainArgs) -> anyhow::
                 );
             }
         };
+        if stats.skipped {
+            bar.suspend(|| {
+                tracing::warn!(
+                    step = stats.step + 1,
+                    loss_scale = stats.loss_scale,
+                    "fp16 gradients overflowed: step skipped, loss scale halved"
+                );
+            });
+            continue;
+        }
         let seconds = started.elapsed().as_secs_f64();
         let tokens_per_s = shape_tokens as f64 / seconds;
         let flops = micro

@@ -32,6 +32,10 @@ pub struct NodeMetrics {
     pub round_seconds: Gauge<f64, AtomicU64>,
     pub mesh_peers: Gauge,
     pub deltas_used: Gauge,
+    /// Times this node adopted the mesh's final state after the last round.
+    pub final_state_adopted: Counter,
+    /// Senders first heard on a model this node's rounds did not produce (a split healing).
+    pub lineage_merges: Counter,
     energy_j: Family<KindLabel, Gauge<f64, AtomicU64>>,
     tokens_per_s_per_w: Gauge<f64, AtomicU64>,
     granularity: Gauge<f64, AtomicU64>,
@@ -51,6 +55,8 @@ impl NodeMetrics {
             round_seconds: Gauge::default(),
             mesh_peers: Gauge::default(),
             deltas_used: Gauge::default(),
+            final_state_adopted: Counter::default(),
+            lineage_merges: Counter::default(),
             energy_j: Family::default(),
             tokens_per_s_per_w: Gauge::default(),
             granularity: Gauge::default(),
@@ -89,6 +95,16 @@ impl NodeMetrics {
             "deltas_used",
             "Deltas combined in the last round",
             metrics.deltas_used.clone(),
+        );
+        sub.register(
+            "final_state_adopted",
+            "Times this node adopted the final model most nodes ended on (it had missed part of the last round)",
+            metrics.final_state_adopted.clone(),
+        );
+        sub.register(
+            "lineage_merges",
+            "Peers first heard on a model this node's rounds did not produce (halves of a split mesh merging)",
+            metrics.lineage_merges.clone(),
         );
         sub.register(
             "round_energy_joules",

@@ -20,8 +20,9 @@ use libp2p::PeerId;
 use libp2p::gossipsub::MessageAcceptance;
 use meshtune_protocol::{
     ChunkRequest, ChunkResponse, CodecParams, DEFAULT_CHUNK_SIZE, DeltaManifest, ErrorFeedback,
-    Limits, ModelHash, ModelLayout, StateCodecParams, StateManifest, TensorSet, chunk_blob,
-    decode_delta, decode_state, encode_delta, encode_state,
+    Limits, ModelHash, ModelLayout, StateCodecParams, StateManifest, TensorSet, VerifiedFile,
+    chunk_blob, decode_delta, decode_state, decode_state_file, encode_delta, encode_state,
+    encode_state_to,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -31,10 +32,12 @@ use crate::averaging::aggregate::{
     Aggregation, OuterOptimizer, OuterState, WeightedDelta, aggregate, apply_outer_step,
     difference, l2_norm, norm_outliers,
 };
-use crate::averaging::round::{Action, Input, RejectReason, RoundConfig, RoundMachine, Verdict};
+use crate::averaging::round::{
+    Action, Input, RejectReason, RoundConfig, RoundMachine, Verdict, final_state_winner,
+};
 use crate::energy::{EnergyMeter, RoundEnergy};
-use crate::network::fetch::{FetchConfig, FetchError, fetch_blob};
-use crate::network::store::BlobStore;
+use crate::network::fetch::{FetchConfig, FetchError, fetch_blob, fetch_blob_to_file};
+use crate::network::store::{BlobBytes, BlobFile, BlobStore};
 use crate::network::{Client, NetworkEvent};
 use crate::trainer::{EvalReport, TrainReport, TrainerHandle};
 
@@ -79,6 +82,9 @@ pub struct CoordinatorConfig {
     pub misbehave: Option<Misbehaviour>,
     /// Where per-round energy comes from (`None`: not measured).
     pub energy: Option<EnergyMeter>,
+    /// States of at least this many bytes are written to and read from `OUT/state/` instead
+    /// of memory, in both directions (served and synced).
+    pub stream_state_bytes: u64,
 }
 
 /// The bad deltas a deliberately byzantine node sends (`meshtune node --byzantine`).
@@ -147,6 +153,7 @@ impl CoordinatorConfig {
             wait_timeout: Duration::from_secs(60),
             linger_quiet: Duration::from_secs(5),
             misbehave: None,
+            stream_state_bytes: 256 << 20,
         }
     }
 }
@@ -190,6 +197,10 @@ pub struct RoundRecord {
     pub energy: RoundEnergy,
     pub model_hash: String,
     pub rejected: BTreeMap<String, u64>,
+    /// Last round only: the peer whose final state this node adopted after the round (it had
+    /// missed part of it); `model_hash` is then the adopted model's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopted_final_state: Option<String>,
 }
 
 /// What [`run`] hands back.
@@ -198,6 +209,9 @@ pub struct RunSummary {
     pub rounds: Vec<RoundRecord>,
     pub final_round: u64,
     pub model_hash: ModelHash,
+    /// The peer whose final state this node adopted after the last round (it had missed part
+    /// of that round); `None` when it already held the model most nodes ended on.
+    pub adopted_final_state: Option<String>,
 }
 
 /// Work finished by a spawned task.
@@ -321,6 +335,7 @@ pub async fn run(
     let (mut machine, mut actions) = RoundMachine::new(me, round, base_hash, config.round.clone());
     actions.extend(machine.handle(Instant::now(), Input::PeerCount(mesh_peers)));
     let mut manifests: HashMap<(u64, PeerId), Arc<DeltaManifest>> = HashMap::new();
+    let mut seen_senders: std::collections::HashSet<PeerId> = std::collections::HashSet::new();
     let mut deltas: HashMap<(u64, PeerId), TensorSet> = HashMap::new();
     let mut rejected: BTreeMap<String, u64> = BTreeMap::new();
     let mut deltas_used = 0usize;
@@ -544,6 +559,20 @@ pub async fn run(
                 }
                 Some(NetworkEvent::Manifest { message_id, source, manifest }) => {
                     let Ok(sender) = PeerId::from_bytes(&manifest.sender) else { continue };
+                    if seen_senders.insert(sender)
+                        && machine.round() > 0
+                        && (manifest.base_model != base_hash || manifest.round.abs_diff(machine.round()) >= 2)
+                    {
+                        // A sender never heard before, on a model this node's rounds did not
+                        // produce: two halves of a split mesh found each other (or a node is
+                        // back from a long outage). The base rules pick the surviving model.
+                        metrics.lineage_merges.inc();
+                        tracing::warn!(
+                            peer = %sender, their_round = manifest.round, our_round = machine.round(),
+                            their_base = %manifest.base_model, our_base = %base_hash,
+                            "a peer from another part of the mesh joined (a split mesh merging, or a node back from an outage): the model most nodes hold wins"
+                        );
+                    }
                     let input = Input::ManifestReceived {
                         sender,
                         round: manifest.round,
@@ -669,6 +698,7 @@ pub async fn run(
                         energy,
                         model_hash: hash.to_string(),
                         rejected: std::mem::take(&mut rejected),
+                        adopted_final_state: None,
                     };
                     metrics.round_seconds.set(record.seconds_total);
                     metrics.record_energy(&record.energy);
@@ -734,11 +764,89 @@ pub async fn run(
         };
         queue.extend(machine.handle(Instant::now(), input));
     }
-    if !shutdown.is_cancelled()
+    let finished = !shutdown.is_cancelled()
         && mesh_peers > 0
-        && config.rounds.is_some_and(|n| machine.round() >= n)
-        && !config.linger_quiet.is_zero()
-    {
+        && config.rounds.is_some_and(|n| machine.round() >= n);
+    let mut adopted_final_state = None;
+    if finished && !config.linger_quiet.is_zero() {
+        // No round follows the last one to repair a node that missed part of it, so the nodes
+        // compare final states: wait (bounded) until every mesh peer finished, and adopt the
+        // model most nodes hold if it is not this one.
+        let final_round = machine.round();
+        let last_round_s = records.last().map_or(0.0, |r| r.seconds_total);
+        let wait = (machine.collect_timeout() * 2 + Duration::from_secs_f64(2.0 * last_round_s))
+            .min(Duration::from_secs(1_800));
+        let reports = drain_while(
+            final_states(&client, &config.mesh_id, final_round, wait),
+            &mut events,
+            &shutdown,
+        )
+        .await
+        .unwrap_or_default();
+        if let Some((peer, hash, agreeing)) = final_state_winner(base_hash, &reports) {
+            tracing::warn!(
+                peer = %peer, ours = %base_hash, theirs = %hash, agreeing, asked = reports.len(),
+                "the mesh ended on another model (this node missed part of the last round): adopting it"
+            );
+            let synced = drain_while(
+                sync_state(
+                    peer,
+                    final_round,
+                    layout.clone(),
+                    config.clone(),
+                    client.clone(),
+                    metrics.clone(),
+                    done_tx.clone(),
+                ),
+                &mut events,
+                &shutdown,
+            )
+            .await;
+            while synced.is_some() {
+                let Ok(done) = done_rx.try_recv() else { break };
+                let Done::Synced { from, result } = done else {
+                    continue;
+                };
+                match result {
+                    Ok((round, weights, outer))
+                        if ModelHash::of_tensors(&weights) == hash && round == final_round =>
+                    {
+                        trainer.set_weights((*weights).clone()).await?;
+                        base = *weights;
+                        base_hash = hash;
+                        outer_state = outer;
+                        let mut extras = Vec::new();
+                        for t in outer_state.to_tensors(config.outer, &base).into_tensors() {
+                            extras.push((format!("outer/{}", t.name), t.shape, t.values));
+                        }
+                        trainer
+                            .save(checkpoints.clone(), final_round as usize, serde_json::json!({"next_round": final_round, "model_hash": hash.to_string()}), extras)
+                            .await
+                            .context("checkpoint after adopting the mesh's final state")?;
+                        serve_state(&store, &config, me, final_round, &base, &outer_state)?;
+                        metrics.final_state_adopted.inc();
+                        tracing::info!(peer = %from, hash = %base_hash, "adopted the mesh's final state");
+                        adopted_final_state = Some(from.to_string());
+                        if let Some(last) = records.last_mut() {
+                            last.model_hash = hash.to_string();
+                            last.adopted_final_state = Some(from.to_string());
+                        }
+                        rewrite_records(&rounds_path, &records)?;
+                    }
+                    Ok((round, weights, _)) => tracing::error!(
+                        peer = %from, round, hash = %ModelHash::of_tensors(&weights),
+                        "the peer's final state changed since it reported it; keeping this node's model"
+                    ),
+                    Err(reason) => tracing::error!(
+                        peer = %from, reason,
+                        "could not fetch the mesh's final state; this node ends on its own model"
+                    ),
+                }
+                break;
+            }
+        }
+    }
+    if finished && !config.linger_quiet.is_zero() {
         linger(
             &store,
             &mut events,
@@ -752,7 +860,109 @@ pub async fn run(
         rounds: records,
         final_round: machine.round(),
         model_hash: base_hash,
+        adopted_final_state,
     })
+}
+
+/// Mesh peers other than `from` that serve the very state blob `manifest` names (up to
+/// [`MAX_STATE_DONORS`] - 1), asked all at once.
+pub async fn same_state_holders(
+    client: &Client,
+    mesh_id: &str,
+    manifest: &StateManifest,
+    from: PeerId,
+) -> Vec<PeerId> {
+    let peers = client.mesh_peers().await.unwrap_or_default();
+    let asks = peers.into_iter().filter(|p| *p != from).map(|peer| {
+        let request = ChunkRequest::LatestState {
+            mesh_id: mesh_id.to_owned(),
+        };
+        async move {
+            let answer =
+                tokio::time::timeout(Duration::from_secs(5), client.request(peer, request)).await;
+            matches!(answer, Ok(Ok(ChunkResponse::State(m))) if m.blob == manifest.blob)
+                .then_some(peer)
+        }
+    });
+    futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .take(MAX_STATE_DONORS - 1)
+        .collect()
+}
+
+/// Donors one state sync pulls from at most.
+pub const MAX_STATE_DONORS: usize = 8;
+
+/// Runs `work` while draining network events (so the swarm never drops events on a full
+/// channel); `None` when `shutdown` fires or the network stops first.
+async fn drain_while<T>(
+    work: impl std::future::Future<Output = T>,
+    events: &mut mpsc::Receiver<NetworkEvent>,
+    shutdown: &CancellationToken,
+) -> Option<T> {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            out = &mut work => return Some(out),
+            event = events.recv() => { event?; }
+        }
+    }
+}
+
+/// Asks every mesh peer for its latest state until all of them report `final_round` (or
+/// `wait` runs out): the final model hash of each peer that finished. A peer still in an
+/// earlier round is asked again every half second, so this node keeps serving it meanwhile.
+async fn final_states(
+    client: &Client,
+    mesh_id: &str,
+    final_round: u64,
+    wait: Duration,
+) -> Vec<(PeerId, ModelHash)> {
+    let start = Instant::now();
+    let mut finished: HashMap<PeerId, ModelHash> = HashMap::new();
+    loop {
+        let peers = client.mesh_peers().await.unwrap_or_default();
+        let mut behind = Vec::new();
+        let unfinished: Vec<PeerId> = peers
+            .into_iter()
+            .filter(|p| !finished.contains_key(p))
+            .collect();
+        for peer in unfinished {
+            let request = ChunkRequest::LatestState {
+                mesh_id: mesh_id.to_owned(),
+            };
+            match tokio::time::timeout(Duration::from_secs(5), client.request(peer, request)).await
+            {
+                Ok(Ok(ChunkResponse::State(m)))
+                    if m.mesh_id == mesh_id && m.round == final_round =>
+                {
+                    finished.insert(peer, m.model_hash);
+                }
+                // A peer configured for more rounds: not part of this ending.
+                Ok(Ok(ChunkResponse::State(m))) if m.round > final_round => {}
+                _ => behind.push(peer),
+            }
+        }
+        if behind.is_empty() {
+            break;
+        }
+        if start.elapsed() >= wait {
+            tracing::warn!(
+                waiting_for = ?behind, seconds = wait.as_secs_f64(),
+                "peers did not finish the last round in time; comparing final models without them"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tracing::info!(
+        finished = finished.len(),
+        "compared final models with peers"
+    );
+    finished.into_iter().collect()
 }
 
 /// Serves blobs until no peer fetched anything for `quiet` (at most `max`), draining network
@@ -807,6 +1017,19 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// Replaces `rounds.jsonl` with `records` (atomically: temporary file, then rename).
+fn rewrite_records(path: &std::path::Path, records: &[RoundRecord]) -> anyhow::Result<()> {
+    let mut text = String::new();
+    for record in records {
+        text.push_str(&serde_json::to_string(record)?);
+        text.push('\n');
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
+}
+
 fn append_record(path: &std::path::Path, record: &RoundRecord) -> anyhow::Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .create(true)
@@ -820,7 +1043,8 @@ fn append_record(path: &std::path::Path, record: &RoundRecord) -> anyhow::Result
 
 /// Encodes the current base and the outer optimizer's state losslessly and serves them to
 /// late joiners and to nodes that resynchronise.
-fn serve_state(
+/// Serves `base` (with the outer optimizer state) as this node's latest state for `round`.
+pub fn serve_state(
     store: &Arc<Mutex<BlobStore>>,
     config: &CoordinatorConfig,
     me: PeerId,
@@ -829,6 +1053,10 @@ fn serve_state(
     outer: &OuterState,
 ) -> anyhow::Result<()> {
     let outer = outer.to_tensors(config.outer, base);
+    let raw = (base.total_elements() + outer.total_elements()) * 4;
+    if raw >= config.stream_state_bytes {
+        return serve_state_file(store, config, me, round, base, &outer);
+    }
     let encoded = encode_state(base, &outer, &StateCodecParams::default())?;
     let chunks = chunk_blob(&encoded.blob, config.chunk_size)?;
     let manifest = StateManifest {
@@ -844,6 +1072,68 @@ fn serve_state(
     };
     if let Ok(mut store) = store.lock() {
         store.set_state(manifest, Arc::new(encoded.blob), chunks);
+    }
+    Ok(())
+}
+
+/// [`serve_state`] for a large state: encoded straight to `OUT/state/` tensor by tensor and
+/// served from there, so the blob never sits in memory next to the model. The store deletes
+/// the file once a newer state (and the one before it) replaced it.
+fn serve_state_file(
+    store: &Arc<Mutex<BlobStore>>,
+    config: &CoordinatorConfig,
+    me: PeerId,
+    round: u64,
+    base: &TensorSet,
+    outer: &TensorSet,
+) -> anyhow::Result<()> {
+    static SERIAL: AtomicU64 = AtomicU64::new(0);
+    let dir = config.out.join("state");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // A unique name: a state re-served for the same round must not reuse a file the store
+    // may still serve (and delete) under the old entry.
+    let path = dir.join(format!(
+        "state-{round}-{}-{}.blob",
+        std::process::id(),
+        SERIAL.fetch_add(1, Ordering::Relaxed)
+    ));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    let mut writer = std::io::BufWriter::with_capacity(4 << 20, file);
+    let (index, chunks) = encode_state_to(
+        base,
+        outer,
+        &StateCodecParams::default(),
+        &mut writer,
+        config.chunk_size,
+    )
+    .with_context(|| format!("writing {}", path.display()))?;
+    let file = writer
+        .into_inner()
+        .map_err(|err| anyhow::anyhow!("writing {}: {}", path.display(), err.error()))?;
+    let verified = VerifiedFile::written(file, &chunks)
+        .with_context(|| format!("reading back {}", path.display()))?;
+    let manifest = StateManifest {
+        mesh_id: config.mesh_id.clone(),
+        round,
+        model_hash: index.model_hash,
+        sender: me.to_bytes(),
+        training_steps: round * config.local_steps as u64,
+        blob: chunks.descriptor(),
+        model: index.model,
+        optimizer: index.optimizer,
+    };
+    let bytes = BlobBytes::File(Arc::new(BlobFile {
+        file: verified,
+        path,
+    }));
+    if let Ok(mut store) = store.lock() {
+        store.set_state_bytes(manifest, bytes, chunks);
     }
     Ok(())
 }
@@ -1145,7 +1435,24 @@ async fn sync_state(
     metrics: NodeMetrics,
     done: mpsc::Sender<Done>,
 ) {
-    let result = async {
+    let result = fetch_state(&client, from, round, layout, &config, Some(&metrics)).await;
+    let _ = done.send(Done::Synced { from, result }).await;
+}
+
+/// A synced state: its round, model, and the mesh's outer optimizer state.
+pub type SyncedState = (u64, Box<TensorSet>, OuterState);
+
+/// Fetches and verifies `from`'s latest state (of `round` or later), pulling chunks from every
+/// mesh peer that serves the same blob.
+pub async fn fetch_state(
+    client: &Client,
+    from: PeerId,
+    round: u64,
+    layout: ModelLayout,
+    config: &CoordinatorConfig,
+    metrics: Option<&NodeMetrics>,
+) -> Result<SyncedState, String> {
+    async {
         let response = client
             .request(
                 from,
@@ -1167,24 +1474,72 @@ async fn sync_state(
                 manifest.round
             ));
         }
-        let fetched = fetch_blob(
-            &client,
-            &manifest.blob,
-            &[from],
-            &config.limits,
-            config.fetch,
-        )
-        .await
-        .map_err(|err| err.to_string())?;
-        metrics.bytes("state_in", fetched.blob.as_bytes().len() as u64);
+        // Every peer serving the same state blob is a donor: chunks come from all of them (a
+        // few in flight per donor), and a donor that leaves mid-transfer is dropped while
+        // the others finish the blob.
+        let mut donors = vec![from];
+        donors.extend(same_state_holders(client, &config.mesh_id, &manifest, from).await);
+        tracing::info!(peer = %from, round = manifest.round, donors = donors.len(), bytes = manifest.blob.blob_size, "syncing state");
         let limits = config.limits.clone();
         let outer_layout = OuterState::layout(config.outer, &layout);
-        let state = tokio::task::spawn_blocking(move || {
-            decode_state(&manifest, &fetched.blob, &layout, &outer_layout, &limits)
-                .map(|s| (manifest.round, s))
-        })
-        .await
-        .map_err(|err| err.to_string())?
+        let state = if manifest.blob.blob_size >= config.stream_state_bytes {
+            // Large: streamed to a file and decoded from it tensor by tensor, so memory holds
+            // the decoded model and a few chunks, never a second copy of the blob.
+            let dir = config.out.join("state");
+            std::fs::create_dir_all(&dir).map_err(|err| format!("{}: {err}", dir.display()))?;
+            let path = dir.join(format!("incoming-{}.part", manifest.blob.blob_hash));
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .map_err(|err| format!("{}: {err}", path.display()))?;
+            let fetched = fetch_blob_to_file(
+                client,
+                &manifest.blob,
+                &donors,
+                &config.limits,
+                config.fetch,
+                file,
+            )
+            .await;
+            let decoded = match fetched {
+                Ok((verified, _)) => {
+                    if let Some(metrics) = metrics {
+                        metrics.bytes("state_in", verified.size());
+                    }
+                    tokio::task::spawn_blocking(move || {
+                        decode_state_file(&manifest, &verified, &layout, &outer_layout, &limits)
+                            .map(|s| (manifest.round, s))
+                    })
+                    .await
+                    .map_err(|err| err.to_string())
+                }
+                Err(err) => Err(err.to_string()),
+            };
+            let _ = std::fs::remove_file(&path);
+            decoded?
+        } else {
+            let fetched = fetch_blob(
+                client,
+                &manifest.blob,
+                &donors,
+                &config.limits,
+                config.fetch,
+            )
+            .await
+            .map_err(|err| err.to_string())?;
+            if let Some(metrics) = metrics {
+                metrics.bytes("state_in", fetched.blob.as_bytes().len() as u64);
+            }
+            tokio::task::spawn_blocking(move || {
+                decode_state(&manifest, &fetched.blob, &layout, &outer_layout, &limits)
+                    .map(|s| (manifest.round, s))
+            })
+            .await
+            .map_err(|err| err.to_string())?
+        }
         .map_err(|err| {
             format!(
                 "state does not verify (this node's outer optimizer is `{}`): {err}",
@@ -1195,6 +1550,5 @@ async fn sync_state(
             .map_err(|err| format!("peer's outer optimizer state: {err}"))?;
         Ok((state.0, Box::new(state.1.model), outer))
     }
-    .await;
-    let _ = done.send(Done::Synced { from, result }).await;
+    .await
 }

@@ -6,12 +6,14 @@
 //! [`VerifiedBlob`]) or peer scoring (bad senders are returned; the caller strikes them).
 
 use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use libp2p::PeerId;
 use meshtune_protocol::{
-    BlobAssembler, BlobDescriptor, ChunkList, ChunkRequest, ChunkResponse, Limits, VerifiedBlob,
+    BlobAssembler, BlobDescriptor, ChunkError, ChunkList, ChunkRequest, ChunkResponse, ChunkSink,
+    FileAssembler, Limits, VerifiedBlob, VerifiedFile,
 };
 
 use super::{Client, RequestError};
@@ -23,13 +25,19 @@ pub struct FetchConfig {
     pub per_peer_concurrency: usize,
     /// Attempts per chunk (and for the chunk list) across peers.
     pub max_attempts: usize,
+    /// How long to keep waiting while every holder answers [`ChunkResponse::Busy`].
+    pub busy_patience: Duration,
 }
+
+/// A holder that answered [`ChunkResponse::Busy`] is asked again after this long.
+const BUSY_BACKOFF: Duration = Duration::from_millis(500);
 
 impl Default for FetchConfig {
     fn default() -> Self {
         Self {
             per_peer_concurrency: 4,
             max_attempts: 6,
+            busy_patience: Duration::from_secs(120),
         }
     }
 }
@@ -68,6 +76,75 @@ pub async fn fetch_blob(
     limits: &Limits,
     config: FetchConfig,
 ) -> Result<Fetched, FetchError> {
+    let list = fetch_chunk_list(client, descriptor, providers, config).await?;
+    let blob_name = descriptor.blob_hash.to_string();
+    let assembler =
+        BlobAssembler::new(list.clone(), limits).map_err(|err| FetchError::BadData {
+            blob: blob_name.clone(),
+            reason: err.to_string(),
+            bad_peers: vec![providers[0]],
+        })?;
+    let (assembler, bad_peers, payload_bytes) =
+        fetch_chunks(client, descriptor, providers, assembler, config).await?;
+    let blob = assembler.finish().map_err(|err| FetchError::BadData {
+        blob: blob_name.clone(),
+        reason: err.to_string(),
+        bad_peers: bad_peers.clone(),
+    })?;
+    Ok(Fetched {
+        blob,
+        chunks: list,
+        bad_peers,
+        payload_bytes,
+    })
+}
+
+/// [`fetch_blob`] streamed into `file` (created empty by the caller): memory holds a few
+/// chunks in flight, never the blob, whatever its size.
+pub async fn fetch_blob_to_file(
+    client: &Client,
+    descriptor: &BlobDescriptor,
+    providers: &[PeerId],
+    limits: &Limits,
+    config: FetchConfig,
+    file: std::fs::File,
+) -> Result<(VerifiedFile, ChunkList), FetchError> {
+    let list = fetch_chunk_list(client, descriptor, providers, config).await?;
+    let blob_name = descriptor.blob_hash.to_string();
+    let sink = FileAssembler::new(list.clone(), limits, file).map_err(|err| match err {
+        ChunkError::Storage(reason) => FetchError::Unavailable {
+            blob: blob_name.clone(),
+            reason,
+        },
+        other => FetchError::BadData {
+            blob: blob_name.clone(),
+            reason: other.to_string(),
+            bad_peers: vec![providers[0]],
+        },
+    })?;
+    let (sink, bad_peers, _) = fetch_chunks(client, descriptor, providers, sink, config).await?;
+    // Hashing the whole file is disk-bound: off the async threads.
+    let verified = tokio::task::spawn_blocking(move || sink.finish())
+        .await
+        .map_err(|err| FetchError::Unavailable {
+            blob: blob_name.clone(),
+            reason: err.to_string(),
+        })?
+        .map_err(|err| FetchError::BadData {
+            blob: blob_name.clone(),
+            reason: err.to_string(),
+            bad_peers,
+        })?;
+    Ok((verified, list))
+}
+
+/// The verified chunk list of `descriptor`, from the first provider that has it.
+async fn fetch_chunk_list(
+    client: &Client,
+    descriptor: &BlobDescriptor,
+    providers: &[PeerId],
+    config: FetchConfig,
+) -> Result<ChunkList, FetchError> {
     let blob_name = descriptor.blob_hash.to_string();
     let unavailable = |reason: String| FetchError::Unavailable {
         blob: blob_name.clone(),
@@ -132,37 +209,71 @@ pub async fn fetch_blob(
         }
         return Err(unavailable(format!("chunk list: {last_error}")));
     };
-    let mut assembler =
-        BlobAssembler::new(list.clone(), limits).map_err(|err| FetchError::BadData {
-            blob: blob_name.clone(),
-            reason: err.to_string(),
-            bad_peers: vec![providers[0]],
-        })?;
+    Ok(list)
+}
+
+/// Pulls every chunk `sink` is missing from `providers` (a few in flight per peer, retries
+/// elsewhere); the sink checks each one. Returns the filled sink, the peers that sent bad
+/// bytes, and the payload bytes received.
+async fn fetch_chunks<S: ChunkSink>(
+    client: &Client,
+    descriptor: &BlobDescriptor,
+    providers: &[PeerId],
+    mut assembler: S,
+    config: FetchConfig,
+) -> Result<(S, Vec<PeerId>, u64), FetchError> {
+    let blob_name = descriptor.blob_hash.to_string();
+    let unavailable = |reason: String| FetchError::Unavailable {
+        blob: blob_name.clone(),
+        reason,
+    };
+    let mut bad_peers: Vec<PeerId> = Vec::new();
+    let mut last_error = String::new();
     let blob_hash = descriptor.blob_hash;
     let mut queue: VecDeque<(u64, meshtune_protocol::ChunkHash, usize)> = assembler
-        .missing_chunks()
+        .missing()
+        .into_iter()
         .map(|(index, hash)| (index, hash, 0))
         .collect();
     let mut in_flight: HashMap<PeerId, usize> = HashMap::new();
     let mut running = FuturesUnordered::new();
     let mut payload_bytes = 0u64;
     let mut lacking: Vec<PeerId> = Vec::new();
+    // Relay circuits are slow and capped: used for chunks only when no direct holder is left.
+    let relayed = client.relayed_only_peers().await.unwrap_or_default();
+    // Donors at their upload cap, until when not to ask them again.
+    let mut busy: HashMap<PeerId, Instant> = HashMap::new();
+    let mut busy_waited = Duration::ZERO;
+    // Failed requests in a row per peer: a donor that left mid-transfer is dropped after two.
+    let mut failures: HashMap<PeerId, usize> = HashMap::new();
     loop {
         // Start what the per-peer limits allow.
         let mut deferred = VecDeque::new();
+        let now = Instant::now();
+        busy.retain(|_, until| *until > now);
         while let Some((index, hash, attempt)) = queue.pop_front() {
             if attempt >= config.max_attempts {
                 return Err(unavailable(format!(
                     "chunk {index} failed {attempt} times; last: {last_error}"
                 )));
             }
-            // Peers that sent bad bytes, or said they do not hold this blob, are not asked
-            // again; waiting for a busy holder beats asking one that has nothing.
-            let usable: Vec<PeerId> = providers
-                .iter()
-                .filter(|p| !bad_peers.contains(*p) && !lacking.contains(*p))
-                .copied()
-                .collect();
+            // Peers that sent bad bytes, said they do not hold this blob, or stopped
+            // answering are not asked again; waiting for a busy holder beats asking one that
+            // has nothing.
+            let usable = prefer_direct(
+                providers
+                    .iter()
+                    .filter(|p| {
+                        !bad_peers.contains(*p) && !lacking.contains(*p) && !busy.contains_key(*p)
+                    })
+                    .copied()
+                    .collect(),
+                &relayed,
+            );
+            if usable.is_empty() && !busy.is_empty() {
+                deferred.push_back((index, hash, attempt));
+                continue;
+            }
             if usable.is_empty() && bad_peers.is_empty() {
                 return Err(unavailable(format!("no peer holds it; last: {last_error}")));
             }
@@ -199,16 +310,46 @@ pub async fn fetch_blob(
             }
         }
         queue = deferred;
+        if running.is_empty() && !queue.is_empty() {
+            // Every holder left is at its upload cap: wait for a slot, within patience.
+            let wake = busy.values().min().copied().unwrap_or(now);
+            let nap = wake
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(10));
+            busy_waited += nap;
+            if busy_waited > config.busy_patience {
+                return Err(unavailable(format!(
+                    "every holder stayed busy for {:.0} s",
+                    busy_waited.as_secs_f64()
+                )));
+            }
+            tokio::time::sleep(nap).await;
+            continue;
+        }
         let Some((index, hash, attempt, peer, result)) = running.next().await else {
             break;
         };
         if let Some(n) = in_flight.get_mut(&peer) {
             *n = n.saturating_sub(1);
         }
+        if matches!(result, Err(RequestError::Failed { .. })) {
+            let failed = failures.entry(peer).or_insert(0);
+            *failed += 1;
+            if *failed >= 2 && !lacking.contains(&peer) {
+                tracing::info!(peer = %peer, "a holder stopped answering; fetching from the others");
+                lacking.push(peer);
+            }
+        } else {
+            failures.remove(&peer);
+        }
         match result {
+            Ok(ChunkResponse::Busy) => {
+                busy.insert(peer, Instant::now() + BUSY_BACKOFF);
+                queue.push_back((index, hash, attempt));
+            }
             Ok(ChunkResponse::Chunk(bytes)) => {
                 payload_bytes += bytes.len() as u64;
-                if let Err(err) = assembler.accept_chunk(index, &bytes) {
+                if let Err(err) = assembler.accept(index, &bytes) {
                     tracing::debug!(peer = %peer, index, error = %err, "chunk refused");
                     last_error = err.to_string();
                     if !bad_peers.contains(&peer) {
@@ -241,19 +382,37 @@ pub async fn fetch_blob(
             }
             Err(err) => return Err(unavailable(err.to_string())),
         }
-        if assembler.is_complete() && running.is_empty() {
+        if assembler.complete() && running.is_empty() {
             break;
         }
     }
-    let blob = assembler.finish().map_err(|err| FetchError::BadData {
-        blob: blob_name.clone(),
-        reason: err.to_string(),
-        bad_peers: bad_peers.clone(),
-    })?;
-    Ok(Fetched {
-        blob,
-        chunks: list,
-        bad_peers,
-        payload_bytes,
-    })
+    Ok((assembler, bad_peers, payload_bytes))
+}
+
+/// `usable` without the peers reached only through a relay, unless nothing else is left: bulk
+/// chunk transfer stays off relayed links while a direct path to a holder exists.
+fn prefer_direct(usable: Vec<PeerId>, relayed: &std::collections::HashSet<PeerId>) -> Vec<PeerId> {
+    if usable.iter().any(|p| !relayed.contains(p)) {
+        usable
+            .into_iter()
+            .filter(|p| !relayed.contains(p))
+            .collect()
+    } else {
+        usable
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relayed_holders_are_used_only_when_no_direct_one_is_left() {
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let relayed: std::collections::HashSet<PeerId> = [b].into_iter().collect();
+        assert_eq!(prefer_direct(vec![a, b, c], &relayed), vec![a, c]);
+        assert_eq!(prefer_direct(vec![b], &relayed), vec![b]);
+        assert_eq!(prefer_direct(vec![], &relayed), Vec::<PeerId>::new());
+        assert_eq!(prefer_direct(vec![a, c], &relayed), vec![a, c]);
+    }
 }

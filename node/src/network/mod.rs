@@ -188,6 +188,9 @@ enum Command {
     MeshPeers {
         reply: oneshot::Sender<Vec<PeerId>>,
     },
+    RelayedOnly {
+        reply: oneshot::Sender<HashSet<PeerId>>,
+    },
     ListenAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
     },
@@ -269,6 +272,14 @@ impl Client {
     pub async fn mesh_peers(&self) -> Result<Vec<PeerId>, RequestError> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::MeshPeers { reply }).await?;
+        answer.await.map_err(|_| RequestError::Stopped)
+    }
+
+    /// Peers reached only through a relay circuit (no direct connection): slow and limited
+    /// links that bulk transfers avoid while a direct path to another holder exists.
+    pub async fn relayed_only_peers(&self) -> Result<HashSet<PeerId>, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::RelayedOnly { reply }).await?;
         answer.await.map_err(|_| RequestError::Stopped)
     }
 
@@ -519,6 +530,7 @@ pub fn start(
         saved_peers: Vec::new(),
         denied: HashSet::new(),
         mesh_peers: 0,
+        links: HashMap::new(),
     };
     let task = tokio::spawn(event_loop.run(shutdown));
     Ok(RunningNetwork {
@@ -636,6 +648,29 @@ struct EventLoop {
     saved_peers: Vec<String>,
     denied: HashSet<PeerId>,
     mesh_peers: usize,
+    /// Open connections per peer, direct and through a relay circuit.
+    links: HashMap<PeerId, Links>,
+}
+
+#[derive(Debug, Default)]
+struct Links {
+    direct: usize,
+    relayed: usize,
+}
+
+impl Links {
+    fn count(&mut self, endpoint: &libp2p::core::ConnectedPoint, delta: isize) {
+        let relayed = endpoint
+            .get_remote_address()
+            .iter()
+            .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit));
+        let slot = if relayed {
+            &mut self.relayed
+        } else {
+            &mut self.direct
+        };
+        *slot = slot.saturating_add_signed(delta);
+    }
 }
 
 impl EventLoop {
@@ -730,6 +765,15 @@ impl EventLoop {
                     .collect();
                 let _ = reply.send(peers);
             }
+            Command::RelayedOnly { reply } => {
+                let relayed = self
+                    .links
+                    .iter()
+                    .filter(|(_, l)| l.relayed > 0 && l.direct == 0)
+                    .map(|(p, _)| *p)
+                    .collect();
+                let _ = reply.send(relayed);
+            }
             Command::ListenAddrs { reply } => {
                 let me = *self.swarm.local_peer_id();
                 let addrs = self
@@ -792,6 +836,11 @@ impl EventLoop {
             }
         } else {
             self.bootstrap_retry.clear();
+            if self.mesh_peers == 0 {
+                // Connected (to a bootstrap or relay node), yet nobody on the mesh's topic:
+                // look the mesh up again instead of waiting for the next random walk.
+                let _ = self.swarm.behaviour_mut().kademlia.bootstrap();
+            }
         }
         if connected >= self.config.target_peers {
             return;
@@ -896,7 +945,14 @@ impl EventLoop {
                 tracing::info!(address = %full, "listening");
                 self.emit(NetworkEvent::Listening(full));
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                let links = self.links.entry(peer_id).or_default();
+                links.count(&endpoint, 1);
+                if links.relayed > 0 && links.direct == 0 {
+                    tracing::info!(peer = %peer_id, "connected through a relay only: bulk transfers prefer direct peers");
+                }
                 if self.is_blacklisted(&peer_id) {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
@@ -906,7 +962,17 @@ impl EventLoop {
                     let _ = self.swarm.behaviour_mut().kademlia.bootstrap();
                 }
             }
-            SwarmEvent::ConnectionClosed { .. } => self.update_mesh_peers(),
+            SwarmEvent::ConnectionClosed {
+                peer_id, endpoint, ..
+            } => {
+                if let Some(links) = self.links.get_mut(&peer_id) {
+                    links.count(&endpoint, -1);
+                    if links.direct == 0 && links.relayed == 0 {
+                        self.links.remove(&peer_id);
+                    }
+                }
+                self.update_mesh_peers();
+            }
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
                 error,
@@ -933,6 +999,13 @@ impl EventLoop {
                         &info,
                         &protocol,
                     );
+                    if self.config.bootstrap.iter().any(|b| b.peer_id == peer_id) {
+                        // Now the bootstrap node is surely in the routing table (on a fresh
+                        // start it may not be yet when the connection opens, and a
+                        // bootstrap query with an empty table does nothing): look up the mesh
+                        // through it.
+                        let _ = self.swarm.behaviour_mut().kademlia.bootstrap();
+                    }
                 }
             }
             NodeBehaviourEvent::Kademlia(event) => {
@@ -1106,14 +1179,14 @@ impl EventLoop {
             return;
         }
         let response = match self.store.lock() {
-            Ok(mut store) => store.answer(&request, self.config.mesh.as_str()),
+            Ok(mut store) => store.answer(peer, &request, self.config.mesh.as_str()),
             Err(_) => ChunkResponse::NotFound,
         };
         let served = match &response {
             ChunkResponse::Chunk(bytes) => Some(("chunk", bytes.len())),
             ChunkResponse::ChunkList(list) => Some(("chunk_list", 32 * list.chunk_hashes().len())),
             ChunkResponse::State(_) => Some(("state_manifest", 0)),
-            ChunkResponse::NotFound => None,
+            ChunkResponse::NotFound | ChunkResponse::Busy => None,
         };
         if let Some((kind, bytes)) = served {
             NetMetrics::count(&self.net_metrics.served_bytes, "kind", kind, bytes as u64);

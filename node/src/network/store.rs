@@ -8,7 +8,9 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
 
 use meshtune_protocol::{
     BlobHash, ChunkList, ChunkListHash, ChunkRequest, ChunkResponse, StateManifest,
@@ -17,9 +19,44 @@ use meshtune_protocol::{
 #[derive(Debug)]
 struct StoredBlob {
     round: u64,
-    bytes: Arc<Vec<u8>>,
+    bytes: BlobBytes,
     chunks: ChunkList,
 }
+
+/// A blob's bytes: in memory (deltas, small states) or in a file (large states, so a
+/// 12 GB state is never held in RAM next to the model).
+#[derive(Debug, Clone)]
+pub enum BlobBytes {
+    Memory(Arc<Vec<u8>>),
+    File(Arc<BlobFile>),
+}
+
+impl BlobBytes {
+    fn len(&self) -> u64 {
+        match self {
+            BlobBytes::Memory(bytes) => bytes.len() as u64,
+            BlobBytes::File(file) => file.file.size(),
+        }
+    }
+}
+
+/// A verified blob on disk, deleted when the last holder lets go of it.
+#[derive(Debug)]
+pub struct BlobFile {
+    pub file: meshtune_protocol::VerifiedFile,
+    pub path: std::path::PathBuf,
+}
+
+impl Drop for BlobFile {
+    fn drop(&mut self) {
+        if let Err(err) = std::fs::remove_file(&self.path) {
+            tracing::debug!(file = %self.path.display(), error = %err, "could not remove a blob file");
+        }
+    }
+}
+
+/// A state downloader that asked for nothing for this long frees its upload slot.
+const UPLOAD_IDLE: Duration = Duration::from_secs(5);
 
 /// Verified blobs by hash, forgotten round by round.
 #[derive(Debug, Default)]
@@ -31,11 +68,33 @@ pub struct BlobStore {
     /// node moved on can still finish fetching it.
     previous_state: Option<BlobHash>,
     last_served: Option<Instant>,
+    /// Peers pulling chunks of a served state, with when each last asked.
+    state_uploads: HashMap<PeerId, Instant>,
+    /// At most this many peers pull state chunks at once (0: no cap); more get
+    /// [`ChunkResponse::Busy`] and fetch from another donor.
+    max_state_uploads: usize,
+    /// Chunks served, and `Busy` answers given, since start.
+    served_chunks: u64,
+    busy_answers: u64,
 }
 
 impl BlobStore {
+    /// A store that serves state chunks to at most `max_state_uploads` peers at once (0: no
+    /// cap), so a crowd of late joiners spreads over the donors instead of saturating one.
+    #[must_use]
+    pub fn with_max_state_uploads(max_state_uploads: usize) -> Self {
+        Self {
+            max_state_uploads,
+            ..Self::default()
+        }
+    }
+
     /// Adds a verified blob of `round` with its chunk list.
     pub fn insert(&mut self, round: u64, bytes: Arc<Vec<u8>>, chunks: ChunkList) {
+        self.insert_bytes(round, BlobBytes::Memory(bytes), chunks);
+    }
+
+    fn insert_bytes(&mut self, round: u64, bytes: BlobBytes, chunks: ChunkList) {
         let hash = chunks.blob_hash();
         self.lists.insert(chunks.hash(), hash);
         self.blobs.insert(
@@ -55,11 +114,24 @@ impl BlobStore {
 
     /// The blob's bytes, if held.
     pub fn get(&self, hash: &BlobHash) -> Option<Arc<Vec<u8>>> {
-        self.blobs.get(hash).map(|b| Arc::clone(&b.bytes))
+        self.blobs.get(hash).and_then(|b| match &b.bytes {
+            BlobBytes::Memory(bytes) => Some(Arc::clone(bytes)),
+            BlobBytes::File(_) => None,
+        })
     }
 
     /// Serves `manifest` (and its blob, inserted under its round) to late joiners.
     pub fn set_state(&mut self, manifest: StateManifest, bytes: Arc<Vec<u8>>, chunks: ChunkList) {
+        self.set_state_bytes(manifest, BlobBytes::Memory(bytes), chunks);
+    }
+
+    /// [`BlobStore::set_state`] for a state in memory or in a file.
+    pub fn set_state_bytes(
+        &mut self,
+        manifest: StateManifest,
+        bytes: BlobBytes,
+        chunks: ChunkList,
+    ) {
         let hash = chunks.blob_hash();
         if let Some((_, old_hash)) = self.state.take()
             && old_hash != hash
@@ -68,7 +140,7 @@ impl BlobStore {
         {
             self.remove(&older);
         }
-        self.insert(manifest.round, bytes, chunks);
+        self.insert_bytes(manifest.round, bytes, chunks);
         self.state = Some((manifest, hash));
     }
 
@@ -104,7 +176,7 @@ impl BlobStore {
     pub fn usage(&self) -> (usize, u64) {
         (
             self.blobs.len(),
-            self.blobs.values().map(|b| b.bytes.len() as u64).sum(),
+            self.blobs.values().map(|b| b.bytes.len()).sum(),
         )
     }
 
@@ -114,10 +186,44 @@ impl BlobStore {
         self.last_served
     }
 
-    /// The answer to a peer's request.
-    pub fn answer(&mut self, request: &ChunkRequest, mesh: &str) -> ChunkResponse {
+    /// Chunks served and `Busy` answers given since start.
+    pub fn served_counts(&self) -> (u64, u64) {
+        (self.served_chunks, self.busy_answers)
+    }
+
+    /// Peers pulling state chunks from this node now.
+    pub fn state_uploaders(&self) -> usize {
+        let now = Instant::now();
+        self.state_uploads
+            .values()
+            .filter(|t| now.duration_since(**t) < UPLOAD_IDLE)
+            .count()
+    }
+
+    /// The answer to `peer`'s request.
+    pub fn answer(&mut self, peer: PeerId, request: &ChunkRequest, mesh: &str) -> ChunkResponse {
+        if let ChunkRequest::Chunk { blob_hash, .. } = request
+            && (self.state.as_ref().is_some_and(|(_, h)| h == blob_hash)
+                || self.previous_state == Some(*blob_hash))
+            && self.contains(blob_hash)
+        {
+            let now = Instant::now();
+            self.state_uploads
+                .retain(|_, t| now.duration_since(*t) < UPLOAD_IDLE);
+            if self.max_state_uploads > 0
+                && !self.state_uploads.contains_key(&peer)
+                && self.state_uploads.len() >= self.max_state_uploads
+            {
+                self.busy_answers += 1;
+                return ChunkResponse::Busy;
+            }
+            self.state_uploads.insert(peer, now);
+        }
         let response = self.lookup(request, mesh);
-        if !matches!(response, ChunkResponse::NotFound) {
+        if matches!(response, ChunkResponse::Chunk(_)) {
+            self.served_chunks += 1;
+        }
+        if !matches!(response, ChunkResponse::NotFound | ChunkResponse::Busy) {
             self.last_served = Some(Instant::now());
         }
         response
@@ -143,11 +249,29 @@ impl BlobStore {
                 let expected = usize::try_from(*index)
                     .ok()
                     .and_then(|i| blob.chunks.chunk_hashes().get(i));
-                match (expected, blob.chunks.chunk(&blob.bytes, *index)) {
-                    (Some(h), Some(bytes)) if h == chunk_hash => {
-                        ChunkResponse::Chunk(bytes.to_vec())
+                if expected != Some(chunk_hash) {
+                    return ChunkResponse::NotFound;
+                }
+                match &blob.bytes {
+                    BlobBytes::Memory(bytes) => blob
+                        .chunks
+                        .chunk(bytes, *index)
+                        .map_or(ChunkResponse::NotFound, |c| {
+                            ChunkResponse::Chunk(c.to_vec())
+                        }),
+                    BlobBytes::File(file) => {
+                        let Some(range) = blob.chunks.chunk_range(*index) else {
+                            return ChunkResponse::NotFound;
+                        };
+                        let mut chunk = vec![0u8; (range.end - range.start) as usize];
+                        match file.file.read_at(&mut chunk, range.start) {
+                            Ok(()) => ChunkResponse::Chunk(chunk),
+                            Err(err) => {
+                                tracing::warn!(file = %file.path.display(), error = %err, "cannot read a state chunk");
+                                ChunkResponse::NotFound
+                            }
+                        }
                     }
-                    _ => ChunkResponse::NotFound,
                 }
             }
             ChunkRequest::LatestState { mesh_id } => match &self.state {
@@ -172,7 +296,9 @@ mod tests {
         let list = chunk_blob(&bytes, 300).expect("chunks");
         store.insert(3, Arc::new(bytes.clone()), list.clone());
         assert!(store.last_served().is_none());
+        let peer = PeerId::random();
         let answer = store.answer(
+            peer,
             &ChunkRequest::ChunkList {
                 chunk_list_hash: list.hash(),
             },
@@ -181,6 +307,7 @@ mod tests {
         assert_eq!(answer, ChunkResponse::ChunkList(list.clone()));
         let served = store.last_served().expect("a served list counts");
         let chunk = store.answer(
+            peer,
             &ChunkRequest::Chunk {
                 blob_hash: list.blob_hash(),
                 index: 1,
@@ -191,6 +318,7 @@ mod tests {
         assert_eq!(chunk, ChunkResponse::Chunk(bytes[300..600].to_vec()));
         // Wrong chunk hash or index: not found, never a wrong chunk.
         let wrong = store.answer(
+            peer,
             &ChunkRequest::Chunk {
                 blob_hash: list.blob_hash(),
                 index: 2,
@@ -200,6 +328,7 @@ mod tests {
         );
         assert_eq!(wrong, ChunkResponse::NotFound);
         let beyond = store.answer(
+            peer,
             &ChunkRequest::Chunk {
                 blob_hash: list.blob_hash(),
                 index: 99,
@@ -253,5 +382,63 @@ mod tests {
             "only one previous state is kept"
         );
         assert!(store.contains(&l2.blob_hash()) && store.contains(&l3.blob_hash()));
+    }
+
+    #[test]
+    fn a_donor_serves_state_chunks_to_a_capped_number_of_peers() {
+        let mut store = BlobStore::with_max_state_uploads(2);
+        let bytes: Vec<u8> = (0..900u32).map(|i| (i % 253) as u8).collect();
+        let list = chunk_blob(&bytes, 300).expect("chunks");
+        let manifest = StateManifest {
+            mesh_id: "m".into(),
+            round: 1,
+            model_hash: meshtune_protocol::ModelHash([1; 32]),
+            sender: Vec::new(),
+            training_steps: 0,
+            blob: list.descriptor(),
+            model: Vec::new(),
+            optimizer: Vec::new(),
+        };
+        store.set_state(manifest, Arc::new(bytes), list.clone());
+        // A delta is never capped.
+        let delta: Vec<u8> = vec![7; 400];
+        let delta_list = chunk_blob(&delta, 300).expect("chunks");
+        store.insert(1, Arc::new(delta), delta_list.clone());
+        let chunk = |index: u64, list: &ChunkList| ChunkRequest::Chunk {
+            blob_hash: list.blob_hash(),
+            index,
+            chunk_hash: list.chunk_hashes()[index as usize],
+        };
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        assert!(matches!(
+            store.answer(a, &chunk(0, &list), "m"),
+            ChunkResponse::Chunk(_)
+        ));
+        assert!(matches!(
+            store.answer(b, &chunk(1, &list), "m"),
+            ChunkResponse::Chunk(_)
+        ));
+        assert_eq!(store.state_uploaders(), 2);
+        // A third downloader waits; the two admitted ones go on.
+        assert_eq!(store.answer(c, &chunk(2, &list), "m"), ChunkResponse::Busy);
+        assert!(matches!(
+            store.answer(a, &chunk(2, &list), "m"),
+            ChunkResponse::Chunk(_)
+        ));
+        assert!(matches!(
+            store.answer(c, &chunk(0, &delta_list), "m"),
+            ChunkResponse::Chunk(_)
+        ));
+        // The state manifest itself is always answered.
+        assert!(matches!(
+            store.answer(
+                c,
+                &ChunkRequest::LatestState {
+                    mesh_id: "m".into()
+                },
+                "m"
+            ),
+            ChunkResponse::State(_)
+        ));
     }
 }

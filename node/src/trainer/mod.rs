@@ -152,6 +152,9 @@ impl<B: AutodiffBackend> T5Trainer<B> {
     }
 }
 
+/// Held from seeding the backend's random generator to the end of the step that draws from it.
+static RNG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 impl<B: AutodiffBackend> LocalTrainer for T5Trainer<B> {
     fn weights(&mut self) -> anyhow::Result<TensorSet> {
         Ok(module_tensors(&self.state.model, self.scope)?)
@@ -189,11 +192,25 @@ impl<B: AutodiffBackend> LocalTrainer for T5Trainer<B> {
                 micro.push(to_batch(&self.train, rows, &self.model_config)?);
                 self.position += 1;
             }
+            // burn's CPU random generator is global to the process: seeding and stepping
+            // under one lock keeps several trainers in one process (the in-process
+            // simulation) from drawing each other's dropout masks, so a run repeats exactly.
+            let _rng = RNG_LOCK
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             B::seed(
                 &self.device,
                 self.config.seed.wrapping_add(self.state.step as u64),
             );
-            loss += self.state.step(&micro)?.loss;
+            let stats = self.state.step(&micro)?;
+            if stats.skipped {
+                tracing::warn!(
+                    step = stats.step + 1,
+                    loss_scale = stats.loss_scale,
+                    "fp16 gradients overflowed: step skipped, loss scale halved"
+                );
+            }
+            loss += stats.loss;
         }
         Ok(TrainReport {
             steps,

@@ -99,6 +99,8 @@ pub struct TestNode {
     pub handle: tokio::task::JoinHandle<anyhow::Result<RunSummary>>,
     pub shutdown: CancellationToken,
     pub metrics: NodeMetrics,
+    /// The node's network (to dial, or ask peers directly).
+    pub client: network::Client,
 }
 
 pub async fn start_bootstrap(port: u64) -> (meshtune_bootstrap::RunningBootstrap, PeerAddr) {
@@ -197,6 +199,7 @@ pub fn start_node_with_psk(
     config.wait_for_peers = peers_expected;
     config.wait_timeout = Duration::from_secs(30);
     configure(&mut config);
+    let client = running.client.clone();
     let handle = tokio::spawn(coordinator::run(
         config,
         peer_id,
@@ -213,6 +216,7 @@ pub fn start_node_with_psk(
         handle,
         shutdown,
         metrics,
+        client,
     }
 }
 
@@ -228,15 +232,60 @@ pub fn bare_network(
     config: NetworkConfig,
     shutdown: &CancellationToken,
 ) -> network::RunningNetwork {
+    bare_network_with_store(config, Arc::new(Mutex::new(BlobStore::default())), shutdown)
+}
+
+/// [`bare_network`] serving what `store` holds.
+pub fn bare_network_with_store(
+    config: NetworkConfig,
+    store: Arc<Mutex<BlobStore>>,
+    shutdown: &CancellationToken,
+) -> network::RunningNetwork {
     let keypair = Keypair::generate_ed25519();
     network::start(
         &keypair,
         memory_transport(&keypair, None).expect("transport"),
         config,
         Arc::new(meshtune_protocol::ModelLayout::new(Vec::new()).expect("layout")),
-        Arc::new(Mutex::new(BlobStore::default())),
+        store,
         &mut Registry::default(),
         shutdown.child_token(),
     )
     .expect("network")
+}
+
+/// The rounds `out/rounds.jsonl` records so far.
+pub fn records(out: &Path) -> Vec<meshtune_node::coordinator::RoundRecord> {
+    std::fs::read_to_string(out.join("rounds.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Waits until the node writing to `out` applied `applied` rounds.
+pub async fn wait_for_round(out: &Path, applied: usize) {
+    for _ in 0..6_000 {
+        if records(out).len() >= applied {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{} never applied {applied} rounds", out.display());
+}
+
+/// Waits for every node to finish its rounds: each one's summary and final weights.
+pub async fn finish(nodes: Vec<TestNode>) -> Vec<(RunSummary, TensorSet)> {
+    let mut out = Vec::new();
+    for node in nodes {
+        let summary = tokio::time::timeout(Duration::from_secs(300), node.handle)
+            .await
+            .expect("node finished in time")
+            .expect("task")
+            .expect("run");
+        let weights = node.trainer.weights().await.expect("weights");
+        node.shutdown.cancel();
+        out.push((summary, weights));
+    }
+    out
 }

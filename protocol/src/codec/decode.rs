@@ -4,7 +4,7 @@
 use super::sparse::{IndexSectionError, unpack_indices};
 use super::values::{ValueScratch, ValueSectionError, decode_values};
 use super::{first_non_finite, scatter};
-use crate::chunk::VerifiedBlob;
+use crate::chunk::{VerifiedBlob, VerifiedFile};
 use crate::hash::{BlobHash, ModelHash};
 use crate::limits::Limits;
 use crate::manifest::{DeltaManifest, StateManifest, TensorEntry};
@@ -15,6 +15,9 @@ use crate::wire::WireError;
 /// is returned in that case: no partial delta exists.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DecodeError {
+    /// Reading a blob file failed.
+    #[error("reading the blob file: {0}")]
+    Storage(String),
     /// The manifest breaks the wire format or its caps.
     #[error("invalid manifest: {0}")]
     InvalidManifest(#[from] WireError),
@@ -176,6 +179,54 @@ pub fn decode_state(
     Ok(ModelState { model, optimizer })
 }
 
+/// [`decode_state`] from a blob on disk ([`VerifiedFile`]), one segment in memory at a time:
+/// memory holds the decoded state and one encoded tensor, never a second copy of the blob.
+pub fn decode_state_file(
+    manifest: &StateManifest,
+    file: &VerifiedFile,
+    model_layout: &ModelLayout,
+    optimizer_layout: &ModelLayout,
+    limits: &Limits,
+) -> Result<ModelState, DecodeError> {
+    manifest.validate(limits)?;
+    if file.hash() != manifest.blob.blob_hash {
+        return Err(DecodeError::BlobHashMismatch {
+            expected: manifest.blob.blob_hash,
+            found: file.hash(),
+        });
+    }
+    if file.size() != manifest.blob.blob_size {
+        return Err(DecodeError::BlobSizeMismatch {
+            expected: manifest.blob.blob_size,
+            found: file.size(),
+        });
+    }
+    if let Some(entry) = manifest
+        .model
+        .iter()
+        .chain(&manifest.optimizer)
+        .find(|entry| !entry.encoding.is_lossless())
+    {
+        return Err(DecodeError::LossyState {
+            tensor: entry.name.clone(),
+        });
+    }
+    let mut source = FileSegments {
+        file,
+        buffer: Vec::new(),
+    };
+    let model = decode_entries_from(&manifest.model, &mut source, model_layout)?;
+    let found = ModelHash::of_tensors(&model);
+    if found != manifest.model_hash {
+        return Err(DecodeError::ModelHashMismatch {
+            expected: manifest.model_hash,
+            found,
+        });
+    }
+    let optimizer = decode_entries_from(&manifest.optimizer, &mut source, optimizer_layout)?;
+    Ok(ModelState { model, optimizer })
+}
+
 fn check_blob(
     expected_hash: BlobHash,
     expected_size: u64,
@@ -252,21 +303,69 @@ pub(crate) fn decode_entries(
     blob: &[u8],
     layout: &ModelLayout,
 ) -> Result<TensorSet, DecodeError> {
+    decode_entries_from(entries, &mut SliceSegments(blob), layout)
+}
+
+/// Where a tensor's encoded segment is read from.
+trait Segments {
+    /// The `len` bytes at `offset`; `None` when they are not all in the blob.
+    fn segment(&mut self, offset: u64, len: u64) -> Result<Option<&[u8]>, DecodeError>;
+}
+
+struct SliceSegments<'a>(&'a [u8]);
+
+impl Segments for SliceSegments<'_> {
+    fn segment(&mut self, offset: u64, len: u64) -> Result<Option<&[u8]>, DecodeError> {
+        let (Ok(start), Ok(len)) = (usize::try_from(offset), usize::try_from(len)) else {
+            return Ok(None);
+        };
+        Ok(start
+            .checked_add(len)
+            .and_then(|end| self.0.get(start..end)))
+    }
+}
+
+/// Segments read from a [`VerifiedFile`] into one reused buffer.
+struct FileSegments<'a> {
+    file: &'a VerifiedFile,
+    buffer: Vec<u8>,
+}
+
+impl Segments for FileSegments<'_> {
+    fn segment(&mut self, offset: u64, len: u64) -> Result<Option<&[u8]>, DecodeError> {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.file.size())
+        {
+            return Ok(None);
+        }
+        let len = usize::try_from(len).map_err(|_| {
+            DecodeError::Storage(format!("a {len}-byte segment does not fit in memory"))
+        })?;
+        self.buffer.resize(len, 0);
+        self.file
+            .read_at(&mut self.buffer, offset)
+            .map_err(|err| DecodeError::Storage(err.to_string()))?;
+        Ok(Some(&self.buffer))
+    }
+}
+
+fn decode_entries_from(
+    entries: &[TensorEntry],
+    source: &mut dyn Segments,
+    layout: &ModelLayout,
+) -> Result<TensorSet, DecodeError> {
     check_layout(entries, layout)?;
     let mut decoder = SegmentDecoder::default();
     let mut tensors = Vec::with_capacity(entries.len());
     for (entry, spec) in entries.iter().zip(layout.specs()) {
         // The layout is trusted and matches, so this is the real element count.
         let elements = spec.element_count().unwrap_or(0);
-        let out_of_bounds = || DecodeError::SegmentOutOfBounds {
-            tensor: entry.name.clone(),
-        };
-        let start = usize::try_from(entry.offset).map_err(|_| out_of_bounds())?;
-        let len = usize::try_from(entry.length).map_err(|_| out_of_bounds())?;
-        let segment = start
-            .checked_add(len)
-            .and_then(|end| blob.get(start..end))
-            .ok_or_else(out_of_bounds)?;
+        let segment = source.segment(entry.offset, entry.length)?.ok_or_else(|| {
+            DecodeError::SegmentOutOfBounds {
+                tensor: entry.name.clone(),
+            }
+        })?;
         let values = decoder.decode_segment(entry, elements, segment)?;
         tensors.push(Tensor {
             name: entry.name.clone(),

@@ -18,6 +18,9 @@ use crate::tensor::{Tensor, TensorSet};
 /// was changed (except [`EncodeError::SelfCheckFailed`], which is a bug).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum EncodeError {
+    /// Writing a streamed state failed.
+    #[error("writing the state: {0}")]
+    Write(String),
     /// Parameters out of range.
     #[error("invalid codec parameters: {reason}")]
     InvalidParams {
@@ -183,6 +186,72 @@ pub fn encode_state(
         optimizer: optimizer_entries,
         blob,
     })
+}
+
+/// The index of a state written by [`encode_state_to`] (its bytes went to the writer).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedStateIndex {
+    /// [`ModelHash::of_tensors`] of the model.
+    pub model_hash: ModelHash,
+    /// Tensor index of the model.
+    pub model: Vec<TensorEntry>,
+    /// Tensor index of the optimizer state.
+    pub optimizer: Vec<TensorEntry>,
+}
+
+/// [`encode_state`] streamed to `out` tensor by tensor, so memory holds one encoded tensor
+/// at a time instead of the whole blob (a 3B-parameter state is 12 GB), with the chunk list
+/// of the bytes written (`chunk_size` bytes per chunk). Writes exactly the bytes
+/// [`encode_state`] returns.
+pub fn encode_state_to(
+    model: &TensorSet,
+    optimizer: &TensorSet,
+    params: &StateCodecParams,
+    out: &mut impl std::io::Write,
+    chunk_size: u32,
+) -> Result<(EncodedStateIndex, crate::ChunkList), EncodeError> {
+    let codec = CodecParams {
+        values: ValueFormat::F32,
+        sparsity: Sparsity::Dense,
+        byte_shuffle: params.byte_shuffle,
+        zstd_level: params.zstd_level,
+    };
+    codec.validate()?;
+    let mut chunks =
+        crate::ChunkListBuilder::new(chunk_size).map_err(|_| EncodeError::InvalidParams {
+            reason: "chunk size must be at least 1 byte",
+        })?;
+    let mut encoder = SegmentEncoder::new(codec);
+    let mut segment = Vec::new();
+    let mut offset = 0u64;
+    let mut encode_all = |set: &TensorSet| {
+        set.tensors()
+            .iter()
+            .map(|tensor| {
+                check_tensor(tensor, &codec, None)?;
+                segment.clear();
+                let mut entry = encoder.encode_tensor(tensor, None, &mut segment)?;
+                entry.offset = offset;
+                out.write_all(&segment)
+                    .map_err(|err| EncodeError::Write(err.to_string()))?;
+                chunks.update(&segment);
+                offset += segment.len() as u64;
+                Ok(entry)
+            })
+            .collect::<Result<Vec<_>, EncodeError>>()
+    };
+    let model_entries = encode_all(model)?;
+    let optimizer_entries = encode_all(optimizer)?;
+    out.flush()
+        .map_err(|err| EncodeError::Write(err.to_string()))?;
+    Ok((
+        EncodedStateIndex {
+            model_hash: ModelHash::of_tensors(model),
+            model: model_entries,
+            optimizer: optimizer_entries,
+        },
+        chunks.finish(),
+    ))
 }
 
 /// Checks everything that could make encoding `tensor` fail: size, finiteness (also after

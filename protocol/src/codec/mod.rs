@@ -26,10 +26,11 @@ mod params;
 mod sparse;
 mod values;
 
-pub use decode::{DecodeError, ModelState, decode_delta, decode_state};
+pub use decode::{DecodeError, ModelState, decode_delta, decode_state, decode_state_file};
 pub(crate) use decode::{check_layout, decode_entries};
 pub use encode::{
-    EncodeError, EncodedDelta, EncodedState, StateCodecParams, encode_delta, encode_state,
+    EncodeError, EncodedDelta, EncodedState, EncodedStateIndex, StateCodecParams, encode_delta,
+    encode_state, encode_state_to,
 };
 pub use feedback::ErrorFeedback;
 pub use params::{CodecParams, ParseCodecParamsError, Sparsity, TensorEncoding, ValueFormat};

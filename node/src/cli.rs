@@ -73,6 +73,9 @@ pub struct ModelExportArgs {
 pub enum BenchCommand {
     /// Forward pass (encoder + teacher-forced decoder) throughput.
     Forward(commands::bench::ForwardBenchArgs),
+    /// One training step (forward, backward, clipping, AdamW): tokens/s, MFU, peak memory,
+    /// and PyTorch eager on the same step with --compare-pytorch.
+    Train(commands::bench::TrainBenchArgs),
     /// Delta codecs: compression ratio, encode/decode GB/s, reconstruction error.
     Codec(commands::bench::CodecBenchArgs),
     /// Link shaping (`--link` profiles): measured vs expected throughput and round trip.
@@ -168,6 +171,7 @@ pub fn main() -> ExitCode {
         Command::Model(ModelCommand::Info(args)) => commands::model_info::run(args),
         Command::Model(ModelCommand::Export(args)) => commands::model_info::export(args),
         Command::Bench(BenchCommand::Forward(args)) => commands::bench::forward(args),
+        Command::Bench(BenchCommand::Train(args)) => commands::bench::train(args),
         Command::Bench(BenchCommand::Codec(args)) => commands::bench::codec(args),
         Command::Bench(BenchCommand::Link(args)) => commands::bench::link(args),
     };

@@ -249,3 +249,48 @@ fn eval_scores_generated_summaries() {
     assert!((0.0..=1.0).contains(&rouge_l) && rouge_l > 0.1, "{result}");
     assert!(result["loss"].as_f64().expect("loss") > 0.0);
 }
+
+/// `meshtune bench train` runs a real step (full and LoRA, f32 and bf16) and reports what
+/// it measured; the numbers themselves are benchmarks, not test assertions.
+#[test]
+fn bench_train_reports_a_measured_step() {
+    let config = fixtures().join("synthetic/config.json");
+    for extra in [&[][..], &["--lora"][..], &["--precision", "bf16"][..]] {
+        let mut args = vec![
+            "bench",
+            "train",
+            "--config",
+            config.to_str().expect("utf-8 path"),
+            "--batch",
+            "2",
+            "--src-len",
+            "12",
+            "--tgt-len",
+            "6",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--peak-tflops",
+            "1",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let output = meshtune(&args);
+        assert!(
+            output.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let report = json_lines(&output).pop().expect("a json line");
+        let row = &report["results"][0];
+        assert!(row["ms_per_step"].as_f64().is_some_and(|v| v > 0.0), "{report}");
+        assert!(row["mfu"].as_f64().is_some_and(|v| v > 0.0), "{report}");
+        assert_eq!(report["lora"], extra == ["--lora"], "{report}");
+        let want = if extra.contains(&"bf16") { "bf16" } else { "f32" };
+        assert_eq!(report["precision"], want, "{report}");
+    }
+    let bad = meshtune(&["bench", "train", "--precision", "fp8"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("fp8"));
+}

@@ -226,6 +226,320 @@ fn pytorch_forward(
 }
 
 #[derive(Debug, Args)]
+pub struct TrainBenchArgs {
+    /// flan-t5-small|base|large|xl (random weights, no download).
+    #[arg(long, default_value = "flan-t5-small", conflicts_with = "config")]
+    pub preset: String,
+    /// A config.json to benchmark instead of a preset.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 512)]
+    pub src_len: usize,
+    #[arg(long, default_value_t = 128)]
+    pub tgt_len: usize,
+    /// Train LoRA adapters (rank 8, alpha 16, on q and v) instead of all weights.
+    #[arg(long)]
+    pub lora: bool,
+    /// auto (from the device), f32, bf16 or fp16.
+    #[arg(long, default_value = "auto")]
+    pub precision: meshtune_model::precision::PrecisionChoice,
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceChoice,
+    /// Peak TFLOP/s of the device for MFU, or --device-peak NAME from the built-in table.
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    /// jetson-agx-orin-64gb, jetson-agx-orin-32gb, jetson-orin-nx-16gb, a100-sxm, h100-sxm,
+    /// h200-sxm.
+    #[arg(long)]
+    pub device_peak: Option<String>,
+    /// Also run scripts/bench_train.py (PyTorch eager, the same step) and print
+    /// meshtune/PyTorch.
+    #[arg(long)]
+    pub compare_pytorch: bool,
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One measured training configuration.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainMeasurement {
+    pub engine: String,
+    pub ms_per_step: f64,
+    pub tokens_per_s: f64,
+    pub samples_per_s: f64,
+    /// Model FLOP utilization, when a peak is known.
+    pub mfu: Option<f64>,
+    /// Peak resident memory of the process while it ran (CPU), MiB.
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// `meshtune bench train`: one optimizer step (forward, backward, global-norm clipping, AdamW)
+/// on random weights and tokens, with MFU and peak memory; with `--compare-pytorch`, the same
+/// step in PyTorch eager in the same run.
+pub fn train(args: TrainBenchArgs) -> anyhow::Result<()> {
+    if args.batch == 0 || args.src_len == 0 || args.tgt_len == 0 || args.iters == 0 {
+        anyhow::bail!("--batch, --src-len, --tgt-len and --iters must be at least 1");
+    }
+    let (name, config) = match &args.config {
+        Some(path) => (path.display().to_string(), T5Config::from_file(path)?),
+        None => {
+            let preset: Preset = args.preset.parse()?;
+            (preset.name().to_string(), preset.config())
+        }
+    };
+    let (precision, reason) = meshtune_model::precision::resolve_precision(
+        args.precision,
+        &crate::device::device_info(args.device),
+    );
+    let peak = args.peak_tflops.or_else(|| {
+        args.device_peak
+            .as_deref()
+            .and_then(meshtune_model::flops::device_peak)
+            .map(|p| match precision {
+                meshtune_model::precision::Precision::F32 => p.fp32,
+                meshtune_model::precision::Precision::Bf16 => p.bf16,
+                meshtune_model::precision::Precision::F16 => p.fp16,
+            })
+    });
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    tracing::info!(model = %name, batch = args.batch, src_len = args.src_len, tgt_len = args.tgt_len, lora = args.lora, %precision, reason, loadavg = %loadavg.trim(), "bench train");
+    let flops = meshtune_model::flops::train_flops_per_step(
+        &config,
+        args.batch,
+        args.src_len,
+        args.tgt_len,
+    );
+    let ours = match args.device {
+        DeviceChoice::Cpu => train_step_on::<meshtune_model::backend::CpuTrain>(
+            Default::default(),
+            &config,
+            &args,
+            precision,
+            flops,
+            peak,
+        )?,
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda(index) => train_step_on::<meshtune_model::backend::CudaTrain>(
+            burn::backend::cuda::CudaDevice::new(index),
+            &config,
+            &args,
+            precision,
+            flops,
+            peak,
+        )?,
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Cuda(_) => anyhow::bail!(
+            "this meshtune was built without CUDA: rebuild with `cargo build --release --features cuda`"
+        ),
+    };
+    let mut rows = vec![ours.clone()];
+    if args.compare_pytorch {
+        rows.push(pytorch_train(&config, &args, precision, flops, peak)?);
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": name, "batch": args.batch, "src_len": args.src_len, "tgt_len": args.tgt_len,
+                "lora": args.lora, "precision": precision.to_string(), "device": args.device.to_string(),
+                "flops_per_step": flops, "peak_tflops": peak, "loadavg": loadavg.trim(), "results": rows,
+            })
+        );
+        return Ok(());
+    }
+    println!(
+        "train  {name}  {}  batch {}  src {}  tgt {}  {precision}  device {}  (loadavg {})",
+        if args.lora { "lora" } else { "full" },
+        args.batch,
+        args.src_len,
+        args.tgt_len,
+        args.device,
+        loadavg.trim()
+    );
+    println!(
+        "{:<24} {:>10} {:>10} {:>10} {:>8} {:>12} {:>8}",
+        "engine", "ms/step", "tokens/s", "samples/s", "MFU", "peak RSS", "ratio"
+    );
+    let baseline = rows[rows.len() - 1].tokens_per_s;
+    for row in &rows {
+        println!(
+            "{:<24} {:>10.0} {:>10.0} {:>10.2} {:>8} {:>12} {:>7.2}x",
+            row.engine,
+            row.ms_per_step,
+            row.tokens_per_s,
+            row.samples_per_s,
+            row.mfu
+                .map_or("n/a".to_string(), |m| format!("{:.1}%", m * 100.0)),
+            row.peak_rss_mib
+                .map_or("n/a".to_string(), |m| format!("{m:.0} MiB")),
+            row.tokens_per_s / baseline
+        );
+    }
+    if rows.len() == 2 {
+        println!(
+            "meshtune/PyTorch training throughput: {:.2}x",
+            ours.tokens_per_s / rows[1].tokens_per_s
+        );
+    }
+    Ok(())
+}
+
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+fn train_step_on<B: burn::tensor::backend::AutodiffBackend>(
+    device: B::Device,
+    config: &T5Config,
+    args: &TrainBenchArgs,
+    precision: meshtune_model::precision::Precision,
+    flops: f64,
+    peak: Option<f64>,
+) -> anyhow::Result<TrainMeasurement> {
+    use meshtune_model::train::{StepConfig, TrainState};
+    let mut model = T5::<B>::from_source(config, &mut RandomInit::<B>::new(config, &device, 0))?;
+    if args.lora {
+        model = meshtune_model::lora::attach_lora(
+            model,
+            &meshtune_model::lora::LoraConfig::default(),
+            &mut meshtune_model::lora::PeftInit::<B> {
+                device: device.clone(),
+            },
+        )?;
+    }
+    let step_config = StepConfig {
+        lr: 1e-4,
+        adamw: meshtune_model::optim::AdamWConfig::default(),
+        schedule: meshtune_model::optim::ScheduleKind::Constant,
+        warmup_steps: 0,
+        total_steps: args.warmup + args.iters,
+        max_grad_norm: Some(1.0),
+        precision,
+    };
+    let mut state = TrainState::new(model, step_config);
+    // Deterministic pseudo-random token ids (ids 2.. so no padding or eos).
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let vocab = config.vocab_size.max(3) as u64;
+    let mut ids = |len: usize| -> Vec<u32> {
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (2 + x % (vocab - 2)) as u32
+            })
+            .collect()
+    };
+    let sources: Vec<Vec<u32>> = (0..args.batch).map(|_| ids(args.src_len)).collect();
+    let targets: Vec<Vec<u32>> = (0..args.batch).map(|_| ids(args.tgt_len)).collect();
+    let batch = meshtune_model::score::Seq2SeqBatch::new(
+        &sources,
+        &targets,
+        config.pad_token_id,
+        config.decoder_start_id(),
+    )?;
+    let micro = vec![batch];
+    for _ in 0..args.warmup {
+        state.step(&micro)?;
+    }
+    B::sync(&device).map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"))?;
+    let start = Instant::now();
+    for i in 0..args.iters {
+        let stats = state.step(&micro)?;
+        tracing::debug!(iter = i, loss = stats.loss, "step");
+    }
+    B::sync(&device).map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"))?;
+    let seconds = start.elapsed().as_secs_f64() / args.iters as f64;
+    Ok(TrainMeasurement {
+        engine: format!("meshtune (burn {})", args.device),
+        ms_per_step: seconds * 1e3,
+        tokens_per_s: (args.batch * (args.src_len + args.tgt_len)) as f64 / seconds,
+        samples_per_s: args.batch as f64 / seconds,
+        mfu: peak.map(|p| meshtune_model::flops::mfu(flops, seconds, p)),
+        peak_rss_mib: matches!(args.device, DeviceChoice::Cpu)
+            .then(peak_rss_mib)
+            .flatten(),
+    })
+}
+
+fn pytorch_train(
+    config: &T5Config,
+    args: &TrainBenchArgs,
+    precision: meshtune_model::precision::Precision,
+    flops: f64,
+    peak: Option<f64>,
+) -> anyhow::Result<TrainMeasurement> {
+    let script = script_path("bench_train.py")?;
+    let dir = tempfile::tempdir()?;
+    let config_path = dir.path().join("config.json");
+    std::fs::write(&config_path, config.to_hf_json()?)?;
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let device = match args.device {
+        DeviceChoice::Cpu => "cpu".to_string(),
+        DeviceChoice::Cuda(i) => format!("cuda:{i}"),
+    };
+    let mut command = Command::new(&args.python);
+    command
+        .arg(&script)
+        .args(["--config", &config_path.display().to_string()])
+        .args(["--batch", &args.batch.to_string()])
+        .args(["--src-len", &args.src_len.to_string()])
+        .args(["--tgt-len", &args.tgt_len.to_string()])
+        .args(["--iters", &args.iters.to_string()])
+        .args(["--warmup", &args.warmup.to_string()])
+        .args(["--threads", &threads.to_string()])
+        .args(["--device", &device])
+        .args(["--precision", &precision.to_string()]);
+    if args.lora {
+        command.arg("--lora");
+    }
+    let output = command
+        .output()
+        .with_context(|| format!("running {} {}", args.python, script.display()))?;
+    if !output.status.success() {
+        anyhow::bail!(
+            "PyTorch baseline failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    let value: serde_json::Value = serde_json::from_str(last)
+        .with_context(|| format!("unexpected PyTorch output {last:?}"))?;
+    let ms = value["ms_per_step"].as_f64().context("ms_per_step")?;
+    let seconds = ms / 1e3;
+    Ok(TrainMeasurement {
+        engine: format!("PyTorch {} eager", value["torch"].as_str().unwrap_or("?")),
+        ms_per_step: ms,
+        tokens_per_s: (args.batch * (args.src_len + args.tgt_len)) as f64 / seconds,
+        samples_per_s: args.batch as f64 / seconds,
+        mfu: peak.map(|p| meshtune_model::flops::mfu(flops, seconds, p)),
+        peak_rss_mib: value["peak_rss_mib"].as_f64(),
+    })
+}
+
+#[derive(Debug, Args)]
 pub struct CodecBenchArgs {
     /// Parameters in the synthetic delta (default: flan-t5-base, 247,577,856).
     #[arg(long, default_value_t = 247_577_856)]

@@ -255,7 +255,12 @@ fn eval_scores_generated_summaries() {
 #[test]
 fn bench_train_reports_a_measured_step() {
     let config = fixtures().join("synthetic/config.json");
-    for extra in [&[][..], &["--lora"][..], &["--precision", "bf16"][..]] {
+    for extra in [
+        &[][..],
+        &["--lora"][..],
+        &["--precision", "bf16"][..],
+        &["--activation-checkpointing"][..],
+    ] {
         let mut args = vec![
             "bench",
             "train",
@@ -284,11 +289,23 @@ fn bench_train_reports_a_measured_step() {
         );
         let report = json_lines(&output).pop().expect("a json line");
         let row = &report["results"][0];
-        assert!(row["ms_per_step"].as_f64().is_some_and(|v| v > 0.0), "{report}");
+        assert!(
+            row["ms_per_step"].as_f64().is_some_and(|v| v > 0.0),
+            "{report}"
+        );
         assert!(row["mfu"].as_f64().is_some_and(|v| v > 0.0), "{report}");
         assert_eq!(report["lora"], extra == ["--lora"], "{report}");
-        let want = if extra.contains(&"bf16") { "bf16" } else { "f32" };
+        let want = if extra.contains(&"bf16") {
+            "bf16"
+        } else {
+            "f32"
+        };
         assert_eq!(report["precision"], want, "{report}");
+        assert_eq!(
+            report["activation_checkpointing"],
+            extra == ["--activation-checkpointing"],
+            "{report}"
+        );
     }
     let bad = meshtune(&["bench", "train", "--precision", "fp8"]);
     assert!(!bad.status.success());

@@ -245,6 +245,10 @@ pub struct TrainBenchArgs {
     /// auto (from the device), f32, bf16 or fp16.
     #[arg(long, default_value = "auto")]
     pub precision: meshtune_model::precision::PrecisionChoice,
+    /// Recompute element-wise activations in the backward pass instead of keeping them
+    /// (burn's balanced checkpointing): less memory, some more compute.
+    #[arg(long)]
+    pub activation_checkpointing: bool,
     #[arg(long, default_value_t = 3)]
     pub iters: usize,
     #[arg(long, default_value_t = 1)]
@@ -319,8 +323,8 @@ pub fn train(args: TrainBenchArgs) -> anyhow::Result<()> {
         args.src_len,
         args.tgt_len,
     );
-    let ours = match args.device {
-        DeviceChoice::Cpu => train_step_on::<meshtune_model::backend::CpuTrain>(
+    let ours = match (args.device, args.activation_checkpointing) {
+        (DeviceChoice::Cpu, false) => train_step_on::<meshtune_model::backend::CpuTrain>(
             Default::default(),
             &config,
             &args,
@@ -328,8 +332,18 @@ pub fn train(args: TrainBenchArgs) -> anyhow::Result<()> {
             flops,
             peak,
         )?,
+        (DeviceChoice::Cpu, true) => {
+            train_step_on::<meshtune_model::backend::CpuTrainCheckpointed>(
+                Default::default(),
+                &config,
+                &args,
+                precision,
+                flops,
+                peak,
+            )?
+        }
         #[cfg(feature = "cuda")]
-        DeviceChoice::Cuda(index) => train_step_on::<meshtune_model::backend::CudaTrain>(
+        (DeviceChoice::Cuda(index), false) => train_step_on::<meshtune_model::backend::CudaTrain>(
             burn::backend::cuda::CudaDevice::new(index),
             &config,
             &args,
@@ -337,8 +351,19 @@ pub fn train(args: TrainBenchArgs) -> anyhow::Result<()> {
             flops,
             peak,
         )?,
+        #[cfg(feature = "cuda")]
+        (DeviceChoice::Cuda(index), true) => {
+            train_step_on::<meshtune_model::backend::CudaTrainCheckpointed>(
+                burn::backend::cuda::CudaDevice::new(index),
+                &config,
+                &args,
+                precision,
+                flops,
+                peak,
+            )?
+        }
         #[cfg(not(feature = "cuda"))]
-        DeviceChoice::Cuda(_) => anyhow::bail!(
+        (DeviceChoice::Cuda(_), _) => anyhow::bail!(
             "this meshtune was built without CUDA: rebuild with `cargo build --release --features cuda`"
         ),
     };
@@ -352,6 +377,7 @@ pub fn train(args: TrainBenchArgs) -> anyhow::Result<()> {
             serde_json::json!({
                 "model": name, "batch": args.batch, "src_len": args.src_len, "tgt_len": args.tgt_len,
                 "lora": args.lora, "precision": precision.to_string(), "device": args.device.to_string(),
+                "activation_checkpointing": args.activation_checkpointing,
                 "flops_per_step": flops, "peak_tflops": peak, "loadavg": loadavg.trim(), "results": rows,
             })
         );
@@ -470,7 +496,15 @@ fn train_step_on<B: burn::tensor::backend::AutodiffBackend>(
     B::sync(&device).map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"))?;
     let seconds = start.elapsed().as_secs_f64() / args.iters as f64;
     Ok(TrainMeasurement {
-        engine: format!("meshtune (burn {})", args.device),
+        engine: format!(
+            "meshtune (burn {}{})",
+            args.device,
+            if args.activation_checkpointing {
+                ", ckpt"
+            } else {
+                ""
+            }
+        ),
         ms_per_step: seconds * 1e3,
         tokens_per_s: (args.batch * (args.src_len + args.tgt_len)) as f64 / seconds,
         samples_per_s: args.batch as f64 / seconds,

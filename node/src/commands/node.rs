@@ -420,20 +420,35 @@ async fn run_async(args: NodeArgs) -> anyhow::Result<RunSummary> {
         anyhow::ensure!(!listen.is_empty(), "no TCP listen address left");
     }
 
-    let trainer = match args.device {
-        DeviceChoice::Cpu => build_trainer::<meshtune_model::backend::CpuTrain>(
+    let trainer = match (args.device, train_config.activation_checkpointing) {
+        (DeviceChoice::Cpu, false) => build_trainer::<meshtune_model::backend::CpuTrain>(
             Default::default(),
             &args,
             &train_config,
         )?,
+        (DeviceChoice::Cpu, true) => {
+            build_trainer::<meshtune_model::backend::CpuTrainCheckpointed>(
+                Default::default(),
+                &args,
+                &train_config,
+            )?
+        }
         #[cfg(feature = "cuda")]
-        DeviceChoice::Cuda(index) => build_trainer::<meshtune_model::backend::CudaTrain>(
+        (DeviceChoice::Cuda(index), false) => build_trainer::<meshtune_model::backend::CudaTrain>(
             burn::backend::cuda::CudaDevice::new(index),
             &args,
             &train_config,
         )?,
+        #[cfg(feature = "cuda")]
+        (DeviceChoice::Cuda(index), true) => {
+            build_trainer::<meshtune_model::backend::CudaTrainCheckpointed>(
+                burn::backend::cuda::CudaDevice::new(index),
+                &args,
+                &train_config,
+            )?
+        }
         #[cfg(not(feature = "cuda"))]
-        DeviceChoice::Cuda(_) => anyhow::bail!(
+        (DeviceChoice::Cuda(_), _) => anyhow::bail!(
             "this meshtune was built without CUDA: rebuild with `cargo build --release --features cuda`"
         ),
     };

@@ -71,6 +71,9 @@ pub struct TrainArgs {
     /// scaling); overrides the config file.
     #[arg(long)]
     pub precision: Option<PrecisionChoice>,
+    /// Recompute element-wise activations in the backward pass (less memory, a little slower).
+    #[arg(long)]
+    pub activation_checkpointing: bool,
     /// Refuse to start when the estimated peak memory exceeds this many GiB
     /// (default: MemAvailable of this machine for cpu).
     #[arg(long)]
@@ -112,6 +115,9 @@ pub struct TrainConfig {
     /// capability >= 8.0, fp16 with loss scaling on 5.3-7.x, f32 on CPU), `f32`, `bf16`,
     /// `fp16`. Master weights and optimizer state are f32 in every case.
     pub precision: PrecisionChoice,
+    /// Recompute element-wise activations in the backward pass instead of keeping them
+    /// (burn's balanced checkpointing): -16% peak memory, +6% step time on flan-t5-small.
+    pub activation_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -139,6 +145,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 2,
             lora: LoraConfig::default(),
             precision: PrecisionChoice::Auto,
+            activation_checkpointing: false,
         }
     }
 }
@@ -296,17 +303,32 @@ struct MetricRow {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    match args.device {
-        DeviceChoice::Cpu => {
-            train_on::<meshtune_model::backend::CpuTrain>(Default::default(), &args)
+    let config = load_config(&args)?;
+    match (args.device, config.activation_checkpointing) {
+        (DeviceChoice::Cpu, false) => {
+            train_on::<meshtune_model::backend::CpuTrain>(Default::default(), &args, config)
         }
+        (DeviceChoice::Cpu, true) => train_on::<meshtune_model::backend::CpuTrainCheckpointed>(
+            Default::default(),
+            &args,
+            config,
+        ),
         #[cfg(feature = "cuda")]
-        DeviceChoice::Cuda(index) => train_on::<meshtune_model::backend::CudaTrain>(
+        (DeviceChoice::Cuda(index), false) => train_on::<meshtune_model::backend::CudaTrain>(
             burn::backend::cuda::CudaDevice::new(index),
             &args,
+            config,
         ),
+        #[cfg(feature = "cuda")]
+        (DeviceChoice::Cuda(index), true) => {
+            train_on::<meshtune_model::backend::CudaTrainCheckpointed>(
+                burn::backend::cuda::CudaDevice::new(index),
+                &args,
+                config,
+            )
+        }
         #[cfg(not(feature = "cuda"))]
-        DeviceChoice::Cuda(_) => anyhow::bail!(
+        (DeviceChoice::Cuda(_), _) => anyhow::bail!(
             "this meshtune was built without CUDA: rebuild with `cargo build --release --features cuda`"
         ),
     }
@@ -336,6 +358,9 @@ fn load_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     }
     if let Some(v) = args.precision {
         config.precision = v;
+    }
+    if args.activation_checkpointing {
+        config.activation_checkpointing = true;
     }
     config.resolve_precision(args.device);
     config.validate()?;
@@ -393,8 +418,11 @@ pub fn mem_available_gib() -> Option<f64> {
     Some(kib / (1024.0 * 1024.0))
 }
 
-fn train_on<B: AutodiffBackend>(device: B::Device, args: &TrainArgs) -> anyhow::Result<()> {
-    let config = load_config(args)?;
+fn train_on<B: AutodiffBackend>(
+    device: B::Device,
+    args: &TrainArgs,
+    config: TrainConfig,
+) -> anyhow::Result<()> {
     let (model_config, tokenizer) = model_config_and_tokenizer(
         args.model.as_deref(),
         args.preset.as_deref(),
@@ -604,7 +632,7 @@ fn train_on<B: AutodiffBackend>(device: B::Device, args: &TrainArgs) -> anyhow::
             "step"
         );
         let last_step = state.step == config.steps;
-        if state.step % config.eval_every == 0 || last_step {
+        if state.step.is_multiple_of(config.eval_every) || last_step {
             let inference = state.model.valid();
             let (eval_loss, rouge) = evaluate(
                 &inference,
@@ -630,7 +658,7 @@ fn train_on<B: AutodiffBackend>(device: B::Device, args: &TrainArgs) -> anyhow::
         }
         append_metric(&args.out.join("metrics.jsonl"), &row)?;
         rows.push(row);
-        if state.step % config.checkpoint_every == 0 || last_step {
+        if state.step.is_multiple_of(config.checkpoint_every) || last_step {
             save_checkpoint(
                 &checkpoints,
                 state.step,

@@ -6,6 +6,9 @@ Two short fine-tuning runs of the tiny `fixtures/models/flan-odd` model on the 1
 
     fixtures/train_parity/full.json             full fine-tuning (every parameter trained)
     fixtures/train_parity/lora.json             LoRA (rank 4, alpha 8, q and v of every attention)
+    fixtures/train_parity/adafactor.json        full fine-tuning with HF transformers' Adafactor
+                                                (factored second moments, no first moment,
+                                                scale_parameter=True, relative_step=False)
     fixtures/train_parity/lora_init.safetensors the initial LoRA A and B matrices (f32), keys
                                                 `<hf module path>.lora_A.weight` / `.lora_B.weight`
 
@@ -63,6 +66,7 @@ import transformers  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 from transformers import T5ForConditionalGeneration, get_linear_schedule_with_warmup  # noqa: E402
+from transformers.optimization import Adafactor  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
@@ -92,6 +96,19 @@ EPS = 1e-8
 WEIGHT_DECAY = 0.01
 WARMUP = 3
 MAX_GRAD_NORM = 1.0
+
+# Adafactor as T5 fine-tuning recipes use it: external lr (our schedule), parameter-scaled steps.
+ADAFACTOR = {
+    "lr": 1e-2,
+    "eps": (1e-30, 1e-3),
+    "clip_threshold": 1.0,
+    "decay_rate": -0.8,
+    "beta1": None,
+    "weight_decay": 0.0,
+    "scale_parameter": True,
+    "relative_step": False,
+    "warmup_init": False,
+}
 
 LORA_RANK = 4
 LORA_ALPHA = 8
@@ -290,8 +307,12 @@ def forward_loss(model, batch):
     return model(**batch, use_cache=False).loss
 
 
-def make_optimizer(model):
+def make_optimizer(model, kind="adamw"):
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if kind == "adafactor":
+        opt = Adafactor([p for _, p in named], **ADAFACTOR)
+        sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=WARMUP, num_training_steps=STEPS_TOTAL)
+        return opt, sched, [p for _, p in named], [], []
     decay = [(n, p) for n, p in named if p.ndim >= 2]
     no_decay = [(n, p) for n, p in named if p.ndim < 2]
     groups = [{"params": [p for _, p in decay], "weight_decay": WEIGHT_DECAY}]
@@ -302,8 +323,8 @@ def make_optimizer(model):
     return opt, sched, [p for _, p in named], [n for n, _ in decay], [n for n, _ in no_decay]
 
 
-def run(model, examples, order):
-    opt, sched, trainable, decay_names, no_decay_names = make_optimizer(model)
+def run(model, examples, order, kind="adamw"):
+    opt, sched, trainable, decay_names, no_decay_names = make_optimizer(model, kind)
     assert len({id(p) for p in trainable}) == len(trainable)
 
     with torch.no_grad():
@@ -404,6 +425,27 @@ def train_full(examples, order, versions):
     js["final_eval_loss"] = final_eval
     js["final_eval_rows"] = list(range(len(examples)))
     js["initial_param_norms"] = init_norms
+    js["final_param_norms"] = param_norms(model)
+    js["versions"] = versions
+    return js
+
+
+def train_adafactor(examples, order, versions):
+    model = load_model()
+    initial, steps, _, _ = run(model, examples, order, "adafactor")
+    model.eval()
+    with torch.no_grad():
+        final_eval = float(forward_loss(model, eval_batch(examples)))
+    js = settings_json(examples)
+    js.update(initial)
+    js["optimizer"] = {
+        "kind": "transformers.optimization.Adafactor",
+        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in ADAFACTOR.items()},
+        "factored": "parameters with ndim >= 2 (row/col means of grad^2 + eps[0]); others a full second moment",
+    }
+    js["trainable"] = "all parameters"
+    js["steps"] = steps
+    js["final_eval_loss"] = final_eval
     js["final_param_norms"] = param_norms(model)
     js["versions"] = versions
     return js
@@ -526,6 +568,7 @@ def main():
 
     full = train_full(examples, order, versions)
     lora, lora_init = train_lora(examples, order, versions)
+    adafactor = train_adafactor(examples, order, versions)
 
     losses = [s["loss"] for s in full["steps"]]
     assert losses[-1] < losses[0] and sum(losses[-4:]) < sum(losses[:4]), losses
@@ -533,12 +576,13 @@ def main():
     assert full["steps"][0]["lr"] == 0.0 and lora["steps"][0]["lr"] == 0.0
 
     OUT.mkdir(parents=True, exist_ok=True)
-    for name, js in (("full", full), ("lora", lora)):
+    for name, js in (("full", full), ("lora", lora), ("adafactor", adafactor)):
         (OUT / f"{name}.json").write_text(json.dumps(js, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     save_file(lora_init, str(OUT / "lora_init.safetensors"), metadata={"format": "pt"})
 
     print_table("full", full)
     print_table("lora", lora)
+    print_table("adafactor", adafactor)
     print(f"lora merged_check logits max abs diff {lora['merged_check']['logits_max_abs_diff']:.3e}")
     for p in sorted(OUT.iterdir()):
         print(f"{p.relative_to(ROOT)}: {p.stat().st_size} bytes")

@@ -186,15 +186,14 @@ pub fn save_checkpoint_with_extras<B: Backend, OB: Backend, M: Module<B>>(
     let mut steps = serde_json::Map::new();
     for (id, m) in &optimizer.state {
         let Some(path) = by_id.get(id) else { continue };
-        let numel = m.exp_avg.dims()[0];
         moments.push((
             format!("{path}.exp_avg"),
-            vec![numel],
+            vec![m.exp_avg.dims()[0]],
             to_bytes(&host_f32(m.exp_avg.clone())?),
         ));
         moments.push((
             format!("{path}.exp_avg_sq"),
-            vec![numel],
+            vec![m.exp_avg_sq.dims()[0]],
             to_bytes(&host_f32(m.exp_avg_sq.clone())?),
         ));
         steps.insert(path.clone(), m.step.into());
@@ -209,6 +208,9 @@ pub fn save_checkpoint_with_extras<B: Backend, OB: Backend, M: Module<B>>(
     state["step"] = step.into();
     state["optimizer_steps"] = serde_json::Value::Object(steps);
     state["adamw"] = serde_json::to_value(optimizer.config).unwrap_or_default();
+    if let Some(adafactor) = optimizer.adafactor {
+        state["adafactor"] = serde_json::to_value(adafactor).unwrap_or_default();
+    }
     let text = serde_json::to_vec_pretty(&state).map_err(|e| ModelError::Input(e.to_string()))?;
     write_synced(&tmp_dir.join("state.json"), &text)?;
     sync_dir(&tmp_dir)?;
@@ -383,38 +385,40 @@ pub fn load_checkpoint<B: Backend, OB: Backend, M: Module<B>>(
     })?;
     optimizer.state.clear();
     for (id, path, shape) in param_paths(&module) {
-        let numel: usize = shape.iter().product();
+        let (first_len, second_len) =
+            crate::optim::moment_lengths(optimizer.adafactor.as_ref(), &shape);
         let (Ok(avg), Ok(avg_sq)) = (
             moments.tensor(&format!("{path}.exp_avg")),
             moments.tensor(&format!("{path}.exp_avg_sq")),
         ) else {
             continue; // never updated (frozen)
         };
-        let to_tensor = |view: &TensorView<'_>| -> Result<Tensor<OB, 1>, ModelError> {
-            if view.shape() != [numel] {
-                return Err(ModelError::ShapeMismatch {
-                    path: opt_path.clone(),
-                    key: path.clone(),
-                    expected: vec![numel],
-                    found: view.shape().to_vec(),
-                });
-            }
-            let values: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            Ok(Tensor::from_data(
-                TensorData::new(values, [numel]),
-                optimizer_device,
-            ))
-        };
+        let to_tensor =
+            |view: &TensorView<'_>, numel: usize| -> Result<Tensor<OB, 1>, ModelError> {
+                if view.shape() != [numel] {
+                    return Err(ModelError::ShapeMismatch {
+                        path: opt_path.clone(),
+                        key: path.clone(),
+                        expected: vec![numel],
+                        found: view.shape().to_vec(),
+                    });
+                }
+                let values: Vec<f32> = view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                Ok(Tensor::from_data(
+                    TensorData::new(values, [numel]),
+                    optimizer_device,
+                ))
+            };
         let step = state["optimizer_steps"][&path].as_u64().unwrap_or(0);
         optimizer.state.insert(
             id,
             Moments {
-                exp_avg: to_tensor(&avg)?,
-                exp_avg_sq: to_tensor(&avg_sq)?,
+                exp_avg: to_tensor(&avg, first_len)?,
+                exp_avg_sq: to_tensor(&avg_sq, second_len)?,
                 step,
             },
         );

@@ -11,7 +11,8 @@ use burn::tensor::backend::AutodiffBackend;
 
 use crate::error::ModelError;
 use crate::optim::{
-    AdamW, AdamWConfig, ScheduleKind, clip_coefficient, global_grad_norm, lr_multiplier,
+    AdamW, AdamWConfig, OptimizerKind, ScheduleKind, clip_coefficient, global_grad_norm,
+    lr_multiplier,
 };
 use crate::precision::{LossScaler, Precision};
 use crate::score::{Seq2SeqBatch, batch_loss};
@@ -31,6 +32,9 @@ pub struct StepConfig {
     /// dynamic loss scaling.
     #[serde(default)]
     pub precision: Precision,
+    /// AdamW (with `adamw`) or Adafactor.
+    #[serde(default)]
+    pub optimizer: OptimizerKind,
 }
 
 /// What one optimizer step measured.
@@ -68,7 +72,7 @@ impl<B: AutodiffBackend> TrainState<B> {
     pub fn new(model: T5<B>, config: StepConfig) -> Self {
         Self {
             model: model.with_precision(config.precision),
-            optimizer: AdamW::new(config.adamw),
+            optimizer: AdamW::of_kind(config.optimizer, config.adamw),
             step: 0,
             scaler: config
                 .precision

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use meshtune_model::backend::CpuTrain;
 use meshtune_model::checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint};
 use meshtune_model::lora::{LoraConfig, PeftInit, attach_lora};
-use meshtune_model::optim::{AdamWConfig, ScheduleKind};
+use meshtune_model::optim::{AdafactorConfig, AdamWConfig, OptimizerKind, ScheduleKind};
 use meshtune_model::score::Seq2SeqBatch;
 use meshtune_model::t5::T5;
 use meshtune_model::train::{StepConfig, TrainState};
@@ -50,7 +50,7 @@ fn batches() -> Vec<Vec<Seq2SeqBatch>> {
         .collect()
 }
 
-fn config() -> StepConfig {
+fn config(optimizer: OptimizerKind) -> StepConfig {
     StepConfig {
         lr: 3e-3,
         adamw: AdamWConfig {
@@ -62,6 +62,7 @@ fn config() -> StepConfig {
         total_steps: 6,
         max_grad_norm: Some(0.5),
         precision: Default::default(),
+        optimizer,
     }
 }
 
@@ -85,15 +86,19 @@ fn base(lora: bool) -> T5<CpuTrain> {
 }
 
 fn check_resume(lora: bool) {
+    check_resume_with(lora, OptimizerKind::AdamW);
+}
+
+fn check_resume_with(lora: bool, optimizer: OptimizerKind) {
     let data = batches();
-    let mut straight = TrainState::new(base(lora), config());
+    let mut straight = TrainState::new(base(lora), config(optimizer));
     let want: Vec<f64> = data
         .iter()
         .map(|b| straight.step(b).expect("step").loss)
         .collect();
 
     let dir = tempfile::tempdir().expect("tmp");
-    let mut first = TrainState::new(base(lora), config());
+    let mut first = TrainState::new(base(lora), config(optimizer));
     for b in &data[..3] {
         first.step(b).expect("step");
     }
@@ -125,7 +130,7 @@ fn check_resume(lora: bool) {
         "{}",
         latest.display()
     );
-    let mut resumed = TrainState::new(base(lora), config());
+    let mut resumed = TrainState::new(base(lora), config(optimizer));
     let (model, state) = load_checkpoint(
         &latest,
         resumed.model,
@@ -161,13 +166,28 @@ fn lora_training_resumes_exactly() {
     check_resume(true);
 }
 
+/// Adafactor's factored moments (row and column statistics, no first moment) go through the
+/// checkpoint too.
+#[test]
+fn adafactor_training_resumes_exactly() {
+    check_resume_with(false, OptimizerKind::Adafactor(AdafactorConfig::default()));
+    check_resume_with(
+        false,
+        OptimizerKind::Adafactor(AdafactorConfig {
+            beta1: Some(0.9),
+            weight_decay: 0.01,
+            ..AdafactorConfig::default()
+        }),
+    );
+}
+
 #[test]
 fn corrupt_checkpoint_is_reported() {
     let dir = tempfile::tempdir().expect("tmp");
     let ckpt = dir.path().join("checkpoint-00000001");
     std::fs::create_dir_all(&ckpt).expect("dir");
     std::fs::write(ckpt.join("params.safetensors"), b"not safetensors").expect("w");
-    let mut state = TrainState::new(base(false), config());
+    let mut state = TrainState::new(base(false), config(OptimizerKind::AdamW));
     let err = load_checkpoint(
         &ckpt,
         state.model,

@@ -60,6 +60,7 @@ fn step_config(reference: &serde_json::Value) -> StepConfig {
         total_steps: reference["schedule"]["total"].as_u64().expect("total") as usize,
         max_grad_norm: reference["max_grad_norm"].as_f64(),
         precision: Default::default(),
+        optimizer: Default::default(),
     }
 }
 
@@ -392,4 +393,69 @@ fn activation_checkpointing_matches_pytorch_too() {
             stats.grad_norm
         );
     }
+}
+
+/// Adafactor (factored second moments, no first moment, parameter-scaled steps) against HF
+/// transformers' `Adafactor` on the same 20 steps (`fixtures/train_parity/adafactor.json`).
+#[test]
+fn adafactor_matches_transformers_per_step() {
+    use meshtune_model::optim::{AdafactorConfig, OptimizerKind};
+    let reference = read_json("adafactor.json");
+    let opt = &reference["optimizer"];
+    assert_eq!(opt["kind"], "transformers.optimization.Adafactor");
+    let eps = opt["eps"].as_array().expect("eps");
+    let adafactor = AdafactorConfig {
+        eps1: eps[0].as_f64().expect("eps1"),
+        eps2: eps[1].as_f64().expect("eps2"),
+        clip_threshold: opt["clip_threshold"].as_f64().expect("clip"),
+        decay_rate: opt["decay_rate"].as_f64().expect("decay"),
+        beta1: opt["beta1"].as_f64(),
+        weight_decay: opt["weight_decay"].as_f64().expect("wd"),
+        scale_parameter: opt["scale_parameter"].as_bool().expect("scale"),
+        relative_step: opt["relative_step"].as_bool().expect("relative"),
+        warmup_init: opt["warmup_init"].as_bool().expect("warmup_init"),
+    };
+    let config = StepConfig {
+        lr: opt["lr"].as_f64().expect("lr"),
+        adamw: AdamWConfig::default(),
+        schedule: ScheduleKind::Linear,
+        warmup_steps: reference["schedule"]["warmup"].as_u64().expect("warmup") as usize,
+        total_steps: reference["schedule"]["total"].as_u64().expect("total") as usize,
+        max_grad_norm: reference["max_grad_norm"].as_f64(),
+        precision: Precision::F32,
+        optimizer: OptimizerKind::Adafactor(adafactor),
+    };
+    let device = Default::default();
+    let (_, model) =
+        load_model::<CpuTrain>(&fixtures().join("models/flan-odd"), &device).expect("model");
+    let state = run_and_compare(&reference, TrainState::new(model, config), "adafactor");
+    // The weights, not only the losses.
+    let norms = reference["final_param_norms"].as_object().expect("norms");
+    let mut checked = 0;
+    for (key, tensor) in named_weights(&state.inference_model()) {
+        let name = key.hf_name();
+        let Some(want) = norms.get(&name).and_then(|v| v.as_f64()) else {
+            continue;
+        };
+        let got = l2(&tensor.to_f32_vec().expect("values"));
+        assert!(
+            (got - want).abs() / want <= 1e-4,
+            "{name}: norm {got} vs {want}"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 40, "only {checked} tensors compared");
+    // No first moment, factored second moments: far less state than AdamW's two per weight.
+    let state_floats: usize = state
+        .optimizer
+        .state
+        .values()
+        .map(|m| m.exp_avg.dims()[0] + m.exp_avg_sq.dims()[0])
+        .sum();
+    let params: usize = named_weights(&state.inference_model())
+        .iter()
+        .map(|(_, t)| t.shape().iter().product::<usize>())
+        .sum();
+    println!("adafactor state: {state_floats} floats for {params} parameters");
+    assert!(state_floats * 10 < params, "{state_floats} vs {params}");
 }

@@ -460,6 +460,7 @@ fn train_step_on<B: burn::tensor::backend::AutodiffBackend>(
         total_steps: args.warmup + args.iters,
         max_grad_norm: Some(1.0),
         precision,
+        optimizer: Default::default(),
     };
     let mut state = TrainState::new(model, step_config);
     // Deterministic pseudo-random token ids (ids 2.. so no padding or eos).

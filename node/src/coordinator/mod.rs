@@ -298,7 +298,7 @@ pub async fn run(
     let mut base = trainer.weights().await?;
     let layout: ModelLayout = base.layout();
     let mut base_hash = ModelHash::of_tensors(&base);
-    serve_state(&store, &config, me, round, &base, &outer_state)?;
+    blocking(|| serve_state(&store, &config, me, round, &base, &outer_state))?;
     let rounds_path = config.out.join("rounds.jsonl");
     let mut records: Vec<RoundRecord> = std::fs::read_to_string(&rounds_path)
         .unwrap_or_default()
@@ -734,7 +734,7 @@ pub async fn run(
                         .context("checkpoint after the round")?;
                     append_record(&rounds_path, &record)?;
                     records.push(record);
-                    serve_state(&store, &config, me, round + 1, &base, &outer_state)?;
+                    blocking(|| serve_state(&store, &config, me, round + 1, &base, &outer_state))?;
                     Input::RoundApplied { round, new_base: hash }
                 }
                 Some(Done::Synced { from, result }) => match result {
@@ -751,7 +751,7 @@ pub async fn run(
                         // The mesh's outer optimizer state comes with its model, so the next
                         // outer step here is the one every other node takes.
                         outer_state = outer;
-                        serve_state(&store, &config, me, synced_round, &base, &outer_state)?;
+                        blocking(|| serve_state(&store, &config, me, synced_round, &base, &outer_state))?;
                         tracing::info!(peer = %from, round = synced_round, hash = %base_hash, "adopted a peer's state");
                         Input::StateSynced { round: synced_round, base: base_hash }
                     }
@@ -823,7 +823,9 @@ pub async fn run(
                             .save(checkpoints.clone(), final_round as usize, serde_json::json!({"next_round": final_round, "model_hash": hash.to_string()}), extras)
                             .await
                             .context("checkpoint after adopting the mesh's final state")?;
-                        serve_state(&store, &config, me, final_round, &base, &outer_state)?;
+                        blocking(|| {
+                            serve_state(&store, &config, me, final_round, &base, &outer_state)
+                        })?;
                         metrics.final_state_adopted.inc();
                         tracing::info!(peer = %from, hash = %base_hash, "adopted the mesh's final state");
                         adopted_final_state = Some(from.to_string());
@@ -1074,6 +1076,15 @@ pub fn serve_state(
         store.set_state(manifest, Arc::new(encoded.blob), chunks);
     }
     Ok(())
+}
+
+/// Runs `work` (encoding a state: seconds to minutes for a large model) without stalling the
+/// runtime's other tasks (the network, fetches) on a multi-threaded runtime.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
 }
 
 /// [`serve_state`] for a large state: encoded straight to `OUT/state/` tensor by tensor and

@@ -12,3 +12,4 @@ pub mod local;
 pub mod netns;
 pub mod png;
 pub mod report;
+pub mod simulate;

@@ -32,6 +32,10 @@ enum Role {
     /// (internal) run the bootstrap node; prints its addresses on stdout.
     #[command(name = "__bootstrap", hide = true)]
     Bootstrap(meshtune_testnet::local::BootstrapArgs),
+    /// N nodes (real round machine, coordinator and libp2p on the memory transport) with a
+    /// synthetic trainer in one process: round time, bytes per node, consensus distance and
+    /// memory per node at mesh sizes a laptop cannot run as processes.
+    Simulate(meshtune_testnet::simulate::SimulateArgs),
     /// (internal) local training for the baselines, as `meshtune train`.
     #[command(name = "__train", hide = true)]
     Train(Box<meshtune_node::commands::train::TrainArgs>),
@@ -47,6 +51,10 @@ fn main() -> ExitCode {
         Some(Role::Train(args)) => {
             meshtune_node::logging::init(meshtune_node::logging::LogFormat::Json);
             meshtune_node::commands::train::run(*args)
+        }
+        Some(Role::Simulate(args)) => {
+            meshtune_node::logging::init(meshtune_node::logging::LogFormat::Text);
+            meshtune_testnet::simulate::run(args)
         }
         Some(Role::Bootstrap(args)) => {
             meshtune_node::logging::init(meshtune_node::logging::LogFormat::Json);

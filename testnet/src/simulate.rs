@@ -1,0 +1,439 @@
+//! `meshtune-testnet simulate --nodes N`: N real nodes (the node's round state machine,
+//! coordinator, gossipsub, Kademlia and chunk transfer) in one process on libp2p's memory
+//! transport, each with a synthetic trainer instead of a model, so that hundreds fit on two
+//! cores. Measures, per round: how long the slowest node took, bytes each node sent and
+//! received against the payload, the consensus distance of the nodes' parameters, and memory
+//! per node.
+//!
+//! The synthetic trainer: parameters `w` (one tensor of `--params` f32, zeros at the start, the
+//! same on every node); a local step moves `w` 10% toward the node's own target (a fixed random
+//! vector per node: non-IID data) plus Gaussian noise. Checkpoints are not written: `save`
+//! hands the parameters to the simulation's ledger, which is how consensus distance is
+//! measured; `restore` finds nothing (a simulated node has no disk).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use libp2p::identity::Keypair;
+use meshtune_bootstrap::transport::memory_transport;
+use meshtune_bootstrap::{BootstrapConfig, PeerAddr};
+use meshtune_node::averaging::round::RoundConfig;
+use meshtune_node::coordinator::metrics::NodeMetrics;
+use meshtune_node::coordinator::{self, CoordinatorConfig, RunSummary};
+use meshtune_node::network::store::BlobStore;
+use meshtune_node::network::{self, NetworkConfig};
+use meshtune_node::trainer::{EvalReport, LocalTrainer, Restored, TrainReport, TrainerHandle};
+use meshtune_protocol::{Tensor, TensorSet};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// Nodes in the mesh.
+    #[arg(long, default_value_t = 10)]
+    pub nodes: usize,
+    #[arg(long, default_value_t = 6)]
+    pub rounds: u64,
+    /// Parameters per node (one f32 tensor).
+    #[arg(long, default_value_t = 100_000)]
+    pub params: usize,
+    /// Delta codec, as `meshtune node --codec`.
+    #[arg(long, default_value = "top2%+int8/64+zstd:1")]
+    pub codec: String,
+    /// Standard deviation of the per-step noise (the target vectors have unit scale).
+    #[arg(long, default_value_t = 0.01)]
+    pub noise: f32,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Where the per-round CSV and the summary go.
+    #[arg(long, default_value = "simulation")]
+    pub out: PathBuf,
+}
+
+/// Per-round sums of the nodes' parameters, filled by the synthetic trainers' `save`.
+#[derive(Debug, Default)]
+struct Ledger {
+    rounds: BTreeMap<u64, (Vec<f64>, f64, usize)>,
+}
+
+impl Ledger {
+    fn record(&mut self, round: u64, values: &[f32]) {
+        let entry = self
+            .rounds
+            .entry(round)
+            .or_insert_with(|| (vec![0.0; values.len()], 0.0, 0));
+        let mut sq = 0.0;
+        for (sum, &v) in entry.0.iter_mut().zip(values) {
+            *sum += f64::from(v);
+            sq += f64::from(v) * f64::from(v);
+        }
+        entry.1 += sq;
+        entry.2 += 1;
+    }
+
+    /// Relative spread: sqrt(mean_i |w_i - mean|^2) / |mean|.
+    fn consensus_distance(&self, round: u64) -> Option<(f64, usize)> {
+        let (sum, sq, n) = self.rounds.get(&round)?;
+        let n_f = *n as f64;
+        let mean_sq: f64 = sum.iter().map(|s| (s / n_f) * (s / n_f)).sum();
+        let spread = (sq / n_f - mean_sq).max(0.0).sqrt();
+        Some((spread / mean_sq.sqrt().max(1e-30), *n))
+    }
+}
+
+struct SyntheticTrainer {
+    w: Vec<f32>,
+    target: Vec<f32>,
+    noise: f32,
+    rng: u64,
+    ledger: Arc<Mutex<Ledger>>,
+}
+
+impl SyntheticTrainer {
+    fn new(params: usize, seed: u64, noise: f32, ledger: Arc<Mutex<Ledger>>) -> Self {
+        let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let target = (0..params).map(|_| gaussian(&mut rng)).collect();
+        Self {
+            w: vec![0.0; params],
+            target,
+            noise,
+            rng,
+            ledger,
+        }
+    }
+}
+
+/// xorshift64* and Box-Muller: deterministic per node, no dependency.
+fn gaussian(state: &mut u64) -> f32 {
+    let mut next = || {
+        *state ^= *state >> 12;
+        *state ^= *state << 25;
+        *state ^= *state >> 27;
+        (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let (u, v) = (next().max(1e-12), next());
+    ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+}
+
+impl LocalTrainer for SyntheticTrainer {
+    fn weights(&mut self) -> anyhow::Result<TensorSet> {
+        Ok(TensorSet::new(vec![Tensor::new(
+            "w",
+            vec![self.w.len()],
+            self.w.clone(),
+        )?])?)
+    }
+
+    fn set_weights(&mut self, weights: &TensorSet) -> anyhow::Result<()> {
+        let w = weights.get("w").context("synthetic weights have one tensor, `w`")?;
+        anyhow::ensure!(w.values.len() == self.w.len(), "wrong parameter count");
+        self.w.copy_from_slice(&w.values);
+        Ok(())
+    }
+
+    fn train(&mut self, steps: usize) -> anyhow::Result<TrainReport> {
+        let started = Instant::now();
+        for _ in 0..steps {
+            for (w, t) in self.w.iter_mut().zip(&self.target) {
+                *w += 0.1 * (t - *w) + self.noise * gaussian(&mut self.rng);
+            }
+        }
+        let loss = self
+            .w
+            .iter()
+            .zip(&self.target)
+            .map(|(w, t)| f64::from((w - t) * (w - t)))
+            .sum::<f64>()
+            / self.w.len().max(1) as f64;
+        Ok(TrainReport {
+            steps,
+            samples: steps as u64,
+            loss,
+            seconds: started.elapsed().as_secs_f64(),
+            tokens: 0,
+            energy_j: None,
+        })
+    }
+
+    fn evaluate(&mut self) -> anyhow::Result<EvalReport> {
+        Ok(EvalReport {
+            loss: 0.0,
+            rouge_l: 0.0,
+            seconds: 0.0,
+            energy_j: None,
+        })
+    }
+
+    fn save(
+        &mut self,
+        root: &Path,
+        index: usize,
+        _state: serde_json::Value,
+        _extras: Vec<meshtune_model::checkpoint::HostParam>,
+    ) -> anyhow::Result<PathBuf> {
+        // `index` is the next round: these are the parameters after round index - 1.
+        if let Ok(mut ledger) = self.ledger.lock() {
+            ledger.record(index.saturating_sub(1) as u64, &self.w);
+        }
+        Ok(root.to_path_buf())
+    }
+
+    fn restore(&mut self, _root: &Path) -> anyhow::Result<Option<Restored>> {
+        Ok(None)
+    }
+}
+
+fn status_kib(field: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// One row of the per-round table.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SimRound {
+    pub round: u64,
+    pub nodes: usize,
+    /// The slowest node's round time: until it had every delta it used and applied the round.
+    pub slowest_s: f64,
+    /// Median bytes a node sent on the wire in the round, and that over its own delta.
+    pub sent_bytes: u64,
+    pub sent_over_own_delta: f64,
+    /// Median bytes received over the delta payload the node needed (gossip amplification).
+    pub received_over_payload: f64,
+    pub delta_bytes: u64,
+    pub deltas_used_min: usize,
+    pub consensus_distance: Option<f64>,
+}
+
+pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.nodes >= 2, "--nodes must be at least 2");
+    anyhow::ensure!(args.rounds >= 1 && args.params >= 1, "--rounds and --params must be at least 1");
+    args.codec
+        .parse::<meshtune_protocol::CodecParams>()
+        .with_context(|| format!("invalid codec `{}`", args.codec))?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(simulate(args))
+}
+
+async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let rss_start = status_kib("VmRSS:").unwrap_or(0);
+    let dir = tempfile::tempdir()?;
+    let mesh = format!("sim-{}", args.nodes);
+    let boot_key = Keypair::generate_ed25519();
+    let boot_addr: libp2p::Multiaddr = "/memory/1".parse()?;
+    let mut boot_config = BootstrapConfig::new(PathBuf::from("unused"));
+    boot_config.listen = vec![boot_addr.clone()];
+    boot_config.behaviour.mesh = mesh.parse()?;
+    boot_config.behaviour.max_connections = (args.nodes * 4) as u32 + 64;
+    let boot_peer = boot_key.public().to_peer_id();
+    let transport = memory_transport(&boot_key, None)?;
+    let _bootstrap = meshtune_bootstrap::start_with_transport(&boot_config, boot_key, transport)
+        .await
+        .context("starting the bootstrap node")?;
+    let bootstrap = PeerAddr::new(boot_peer, boot_addr);
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let shutdown = CancellationToken::new();
+    let mut handles = Vec::new();
+    for i in 0..args.nodes {
+        let keypair = Keypair::generate_ed25519();
+        let peer_id = keypair.public().to_peer_id();
+        let trainer = TrainerHandle::spawn(
+            &format!("sim-{i}"),
+            SyntheticTrainer::new(
+                args.params,
+                args.seed.wrapping_add(i as u64),
+                args.noise,
+                Arc::clone(&ledger),
+            ),
+        )?;
+        let weights = trainer.weights().await?;
+        let mut net = NetworkConfig::new(mesh.parse()?);
+        net.listen = vec![format!("/memory/{}", 100 + i).parse()?];
+        net.bootstrap = vec![bootstrap.clone()];
+        net.random_walk_interval = Duration::from_secs(5);
+        net.request_timeout = Duration::from_secs(60);
+        net.max_requests_per_peer_per_s = 10_000;
+        let mut registry = Registry::default();
+        let metrics = NodeMetrics::new(&mut registry);
+        let store = Arc::new(Mutex::new(BlobStore::default()));
+        let running = network::start(
+            &keypair,
+            memory_transport(&keypair, None)?,
+            net,
+            Arc::new(weights.layout()),
+            Arc::clone(&store),
+            &mut registry,
+            shutdown.child_token(),
+        )?;
+        metrics.attach_registry(Arc::new(registry));
+        let mut config = CoordinatorConfig::new(&mesh, dir.path().join(format!("node{i}")));
+        config.local_steps = 1;
+        config.rounds = Some(args.rounds);
+        config.final_exchange = false;
+        config.codec = args.codec.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+        config.eval_every = 0;
+        config.round = RoundConfig {
+            quorum: 1.0,
+            min_deltas: 1,
+            collect_timeout: Duration::from_secs(30),
+            future_window: 1,
+            adaptive: Some(Default::default()),
+        };
+        // Gossip does not replay a manifest to a peer that connects after it was published:
+        // start rounds once most of the mesh is connected.
+        config.wait_for_peers = (args.nodes - 1).min(24);
+        config.wait_timeout = Duration::from_secs(60);
+        config.linger_quiet = Duration::from_secs(2);
+        handles.push(tokio::spawn(coordinator::run(
+            config,
+            peer_id,
+            trainer,
+            running.client,
+            running.events,
+            store,
+            metrics,
+            shutdown.clone(),
+        )));
+    }
+    let rss_running = status_kib("VmRSS:").unwrap_or(0);
+    tracing::info!(nodes = args.nodes, rss_mib = rss_running / 1024, "all nodes started");
+    let mut summaries: Vec<RunSummary> = Vec::new();
+    for (i, handle) in handles.into_iter().enumerate() {
+        let summary = tokio::time::timeout(Duration::from_secs(3_600), handle)
+            .await
+            .with_context(|| format!("node {i} did not finish within an hour"))?
+            .with_context(|| format!("node {i} panicked"))?
+            .with_context(|| format!("node {i} failed"))?;
+        summaries.push(summary);
+    }
+    shutdown.cancel();
+    let rss_peak = status_kib("VmHWM:").unwrap_or(0);
+    let ledger = ledger.lock().map_err(|_| anyhow::anyhow!("ledger poisoned"))?;
+    let mut rows = Vec::new();
+    for round in 0..args.rounds {
+        let records: Vec<_> = summaries
+            .iter()
+            .filter_map(|s| s.rounds.iter().find(|r| r.round == round))
+            .collect();
+        if records.is_empty() {
+            continue;
+        }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let sent = median(records.iter().map(|r| r.wire_out as f64).collect());
+        let delta = median(records.iter().map(|r| r.delta_bytes as f64).collect());
+        rows.push(SimRound {
+            round,
+            nodes: records.len(),
+            slowest_s: records
+                .iter()
+                .map(|r| r.seconds_total)
+                .fold(0.0, f64::max),
+            sent_bytes: sent as u64,
+            sent_over_own_delta: sent / delta.max(1.0),
+            received_over_payload: median(
+                records
+                    .iter()
+                    .map(|r| r.amplification.unwrap_or(f64::NAN))
+                    .collect(),
+            ),
+            delta_bytes: delta as u64,
+            deltas_used_min: records.iter().map(|r| r.deltas).min().unwrap_or(0),
+            consensus_distance: ledger.consensus_distance(round).map(|c| c.0),
+        });
+    }
+    let per_node_mib = (rss_running.saturating_sub(rss_start)) as f64 / 1024.0 / args.nodes as f64;
+    let mut csv = String::from(
+        "round,nodes,slowest_s,sent_bytes,sent_over_own_delta,received_over_payload,delta_bytes,deltas_used_min,consensus_distance\n",
+    );
+    println!(
+        "simulate: {} nodes, {} rounds, {} params, codec {}  (wall {:.0} s; memory {:.1} MiB per node at start, peak RSS {} MiB)",
+        args.nodes,
+        args.rounds,
+        args.params,
+        args.codec,
+        started.elapsed().as_secs_f64(),
+        per_node_mib,
+        rss_peak / 1024
+    );
+    println!(
+        "{:>5} {:>6} {:>10} {:>12} {:>10} {:>10} {:>10} {:>7} {:>12}",
+        "round", "nodes", "slowest s", "sent B", "sent/own", "recv/need", "delta B", "deltas", "consensus"
+    );
+    for r in &rows {
+        println!(
+            "{:>5} {:>6} {:>10.2} {:>12} {:>10.1} {:>10.2} {:>10} {:>7} {:>12}",
+            r.round,
+            r.nodes,
+            r.slowest_s,
+            r.sent_bytes,
+            r.sent_over_own_delta,
+            r.received_over_payload,
+            r.delta_bytes,
+            r.deltas_used_min,
+            r.consensus_distance
+                .map_or("n/a".into(), |c| format!("{c:.2e}"))
+        );
+        csv.push_str(&format!(
+            "{},{},{:.4},{},{:.3},{:.3},{},{},{}\n",
+            r.round,
+            r.nodes,
+            r.slowest_s,
+            r.sent_bytes,
+            r.sent_over_own_delta,
+            r.received_over_payload,
+            r.delta_bytes,
+            r.deltas_used_min,
+            r.consensus_distance.map_or(String::new(), |c| format!("{c:e}"))
+        ));
+    }
+    std::fs::write(args.out.join("rounds.csv"), csv)?;
+    std::fs::write(
+        args.out.join("summary.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "nodes": args.nodes, "rounds": args.rounds, "params": args.params, "codec": args.codec,
+            "wall_s": started.elapsed().as_secs_f64(), "memory_per_node_mib": per_node_mib,
+            "peak_rss_mib": rss_peak / 1024, "per_round": rows,
+        }))?,
+    )?;
+    println!("wrote {}", args.out.join("rounds.csv").display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consensus_distance_is_the_relative_spread() {
+        let mut ledger = Ledger::default();
+        ledger.record(0, &[1.0, 1.0]);
+        ledger.record(0, &[1.0, 1.0]);
+        assert_eq!(ledger.consensus_distance(0), Some((0.0, 2)));
+        ledger.record(1, &[2.0, 0.0]);
+        ledger.record(1, &[0.0, 2.0]);
+        // mean (1, 1), each node sqrt(2) away: sqrt(2) / sqrt(2) = 1.
+        let (d, n) = ledger.consensus_distance(1).expect("round 1");
+        assert_eq!(n, 2);
+        assert!((d - 1.0).abs() < 1e-12, "{d}");
+        assert_eq!(ledger.consensus_distance(2), None);
+    }
+}

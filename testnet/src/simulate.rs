@@ -49,6 +49,10 @@ pub struct SimulateArgs {
     pub noise: f32,
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Fraction of the nodes that leave (without a goodbye) after each round, replaced by as
+    /// many fresh nodes that must sync the mesh's state (0: no churn).
+    #[arg(long, default_value_t = 0.0)]
+    pub churn: f64,
     /// Where the per-round CSV and the summary go.
     #[arg(long, default_value = "simulation")]
     pub out: PathBuf,
@@ -129,7 +133,9 @@ impl LocalTrainer for SyntheticTrainer {
     }
 
     fn set_weights(&mut self, weights: &TensorSet) -> anyhow::Result<()> {
-        let w = weights.get("w").context("synthetic weights have one tensor, `w`")?;
+        let w = weights
+            .get("w")
+            .context("synthetic weights have one tensor, `w`")?;
         anyhow::ensure!(w.values.len() == self.w.len(), "wrong parameter count");
         self.w.copy_from_slice(&w.values);
         Ok(())
@@ -187,6 +193,80 @@ impl LocalTrainer for SyntheticTrainer {
     }
 }
 
+type NodeTask = tokio::task::JoinHandle<anyhow::Result<RunSummary>>;
+
+/// Starts simulated node `i` (fresh identity, zero parameters) on the mesh of `bootstrap`;
+/// cancelling `shutdown` takes it down (as a crash would: no goodbye).
+async fn spawn_node(
+    i: usize,
+    args: &SimulateArgs,
+    mesh: &str,
+    bootstrap: &PeerAddr,
+    ledger: &Arc<Mutex<Ledger>>,
+    dir: &Path,
+    shutdown: CancellationToken,
+) -> anyhow::Result<NodeTask> {
+    let keypair = Keypair::generate_ed25519();
+    let peer_id = keypair.public().to_peer_id();
+    let trainer = TrainerHandle::spawn(
+        &format!("sim-{i}"),
+        SyntheticTrainer::new(
+            args.params,
+            args.seed.wrapping_add(i as u64),
+            args.noise,
+            Arc::clone(ledger),
+        ),
+    )?;
+    let weights = trainer.weights().await?;
+    let mut net = NetworkConfig::new(mesh.parse()?);
+    net.listen = vec![format!("/memory/{}", 100 + i).parse()?];
+    net.bootstrap = vec![bootstrap.clone()];
+    net.random_walk_interval = Duration::from_secs(5);
+    net.request_timeout = Duration::from_secs(60);
+    net.max_requests_per_peer_per_s = 10_000;
+    let mut registry = Registry::default();
+    let metrics = NodeMetrics::new(&mut registry);
+    let store = Arc::new(Mutex::new(BlobStore::default()));
+    let running = network::start(
+        &keypair,
+        memory_transport(&keypair, None)?,
+        net,
+        Arc::new(weights.layout()),
+        Arc::clone(&store),
+        &mut registry,
+        shutdown.child_token(),
+    )?;
+    metrics.attach_registry(Arc::new(registry));
+    let mut config = CoordinatorConfig::new(mesh, dir.join(format!("node{i}")));
+    config.local_steps = 1;
+    config.rounds = Some(args.rounds);
+    config.final_exchange = false;
+    config.codec = args.codec.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    config.eval_every = 0;
+    config.round = RoundConfig {
+        quorum: 1.0,
+        min_deltas: 1,
+        collect_timeout: Duration::from_secs(30),
+        future_window: 1,
+        adaptive: Some(Default::default()),
+    };
+    // Gossip does not replay a manifest to a peer that connects after it was published:
+    // start rounds once most of the mesh is connected.
+    config.wait_for_peers = (args.nodes - 1).min(24);
+    config.wait_timeout = Duration::from_secs(60);
+    config.linger_quiet = Duration::from_secs(2);
+    Ok(tokio::spawn(coordinator::run(
+        config,
+        peer_id,
+        trainer,
+        running.client,
+        running.events,
+        store,
+        metrics,
+        shutdown,
+    )))
+}
+
 fn status_kib(field: &str) -> Option<u64> {
     std::fs::read_to_string("/proc/self/status")
         .ok()?
@@ -218,11 +298,20 @@ pub struct SimRound {
 
 pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.nodes >= 2, "--nodes must be at least 2");
-    anyhow::ensure!(args.rounds >= 1 && args.params >= 1, "--rounds and --params must be at least 1");
+    anyhow::ensure!(
+        args.rounds >= 1 && args.params >= 1,
+        "--rounds and --params must be at least 1"
+    );
+    anyhow::ensure!(
+        (0.0..1.0).contains(&args.churn),
+        "--churn must be in [0, 1), got {}",
+        args.churn
+    );
     args.codec
         .parse::<meshtune_protocol::CodecParams>()
         .with_context(|| format!("invalid codec `{}`", args.codec))?;
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -249,82 +338,100 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     let bootstrap = PeerAddr::new(boot_peer, boot_addr);
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let shutdown = CancellationToken::new();
-    let mut handles = Vec::new();
+    let mut nodes: Vec<(NodeTask, CancellationToken)> = Vec::new();
     for i in 0..args.nodes {
-        let keypair = Keypair::generate_ed25519();
-        let peer_id = keypair.public().to_peer_id();
-        let trainer = TrainerHandle::spawn(
-            &format!("sim-{i}"),
-            SyntheticTrainer::new(
-                args.params,
-                args.seed.wrapping_add(i as u64),
-                args.noise,
-                Arc::clone(&ledger),
-            ),
-        )?;
-        let weights = trainer.weights().await?;
-        let mut net = NetworkConfig::new(mesh.parse()?);
-        net.listen = vec![format!("/memory/{}", 100 + i).parse()?];
-        net.bootstrap = vec![bootstrap.clone()];
-        net.random_walk_interval = Duration::from_secs(5);
-        net.request_timeout = Duration::from_secs(60);
-        net.max_requests_per_peer_per_s = 10_000;
-        let mut registry = Registry::default();
-        let metrics = NodeMetrics::new(&mut registry);
-        let store = Arc::new(Mutex::new(BlobStore::default()));
-        let running = network::start(
-            &keypair,
-            memory_transport(&keypair, None)?,
-            net,
-            Arc::new(weights.layout()),
-            Arc::clone(&store),
-            &mut registry,
-            shutdown.child_token(),
-        )?;
-        metrics.attach_registry(Arc::new(registry));
-        let mut config = CoordinatorConfig::new(&mesh, dir.path().join(format!("node{i}")));
-        config.local_steps = 1;
-        config.rounds = Some(args.rounds);
-        config.final_exchange = false;
-        config.codec = args.codec.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-        config.eval_every = 0;
-        config.round = RoundConfig {
-            quorum: 1.0,
-            min_deltas: 1,
-            collect_timeout: Duration::from_secs(30),
-            future_window: 1,
-            adaptive: Some(Default::default()),
-        };
-        // Gossip does not replay a manifest to a peer that connects after it was published:
-        // start rounds once most of the mesh is connected.
-        config.wait_for_peers = (args.nodes - 1).min(24);
-        config.wait_timeout = Duration::from_secs(60);
-        config.linger_quiet = Duration::from_secs(2);
-        handles.push(tokio::spawn(coordinator::run(
-            config,
-            peer_id,
-            trainer,
-            running.client,
-            running.events,
-            store,
-            metrics,
-            shutdown.clone(),
-        )));
+        let token = shutdown.child_token();
+        let task = spawn_node(
+            i,
+            &args,
+            &mesh,
+            &bootstrap,
+            &ledger,
+            dir.path(),
+            token.clone(),
+        )
+        .await?;
+        nodes.push((task, token));
     }
     let rss_running = status_kib("VmRSS:").unwrap_or(0);
-    tracing::info!(nodes = args.nodes, rss_mib = rss_running / 1024, "all nodes started");
+    tracing::info!(
+        nodes = args.nodes,
+        rss_mib = rss_running / 1024,
+        "all nodes started"
+    );
+    // Churn: after each round but the last two, `--churn` of the nodes leave (cancelled, no
+    // goodbye) and as many fresh ones join (new identities, zero parameters: they must sync).
+    let mut left = vec![false; nodes.len()];
+    let mut churn_log = Vec::new();
+    if args.churn > 0.0 {
+        let k = ((args.churn * args.nodes as f64).round() as usize).max(1);
+        let mut rng = args.seed ^ 0x00C0_FFEE;
+        let mut next_index = args.nodes;
+        for round in 0..args.rounds.saturating_sub(2) {
+            // Until most live nodes applied `round`.
+            loop {
+                let applied = ledger
+                    .lock()
+                    .map(|l| l.rounds.get(&round).map_or(0, |e| e.2))
+                    .unwrap_or(0);
+                let live = left.iter().filter(|l| !**l).count();
+                if applied * 2 >= live || nodes.iter().all(|(t, _)| t.is_finished()) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let live: Vec<usize> = (0..nodes.len()).filter(|&j| !left[j]).collect();
+            let mut leaving = Vec::new();
+            while leaving.len() < k.min(live.len().saturating_sub(1)) {
+                let j = live[(gaussian(&mut rng).abs() * 1e6) as usize % live.len()];
+                if !leaving.contains(&j) {
+                    leaving.push(j);
+                }
+            }
+            for &j in &leaving {
+                nodes[j].1.cancel();
+                left[j] = true;
+            }
+            for _ in 0..leaving.len() {
+                let token = shutdown.child_token();
+                let task = spawn_node(
+                    next_index,
+                    &args,
+                    &mesh,
+                    &bootstrap,
+                    &ledger,
+                    dir.path(),
+                    token.clone(),
+                )
+                .await?;
+                nodes.push((task, token));
+                left.push(false);
+                next_index += 1;
+            }
+            churn_log.push(format!(
+                "after round {round}: {} left, {} joined",
+                leaving.len(),
+                leaving.len()
+            ));
+            tracing::info!(round, left = leaving.len(), joined = leaving.len(), "churn");
+        }
+    }
     let mut summaries: Vec<RunSummary> = Vec::new();
-    for (i, handle) in handles.into_iter().enumerate() {
+    for (i, (handle, _)) in nodes.into_iter().enumerate() {
         let summary = tokio::time::timeout(Duration::from_secs(3_600), handle)
             .await
             .with_context(|| format!("node {i} did not finish within an hour"))?
             .with_context(|| format!("node {i} panicked"))?
             .with_context(|| format!("node {i} failed"))?;
-        summaries.push(summary);
+        if !left[i] {
+            summaries.push(summary);
+        }
     }
     shutdown.cancel();
     let rss_peak = status_kib("VmHWM:").unwrap_or(0);
-    let ledger = ledger.lock().map_err(|_| anyhow::anyhow!("ledger poisoned"))?;
+    let ledger = ledger
+        .lock()
+        .map_err(|_| anyhow::anyhow!("ledger poisoned"))?;
     let mut rows = Vec::new();
     for round in 0..args.rounds {
         let records: Vec<_> = summaries
@@ -343,10 +450,7 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         rows.push(SimRound {
             round,
             nodes: records.len(),
-            slowest_s: records
-                .iter()
-                .map(|r| r.seconds_total)
-                .fold(0.0, f64::max),
+            slowest_s: records.iter().map(|r| r.seconds_total).fold(0.0, f64::max),
             sent_bytes: sent as u64,
             sent_over_own_delta: sent / delta.max(1.0),
             received_over_payload: median(
@@ -365,18 +469,27 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         "round,nodes,slowest_s,sent_bytes,sent_over_own_delta,received_over_payload,delta_bytes,deltas_used_min,consensus_distance\n",
     );
     println!(
-        "simulate: {} nodes, {} rounds, {} params, codec {}  (wall {:.0} s; memory {:.1} MiB per node at start, peak RSS {} MiB)",
+        "simulate: {} nodes, {} rounds, {} params, codec {}, churn {}  (wall {:.0} s; memory {:.1} MiB per node at start, peak RSS {} MiB)",
         args.nodes,
         args.rounds,
         args.params,
         args.codec,
+        args.churn,
         started.elapsed().as_secs_f64(),
         per_node_mib,
         rss_peak / 1024
     );
     println!(
         "{:>5} {:>6} {:>10} {:>12} {:>10} {:>10} {:>10} {:>7} {:>12}",
-        "round", "nodes", "slowest s", "sent B", "sent/own", "recv/need", "delta B", "deltas", "consensus"
+        "round",
+        "nodes",
+        "slowest s",
+        "sent B",
+        "sent/own",
+        "recv/need",
+        "delta B",
+        "deltas",
+        "consensus"
     );
     for r in &rows {
         println!(
@@ -402,7 +515,8 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
             r.received_over_payload,
             r.delta_bytes,
             r.deltas_used_min,
-            r.consensus_distance.map_or(String::new(), |c| format!("{c:e}"))
+            r.consensus_distance
+                .map_or(String::new(), |c| format!("{c:e}"))
         ));
     }
     std::fs::write(args.out.join("rounds.csv"), csv)?;
@@ -411,7 +525,7 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         serde_json::to_string_pretty(&serde_json::json!({
             "nodes": args.nodes, "rounds": args.rounds, "params": args.params, "codec": args.codec,
             "wall_s": started.elapsed().as_secs_f64(), "memory_per_node_mib": per_node_mib,
-            "peak_rss_mib": rss_peak / 1024, "per_round": rows,
+            "peak_rss_mib": rss_peak / 1024, "churn": args.churn, "churn_events": churn_log, "per_round": rows,
         }))?,
     )?;
     println!("wrote {}", args.out.join("rounds.csv").display());

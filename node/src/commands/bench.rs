@@ -180,33 +180,47 @@ pub fn script_path(name: &str) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("scripts/{name} not found (run from the meshtune checkout)"))
 }
 
-fn pytorch_forward(
-    config: &T5Config,
-    args: &ForwardBenchArgs,
-) -> anyhow::Result<ForwardMeasurement> {
-    let script = script_path("bench_forward.py")?;
+/// The shape and machine settings both PyTorch baselines take.
+struct ScriptRun<'a> {
+    python: &'a str,
+    script: &'a str,
+    config: &'a T5Config,
+    batch: usize,
+    src_len: usize,
+    tgt_len: usize,
+    iters: usize,
+    warmup: usize,
+    threads: Option<usize>,
+    device: DeviceChoice,
+}
+
+/// Runs a committed PyTorch baseline script on the same `config.json` and shape, plus
+/// `extra` arguments; its last stdout line is a JSON object with at least `ms_per_step`.
+fn run_pytorch_script(run: &ScriptRun<'_>, extra: &[String]) -> anyhow::Result<serde_json::Value> {
+    let script = script_path(run.script)?;
     let dir = tempfile::tempdir()?;
     let config_path = dir.path().join("config.json");
-    std::fs::write(&config_path, config.to_hf_json()?)?;
-    let threads = args
+    std::fs::write(&config_path, run.config.to_hf_json()?)?;
+    let threads = run
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let device = match args.device {
+    let device = match run.device {
         DeviceChoice::Cpu => "cpu".to_string(),
         DeviceChoice::Cuda(i) => format!("cuda:{i}"),
     };
-    let output = Command::new(&args.python)
+    let output = Command::new(run.python)
         .arg(&script)
         .args(["--config", &config_path.display().to_string()])
-        .args(["--batch", &args.batch.to_string()])
-        .args(["--src-len", &args.src_len.to_string()])
-        .args(["--tgt-len", &args.tgt_len.to_string()])
-        .args(["--iters", &args.iters.to_string()])
-        .args(["--warmup", &args.warmup.to_string()])
+        .args(["--batch", &run.batch.to_string()])
+        .args(["--src-len", &run.src_len.to_string()])
+        .args(["--tgt-len", &run.tgt_len.to_string()])
+        .args(["--iters", &run.iters.to_string()])
+        .args(["--warmup", &run.warmup.to_string()])
         .args(["--threads", &threads.to_string()])
         .args(["--device", &device])
+        .args(extra)
         .output()
-        .with_context(|| format!("running {} {}", args.python, script.display()))?;
+        .with_context(|| format!("running {} {}", run.python, script.display()))?;
     if !output.status.success() {
         anyhow::bail!(
             "PyTorch baseline failed: {}",
@@ -217,7 +231,30 @@ fn pytorch_forward(
     let last = stdout.lines().last().unwrap_or_default();
     let value: serde_json::Value = serde_json::from_str(last)
         .with_context(|| format!("unexpected PyTorch output {last:?}"))?;
-    let ms = value["ms_per_step"].as_f64().context("ms_per_step")?;
+    value["ms_per_step"].as_f64().context("ms_per_step")?;
+    Ok(value)
+}
+
+fn pytorch_forward(
+    config: &T5Config,
+    args: &ForwardBenchArgs,
+) -> anyhow::Result<ForwardMeasurement> {
+    let value = run_pytorch_script(
+        &ScriptRun {
+            python: &args.python,
+            script: "bench_forward.py",
+            config,
+            batch: args.batch,
+            src_len: args.src_len,
+            tgt_len: args.tgt_len,
+            iters: args.iters,
+            warmup: args.warmup,
+            threads: args.threads,
+            device: args.device,
+        },
+        &[],
+    )?;
+    let ms = value["ms_per_step"].as_f64().unwrap_or(f64::NAN);
     Ok(ForwardMeasurement {
         engine: format!("PyTorch {} eager", value["torch"].as_str().unwrap_or("?")),
         ms_per_step: ms,
@@ -523,46 +560,26 @@ fn pytorch_train(
     flops: f64,
     peak: Option<f64>,
 ) -> anyhow::Result<TrainMeasurement> {
-    let script = script_path("bench_train.py")?;
-    let dir = tempfile::tempdir()?;
-    let config_path = dir.path().join("config.json");
-    std::fs::write(&config_path, config.to_hf_json()?)?;
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let device = match args.device {
-        DeviceChoice::Cpu => "cpu".to_string(),
-        DeviceChoice::Cuda(i) => format!("cuda:{i}"),
-    };
-    let mut command = Command::new(&args.python);
-    command
-        .arg(&script)
-        .args(["--config", &config_path.display().to_string()])
-        .args(["--batch", &args.batch.to_string()])
-        .args(["--src-len", &args.src_len.to_string()])
-        .args(["--tgt-len", &args.tgt_len.to_string()])
-        .args(["--iters", &args.iters.to_string()])
-        .args(["--warmup", &args.warmup.to_string()])
-        .args(["--threads", &threads.to_string()])
-        .args(["--device", &device])
-        .args(["--precision", &precision.to_string()]);
+    let mut extra = vec!["--precision".to_string(), precision.to_string()];
     if args.lora {
-        command.arg("--lora");
+        extra.push("--lora".into());
     }
-    let output = command
-        .output()
-        .with_context(|| format!("running {} {}", args.python, script.display()))?;
-    if !output.status.success() {
-        anyhow::bail!(
-            "PyTorch baseline failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let last = stdout.lines().last().unwrap_or_default();
-    let value: serde_json::Value = serde_json::from_str(last)
-        .with_context(|| format!("unexpected PyTorch output {last:?}"))?;
-    let ms = value["ms_per_step"].as_f64().context("ms_per_step")?;
+    let value = run_pytorch_script(
+        &ScriptRun {
+            python: &args.python,
+            script: "bench_train.py",
+            config,
+            batch: args.batch,
+            src_len: args.src_len,
+            tgt_len: args.tgt_len,
+            iters: args.iters,
+            warmup: args.warmup,
+            threads: args.threads,
+            device: args.device,
+        },
+        &extra,
+    )?;
+    let ms = value["ms_per_step"].as_f64().unwrap_or(f64::NAN);
     let seconds = ms / 1e3;
     Ok(TrainMeasurement {
         engine: format!("PyTorch {} eager", value["torch"].as_str().unwrap_or("?")),

@@ -157,26 +157,12 @@ pub fn decode_state(
 ) -> Result<ModelState, DecodeError> {
     manifest.validate(limits)?;
     check_blob(manifest.blob.blob_hash, manifest.blob.blob_size, blob)?;
-    if let Some(entry) = manifest
-        .model
-        .iter()
-        .chain(&manifest.optimizer)
-        .find(|entry| !entry.encoding.is_lossless())
-    {
-        return Err(DecodeError::LossyState {
-            tensor: entry.name.clone(),
-        });
-    }
-    let model = decode_entries(&manifest.model, blob.as_bytes(), model_layout)?;
-    let found = ModelHash::of_tensors(&model);
-    if found != manifest.model_hash {
-        return Err(DecodeError::ModelHashMismatch {
-            expected: manifest.model_hash,
-            found,
-        });
-    }
-    let optimizer = decode_entries(&manifest.optimizer, blob.as_bytes(), optimizer_layout)?;
-    Ok(ModelState { model, optimizer })
+    decode_state_from(
+        manifest,
+        &mut SliceSegments(blob.as_bytes()),
+        model_layout,
+        optimizer_layout,
+    )
 }
 
 /// [`decode_state`] from a blob on disk ([`VerifiedFile`]), one segment in memory at a time:
@@ -189,18 +175,27 @@ pub fn decode_state_file(
     limits: &Limits,
 ) -> Result<ModelState, DecodeError> {
     manifest.validate(limits)?;
-    if file.hash() != manifest.blob.blob_hash {
-        return Err(DecodeError::BlobHashMismatch {
-            expected: manifest.blob.blob_hash,
-            found: file.hash(),
-        });
-    }
-    if file.size() != manifest.blob.blob_size {
-        return Err(DecodeError::BlobSizeMismatch {
-            expected: manifest.blob.blob_size,
-            found: file.size(),
-        });
-    }
+    check_hash_and_size(
+        manifest.blob.blob_hash,
+        manifest.blob.blob_size,
+        file.hash(),
+        file.size(),
+    )?;
+    let mut source = FileSegments {
+        file,
+        buffer: Vec::new(),
+    };
+    decode_state_from(manifest, &mut source, model_layout, optimizer_layout)
+}
+
+/// The checks and decoding both state paths share: lossless entries only, the model hashing
+/// to the manifest's [`ModelHash`], then the optimizer state.
+fn decode_state_from(
+    manifest: &StateManifest,
+    source: &mut dyn Segments,
+    model_layout: &ModelLayout,
+    optimizer_layout: &ModelLayout,
+) -> Result<ModelState, DecodeError> {
     if let Some(entry) = manifest
         .model
         .iter()
@@ -211,11 +206,7 @@ pub fn decode_state_file(
             tensor: entry.name.clone(),
         });
     }
-    let mut source = FileSegments {
-        file,
-        buffer: Vec::new(),
-    };
-    let model = decode_entries_from(&manifest.model, &mut source, model_layout)?;
+    let model = decode_entries_from(&manifest.model, source, model_layout)?;
     let found = ModelHash::of_tensors(&model);
     if found != manifest.model_hash {
         return Err(DecodeError::ModelHashMismatch {
@@ -223,7 +214,7 @@ pub fn decode_state_file(
             found,
         });
     }
-    let optimizer = decode_entries_from(&manifest.optimizer, &mut source, optimizer_layout)?;
+    let optimizer = decode_entries_from(&manifest.optimizer, source, optimizer_layout)?;
     Ok(ModelState { model, optimizer })
 }
 
@@ -232,17 +223,30 @@ fn check_blob(
     expected_size: u64,
     blob: &VerifiedBlob,
 ) -> Result<(), DecodeError> {
-    if blob.hash() != expected_hash {
+    check_hash_and_size(
+        expected_hash,
+        expected_size,
+        blob.hash(),
+        blob.as_bytes().len() as u64,
+    )
+}
+
+fn check_hash_and_size(
+    expected_hash: BlobHash,
+    expected_size: u64,
+    found_hash: BlobHash,
+    found_size: u64,
+) -> Result<(), DecodeError> {
+    if found_hash != expected_hash {
         return Err(DecodeError::BlobHashMismatch {
             expected: expected_hash,
-            found: blob.hash(),
+            found: found_hash,
         });
     }
-    let found = blob.as_bytes().len() as u64;
-    if found != expected_size {
+    if found_size != expected_size {
         return Err(DecodeError::BlobSizeMismatch {
             expected: expected_size,
-            found,
+            found: found_size,
         });
     }
     Ok(())

@@ -1,5 +1,5 @@
 //! Request/response messages for pulling blobs: a chunk list by its hash, a chunk by its
-//! blob hash, index and hash, and the latest state manifest of a mesh.
+//! blob hash, index and hash, the latest state manifest of a mesh, and a peer's current delta manifest.
 //!
 //! Owns: [`ChunkRequest`], [`ChunkResponse`] and their wire format. Must not touch: the
 //! transport (the node wraps these bytes in a libp2p request-response codec, capping reads
@@ -12,7 +12,7 @@
 use crate::chunk::ChunkList;
 use crate::hash::{BlobHash, ChunkHash, ChunkListHash};
 use crate::limits::Limits;
-use crate::manifest::StateManifest;
+use crate::manifest::{DeltaManifest, StateManifest};
 use crate::wire::{MessageKind, WireError, WireReader, WireWriter, over_cap};
 
 /// What one peer asks another for.
@@ -37,6 +37,14 @@ pub enum ChunkRequest {
         /// The mesh.
         mesh_id: String,
     },
+    /// The delta manifest the responder published for its current round: a peer that
+    /// connects after the gossip went out asks each new neighbour for it (gossip does not
+    /// replay). The responder is authenticated by the connection, so the answer needs no
+    /// signature: it must name the responder as its sender.
+    CurrentManifest {
+        /// The mesh.
+        mesh_id: String,
+    },
 }
 
 /// The answer to a [`ChunkRequest`].
@@ -48,6 +56,8 @@ pub enum ChunkResponse {
     Chunk(Vec<u8>),
     /// The latest state manifest.
     State(StateManifest),
+    /// The responder's own delta manifest of its current round.
+    Manifest(DeltaManifest),
     /// The responder does not have it (any more).
     NotFound,
     /// The responder has it but serves as many peers as it allows at once (a donor's cap on
@@ -58,12 +68,14 @@ pub enum ChunkResponse {
 const REQUEST_CHUNK_LIST: u8 = 0;
 const REQUEST_CHUNK: u8 = 1;
 const REQUEST_LATEST_STATE: u8 = 2;
+const REQUEST_CURRENT_MANIFEST: u8 = 3;
 
 const RESPONSE_CHUNK_LIST: u8 = 0;
 const RESPONSE_CHUNK: u8 = 1;
 const RESPONSE_STATE: u8 = 2;
 const RESPONSE_NOT_FOUND: u8 = 3;
 const RESPONSE_BUSY: u8 = 4;
+const RESPONSE_MANIFEST: u8 = 5;
 
 impl ChunkRequest {
     /// Largest encoded request these limits admit.
@@ -93,7 +105,7 @@ impl ChunkRequest {
                 writer.varint(*index);
                 writer.raw(chunk_hash.as_bytes());
             }
-            Self::LatestState { mesh_id } => {
+            Self::LatestState { mesh_id } | Self::CurrentManifest { mesh_id } => {
                 if mesh_id.len() > limits.max_mesh_id_len {
                     return Err(over_cap(
                         "mesh id",
@@ -101,7 +113,11 @@ impl ChunkRequest {
                         limits.max_mesh_id_len as u64,
                     ));
                 }
-                writer.u8(REQUEST_LATEST_STATE);
+                writer.u8(if matches!(self, Self::LatestState { .. }) {
+                    REQUEST_LATEST_STATE
+                } else {
+                    REQUEST_CURRENT_MANIFEST
+                });
                 writer.byte_string(mesh_id.as_bytes());
             }
         }
@@ -122,6 +138,9 @@ impl ChunkRequest {
                 chunk_hash: ChunkHash(reader.array("chunk hash")?),
             },
             REQUEST_LATEST_STATE => Self::LatestState {
+                mesh_id: reader.string("mesh id", limits.max_mesh_id_len)?.to_owned(),
+            },
+            REQUEST_CURRENT_MANIFEST => Self::CurrentManifest {
                 mesh_id: reader.string("mesh id", limits.max_mesh_id_len)?.to_owned(),
             },
             tag => {
@@ -168,6 +187,10 @@ impl ChunkResponse {
                 writer.u8(RESPONSE_STATE);
                 writer.byte_string(&manifest.encode(limits)?);
             }
+            Self::Manifest(manifest) => {
+                writer.u8(RESPONSE_MANIFEST);
+                writer.byte_string(&manifest.encode(limits)?);
+            }
             Self::NotFound => writer.u8(RESPONSE_NOT_FOUND),
             Self::Busy => writer.u8(RESPONSE_BUSY),
         }
@@ -192,6 +215,10 @@ impl ChunkResponse {
                 let manifest =
                     reader.byte_string("state manifest", limits.max_state_manifest_bytes)?;
                 Self::State(StateManifest::decode(manifest, limits)?)
+            }
+            RESPONSE_MANIFEST => {
+                let manifest = reader.byte_string("delta manifest", limits.max_manifest_bytes)?;
+                Self::Manifest(DeltaManifest::decode(manifest, limits)?)
             }
             RESPONSE_NOT_FOUND => Self::NotFound,
             RESPONSE_BUSY => Self::Busy,

@@ -22,6 +22,7 @@ fn chunk_request() -> impl Strategy<Value = ChunkRequest> {
             }
         }),
         "[a-z0-9-]{0,64}".prop_map(|mesh_id| ChunkRequest::LatestState { mesh_id }),
+        "[a-z0-9-]{0,64}".prop_map(|mesh_id| ChunkRequest::CurrentManifest { mesh_id }),
     ]
 }
 
@@ -36,6 +37,7 @@ fn chunk_response() -> impl Strategy<Value = ChunkResponse> {
         chunk_list().prop_map(ChunkResponse::ChunkList),
         proptest::collection::vec(any::<u8>(), 0..3000).prop_map(ChunkResponse::Chunk),
         state_manifest().prop_map(ChunkResponse::State),
+        delta_manifest().prop_map(ChunkResponse::Manifest),
         Just(ChunkResponse::NotFound),
         Just(ChunkResponse::Busy),
     ]

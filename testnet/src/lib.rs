@@ -13,3 +13,4 @@ pub mod netns;
 pub mod png;
 pub mod report;
 pub mod simulate;
+pub mod soak;

@@ -133,9 +133,9 @@ pub fn run_bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
 }
 
 /// A child process killed when dropped (a failed run leaves no strays).
-struct Process {
-    name: String,
-    child: Child,
+pub(crate) struct Process {
+    pub name: String,
+    pub child: Child,
 }
 
 impl Drop for Process {
@@ -153,7 +153,11 @@ fn self_command(role: &str) -> anyhow::Result<Command> {
 
 /// This executable with `role`, inside the bootstrap's (`node: None`) or node `i`'s network
 /// namespace when `net` is set.
-fn role_command(net: Option<&Netns>, node: Option<usize>, role: &str) -> anyhow::Result<Command> {
+pub(crate) fn role_command(
+    net: Option<&Netns>,
+    node: Option<usize>,
+    role: &str,
+) -> anyhow::Result<Command> {
     let exe = std::env::current_exe().context("locating meshtune-testnet")?;
     let mut cmd = match net {
         Some(net) => net.command(node, &exe),
@@ -199,9 +203,9 @@ fn parse_split(text: &str) -> anyhow::Result<SplitStrategy> {
 }
 
 /// Files every run shares.
-struct Prepared {
-    data: PathBuf,
-    shards: Vec<PathBuf>,
+pub(crate) struct Prepared {
+    pub data: PathBuf,
+    pub shards: Vec<PathBuf>,
     union: PathBuf,
     eval: PathBuf,
     node_toml: PathBuf,
@@ -214,7 +218,7 @@ fn write_records(path: &Path, records: &[SamsumRecord]) -> anyhow::Result<()> {
     std::fs::write(path, to_jsonl(records)?).with_context(|| format!("writing {}", path.display()))
 }
 
-fn prepare(args: &TestnetArgs, out: &Path) -> anyhow::Result<Prepared> {
+pub(crate) fn prepare(args: &TestnetArgs, out: &Path) -> anyhow::Result<Prepared> {
     anyhow::ensure!(args.nodes >= 2, "a mesh needs at least 2 nodes");
     anyhow::ensure!(args.rounds >= 1, "--rounds must be at least 1");
     Scenario::parse(&args.scenario)?;
@@ -291,7 +295,10 @@ fn prepare(args: &TestnetArgs, out: &Path) -> anyhow::Result<Prepared> {
     })
 }
 
-fn start_bootstrap(out: &Path, net: Option<&Netns>) -> anyhow::Result<(Process, String)> {
+pub(crate) fn start_bootstrap(
+    out: &Path,
+    net: Option<&Netns>,
+) -> anyhow::Result<(Process, String)> {
     let ip = net.map_or("127.0.0.1".to_owned(), Netns::bootstrap_ip);
     let mut child = role_command(net, None, "__bootstrap")?
         .args(["--listen", &format!("/ip4/{ip}/tcp/0"), "--mesh", "testnet"])
@@ -315,7 +322,7 @@ fn start_bootstrap(out: &Path, net: Option<&Netns>) -> anyhow::Result<(Process, 
     Ok((process, address.trim().to_owned()))
 }
 
-fn read_records(path: &Path) -> Vec<RoundRecord> {
+pub(crate) fn read_records(path: &Path) -> Vec<RoundRecord> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
@@ -493,35 +500,19 @@ fn run_federated(
             (_, Some(d)) => d.node_ip(i),
             _ => "127.0.0.1".to_owned(),
         };
-        let path = |p: &Path| p.display().to_string();
-        let mut node_args: Vec<String> = prepared.model_args.clone();
-        node_args.extend([
-            "--train".into(),
-            path(&prepared.shards[i]),
-            "--eval".into(),
-            path(&prepared.eval),
-            "--out".into(),
-            path(&dir.join(format!("node-{i}"))),
-            "--config".into(),
-            path(&prepared.node_toml),
-            "--bootstrap".into(),
-            address.clone(),
-            "--listen".into(),
-            format!("/ip4/{ip}/tcp/0"),
-            "--no-quic".into(),
-            "--rounds".into(),
-            args.rounds.to_string(),
-            "--local-steps".into(),
-            args.local_steps.to_string(),
-            "--codec".into(),
-            codec.to_owned(),
-            "--aggregation".into(),
-            args.aggregation.clone(),
-            "--outer".into(),
-            outer.to_owned(),
-            "--wait-for-peers".into(),
-            wait_for.to_string(),
-        ]);
+        let mut node_args = node_args(
+            args,
+            prepared,
+            dir,
+            NodeLaunch {
+                index: i,
+                bootstrap: &address,
+                ip: &ip,
+                codec,
+                outer,
+                wait_for,
+            },
+        );
         node_args.extend(node_fault_args(args, scenario, i, dir)?);
         let name = format!("node-{i}");
         if let Some(docker) = &docker {
@@ -728,6 +719,58 @@ fn run_federated(
     })
 }
 
+/// What differs between the nodes of a run.
+pub(crate) struct NodeLaunch<'a> {
+    pub index: usize,
+    pub bootstrap: &'a str,
+    pub ip: &'a str,
+    pub codec: &'a str,
+    pub outer: &'a str,
+    /// Mesh peers to wait for before the first round.
+    pub wait_for: usize,
+}
+
+/// The `__node` (`meshtune node`) arguments of one node of a run: its shard, the shared eval
+/// set and node.toml, its own output directory `dir/node-I`.
+pub(crate) fn node_args(
+    args: &TestnetArgs,
+    prepared: &Prepared,
+    dir: &Path,
+    launch: NodeLaunch<'_>,
+) -> Vec<String> {
+    let path = |p: &Path| p.display().to_string();
+    let i = launch.index;
+    let mut node_args: Vec<String> = prepared.model_args.clone();
+    node_args.extend([
+        "--train".into(),
+        path(&prepared.shards[i]),
+        "--eval".into(),
+        path(&prepared.eval),
+        "--out".into(),
+        path(&dir.join(format!("node-{i}"))),
+        "--config".into(),
+        path(&prepared.node_toml),
+        "--bootstrap".into(),
+        launch.bootstrap.to_owned(),
+        "--listen".into(),
+        format!("/ip4/{}/tcp/0", launch.ip),
+        "--no-quic".into(),
+        "--rounds".into(),
+        args.rounds.to_string(),
+        "--local-steps".into(),
+        args.local_steps.to_string(),
+        "--codec".into(),
+        launch.codec.to_owned(),
+        "--aggregation".into(),
+        args.aggregation.clone(),
+        "--outer".into(),
+        launch.outer.to_owned(),
+        "--wait-for-peers".into(),
+        launch.wait_for.to_string(),
+    ]);
+    node_args
+}
+
 /// Flags that put node `i` into the scenario (its link, deny file, misbehaviour).
 fn node_fault_args(
     args: &TestnetArgs,
@@ -778,7 +821,7 @@ fn row_ready(nodes: &[NodeSlot], records: &[Vec<RoundRecord>], round: u64) -> bo
     })
 }
 
-fn human_bytes(bytes: u64) -> String {
+pub(crate) fn human_bytes(bytes: u64) -> String {
     match bytes {
         b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / f64::from(1 << 20)),
         b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),

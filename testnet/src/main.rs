@@ -36,6 +36,10 @@ enum Role {
     /// synthetic trainer in one process: round time, bytes per node, consensus distance and
     /// memory per node at mesh sizes a laptop cannot run as processes.
     Simulate(meshtune_testnet::simulate::SimulateArgs),
+    /// Endurance: node processes on loopback for many rounds with random SIGKILLs and
+    /// restarts and a late joiner; then every checkpoint must load, no accepted delta may be
+    /// lost, the final models must agree and memory must not grow (RSS per round printed).
+    Soak(meshtune_testnet::soak::SoakArgs),
     /// (internal) local training for the baselines, as `meshtune train`.
     #[command(name = "__train", hide = true)]
     Train(Box<meshtune_node::commands::train::TrainArgs>),
@@ -55,6 +59,10 @@ fn main() -> ExitCode {
         Some(Role::Simulate(args)) => {
             meshtune_node::logging::init(meshtune_node::logging::LogFormat::Text);
             meshtune_testnet::simulate::run(args)
+        }
+        Some(Role::Soak(args)) => {
+            meshtune_node::logging::init(meshtune_node::logging::LogFormat::Text);
+            meshtune_testnet::soak::run(args)
         }
         Some(Role::Bootstrap(args)) => {
             meshtune_node::logging::init(meshtune_node::logging::LogFormat::Json);

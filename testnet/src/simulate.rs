@@ -33,9 +33,10 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
-    /// Nodes in the mesh.
-    #[arg(long, default_value_t = 10)]
-    pub nodes: usize,
+    /// Nodes in the mesh; several (`10,50,100,200`) run one after another and add
+    /// `scale.csv` and plots against N.
+    #[arg(long, value_delimiter = ',', default_value = "10")]
+    pub nodes: Vec<usize>,
     #[arg(long, default_value_t = 6)]
     pub rounds: u64,
     /// Parameters per node (one f32 tensor).
@@ -197,8 +198,11 @@ type NodeTask = tokio::task::JoinHandle<anyhow::Result<RunSummary>>;
 
 /// Starts simulated node `i` (fresh identity, zero parameters) on the mesh of `bootstrap`;
 /// cancelling `shutdown` takes it down (as a crash would: no goodbye).
+#[allow(clippy::too_many_arguments)]
 async fn spawn_node(
     i: usize,
+    n: usize,
+    ports: u64,
     args: &SimulateArgs,
     mesh: &str,
     bootstrap: &PeerAddr,
@@ -219,7 +223,7 @@ async fn spawn_node(
     )?;
     let weights = trainer.weights().await?;
     let mut net = NetworkConfig::new(mesh.parse()?);
-    net.listen = vec![format!("/memory/{}", 100 + i).parse()?];
+    net.listen = vec![format!("/memory/{}", ports + 100 + i as u64).parse()?];
     net.bootstrap = vec![bootstrap.clone()];
     net.random_walk_interval = Duration::from_secs(5);
     net.request_timeout = Duration::from_secs(60);
@@ -252,7 +256,7 @@ async fn spawn_node(
     };
     // Gossip does not replay a manifest to a peer that connects after it was published:
     // start rounds once most of the mesh is connected.
-    config.wait_for_peers = (args.nodes - 1).min(24);
+    config.wait_for_peers = (n - 1).min(24);
     config.wait_timeout = Duration::from_secs(60);
     config.linger_quiet = Duration::from_secs(2);
     Ok(tokio::spawn(coordinator::run(
@@ -268,15 +272,7 @@ async fn spawn_node(
 }
 
 fn status_kib(field: &str) -> Option<u64> {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix(field))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
+    coordinator::process_memory(field).map(|b| b / 1024)
 }
 
 /// One row of the per-round table.
@@ -297,7 +293,11 @@ pub struct SimRound {
 }
 
 pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.nodes >= 2, "--nodes must be at least 2");
+    anyhow::ensure!(
+        !args.nodes.is_empty() && args.nodes.iter().all(|&n| n >= 2),
+        "--nodes must be at least 2 (each of them), got {:?}",
+        args.nodes
+    );
     anyhow::ensure!(
         args.rounds >= 1 && args.params >= 1,
         "--rounds and --params must be at least 1"
@@ -312,24 +312,190 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         .with_context(|| format!("invalid codec `{}`", args.codec))?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    runtime.block_on(simulate(args))
+    let mut summaries = Vec::new();
+    for (k, &n) in args.nodes.iter().enumerate() {
+        let out = if args.nodes.len() == 1 {
+            args.out.clone()
+        } else {
+            args.out.join(format!("n{n}"))
+        };
+        // Each size's peak memory is its own (Linux: reset the high-water mark).
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let ports = k as u64 * 1_000_000;
+        summaries.push(runtime.block_on(simulate(&args, n, ports, &out))?);
+    }
+    if summaries.len() > 1 {
+        write_scale(&args.out, &summaries)?;
+    }
+    Ok(())
 }
 
-async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
+/// One mesh size's results.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SimSummary {
+    pub nodes: usize,
+    pub wall_s: f64,
+    pub memory_per_node_mib: f64,
+    pub peak_rss_mib: u64,
+    pub per_round: Vec<SimRound>,
+}
+
+impl SimSummary {
+    /// Median over the rounds after the first (round 0 includes connecting).
+    fn steady(&self, value: impl Fn(&SimRound) -> f64) -> f64 {
+        let mut v: Vec<f64> = self
+            .per_round
+            .iter()
+            .filter(|r| r.round >= 1 || self.per_round.len() == 1)
+            .map(value)
+            .filter(|x| x.is_finite())
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+}
+
+/// `scale.csv` and the plots against N of a sweep over mesh sizes.
+fn write_scale(out: &Path, summaries: &[SimSummary]) -> anyhow::Result<()> {
+    use meshtune_node::plot::{Series, line_chart_svg};
+    let mut csv = String::from(
+        "nodes,round0_slowest_s,slowest_s,sent_over_own_delta,received_over_payload,sent_bytes,delta_bytes,consensus_round1,consensus_last,memory_per_node_mib,peak_rss_per_node_mib,wall_s\n",
+    );
+    println!(
+        "\n{:>6} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>12}",
+        "N", "round0 s", "round s", "sent/own", "recv/need", "consensus@1", "MiB/node", "peak/node"
+    );
+    let consensus = |s: &SimSummary, round: Option<u64>| -> f64 {
+        let row = match round {
+            Some(r) => s.per_round.iter().find(|x| x.round == r),
+            None => s.per_round.last(),
+        };
+        row.and_then(|r| r.consensus_distance).unwrap_or(f64::NAN)
+    };
+    for s in summaries {
+        let round0 = s.per_round.first().map_or(f64::NAN, |r| r.slowest_s);
+        let row = (
+            s.steady(|r| r.slowest_s),
+            s.steady(|r| r.sent_over_own_delta),
+            s.steady(|r| r.received_over_payload),
+            s.steady(|r| r.sent_bytes as f64),
+            s.steady(|r| r.delta_bytes as f64),
+        );
+        let peak_per_node = s.peak_rss_mib as f64 / s.nodes as f64;
+        csv.push_str(&format!(
+            "{},{round0:.3},{:.3},{:.2},{:.3},{:.0},{:.0},{:e},{:e},{:.2},{:.2},{:.1}\n",
+            s.nodes,
+            row.0,
+            row.1,
+            row.2,
+            row.3,
+            row.4,
+            consensus(s, Some(1)),
+            consensus(s, None),
+            s.memory_per_node_mib,
+            peak_per_node,
+            s.wall_s
+        ));
+        println!(
+            "{:>6} {:>10.2} {:>10.2} {:>10.1} {:>10.2} {:>12.2e} {:>12.1} {:>12.1}",
+            s.nodes,
+            round0,
+            row.0,
+            row.1,
+            row.2,
+            consensus(s, Some(1)),
+            s.memory_per_node_mib,
+            peak_per_node
+        );
+    }
+    std::fs::write(out.join("scale.csv"), csv)?;
+    let points = |f: &dyn Fn(&SimSummary) -> f64| -> Vec<(f64, f64)> {
+        summaries.iter().map(|s| (s.nodes as f64, f(s))).collect()
+    };
+    let charts = [
+        (
+            "round_time",
+            "Round time of the slowest node",
+            "seconds",
+            vec![
+                Series::new(
+                    "round 0 (connecting)",
+                    points(&|s| s.per_round.first().map_or(f64::NAN, |r| r.slowest_s)),
+                ),
+                Series::new(
+                    "later rounds (median)",
+                    points(&|s| s.steady(|r| r.slowest_s)),
+                ),
+            ],
+        ),
+        (
+            "bytes",
+            "Bytes per node per round over the payload",
+            "ratio",
+            vec![
+                Series::new(
+                    "sent / own delta",
+                    points(&|s| s.steady(|r| r.sent_over_own_delta)),
+                ),
+                Series::new(
+                    "received / deltas needed",
+                    points(&|s| s.steady(|r| r.received_over_payload)),
+                ),
+            ],
+        ),
+        (
+            "consensus",
+            "Consensus distance (relative spread)",
+            "distance",
+            vec![
+                Series::new("after round 0", points(&|s| consensus(s, Some(0)))),
+                Series::new("after round 1", points(&|s| consensus(s, Some(1)))),
+                Series::new("after the last round", points(&|s| consensus(s, None))),
+            ],
+        ),
+        (
+            "memory",
+            "Memory per node",
+            "MiB",
+            vec![
+                Series::new("after start", points(&|s| s.memory_per_node_mib)),
+                Series::new("peak", points(&|s| s.peak_rss_mib as f64 / s.nodes as f64)),
+            ],
+        ),
+    ];
+    for (name, title, y, series) in charts {
+        let svg = line_chart_svg(title, "nodes (N)", y, &series);
+        std::fs::write(out.join(format!("{name}.svg")), &svg)?;
+        crate::png::write_png(&svg, &out.join(format!("{name}.png")))?;
+    }
+    println!(
+        "wrote {} and plots against N",
+        out.join("scale.csv").display()
+    );
+    Ok(())
+}
+
+/// One mesh size; `ports` offsets its memory-transport addresses from earlier sizes'.
+async fn simulate(
+    args: &SimulateArgs,
+    n: usize,
+    ports: u64,
+    out: &Path,
+) -> anyhow::Result<SimSummary> {
     let started = Instant::now();
     let rss_start = status_kib("VmRSS:").unwrap_or(0);
     let dir = tempfile::tempdir()?;
-    let mesh = format!("sim-{}", args.nodes);
+    let mesh = format!("sim-{n}");
     let boot_key = Keypair::generate_ed25519();
-    let boot_addr: libp2p::Multiaddr = "/memory/1".parse()?;
+    let boot_addr: libp2p::Multiaddr = format!("/memory/{}", ports + 1).parse()?;
     let mut boot_config = BootstrapConfig::new(PathBuf::from("unused"));
     boot_config.listen = vec![boot_addr.clone()];
     boot_config.behaviour.mesh = mesh.parse()?;
-    boot_config.behaviour.max_connections = (args.nodes * 4) as u32 + 64;
+    boot_config.behaviour.max_connections = (n * 4) as u32 + 64;
     let boot_peer = boot_key.public().to_peer_id();
     let transport = memory_transport(&boot_key, None)?;
     let _bootstrap = meshtune_bootstrap::start_with_transport(&boot_config, boot_key, transport)
@@ -339,11 +505,13 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let shutdown = CancellationToken::new();
     let mut nodes: Vec<(NodeTask, CancellationToken)> = Vec::new();
-    for i in 0..args.nodes {
+    for i in 0..n {
         let token = shutdown.child_token();
         let task = spawn_node(
             i,
-            &args,
+            n,
+            ports,
+            args,
             &mesh,
             &bootstrap,
             &ledger,
@@ -354,19 +522,15 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         nodes.push((task, token));
     }
     let rss_running = status_kib("VmRSS:").unwrap_or(0);
-    tracing::info!(
-        nodes = args.nodes,
-        rss_mib = rss_running / 1024,
-        "all nodes started"
-    );
+    tracing::info!(nodes = n, rss_mib = rss_running / 1024, "all nodes started");
     // Churn: after each round but the last two, `--churn` of the nodes leave (cancelled, no
     // goodbye) and as many fresh ones join (new identities, zero parameters: they must sync).
     let mut left = vec![false; nodes.len()];
     let mut churn_log = Vec::new();
     if args.churn > 0.0 {
-        let k = ((args.churn * args.nodes as f64).round() as usize).max(1);
+        let k = ((args.churn * n as f64).round() as usize).max(1);
         let mut rng = args.seed ^ 0x00C0_FFEE;
-        let mut next_index = args.nodes;
+        let mut next_index = n;
         for round in 0..args.rounds.saturating_sub(2) {
             // Until most live nodes applied `round`.
             loop {
@@ -396,7 +560,9 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
                 let token = shutdown.child_token();
                 let task = spawn_node(
                     next_index,
-                    &args,
+                    n,
+                    ports,
+                    args,
                     &mesh,
                     &bootstrap,
                     &ledger,
@@ -464,13 +630,13 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
             consensus_distance: ledger.consensus_distance(round).map(|c| c.0),
         });
     }
-    let per_node_mib = (rss_running.saturating_sub(rss_start)) as f64 / 1024.0 / args.nodes as f64;
+    let per_node_mib = (rss_running.saturating_sub(rss_start)) as f64 / 1024.0 / n as f64;
     let mut csv = String::from(
         "round,nodes,slowest_s,sent_bytes,sent_over_own_delta,received_over_payload,delta_bytes,deltas_used_min,consensus_distance\n",
     );
     println!(
         "simulate: {} nodes, {} rounds, {} params, codec {}, churn {}  (wall {:.0} s; memory {:.1} MiB per node at start, peak RSS {} MiB)",
-        args.nodes,
+        n,
         args.rounds,
         args.params,
         args.codec,
@@ -519,17 +685,25 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
                 .map_or(String::new(), |c| format!("{c:e}"))
         ));
     }
-    std::fs::write(args.out.join("rounds.csv"), csv)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(out.join("rounds.csv"), csv)?;
+    let summary = SimSummary {
+        nodes: n,
+        wall_s: started.elapsed().as_secs_f64(),
+        memory_per_node_mib: per_node_mib,
+        peak_rss_mib: rss_peak / 1024,
+        per_round: rows,
+    };
     std::fs::write(
-        args.out.join("summary.json"),
+        out.join("summary.json"),
         serde_json::to_string_pretty(&serde_json::json!({
-            "nodes": args.nodes, "rounds": args.rounds, "params": args.params, "codec": args.codec,
-            "wall_s": started.elapsed().as_secs_f64(), "memory_per_node_mib": per_node_mib,
-            "peak_rss_mib": rss_peak / 1024, "churn": args.churn, "churn_events": churn_log, "per_round": rows,
+            "nodes": n, "rounds": args.rounds, "params": args.params, "codec": args.codec,
+            "wall_s": summary.wall_s, "memory_per_node_mib": per_node_mib,
+            "peak_rss_mib": rss_peak / 1024, "churn": args.churn, "churn_events": churn_log, "per_round": summary.per_round,
         }))?,
     )?;
-    println!("wrote {}", args.out.join("rounds.csv").display());
-    Ok(())
+    println!("wrote {}", out.join("rounds.csv").display());
+    Ok(summary)
 }
 
 #[cfg(test)]

@@ -214,16 +214,17 @@ fn a_node_on_a_slow_link_keeps_up_with_the_mesh() {
     );
 }
 
-/// `simulate` runs real nodes in one process with the synthetic trainer. The run ends on one
-/// model (consensus distance at f32 rounding in the last round) and writes its table. (Churn
-/// runs take minutes; docs/BENCHMARKS.md has one.)
+/// `simulate` runs real nodes in one process with the synthetic trainer, here for two mesh
+/// sizes one after the other. Each run ends on one model (consensus distance at f32 rounding
+/// in the last round) and writes its table; the sweep adds `scale.csv` and plots against N.
+/// (Churn runs take minutes; docs/BENCHMARKS.md has one.)
 #[test]
 fn simulate_runs_nodes_in_process_and_reports_consensus() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("sim");
     let output = Command::new(env!("CARGO_BIN_EXE_meshtune-testnet"))
         .args([
-            "simulate", "--nodes", "4", "--rounds", "4", "--params", "2000",
+            "simulate", "--nodes", "3,4", "--rounds", "3", "--params", "2000",
         ])
         .arg("--out")
         .arg(&out)
@@ -234,20 +235,34 @@ fn simulate_runs_nodes_in_process_and_reports_consensus() {
         "stderr:\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).expect("summary"))
-            .expect("json");
-    let rounds = summary["per_round"].as_array().expect("rows");
-    let last = rounds.last().expect("a round");
-    assert_eq!(last["round"], 3, "{summary}");
-    assert_eq!(last["nodes"], 4, "{summary}");
-    let distance = last["consensus_distance"].as_f64().expect("distance");
-    assert!(distance <= 1e-6, "last-round distance {distance}");
+    for n in [3, 4] {
+        let run = out.join(format!("n{n}"));
+        let summary: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(run.join("summary.json")).expect("summary"),
+        )
+        .expect("json");
+        let rounds = summary["per_round"].as_array().expect("rows");
+        let last = rounds.last().expect("a round");
+        assert_eq!(last["round"], 2, "{summary}");
+        assert_eq!(last["nodes"], n, "{summary}");
+        let distance = last["consensus_distance"].as_f64().expect("distance");
+        assert!(distance <= 1e-6, "N={n}: last-round distance {distance}");
+        assert!(
+            std::fs::read_to_string(run.join("rounds.csv"))
+                .expect("csv")
+                .starts_with("round,nodes,slowest_s")
+        );
+    }
+    let scale = std::fs::read_to_string(out.join("scale.csv")).expect("scale.csv");
+    let rows: Vec<&str> = scale.lines().collect();
+    assert_eq!(rows.len(), 3, "{scale}");
     assert!(
-        std::fs::read_to_string(out.join("rounds.csv"))
-            .expect("csv")
-            .starts_with("round,nodes,slowest_s")
+        rows[1].starts_with("3,") && rows[2].starts_with("4,"),
+        "{scale}"
     );
+    for chart in ["round_time", "bytes", "consensus", "memory"] {
+        assert!(out.join(format!("{chart}.png")).exists(), "{chart}.png");
+    }
     for (args, expected) in [
         (&["simulate", "--nodes", "1"][..], "--nodes"),
         (&["simulate", "--churn", "1.5"][..], "--churn"),

@@ -196,6 +196,17 @@ pub struct RoundRecord {
     #[serde(default, flatten)]
     pub energy: RoundEnergy,
     pub model_hash: String,
+    /// The model the round's deltas were applied to.
+    #[serde(default)]
+    pub base_hash: String,
+    /// Peer ids whose deltas were combined (this node's own included), sorted.
+    #[serde(default)]
+    pub contributors: Vec<String>,
+    /// Resident memory of the node process after the round (Linux), and its peak so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_rss_bytes: Option<u64>,
     pub rejected: BTreeMap<String, u64>,
     /// Last round only: the peer whose final state this node adopted after the round (it had
     /// missed part of it); `model_hash` is then the adopted model's.
@@ -339,6 +350,8 @@ pub async fn run(
     let mut deltas: HashMap<(u64, PeerId), TensorSet> = HashMap::new();
     let mut rejected: BTreeMap<String, u64> = BTreeMap::new();
     let mut deltas_used = 0usize;
+    let mut contributors: Vec<String> = Vec::new();
+    let mut round_base = base_hash;
     let mut open = OpenRound {
         started: Instant::now(),
         report: None,
@@ -483,6 +496,20 @@ pub async fn run(
                         })
                         .collect();
                     let count = used.len();
+                    contributors = inputs
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| !outliers.contains(i))
+                        .map(|(_, input)| {
+                            if input.0 == "self" {
+                                me.to_string()
+                            } else {
+                                input.0.clone()
+                            }
+                        })
+                        .collect();
+                    contributors.sort();
+                    round_base = base_hash;
                     let mut next = base.clone();
                     if count > 0 {
                         let combined = aggregate(&used, config.aggregation)?;
@@ -697,6 +724,10 @@ pub async fn run(
                         tokens: report.tokens,
                         energy,
                         model_hash: hash.to_string(),
+                        base_hash: round_base.to_string(),
+                        contributors: std::mem::take(&mut contributors),
+                        rss_bytes: process_memory("VmRSS:"),
+                        peak_rss_bytes: process_memory("VmHWM:"),
                         rejected: std::mem::take(&mut rejected),
                         adopted_final_state: None,
                     };
@@ -1032,6 +1063,21 @@ fn rewrite_records(path: &std::path::Path, records: &[RoundRecord]) -> anyhow::R
     Ok(())
 }
 
+/// A memory figure of this process from `/proc/self/status` (`VmRSS:`, `VmHWM:`, ...), in bytes;
+/// `None` where there is no procfs.
+pub fn process_memory(field: &str) -> Option<u64> {
+    let kib: u64 = std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 fn append_record(path: &std::path::Path, record: &RoundRecord) -> anyhow::Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .create(true)
@@ -1265,7 +1311,7 @@ async fn train_and_publish(
             } else {
                 decode_delta(&manifest, &verified, &delta.layout(), &limits)?
             };
-            anyhow::Ok((bytes, own, chunks, verified, raw_bytes))
+            anyhow::Ok((bytes, manifest, own, chunks, verified, raw_bytes))
         })();
         (feedback, result)
     })
@@ -1278,7 +1324,7 @@ async fn train_and_publish(
         // The encoder panicked: its residuals are gone with it.
         Err(err) => (ErrorFeedback::new(), Err(format!("encoder task: {err}"))),
     };
-    let (manifest_bytes, own, chunks, verified, raw_bytes) = match encoded {
+    let (manifest_bytes, manifest, own, chunks, verified, raw_bytes) = match encoded {
         Ok(ok) => ok,
         Err(error) => {
             let _ = done
@@ -1300,6 +1346,10 @@ async fn train_and_publish(
     let announced = current_round.load(Ordering::SeqCst) == round
         && current_base.lock().is_ok_and(|b| *b == base_hash);
     if announced {
+        // Served to peers that connect after the gossip went out.
+        if let Ok(mut store) = store.lock() {
+            store.set_current_manifest(manifest);
+        }
         // Gossip needs a mesh peer: retry briefly while the gossip mesh forms, but a node with
         // no peer at all does not wait (its round completes on its own delta).
         let started = Instant::now();

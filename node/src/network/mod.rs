@@ -524,6 +524,7 @@ pub fn start(
         commands: command_receiver,
         events: event_sender,
         pending: HashMap::new(),
+        manifest_requests: HashMap::new(),
         inbound: HashMap::new(),
         strikes: HashMap::new(),
         bootstrap_retry: HashMap::new(),
@@ -640,6 +641,8 @@ struct EventLoop {
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetworkEvent>,
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<ChunkResponse, RequestError>>>,
+    /// Requests for a new neighbour's current delta manifest, by id.
+    manifest_requests: HashMap<OutboundRequestId, PeerId>,
     inbound: HashMap<PeerId, InboundWindow>,
     strikes: HashMap<PeerId, u32>,
     /// Failed bootstrap dials so far and when to try again, while the node has no peer.
@@ -1038,9 +1041,23 @@ impl EventLoop {
                         message_id,
                         message,
                     } => self.on_manifest(propagation_source, message_id, message),
-                    gossipsub::Event::Subscribed { .. } | gossipsub::Event::Unsubscribed { .. } => {
+                    gossipsub::Event::Subscribed { peer_id, topic } => {
                         self.update_mesh_peers();
+                        if topic == self.topic && !self.is_blacklisted(&peer_id) {
+                            // Gossip does not replay: ask the new neighbour for the manifest it
+                            // announced before this node was there to hear it.
+                            let request = ChunkRequest::CurrentManifest {
+                                mesh_id: self.config.mesh.as_str().to_owned(),
+                            };
+                            let id = self
+                                .swarm
+                                .behaviour_mut()
+                                .blobs
+                                .send_request(&peer_id, request);
+                            self.manifest_requests.insert(id, peer_id);
+                        }
                     }
+                    gossipsub::Event::Unsubscribed { .. } => self.update_mesh_peers(),
                     _ => {}
                 }
             }
@@ -1102,6 +1119,43 @@ impl EventLoop {
         }
     }
 
+    /// A new neighbour's answer to [`ChunkRequest::CurrentManifest`]: the same checks as a
+    /// gossiped manifest, with the connection (not a signature) vouching for the sender.
+    fn on_direct_manifest(&mut self, peer: PeerId, response: ChunkResponse) {
+        let manifest = match response {
+            ChunkResponse::Manifest(manifest) => manifest,
+            ChunkResponse::NotFound => return,
+            _ => {
+                tracing::warn!(peer = %peer, "answered a manifest request with something else");
+                return;
+            }
+        };
+        let verdict = if manifest.mesh_id != self.config.mesh.as_str() {
+            Err("manifest for another mesh")
+        } else if PeerId::from_bytes(&manifest.sender).ok() != Some(peer) {
+            Err("direct manifest names another sender than the peer")
+        } else if manifest.check_layout(&self.layout).is_err() {
+            Err("manifest does not match the model layout")
+        } else {
+            Ok(())
+        };
+        match verdict {
+            Ok(()) => {
+                let id = format!("direct/{peer}/{}", manifest.round);
+                self.emit(NetworkEvent::Manifest {
+                    message_id: MessageId::new(id.as_bytes()),
+                    source: peer,
+                    manifest: Arc::new(manifest),
+                });
+            }
+            Err(reason) => {
+                tracing::warn!(peer = %peer, reason, "rejecting manifest");
+                NetMetrics::count(&self.net_metrics.rejected_manifests, "reason", reason, 1);
+                self.strike(peer, reason);
+            }
+        }
+    }
+
     fn allow_inbound(&mut self, peer: PeerId) -> bool {
         let now = Instant::now();
         let window = self.inbound.entry(peer).or_insert(InboundWindow {
@@ -1126,7 +1180,9 @@ impl EventLoop {
                     request_id,
                     response,
                 } => {
-                    if let Some(reply) = self.pending.remove(&request_id) {
+                    if let Some(peer) = self.manifest_requests.remove(&request_id) {
+                        self.on_direct_manifest(peer, response);
+                    } else if let Some(reply) = self.pending.remove(&request_id) {
                         let _ = reply.send(Ok(response));
                     }
                 }
@@ -1137,7 +1193,9 @@ impl EventLoop {
                 error,
                 ..
             } => {
-                if let Some(reply) = self.pending.remove(&request_id) {
+                if self.manifest_requests.remove(&request_id).is_some() {
+                    tracing::debug!(peer = %peer, error = %error, "no current manifest from a new neighbour");
+                } else if let Some(reply) = self.pending.remove(&request_id) {
                     let error = match error {
                         request_response::OutboundFailure::Timeout => {
                             RequestError::Timeout { peer }
@@ -1186,6 +1244,7 @@ impl EventLoop {
             ChunkResponse::Chunk(bytes) => Some(("chunk", bytes.len())),
             ChunkResponse::ChunkList(list) => Some(("chunk_list", 32 * list.chunk_hashes().len())),
             ChunkResponse::State(_) => Some(("state_manifest", 0)),
+            ChunkResponse::Manifest(_) => Some(("delta_manifest", 0)),
             ChunkResponse::NotFound | ChunkResponse::Busy => None,
         };
         if let Some((kind, bytes)) = served {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use libp2p::PeerId;
 
 use meshtune_protocol::{
-    BlobHash, ChunkList, ChunkListHash, ChunkRequest, ChunkResponse, StateManifest,
+    BlobHash, ChunkList, ChunkListHash, ChunkRequest, ChunkResponse, DeltaManifest, StateManifest,
 };
 
 #[derive(Debug)]
@@ -76,6 +76,8 @@ pub struct BlobStore {
     /// Chunks served, and `Busy` answers given, since start.
     served_chunks: u64,
     busy_answers: u64,
+    /// This node's last announced delta manifest.
+    current_manifest: Option<DeltaManifest>,
 }
 
 impl BlobStore {
@@ -108,6 +110,11 @@ impl BlobStore {
     }
 
     /// Whether the blob is held.
+    /// The delta manifest this node announced last (answers [`ChunkRequest::CurrentManifest`]).
+    pub fn set_current_manifest(&mut self, manifest: DeltaManifest) {
+        self.current_manifest = Some(manifest);
+    }
+
     pub fn contains(&self, hash: &BlobHash) -> bool {
         self.blobs.contains_key(hash)
     }
@@ -231,6 +238,13 @@ impl BlobStore {
 
     fn lookup(&self, request: &ChunkRequest, mesh: &str) -> ChunkResponse {
         match request {
+            ChunkRequest::CurrentManifest { mesh_id } => self
+                .current_manifest
+                .as_ref()
+                .filter(|m| m.mesh_id == *mesh_id && mesh_id == mesh)
+                .map_or(ChunkResponse::NotFound, |m| {
+                    ChunkResponse::Manifest(m.clone())
+                }),
             ChunkRequest::ChunkList { chunk_list_hash } => self
                 .lists
                 .get(chunk_list_hash)

@@ -38,6 +38,10 @@ pub struct TestnetArgs {
     /// mean, median, trimmed-mean[:F].
     #[arg(long, default_value = "mean")]
     pub aggregation: String,
+    /// `all` (every node combines every delta: one model) or `gossip:K[:STEP]` (sparse
+    /// gossip averaging with K neighbours).
+    #[arg(long, default_value = "all")]
+    pub topology: String,
     /// Outer step on the averaged delta: average, momentum:LR:M (FedAvgM), nesterov:LR:M
     /// (DiLoCo), adam:LR[:BETA1:BETA2:EPS] (FedAdam), adamw:LR[:BETA1:BETA2:EPS:WD].
     #[arg(long, default_value = "average")]
@@ -223,6 +227,9 @@ pub(crate) fn prepare(args: &TestnetArgs, out: &Path) -> anyhow::Result<Prepared
     anyhow::ensure!(args.rounds >= 1, "--rounds must be at least 1");
     Scenario::parse(&args.scenario)?;
     Mode::parse(&args.mode)?;
+    args.topology
+        .parse::<meshtune_node::coordinator::Topology>()
+        .map_err(|e| anyhow::anyhow!(e))?;
     if let Some(link) = &args.link {
         link.parse::<meshtune_bootstrap::shaping::LinkProfile>()
             .with_context(|| format!("invalid --link `{link}`"))?;
@@ -763,6 +770,8 @@ pub(crate) fn node_args(
         launch.codec.to_owned(),
         "--aggregation".into(),
         args.aggregation.clone(),
+        "--topology".into(),
+        args.topology.clone(),
         "--outer".into(),
         launch.outer.to_owned(),
         "--wait-for-peers".into(),

@@ -54,6 +54,14 @@ pub struct SimulateArgs {
     /// many fresh nodes that must sync the mesh's state (0: no churn).
     #[arg(long, default_value_t = 0.0)]
     pub churn: f64,
+    /// `all` (every node combines every delta: one model) or `gossip:K[:STEP]` (each node
+    /// mixes with at most K gossip-mesh neighbours through CHOCO public copies).
+    #[arg(long, default_value = "all")]
+    pub topology: String,
+    /// Train only in the first this many rounds (0: every round); the rounds after are pure
+    /// averaging, where the consensus distance's decay rate is the topology's own.
+    #[arg(long, default_value_t = 0)]
+    pub train_rounds: u64,
     /// Where the per-round CSV and the summary go.
     #[arg(long, default_value = "simulation")]
     pub out: PathBuf,
@@ -92,6 +100,9 @@ impl Ledger {
 
 struct SyntheticTrainer {
     w: Vec<f32>,
+    /// Train calls so far, and after how many training stops (0: never).
+    calls: u64,
+    train_rounds: u64,
     target: Vec<f32>,
     noise: f32,
     rng: u64,
@@ -99,11 +110,19 @@ struct SyntheticTrainer {
 }
 
 impl SyntheticTrainer {
-    fn new(params: usize, seed: u64, noise: f32, ledger: Arc<Mutex<Ledger>>) -> Self {
+    fn new(
+        params: usize,
+        seed: u64,
+        noise: f32,
+        train_rounds: u64,
+        ledger: Arc<Mutex<Ledger>>,
+    ) -> Self {
         let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let target = (0..params).map(|_| gaussian(&mut rng)).collect();
         Self {
             w: vec![0.0; params],
+            calls: 0,
+            train_rounds,
             target,
             noise,
             rng,
@@ -144,6 +163,12 @@ impl LocalTrainer for SyntheticTrainer {
 
     fn train(&mut self, steps: usize) -> anyhow::Result<TrainReport> {
         let started = Instant::now();
+        self.calls += 1;
+        let steps = if self.train_rounds > 0 && self.calls > self.train_rounds {
+            0
+        } else {
+            steps
+        };
         for _ in 0..steps {
             for (w, t) in self.w.iter_mut().zip(&self.target) {
                 *w += 0.1 * (t - *w) + self.noise * gaussian(&mut self.rng);
@@ -218,6 +243,7 @@ async fn spawn_node(
             args.params,
             args.seed.wrapping_add(i as u64),
             args.noise,
+            args.train_rounds,
             Arc::clone(ledger),
         ),
     )?;
@@ -247,6 +273,10 @@ async fn spawn_node(
     config.final_exchange = false;
     config.codec = args.codec.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
     config.eval_every = 0;
+    config.topology = args
+        .topology
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!(e))?;
     config.round = RoundConfig {
         quorum: 1.0,
         min_deltas: 1,
@@ -310,6 +340,9 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     args.codec
         .parse::<meshtune_protocol::CodecParams>()
         .with_context(|| format!("invalid codec `{}`", args.codec))?;
+    args.topology
+        .parse::<meshtune_node::coordinator::Topology>()
+        .map_err(|e| anyhow::anyhow!(e))?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let mut summaries = Vec::new();
@@ -338,6 +371,8 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SimSummary {
     pub nodes: usize,
+    /// Factor by which the consensus distance shrinks per round (fit), where it is positive.
+    pub consensus_rate: Option<f64>,
     pub wall_s: f64,
     pub memory_per_node_mib: f64,
     pub peak_rss_mib: u64,
@@ -359,11 +394,36 @@ impl SimSummary {
     }
 }
 
+/// Per-round factor of the consensus distance: exp of the least-squares slope of its log over
+/// the rounds after `train_rounds` (or after round 0), counting rounds with a distance above
+/// f32 rounding; `None` with fewer than two such rounds.
+pub fn decay_rate(rows: &[SimRound], train_rounds: u64) -> Option<f64> {
+    let first = train_rounds.max(1).saturating_sub(1);
+    let points: Vec<(f64, f64)> = rows
+        .iter()
+        .filter(|r| r.round >= first)
+        .filter_map(|r| {
+            r.consensus_distance
+                .filter(|d| *d > 1e-6)
+                .map(|d| (r.round as f64, d.ln()))
+        })
+        .collect();
+    if points.len() < 2 {
+        return None;
+    }
+    let n = points.len() as f64;
+    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    (sxx > 0.0).then(|| (sxy / sxx).exp())
+}
+
 /// `scale.csv` and the plots against N of a sweep over mesh sizes.
 fn write_scale(out: &Path, summaries: &[SimSummary]) -> anyhow::Result<()> {
     use meshtune_node::plot::{Series, line_chart_svg};
     let mut csv = String::from(
-        "nodes,round0_slowest_s,slowest_s,sent_over_own_delta,received_over_payload,sent_bytes,delta_bytes,consensus_round1,consensus_last,memory_per_node_mib,peak_rss_per_node_mib,wall_s\n",
+        "nodes,round0_slowest_s,slowest_s,sent_over_own_delta,received_over_payload,sent_bytes,delta_bytes,consensus_round1,consensus_last,consensus_rate,memory_per_node_mib,peak_rss_per_node_mib,wall_s\n",
     );
     println!(
         "\n{:>6} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>12}",
@@ -387,7 +447,7 @@ fn write_scale(out: &Path, summaries: &[SimSummary]) -> anyhow::Result<()> {
         );
         let peak_per_node = s.peak_rss_mib as f64 / s.nodes as f64;
         csv.push_str(&format!(
-            "{},{round0:.3},{:.3},{:.2},{:.3},{:.0},{:.0},{:e},{:e},{:.2},{:.2},{:.1}\n",
+            "{},{round0:.3},{:.3},{:.2},{:.3},{:.0},{:.0},{:e},{:e},{},{:.2},{:.2},{:.1}\n",
             s.nodes,
             row.0,
             row.1,
@@ -396,6 +456,8 @@ fn write_scale(out: &Path, summaries: &[SimSummary]) -> anyhow::Result<()> {
             row.4,
             consensus(s, Some(1)),
             consensus(s, None),
+            s.consensus_rate
+                .map_or(String::new(), |r| format!("{r:.4}")),
             s.memory_per_node_mib,
             peak_per_node,
             s.wall_s
@@ -635,11 +697,12 @@ async fn simulate(
         "round,nodes,slowest_s,sent_bytes,sent_over_own_delta,received_over_payload,delta_bytes,deltas_used_min,consensus_distance\n",
     );
     println!(
-        "simulate: {} nodes, {} rounds, {} params, codec {}, churn {}  (wall {:.0} s; memory {:.1} MiB per node at start, peak RSS {} MiB)",
+        "simulate: {} nodes, {} rounds, {} params, codec {}, topology {}, churn {}  (wall {:.0} s; memory {:.1} MiB per node at start, peak RSS {} MiB)",
         n,
         args.rounds,
         args.params,
         args.codec,
+        args.topology,
         args.churn,
         started.elapsed().as_secs_f64(),
         per_node_mib,
@@ -687,7 +750,14 @@ async fn simulate(
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(out.join("rounds.csv"), csv)?;
+    let consensus_rate = decay_rate(&rows, args.train_rounds);
+    if let Some(rate) = consensus_rate {
+        println!(
+            "consensus distance decays by {rate:.3}x per round (log-linear fit over the rounds after training stopped, or after round 0)"
+        );
+    }
     let summary = SimSummary {
+        consensus_rate,
         nodes: n,
         wall_s: started.elapsed().as_secs_f64(),
         memory_per_node_mib: per_node_mib,
@@ -698,6 +768,8 @@ async fn simulate(
         out.join("summary.json"),
         serde_json::to_string_pretty(&serde_json::json!({
             "nodes": n, "rounds": args.rounds, "params": args.params, "codec": args.codec,
+            "topology": args.topology, "train_rounds": args.train_rounds,
+            "consensus_rate": summary.consensus_rate,
             "wall_s": summary.wall_s, "memory_per_node_mib": per_node_mib,
             "peak_rss_mib": rss_peak / 1024, "churn": args.churn, "churn_events": churn_log, "per_round": summary.per_round,
         }))?,

@@ -348,6 +348,7 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
         local_steps: args.local_steps,
         codec: args.codec.clone(),
         aggregation: "mean".into(),
+        topology: "all".into(),
         outer: "average".into(),
         compare_outer: Vec::new(),
         split: "dirichlet:0.5".into(),

@@ -275,3 +275,46 @@ fn simulate_runs_nodes_in_process_and_reports_consensus() {
         assert!(String::from_utf8_lossy(&bad.stderr).contains(expected));
     }
 }
+
+/// Sparse gossip averaging in the simulator: each node combines its own and at most K
+/// neighbours' deltas, and once training stops the nodes' spread shrinks round after round.
+#[test]
+fn gossip_topology_mixes_with_k_neighbours_and_the_spread_shrinks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("gossip");
+    let output = Command::new(env!("CARGO_BIN_EXE_meshtune-testnet"))
+        .args([
+            "simulate", "--nodes", "6", "--rounds", "7", "--params", "2000",
+        ])
+        .args(["--topology", "gossip:2", "--train-rounds", "1"])
+        .args(["--codec", "int8/64+zstd:1"])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run");
+    assert!(
+        output.status.success(),
+        "stderr:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).expect("summary"))
+            .expect("json");
+    let rounds = summary["per_round"].as_array().expect("rows");
+    assert_eq!(rounds.len(), 7, "{summary}");
+    for r in rounds {
+        let used = r["deltas_used_min"].as_u64().expect("deltas");
+        assert!((1..=3).contains(&used), "own + at most 2 neighbours: {r}");
+    }
+    let distance = |i: usize| rounds[i]["consensus_distance"].as_f64().expect("distance");
+    assert!(
+        distance(0) > 0.0,
+        "training spreads the nodes apart: {summary}"
+    );
+    assert!(
+        distance(6) < 0.5 * distance(0),
+        "pure mixing after round 0 must shrink the spread: {summary}"
+    );
+    let rate = summary["consensus_rate"].as_f64().expect("rate");
+    assert!(rate < 1.0, "{summary}");
+}

@@ -31,7 +31,7 @@ use crate::averaging::aggregate::{Aggregation, OuterOptimizer};
 use crate::averaging::round::RoundConfig;
 use crate::commands::train::{TrainConfig, initial_model, model_config_and_tokenizer};
 use crate::coordinator::metrics::NodeMetrics;
-use crate::coordinator::{self, CoordinatorConfig, Misbehaviour, RunSummary};
+use crate::coordinator::{self, CoordinatorConfig, Misbehaviour, RunSummary, Topology};
 use crate::device::DeviceChoice;
 use crate::network::{self, NetworkConfig, store::BlobStore};
 use crate::trainer::{T5Trainer, TrainerHandle};
@@ -89,6 +89,11 @@ pub struct NodeArgs {
     /// mean, median, trimmed-mean[:F].
     #[arg(long, env = "MESHTUNE_AGGREGATION")]
     pub aggregation: Option<String>,
+    /// `all` (every node combines every delta each round: one model everywhere) or
+    /// `gossip:K[:STEP]` (sparse gossip averaging with at most K gossip-mesh neighbours:
+    /// bytes per round flat in the mesh size; models agree only approximately).
+    #[arg(long, env = "MESHTUNE_TOPOLOGY")]
+    pub topology: Option<String>,
     /// Outer step on the averaged delta: average, momentum:LR:M (FedAvgM), nesterov:LR:M
     /// (DiLoCo), adam:LR[:BETA1:BETA2:EPS] (FedAdam) or adamw:LR[:BETA1:BETA2:EPS:WD]. Every
     /// node of a mesh must use the same one.
@@ -170,6 +175,8 @@ pub struct MeshSettings {
     pub codec: String,
     pub aggregation: Aggregation,
     pub outer: OuterOptimizer,
+    /// `all` or `gossip:K[:STEP]` (see `--topology`).
+    pub topology: String,
     pub quorum: f64,
     pub min_deltas: usize,
     /// The first rounds' collect deadline (and every round's with `adaptive_deadline = false`).
@@ -208,6 +215,7 @@ impl Default for MeshSettings {
             codec: "top2%+int8/64+zstd:1".into(),
             aggregation: Aggregation::Mean,
             outer: OuterOptimizer::Average,
+            topology: "all".into(),
             quorum: 1.0,
             min_deltas: 1,
             collect_timeout_s: 60.0,
@@ -275,6 +283,9 @@ pub fn resolve(args: &NodeArgs) -> anyhow::Result<(MeshSettings, TrainConfig)> {
     if let Some(v) = &args.aggregation {
         mesh.aggregation = v.parse().map_err(|e: String| anyhow::anyhow!(e))?;
     }
+    if let Some(v) = &args.topology {
+        mesh.topology = v.clone();
+    }
     if let Some(v) = &args.outer {
         mesh.outer = v.parse().map_err(|e: String| anyhow::anyhow!(e))?;
     }
@@ -321,6 +332,9 @@ pub fn resolve(args: &NodeArgs) -> anyhow::Result<(MeshSettings, TrainConfig)> {
     mesh.codec
         .parse::<CodecParams>()
         .with_context(|| format!("invalid codec `{}`", mesh.codec))?;
+    mesh.topology
+        .parse::<Topology>()
+        .map_err(|e| anyhow::anyhow!(e))?;
     MeshId::new(&mesh.mesh)?;
     let mut train = file.train;
     if let Some(rounds) = mesh.rounds {
@@ -523,6 +537,10 @@ async fn run_async(args: NodeArgs) -> anyhow::Result<RunSummary> {
     config.codec = settings.codec.parse()?;
     config.aggregation = settings.aggregation;
     config.outer = settings.outer;
+    config.topology = settings
+        .topology
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!(e))?;
     config.round = RoundConfig {
         quorum: settings.quorum,
         min_deltas: settings.min_deltas,

@@ -6,6 +6,7 @@
 //! record (`rounds.jsonl`) and the node's Prometheus metrics. Must not touch: the swarm (only
 //! through [`Client`]) or the model's internals (only through [`TrainerHandle`]).
 
+pub mod gossip;
 pub mod metrics;
 
 use std::collections::{BTreeMap, HashMap};
@@ -41,6 +42,7 @@ use crate::network::store::{BlobBytes, BlobFile, BlobStore};
 use crate::network::{Client, NetworkEvent};
 use crate::trainer::{EvalReport, TrainReport, TrainerHandle};
 
+pub use self::gossip::Topology;
 use self::metrics::NodeMetrics;
 
 /// How a node takes part in rounds.
@@ -85,6 +87,8 @@ pub struct CoordinatorConfig {
     /// States of at least this many bytes are written to and read from `OUT/state/` instead
     /// of memory, in both directions (served and synced).
     pub stream_state_bytes: u64,
+    /// All-to-all averaging (one model everywhere) or sparse gossip ([`gossip`]).
+    pub topology: Topology,
 }
 
 /// The bad deltas a deliberately byzantine node sends (`meshtune node --byzantine`).
@@ -154,6 +158,7 @@ impl CoordinatorConfig {
             linger_quiet: Duration::from_secs(5),
             misbehave: None,
             stream_state_bytes: 256 << 20,
+            topology: Topology::All,
         }
     }
 }
@@ -286,6 +291,12 @@ pub async fn run(
     metrics: NodeMetrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunSummary> {
+    if matches!(config.topology, Topology::Gossip { .. }) {
+        return gossip::run(
+            config, me, trainer, client, events, store, metrics, shutdown,
+        )
+        .await;
+    }
     std::fs::create_dir_all(&config.out)
         .with_context(|| format!("creating {}", config.out.display()))?;
     let checkpoints = config.out.join("checkpoints");

@@ -124,6 +124,9 @@ impl NetworkConfig {
     }
 }
 
+/// Message ids of manifests received over request-response rather than gossip.
+const DIRECT_MANIFEST_PREFIX: &[u8] = b"direct/";
+
 /// What the network tells the node.
 #[derive(Debug)]
 pub enum NetworkEvent {
@@ -186,6 +189,10 @@ enum Command {
         reason: &'static str,
     },
     MeshPeers {
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    /// This node's gossipsub mesh peers on the delta topic (the sparse overlay).
+    GossipMesh {
         reply: oneshot::Sender<Vec<PeerId>>,
     },
     RelayedOnly {
@@ -280,6 +287,14 @@ impl Client {
     pub async fn relayed_only_peers(&self) -> Result<HashSet<PeerId>, RequestError> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::RelayedOnly { reply }).await?;
+        answer.await.map_err(|_| RequestError::Stopped)
+    }
+
+    /// This node's gossipsub mesh peers on the delta topic: bounded, symmetric and random,
+    /// the neighbours of sparse gossip averaging.
+    pub async fn gossip_mesh(&self) -> Result<Vec<PeerId>, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::GossipMesh { reply }).await?;
         answer.await.map_err(|_| RequestError::Stopped)
     }
 
@@ -750,10 +765,13 @@ impl EventLoop {
                 source,
                 acceptance,
             } => {
-                self.swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .report_message_validation_result(&message_id, &source, acceptance);
+                // Manifests a neighbour handed over directly were never in gossip's cache.
+                if !message_id.0.starts_with(DIRECT_MANIFEST_PREFIX) {
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .report_message_validation_result(&message_id, &source, acceptance);
+                }
             }
             Command::Strike { peer, reason } => self.strike(peer, reason),
             Command::MeshPeers { reply } => {
@@ -765,6 +783,17 @@ impl EventLoop {
                     .all_peers()
                     .filter(|(_, topics)| topics.contains(&topic))
                     .map(|(p, _)| *p)
+                    .collect();
+                let _ = reply.send(peers);
+            }
+            Command::GossipMesh { reply } => {
+                let topic = self.topic.clone();
+                let peers = self
+                    .swarm
+                    .behaviour()
+                    .gossipsub
+                    .mesh_peers(&topic)
+                    .copied()
                     .collect();
                 let _ = reply.send(peers);
             }
@@ -1141,7 +1170,11 @@ impl EventLoop {
         };
         match verdict {
             Ok(()) => {
-                let id = format!("direct/{peer}/{}", manifest.round);
+                let id = format!(
+                    "{}{peer}/{}",
+                    String::from_utf8_lossy(DIRECT_MANIFEST_PREFIX),
+                    manifest.round
+                );
                 self.emit(NetworkEvent::Manifest {
                     message_id: MessageId::new(id.as_bytes()),
                     source: peer,

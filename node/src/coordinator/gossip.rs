@@ -1,0 +1,630 @@
+//! Sparse gossip averaging (`topology = "gossip:K[:STEP]"`): each round a node mixes with at
+//! most K neighbours (its gossipsub mesh peers) instead of the whole mesh, so the bytes a node
+//! sends and receives per round stay flat as the mesh grows. Models are no longer identical;
+//! their spread shrinks geometrically at a rate set by the overlay's spectral gap.
+//!
+//! The algorithm is CHOCO-gossip (Koloskova, Stich and Jaggi, ICML 2019), which keeps
+//! compression (top-k, int8) safe without a shared base:
+//!
+//! - every node i keeps its model x_i and a *public copy* x̂_i that every neighbour also keeps,
+//!   bit for bit;
+//! - after local training, i encodes q_i = Q(x_i − x̂_i) with the delta codec, and everyone
+//!   (i included) adds the decoded q_i to x̂_i; what the codec drops stays in x_i − x̂_i and is
+//!   sent later (the error feedback is built in);
+//! - i then mixes: x_i += STEP / (k + 1) · Σ_j (x̂_j − x̂_i) over the k neighbours heard.
+//!
+//! A neighbour's manifest names the hash of the public copy its q applies to (`base_model`);
+//! a node whose copy is missing or stale (a new neighbour, a missed round) fetches the
+//! neighbour's current public copy, which every node serves as its state. Manifests are not
+//! gossiped: a node asks each neighbour for its current manifest
+//! ([`ChunkRequest::CurrentManifest`]), so no traffic grows with the mesh.
+//!
+//! Owns: the public copies and the gossip round loop. Shares with the all-to-all loop: the
+//! codec, blob store, fetch, checkpoints and the per-round record.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use libp2p::PeerId;
+use libp2p::gossipsub::MessageAcceptance;
+use meshtune_protocol::{
+    ChunkRequest, ChunkResponse, CodecParams, DeltaManifest, ModelHash, ModelLayout, TensorSet,
+    chunk_blob, decode_delta, encode_delta,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::metrics::NodeMetrics;
+use super::{
+    CoordinatorConfig, RoundRecord, RunSummary, append_record, blocking, fetch_state,
+    process_memory, serve_state,
+};
+use crate::averaging::aggregate::{OuterState, difference, l2_norm};
+use crate::energy::RoundEnergy;
+use crate::network::fetch::fetch_blob;
+use crate::network::store::BlobStore;
+use crate::network::{Client, NetworkEvent};
+use crate::trainer::TrainerHandle;
+
+/// How a node averages with the mesh.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Topology {
+    /// Every node combines every node's delta each round: one model everywhere.
+    All,
+    /// CHOCO-gossip with at most `degree` neighbours, mixing step `step` in (0, 1].
+    Gossip { degree: usize, step: f32 },
+}
+
+impl std::str::FromStr for Topology {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text == "all" {
+            return Ok(Topology::All);
+        }
+        let usage = || format!("unknown topology `{text}`: use all or gossip:K[:STEP]");
+        let rest = text.strip_prefix("gossip:").ok_or_else(usage)?;
+        let (degree, step) = match rest.split_once(':') {
+            Some((k, s)) => (k, s.parse::<f32>().map_err(|_| usage())?),
+            None => (rest, 0.5),
+        };
+        let degree: usize = degree.parse().map_err(|_| usage())?;
+        if degree == 0 {
+            return Err(format!("topology `{text}`: K must be at least 1"));
+        }
+        if !(step > 0.0 && step <= 1.0) {
+            return Err(format!("topology `{text}`: STEP must be in (0, 1]"));
+        }
+        Ok(Topology::Gossip { degree, step })
+    }
+}
+
+impl std::fmt::Display for Topology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Topology::All => write!(f, "all"),
+            Topology::Gossip { degree, step } => write!(f, "gossip:{degree}:{step}"),
+        }
+    }
+}
+
+/// `target += scale * source`, tensor by tensor (same layout).
+fn add_scaled(target: &mut TensorSet, source: &TensorSet, scale: f32) -> anyhow::Result<()> {
+    anyhow::ensure!(target.layout() == source.layout(), "tensor layouts differ");
+    for ((_, t), s) in target.values_mut().zip(source.tensors()) {
+        for (x, y) in t.iter_mut().zip(&s.values) {
+            *x += scale * y;
+        }
+    }
+    Ok(())
+}
+
+/// The mixing step: `model += step / (k + 1) * Σ_j (copy_j − public)` over the k copies.
+pub fn mix(
+    model: &mut TensorSet,
+    public: &TensorSet,
+    copies: &[&TensorSet],
+    step: f32,
+) -> anyhow::Result<()> {
+    let weight = step / (copies.len() as f32 + 1.0);
+    for copy in copies {
+        add_scaled(model, copy, weight)?;
+        add_scaled(model, public, -weight)?;
+    }
+    Ok(())
+}
+
+/// Up to `degree` of `mesh` (the gossipsub mesh peers: symmetric, bounded, random), the same
+/// choice on both ends of a link where possible: ranked by a hash of the unordered pair.
+pub fn choose_neighbours(me: PeerId, mesh: &[PeerId], degree: usize) -> Vec<PeerId> {
+    let mut ranked: Vec<([u8; 32], PeerId)> = mesh
+        .iter()
+        .filter(|p| **p != me)
+        .map(|p| {
+            let (a, b) = if me.to_bytes() < p.to_bytes() {
+                (me, *p)
+            } else {
+                (*p, me)
+            };
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(&a.to_bytes());
+            hasher.update(&b.to_bytes());
+            (*hasher.finalize().as_bytes(), *p)
+        })
+        .collect();
+    ranked.sort();
+    ranked.dedup_by(|a, b| a.1 == b.1);
+    ranked.into_iter().take(degree).map(|(_, p)| p).collect()
+}
+
+/// A neighbour's public copy as this node keeps it.
+struct Copy {
+    model: TensorSet,
+    hash: ModelHash,
+}
+
+/// What one neighbour contributed this round.
+enum Heard {
+    /// Its q, decoded, the copy it applies to, and the payload bytes fetched.
+    Delta {
+        base: ModelHash,
+        q: TensorSet,
+        payload: u64,
+    },
+    /// Its current public copy (fetched because ours was missing or stale): (round, model).
+    State(u64, Box<TensorSet>),
+    Nothing(String),
+}
+
+/// Asks `peer` for its manifest of `round` until it has one or `deadline` passes, then
+/// fetches and decodes its q (or its public copy when `have` is not the copy q applies to).
+#[allow(clippy::too_many_arguments)]
+async fn hear(
+    peer: PeerId,
+    round: u64,
+    expected: Option<ModelHash>,
+    layout: ModelLayout,
+    config: CoordinatorConfig,
+    client: Client,
+    deadline: Instant,
+) -> Heard {
+    let manifest = loop {
+        let answer = client
+            .request(
+                peer,
+                ChunkRequest::CurrentManifest {
+                    mesh_id: config.mesh_id.clone(),
+                },
+            )
+            .await;
+        if let Ok(ChunkResponse::Manifest(m)) = answer
+            && m.round >= round
+        {
+            break m;
+        }
+        if Instant::now() >= deadline {
+            return Heard::Nothing("no manifest for the round before the deadline".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    if manifest.mesh_id != config.mesh_id
+        || PeerId::from_bytes(&manifest.sender).ok() != Some(peer)
+        || manifest.check_layout(&layout).is_err()
+    {
+        let _ = client.strike(peer, "invalid direct manifest").await;
+        return Heard::Nothing("invalid manifest".into());
+    }
+    if manifest.round > round || Some(manifest.base_model) != expected {
+        // Our copy is missing or stale: take the neighbour's current public copy instead.
+        return match fetch_state(&client, peer, 0, layout, &config, None).await {
+            Ok((state_round, model, _)) => Heard::State(state_round, model),
+            Err(err) => Heard::Nothing(format!("public copy: {err}")),
+        };
+    }
+    let fetched = match fetch_blob(
+        &client,
+        &manifest.blob,
+        &[peer],
+        &config.limits,
+        config.fetch,
+    )
+    .await
+    {
+        Ok(fetched) => fetched,
+        Err(err) => return Heard::Nothing(err.to_string()),
+    };
+    let payload = fetched.payload_bytes;
+    let limits = config.limits.clone();
+    let base = manifest.base_model;
+    let decoded = tokio::task::spawn_blocking(move || {
+        decode_delta(&manifest, &fetched.blob, &layout, &limits)
+    })
+    .await;
+    match decoded {
+        Ok(Ok(q)) => {
+            let norm = l2_norm(&q);
+            if !norm.is_finite() || config.max_delta_norm.is_some_and(|max| norm > max) {
+                let _ = client.strike(peer, "delta norm out of bounds").await;
+                return Heard::Nothing(format!("delta norm {norm:.3e} refused"));
+            }
+            Heard::Delta { base, q, payload }
+        }
+        Ok(Err(err)) => {
+            let _ = client.strike(peer, "undecodable delta").await;
+            Heard::Nothing(format!("decoding: {err}"))
+        }
+        Err(err) => Heard::Nothing(format!("decoder task: {err}")),
+    }
+}
+
+/// The gossip round loop (see the module docs); called by [`super::run`].
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    config: CoordinatorConfig,
+    me: PeerId,
+    trainer: TrainerHandle,
+    client: Client,
+    mut events: mpsc::Receiver<NetworkEvent>,
+    store: Arc<Mutex<BlobStore>>,
+    metrics: NodeMetrics,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunSummary> {
+    let Topology::Gossip { degree, step } = config.topology else {
+        anyhow::bail!("gossip::run needs a gossip topology");
+    };
+    std::fs::create_dir_all(&config.out)
+        .with_context(|| format!("creating {}", config.out.display()))?;
+    let checkpoints = config.out.join("checkpoints");
+    let mut round = 0u64;
+    let mut public: Option<TensorSet> = None;
+    if let Some(restored) = trainer.restore(checkpoints.clone()).await? {
+        round = restored.state["next_round"].as_u64().unwrap_or(0);
+        let tensors = restored
+            .extras
+            .into_iter()
+            .filter_map(|(name, shape, values)| {
+                let name = name.strip_prefix("public/")?.to_owned();
+                Some(meshtune_protocol::Tensor::new(&name, shape, values))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if !tensors.is_empty() {
+            public = Some(TensorSet::new(tensors)?);
+        }
+        tracing::info!(round, "resumed from checkpoint");
+    }
+    let mut model = trainer.weights().await?;
+    let layout = model.layout();
+    // Every node starts from the same model: on a fresh start it is everyone's first public
+    // copy. After a restart it is unknown here: neighbours' copies are fetched instead.
+    let initial = (round == 0 && public.is_none()).then(|| model.clone());
+    let initial_hash = initial.as_ref().map(ModelHash::of_tensors);
+    let mut public = public.unwrap_or_else(|| model.clone());
+    let no_outer = OuterState::default();
+    let codec: CodecParams = config.codec;
+    let rounds_path = config.out.join("rounds.jsonl");
+    let mut records: Vec<RoundRecord> = Vec::new();
+    let mut copies: BTreeMap<PeerId, Copy> = BTreeMap::new();
+    blocking(|| serve_state(&store, &config, me, round, &public, &no_outer))?;
+
+    // Network events: manifests are not gossiped in this mode (ignore any), peer counts kept.
+    let mesh_peers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let drain = {
+        let client = client.clone();
+        let mesh_peers = Arc::clone(&mesh_peers);
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                match event {
+                    NetworkEvent::MeshPeers(n) => {
+                        mesh_peers.store(n, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    NetworkEvent::Manifest {
+                        message_id, source, ..
+                    } => {
+                        let _ = client
+                            .report_manifest(message_id, source, MessageAcceptance::Ignore)
+                            .await;
+                    }
+                    NetworkEvent::Listening(_) => {}
+                }
+            }
+        })
+    };
+    let peers_now = || mesh_peers.load(std::sync::atomic::Ordering::Relaxed);
+    if config.wait_for_peers > 0 {
+        let until = Instant::now() + config.wait_timeout;
+        while peers_now() < config.wait_for_peers && Instant::now() < until {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let mut final_hash = ModelHash::of_tensors(&model);
+    while config.rounds.is_none_or(|n| round < n) && !shutdown.is_cancelled() {
+        let started = Instant::now();
+        let wire_at_start = metrics.wire_bytes();
+        metrics.round.set(round as i64);
+        // 1. Local training.
+        trainer.set_weights(model.clone()).await?;
+        let report = trainer.train(config.local_steps).await?;
+        model = trainer.weights().await?;
+        // 2. q = Q(x - x̂), applied to x̂ as every neighbour will decode it.
+        let base_hash = ModelHash::of_tensors(&public);
+        let (manifest, q, blob, chunks, raw_bytes) = {
+            let diff = difference(&model, &public)?;
+            let raw_bytes = diff.total_elements() * 4;
+            let encoded = encode_delta(&diff, &codec, None)?;
+            let chunks = chunk_blob(&encoded.blob, config.chunk_size)?;
+            let manifest = DeltaManifest {
+                mesh_id: config.mesh_id.clone(),
+                round,
+                base_model: base_hash,
+                sender: me.to_bytes(),
+                sample_count: report.samples,
+                training_steps: report.steps as u64,
+                blob: chunks.descriptor(),
+                tensors: encoded.tensors,
+            };
+            let verified = meshtune_protocol::VerifiedBlob::verify(encoded.blob, &manifest.blob)?;
+            let q = decode_delta(&manifest, &verified, &layout, &config.limits)?;
+            (manifest, q, verified.into_bytes(), chunks, raw_bytes)
+        };
+        let delta_bytes = blob.len() as u64;
+        add_scaled(&mut public, &q, 1.0)?;
+        if let Ok(mut s) = store.lock() {
+            // Only the current q is asked for (a neighbour that missed one resyncs its copy).
+            s.forget_before(round);
+            s.insert(round, Arc::new(blob), chunks);
+            s.set_current_manifest(manifest);
+        }
+        // 3. Hear the neighbours (in parallel, until the deadline).
+        let mesh = client.gossip_mesh().await.unwrap_or_default();
+        let neighbours = choose_neighbours(me, &mesh, degree);
+        let deadline = Instant::now() + config.round.collect_timeout;
+        let tasks: Vec<_> = neighbours
+            .iter()
+            .map(|&peer| {
+                let expected = copies.get(&peer).map(|c| c.hash).or(initial_hash);
+                tokio::spawn(hear(
+                    peer,
+                    round,
+                    expected,
+                    layout.clone(),
+                    config.clone(),
+                    client.clone(),
+                    deadline,
+                ))
+            })
+            .collect();
+        let mut payload_in = 0u64;
+        let mut used: Vec<PeerId> = Vec::new();
+        let mut resynced = 0usize;
+        for (peer, task) in neighbours.iter().zip(tasks) {
+            match task.await {
+                Ok(Heard::Delta { base, q, payload }) => {
+                    if !copies.contains_key(peer)
+                        && let Some(start) = &initial
+                    {
+                        copies.insert(
+                            *peer,
+                            Copy {
+                                model: start.clone(),
+                                hash: ModelHash::of_tensors(start),
+                            },
+                        );
+                    }
+                    let Some(copy) = copies.get_mut(peer).filter(|c| c.hash == base) else {
+                        continue;
+                    };
+                    add_scaled(&mut copy.model, &q, 1.0)?;
+                    copy.hash = ModelHash::of_tensors(&copy.model);
+                    payload_in += payload;
+                    used.push(*peer);
+                }
+                Ok(Heard::State(state_round, state)) => {
+                    tracing::info!(peer = %peer, state_round, "took a neighbour's public copy");
+                    let hash = ModelHash::of_tensors(&state);
+                    copies.insert(
+                        *peer,
+                        Copy {
+                            model: *state,
+                            hash,
+                        },
+                    );
+                    resynced += 1;
+                    used.push(*peer);
+                }
+                Ok(Heard::Nothing(reason)) => {
+                    tracing::debug!(peer = %peer, round, reason, "nothing from a neighbour");
+                }
+                Err(err) => tracing::warn!(peer = %peer, error = %err, "neighbour task failed"),
+            }
+        }
+        // Copies of peers that are no longer neighbours are dropped (memory: k + 2 models).
+        copies.retain(|p, _| neighbours.contains(p));
+        // 4. Mix through the public copies.
+        let heard: Vec<&TensorSet> = used
+            .iter()
+            .filter_map(|p| copies.get(p).map(|c| &c.model))
+            .collect();
+        mix(&mut model, &public, &heard, step)?;
+        trainer.set_weights(model.clone()).await?;
+        let last = config.rounds.is_some_and(|n| round + 1 == n);
+        let eval = if config.eval_every > 0 && (round % config.eval_every == 0 || last) {
+            Some(trainer.evaluate().await?)
+        } else {
+            None
+        };
+        if let Some(e) = &eval {
+            metrics.eval_loss.set(e.loss);
+            metrics.eval_rouge_l.set(e.rouge_l);
+        }
+        let hash = ModelHash::of_tensors(&model);
+        final_hash = hash;
+        let wire_now = metrics.wire_bytes();
+        let wire_in = wire_now.0.saturating_sub(wire_at_start.0);
+        let wire_out = wire_now.1.saturating_sub(wire_at_start.1);
+        let seconds_total = started.elapsed().as_secs_f64();
+        let mut contributors: Vec<String> = used.iter().map(ToString::to_string).collect();
+        contributors.push(me.to_string());
+        contributors.sort();
+        let record = RoundRecord {
+            round,
+            peer_id: me.to_string(),
+            train_loss: report.loss.is_finite().then_some(report.loss),
+            train_samples: report.samples,
+            eval_loss: eval.as_ref().map(|e| e.loss),
+            rouge_l: eval.as_ref().map(|e| e.rouge_l),
+            deltas: used.len() + 1,
+            mesh_peers: peers_now(),
+            delta_bytes,
+            raw_delta_bytes: raw_bytes,
+            payload_in,
+            wire_in,
+            wire_out,
+            amplification: (payload_in > 0).then(|| wire_in as f64 / payload_in as f64),
+            seconds_train: report.seconds,
+            seconds_total,
+            seconds_eval: eval.as_ref().map_or(0.0, |e| e.seconds),
+            deadline_s: config.round.collect_timeout.as_secs_f64(),
+            tokens: report.tokens,
+            energy: RoundEnergy::new(
+                report.tokens,
+                report.seconds,
+                (seconds_total - report.seconds - eval.as_ref().map_or(0.0, |e| e.seconds))
+                    .max(0.0),
+                report.energy_j,
+                None,
+            ),
+            model_hash: hash.to_string(),
+            base_hash: base_hash.to_string(),
+            contributors,
+            rss_bytes: process_memory("VmRSS:"),
+            peak_rss_bytes: process_memory("VmHWM:"),
+            rejected: BTreeMap::new(),
+            adopted_final_state: None,
+        };
+        tracing::info!(
+            round,
+            neighbours = neighbours.len(),
+            heard = used.len(),
+            resynced,
+            delta_bytes,
+            wire_in,
+            wire_out,
+            seconds = seconds_total,
+            "gossip round applied"
+        );
+        metrics.deltas_used.set(used.len() as i64 + 1);
+        metrics.round_seconds.set(seconds_total);
+        let extras = public
+            .tensors()
+            .iter()
+            .map(|t| {
+                (
+                    format!("public/{}", t.name),
+                    t.shape.clone(),
+                    t.values.clone(),
+                )
+            })
+            .collect();
+        trainer
+            .save(
+                checkpoints.clone(),
+                (round + 1) as usize,
+                serde_json::json!({"next_round": round + 1, "model_hash": hash.to_string(), "topology": config.topology.to_string()}),
+                extras,
+            )
+            .await
+            .context("checkpoint after the round")?;
+        append_record(&rounds_path, &record)?;
+        records.push(record);
+        blocking(|| serve_state(&store, &config, me, round + 1, &public, &no_outer))?;
+        round += 1;
+    }
+    // Neighbours may still be asking for this node's last q: serve until quiet.
+    let lingering = Instant::now();
+    let until = lingering + config.round.collect_timeout + config.linger_quiet;
+    loop {
+        let quiet = store
+            .lock()
+            .ok()
+            .and_then(|s| s.last_served())
+            .is_none_or(|t| t.elapsed() >= config.linger_quiet);
+        if (quiet && lingering.elapsed() >= config.linger_quiet)
+            || Instant::now() >= until
+            || shutdown.is_cancelled()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drain.abort();
+    Ok(RunSummary {
+        rounds: records,
+        final_round: round,
+        model_hash: final_hash,
+        adopted_final_state: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshtune_protocol::Tensor;
+
+    fn set(values: &[f32]) -> TensorSet {
+        TensorSet::new(vec![
+            Tensor::new("w", vec![values.len()], values.to_vec()).expect("tensor"),
+        ])
+        .expect("set")
+    }
+
+    #[test]
+    fn topology_parses_and_names_bad_values() {
+        assert_eq!("all".parse::<Topology>(), Ok(Topology::All));
+        assert_eq!(
+            "gossip:4".parse::<Topology>(),
+            Ok(Topology::Gossip {
+                degree: 4,
+                step: 0.5
+            })
+        );
+        assert_eq!(
+            "gossip:2:1".parse::<Topology>(),
+            Ok(Topology::Gossip {
+                degree: 2,
+                step: 1.0
+            })
+        );
+        for bad in [
+            "gossip",
+            "gossip:0",
+            "gossip:4:0",
+            "gossip:4:1.5",
+            "ring:4",
+            "gossip:x",
+        ] {
+            let err = bad.parse::<Topology>().expect_err(bad);
+            assert!(err.contains(bad), "{err}");
+        }
+        let t: Topology = "gossip:3:0.25".parse().expect("parse");
+        assert_eq!(t.to_string().parse::<Topology>(), Ok(t));
+    }
+
+    #[test]
+    fn mixing_moves_toward_the_neighbours_and_keeps_the_mean_of_a_symmetric_pair() {
+        // Two nodes, exact public copies (x̂ = x), full step: both land on the mean.
+        let (a, b) = (set(&[0.0, 2.0]), set(&[4.0, -2.0]));
+        let mut xa = a.clone();
+        mix(&mut xa, &a, &[&b], 1.0).expect("mix");
+        let mut xb = b.clone();
+        mix(&mut xb, &b, &[&a], 1.0).expect("mix");
+        assert_eq!(xa.get("w").expect("w").values, vec![2.0, 0.0]);
+        assert_eq!(xb.get("w").expect("w").values, vec![2.0, 0.0]);
+        // Half a step with two neighbours: x + 0.5/3 * ((c1 - x) + (c2 - x)).
+        let mut x = set(&[0.0]);
+        mix(&mut x, &set(&[0.0]), &[&set(&[3.0]), &set(&[6.0])], 0.5).expect("mix");
+        assert!((x.get("w").expect("w").values[0] - 1.5).abs() < 1e-6);
+        // Different layouts are refused.
+        let mut x = set(&[0.0]);
+        assert!(mix(&mut x, &set(&[0.0]), &[&set(&[1.0, 2.0])], 0.5).is_err());
+    }
+
+    #[test]
+    fn neighbours_are_bounded_exclude_me_and_agree_on_both_ends() {
+        let peers: Vec<PeerId> = (0..12).map(|_| PeerId::random()).collect();
+        let me = peers[0];
+        let chosen = choose_neighbours(me, &peers, 4);
+        assert_eq!(chosen.len(), 4);
+        assert!(!chosen.contains(&me));
+        // Fewer mesh peers than the degree: all of them.
+        assert_eq!(choose_neighbours(me, &peers[..3], 4).len(), 2);
+        // The ranking of a link is the same seen from either end.
+        let other = chosen[0];
+        let from_other = choose_neighbours(other, &[me, other], 1);
+        assert_eq!(from_other, vec![me]);
+    }
+}

@@ -90,6 +90,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ChunkRequest::LatestState {
             mesh_id: "fuzz".into(),
         },
+        ChunkRequest::CurrentManifest {
+            mesh_id: "fuzz".into(),
+            round: Some(7),
+        },
     ];
     for (index, request) in requests.iter().enumerate() {
         std::fs::write(

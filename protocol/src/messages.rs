@@ -44,6 +44,9 @@ pub enum ChunkRequest {
     CurrentManifest {
         /// The mesh.
         mesh_id: String,
+        /// The manifest of this round if the responder still has it (it keeps a few), else
+        /// its latest; `None`: its latest.
+        round: Option<u64>,
     },
 }
 
@@ -105,7 +108,7 @@ impl ChunkRequest {
                 writer.varint(*index);
                 writer.raw(chunk_hash.as_bytes());
             }
-            Self::LatestState { mesh_id } | Self::CurrentManifest { mesh_id } => {
+            Self::LatestState { mesh_id } | Self::CurrentManifest { mesh_id, .. } => {
                 if mesh_id.len() > limits.max_mesh_id_len {
                     return Err(over_cap(
                         "mesh id",
@@ -113,12 +116,18 @@ impl ChunkRequest {
                         limits.max_mesh_id_len as u64,
                     ));
                 }
-                writer.u8(if matches!(self, Self::LatestState { .. }) {
-                    REQUEST_LATEST_STATE
-                } else {
-                    REQUEST_CURRENT_MANIFEST
-                });
-                writer.byte_string(mesh_id.as_bytes());
+                match self {
+                    Self::CurrentManifest { round, .. } => {
+                        writer.u8(REQUEST_CURRENT_MANIFEST);
+                        writer.byte_string(mesh_id.as_bytes());
+                        // 0: the latest; r + 1: round r.
+                        writer.varint(round.map_or(0, |r| r.saturating_add(1)));
+                    }
+                    _ => {
+                        writer.u8(REQUEST_LATEST_STATE);
+                        writer.byte_string(mesh_id.as_bytes());
+                    }
+                }
             }
         }
         Ok(writer.into_bytes())
@@ -142,6 +151,7 @@ impl ChunkRequest {
             },
             REQUEST_CURRENT_MANIFEST => Self::CurrentManifest {
                 mesh_id: reader.string("mesh id", limits.max_mesh_id_len)?.to_owned(),
+                round: reader.varint("round")?.checked_sub(1),
             },
             tag => {
                 return Err(WireError::UnknownTag {

@@ -22,7 +22,8 @@ fn chunk_request() -> impl Strategy<Value = ChunkRequest> {
             }
         }),
         "[a-z0-9-]{0,64}".prop_map(|mesh_id| ChunkRequest::LatestState { mesh_id }),
-        "[a-z0-9-]{0,64}".prop_map(|mesh_id| ChunkRequest::CurrentManifest { mesh_id }),
+        ("[a-z0-9-]{0,64}", proptest::option::of(0u64..u64::MAX))
+            .prop_map(|(mesh_id, round)| ChunkRequest::CurrentManifest { mesh_id, round }),
     ]
 }
 

@@ -1,5 +1,6 @@
 //! Sparse gossip averaging (`topology = "gossip:K[:STEP]"`): each round a node mixes with at
-//! most K neighbours (its gossipsub mesh peers) instead of the whole mesh, so the bytes a node
+//! most K neighbours (connected mesh peers, kept while they stay connected, new ones picked
+//! by a hash of the pair) instead of the whole mesh, so the bytes a node
 //! sends and receives per round stay flat as the mesh grows. Models are no longer identical;
 //! their spread shrinks geometrically at a rate set by the overlay's spectral gap.
 //!
@@ -116,12 +117,25 @@ pub fn mix(
     Ok(())
 }
 
-/// Up to `degree` of `mesh` (the gossipsub mesh peers: symmetric, bounded, random), the same
-/// choice on both ends of a link where possible: ranked by a hash of the unordered pair.
-pub fn choose_neighbours(me: PeerId, mesh: &[PeerId], degree: usize) -> Vec<PeerId> {
-    let mut ranked: Vec<([u8; 32], PeerId)> = mesh
+/// Up to `degree` neighbours among `candidates` (the connected peers of the mesh). Sticky:
+/// the `current` neighbours that are still candidates stay (a new neighbour costs a transfer
+/// of its public copy); free places go to the candidates ranked first by a hash of the
+/// unordered pair, so both ends of a link tend to pick each other and the overlay is random.
+pub fn choose_neighbours(
+    me: PeerId,
+    current: &[PeerId],
+    candidates: &[PeerId],
+    degree: usize,
+) -> Vec<PeerId> {
+    let mut chosen: Vec<PeerId> = current
         .iter()
-        .filter(|p| **p != me)
+        .filter(|p| **p != me && candidates.contains(p))
+        .take(degree)
+        .copied()
+        .collect();
+    let mut ranked: Vec<([u8; 32], PeerId)> = candidates
+        .iter()
+        .filter(|p| **p != me && !chosen.contains(p))
         .map(|p| {
             let (a, b) = if me.to_bytes() < p.to_bytes() {
                 (me, *p)
@@ -136,8 +150,13 @@ pub fn choose_neighbours(me: PeerId, mesh: &[PeerId], degree: usize) -> Vec<Peer
         .collect();
     ranked.sort();
     ranked.dedup_by(|a, b| a.1 == b.1);
-    ranked.into_iter().take(degree).map(|(_, p)| p).collect()
+    let free = degree.saturating_sub(chosen.len());
+    chosen.extend(ranked.into_iter().take(free).map(|(_, p)| p));
+    chosen
 }
+
+/// Rounds of own manifests and blobs kept for neighbours that lag behind.
+const MANIFEST_HISTORY: u64 = 4;
 
 /// A neighbour's public copy as this node keeps it.
 struct Copy {
@@ -176,6 +195,7 @@ async fn hear(
                 peer,
                 ChunkRequest::CurrentManifest {
                     mesh_id: config.mesh_id.clone(),
+                    round: Some(round),
                 },
             )
             .await;
@@ -322,6 +342,7 @@ pub async fn run(
         }
     }
     let mut final_hash = ModelHash::of_tensors(&model);
+    let mut neighbours: Vec<PeerId> = Vec::new();
     while config.rounds.is_none_or(|n| round < n) && !shutdown.is_cancelled() {
         let started = Instant::now();
         let wire_at_start = metrics.wire_bytes();
@@ -354,14 +375,15 @@ pub async fn run(
         let delta_bytes = blob.len() as u64;
         add_scaled(&mut public, &q, 1.0)?;
         if let Ok(mut s) = store.lock() {
-            // Only the current q is asked for (a neighbour that missed one resyncs its copy).
-            s.forget_before(round);
+            // Neighbours a few rounds behind can still fetch the q they need (one that missed
+            // more resyncs its copy).
+            s.forget_before(round.saturating_sub(MANIFEST_HISTORY - 1));
             s.insert(round, Arc::new(blob), chunks);
             s.set_current_manifest(manifest);
         }
         // 3. Hear the neighbours (in parallel, until the deadline).
-        let mesh = client.gossip_mesh().await.unwrap_or_default();
-        let neighbours = choose_neighbours(me, &mesh, degree);
+        let candidates = client.mesh_peers().await.unwrap_or_default();
+        neighbours = choose_neighbours(me, &neighbours, &candidates, degree);
         let deadline = Instant::now() + config.round.collect_timeout;
         let tasks: Vec<_> = neighbours
             .iter()
@@ -617,14 +639,24 @@ mod tests {
     fn neighbours_are_bounded_exclude_me_and_agree_on_both_ends() {
         let peers: Vec<PeerId> = (0..12).map(|_| PeerId::random()).collect();
         let me = peers[0];
-        let chosen = choose_neighbours(me, &peers, 4);
+        let chosen = choose_neighbours(me, &[], &peers, 4);
         assert_eq!(chosen.len(), 4);
         assert!(!chosen.contains(&me));
-        // Fewer mesh peers than the degree: all of them.
-        assert_eq!(choose_neighbours(me, &peers[..3], 4).len(), 2);
+        // Fewer candidates than the degree: all of them.
+        assert_eq!(choose_neighbours(me, &[], &peers[..3], 4).len(), 2);
         // The ranking of a link is the same seen from either end.
         let other = chosen[0];
-        let from_other = choose_neighbours(other, &[me, other], 1);
-        assert_eq!(from_other, vec![me]);
+        assert_eq!(choose_neighbours(other, &[], &[me, other], 1), vec![me]);
+        // Sticky: current neighbours stay while connected, even when a new peer ranks first;
+        // one that left is replaced.
+        let newcomer = PeerId::random();
+        let mut more = peers.clone();
+        more.push(newcomer);
+        assert_eq!(choose_neighbours(me, &chosen, &more, 4), chosen);
+        let without: Vec<PeerId> = more.iter().filter(|p| **p != chosen[1]).copied().collect();
+        let again = choose_neighbours(me, &chosen, &without, 4);
+        assert_eq!(again.len(), 4);
+        assert_eq!(&again[..3], &[chosen[0], chosen[2], chosen[3]]);
+        assert!(!again.contains(&chosen[1]));
     }
 }

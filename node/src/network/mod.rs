@@ -191,10 +191,6 @@ enum Command {
     MeshPeers {
         reply: oneshot::Sender<Vec<PeerId>>,
     },
-    /// This node's gossipsub mesh peers on the delta topic (the sparse overlay).
-    GossipMesh {
-        reply: oneshot::Sender<Vec<PeerId>>,
-    },
     RelayedOnly {
         reply: oneshot::Sender<HashSet<PeerId>>,
     },
@@ -287,14 +283,6 @@ impl Client {
     pub async fn relayed_only_peers(&self) -> Result<HashSet<PeerId>, RequestError> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::RelayedOnly { reply }).await?;
-        answer.await.map_err(|_| RequestError::Stopped)
-    }
-
-    /// This node's gossipsub mesh peers on the delta topic: bounded, symmetric and random,
-    /// the neighbours of sparse gossip averaging.
-    pub async fn gossip_mesh(&self) -> Result<Vec<PeerId>, RequestError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::GossipMesh { reply }).await?;
         answer.await.map_err(|_| RequestError::Stopped)
     }
 
@@ -786,17 +774,6 @@ impl EventLoop {
                     .collect();
                 let _ = reply.send(peers);
             }
-            Command::GossipMesh { reply } => {
-                let topic = self.topic.clone();
-                let peers = self
-                    .swarm
-                    .behaviour()
-                    .gossipsub
-                    .mesh_peers(&topic)
-                    .copied()
-                    .collect();
-                let _ = reply.send(peers);
-            }
             Command::RelayedOnly { reply } => {
                 let relayed = self
                     .links
@@ -1077,6 +1054,7 @@ impl EventLoop {
                             // announced before this node was there to hear it.
                             let request = ChunkRequest::CurrentManifest {
                                 mesh_id: self.config.mesh.as_str().to_owned(),
+                                round: None,
                             };
                             let id = self
                                 .swarm

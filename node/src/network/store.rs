@@ -6,7 +6,7 @@
 //! the network (the event loop calls [`BlobStore::answer`]) or validation of what goes in
 //! (callers insert only verified blobs).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,6 +55,9 @@ impl Drop for BlobFile {
     }
 }
 
+/// Own delta manifests kept for [`ChunkRequest::CurrentManifest`].
+const KEPT_MANIFESTS: usize = 4;
+
 /// A state downloader that asked for nothing for this long frees its upload slot.
 const UPLOAD_IDLE: Duration = Duration::from_secs(5);
 
@@ -76,8 +79,8 @@ pub struct BlobStore {
     /// Chunks served, and `Busy` answers given, since start.
     served_chunks: u64,
     busy_answers: u64,
-    /// This node's last announced delta manifest.
-    current_manifest: Option<DeltaManifest>,
+    /// This node's last announced delta manifests, by round.
+    manifests: BTreeMap<u64, DeltaManifest>,
 }
 
 impl BlobStore {
@@ -110,9 +113,13 @@ impl BlobStore {
     }
 
     /// Whether the blob is held.
-    /// The delta manifest this node announced last (answers [`ChunkRequest::CurrentManifest`]).
+    /// The delta manifest this node announced last (answers [`ChunkRequest::CurrentManifest`];
+    /// the last few rounds' are kept for peers that ask for one of them).
     pub fn set_current_manifest(&mut self, manifest: DeltaManifest) {
-        self.current_manifest = Some(manifest);
+        self.manifests.insert(manifest.round, manifest);
+        while self.manifests.len() > KEPT_MANIFESTS {
+            self.manifests.pop_first();
+        }
     }
 
     pub fn contains(&self, hash: &BlobHash) -> bool {
@@ -238,9 +245,9 @@ impl BlobStore {
 
     fn lookup(&self, request: &ChunkRequest, mesh: &str) -> ChunkResponse {
         match request {
-            ChunkRequest::CurrentManifest { mesh_id } => self
-                .current_manifest
-                .as_ref()
+            ChunkRequest::CurrentManifest { mesh_id, round } => round
+                .and_then(|r| self.manifests.get(&r))
+                .or_else(|| self.manifests.values().next_back())
                 .filter(|m| m.mesh_id == *mesh_id && mesh_id == mesh)
                 .map_or(ChunkResponse::NotFound, |m| {
                     ChunkResponse::Manifest(m.clone())

@@ -62,6 +62,9 @@ pub struct SimulateArgs {
     /// averaging, where the consensus distance's decay rate is the topology's own.
     #[arg(long, default_value_t = 0)]
     pub train_rounds: u64,
+    /// Only rewrite `scale.csv` and the plots against N from an earlier sweep's directory.
+    #[arg(long)]
+    pub replot: Option<PathBuf>,
     /// Where the per-round CSV and the summary go.
     #[arg(long, default_value = "simulation")]
     pub out: PathBuf,
@@ -306,7 +309,7 @@ fn status_kib(field: &str) -> Option<u64> {
 }
 
 /// One row of the per-round table.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SimRound {
     pub round: u64,
     pub nodes: usize,
@@ -323,6 +326,9 @@ pub struct SimRound {
 }
 
 pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
+    if let Some(dir) = &args.replot {
+        return replot(dir);
+    }
     anyhow::ensure!(
         !args.nodes.is_empty() && args.nodes.iter().all(|&n| n >= 2),
         "--nodes must be at least 2 (each of them), got {:?}",
@@ -367,8 +373,31 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `simulate --replot DIR`: `scale.csv` and the plots against N again, from the `n*/summary.json`
+/// files of an earlier sweep.
+pub fn replot(dir: &Path) -> anyhow::Result<()> {
+    let mut summaries: Vec<SimSummary> = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path().join("summary.json");
+        if path.is_file() {
+            let text = std::fs::read_to_string(&path)?;
+            summaries.push(
+                serde_json::from_str(&text)
+                    .with_context(|| format!("parsing {}", path.display()))?,
+            );
+        }
+    }
+    anyhow::ensure!(
+        !summaries.is_empty(),
+        "no n*/summary.json under {}",
+        dir.display()
+    );
+    summaries.sort_by_key(|s| s.nodes);
+    write_scale(dir, &summaries)
+}
+
 /// One mesh size's results.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SimSummary {
     pub nodes: usize,
     /// Factor by which the consensus distance shrinks per round (fit), where it is positive.
@@ -380,12 +409,14 @@ pub struct SimSummary {
 }
 
 impl SimSummary {
-    /// Median over the rounds after the first (round 0 includes connecting).
+    /// Median over the second half of the rounds: the first ones include connecting (Kademlia
+    /// walks, identify, subscriptions), which takes longer the larger the mesh.
     fn steady(&self, value: impl Fn(&SimRound) -> f64) -> f64 {
+        let half = self.per_round.len() as u64 / 2;
         let mut v: Vec<f64> = self
             .per_round
             .iter()
-            .filter(|r| r.round >= 1 || self.per_round.len() == 1)
+            .filter(|r| r.round >= half)
             .map(value)
             .filter(|x| x.is_finite())
             .collect();

@@ -189,6 +189,9 @@ async fn hear(
     client: Client,
     deadline: Instant,
 ) -> Heard {
+    // Polling backs off (50 ms, x1.5, at most 1 s): a mesh of hundreds of nodes waiting on
+    // slow neighbours must not drown in its own requests.
+    let mut pause = Duration::from_millis(50);
     let manifest = loop {
         let answer = client
             .request(
@@ -207,7 +210,8 @@ async fn hear(
         if Instant::now() >= deadline {
             return Heard::Nothing("no manifest for the round before the deadline".into());
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 3 / 2).min(Duration::from_secs(1));
     };
     if manifest.mesh_id != config.mesh_id
         || PeerId::from_bytes(&manifest.sender).ok() != Some(peer)
@@ -259,6 +263,32 @@ async fn hear(
     }
 }
 
+/// A connected peer whose latest manifest is past round 0 (the mesh is running), if any: of
+/// the first few asked, the one furthest ahead.
+async fn peer_ahead(client: &Client, config: &CoordinatorConfig) -> Option<PeerId> {
+    let peers = client.mesh_peers().await.ok()?;
+    let mut best: Option<(u64, PeerId)> = None;
+    for peer in peers.into_iter().take(8) {
+        let answer = client
+            .request(
+                peer,
+                ChunkRequest::CurrentManifest {
+                    mesh_id: config.mesh_id.clone(),
+                    round: None,
+                },
+            )
+            .await;
+        if let Ok(ChunkResponse::Manifest(m)) = answer
+            && m.round > 0
+            && PeerId::from_bytes(&m.sender).ok() == Some(peer)
+            && best.is_none_or(|(r, _)| m.round > r)
+        {
+            best = Some((m.round, peer));
+        }
+    }
+    best.map(|(_, peer)| peer)
+}
+
 /// The gossip round loop (see the module docs); called by [`super::run`].
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
@@ -298,8 +328,8 @@ pub async fn run(
     let layout = model.layout();
     // Every node starts from the same model: on a fresh start it is everyone's first public
     // copy. After a restart it is unknown here: neighbours' copies are fetched instead.
-    let initial = (round == 0 && public.is_none()).then(|| model.clone());
-    let initial_hash = initial.as_ref().map(ModelHash::of_tensors);
+    let mut initial = (round == 0 && public.is_none()).then(|| model.clone());
+    let mut initial_hash = initial.as_ref().map(ModelHash::of_tensors);
     let mut public = public.unwrap_or_else(|| model.clone());
     let no_outer = OuterState::default();
     let codec: CodecParams = config.codec;
@@ -339,6 +369,27 @@ pub async fn run(
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // A fresh node joining a mesh already past round 0 starts from a peer's public copy and
+    // round: its own starting model is rounds behind everyone else's.
+    if initial.is_some()
+        && let Some(peer) = peer_ahead(&client, &config).await
+    {
+        match fetch_state(&client, peer, 0, layout.clone(), &config, Some(&metrics)).await {
+            Ok((state_round, state, _)) => {
+                public = *state;
+                model = public.clone();
+                trainer.set_weights(model.clone()).await?;
+                round = state_round;
+                initial = None;
+                initial_hash = None;
+                blocking(|| serve_state(&store, &config, me, round, &public, &no_outer))?;
+                tracing::info!(peer = %peer, round, "joined a running mesh from a peer's public copy");
+            }
+            Err(err) => {
+                tracing::warn!(peer = %peer, error = %err, "could not take a running mesh's model; starting from the initial one");
+            }
         }
     }
     let mut final_hash = ModelHash::of_tensors(&model);

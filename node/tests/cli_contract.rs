@@ -135,6 +135,21 @@ fn errors_are_clear_and_exit_nonzero() {
         stderr.contains("bad.jsonl") && stderr.contains("line 1") && stderr.contains("summary"),
         "{stderr}"
     );
+    // A malformed mesh setting is refused by name before the node starts.
+    let out = meshtune(&[
+        "node",
+        "--model",
+        model.to_str().expect("utf8"),
+        "--train",
+        data.to_str().expect("utf8"),
+        "--out",
+        dir.path().join("node").to_str().expect("utf8"),
+        "--topology",
+        "ring:3",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown topology `ring:3`"), "{stderr}");
 }
 
 #[test]

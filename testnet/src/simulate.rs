@@ -62,6 +62,16 @@ pub struct SimulateArgs {
     /// averaging, where the consensus distance's decay rate is the topology's own.
     #[arg(long, default_value_t = 0)]
     pub train_rounds: u64,
+    /// Connections per node (the node's `max_connections`): a sparse overlay needs few, and
+    /// hundreds of nodes in one process each connected to all others spend the two cores on
+    /// keep-alive traffic. All-to-all averaging pulls from every node: keep it above N.
+    #[arg(long, default_value_t = 256)]
+    pub max_connections: u32,
+    /// How long a round waits for missing deltas (for neighbours under gossip). Hundreds of
+    /// nodes on two cores take longer than the default per round; a node that gives up on a
+    /// neighbour must later re-fetch its public copy.
+    #[arg(long, default_value_t = 30.0)]
+    pub collect_timeout_s: f64,
     /// Only rewrite `scale.csv` and the plots against N from an earlier sweep's directory.
     #[arg(long)]
     pub replot: Option<PathBuf>,
@@ -257,6 +267,7 @@ async fn spawn_node(
     net.random_walk_interval = Duration::from_secs(5);
     net.request_timeout = Duration::from_secs(60);
     net.max_requests_per_peer_per_s = 10_000;
+    net.max_connections = args.max_connections;
     let mut registry = Registry::default();
     let metrics = NodeMetrics::new(&mut registry);
     let store = Arc::new(Mutex::new(BlobStore::default()));
@@ -283,7 +294,7 @@ async fn spawn_node(
     config.round = RoundConfig {
         quorum: 1.0,
         min_deltas: 1,
-        collect_timeout: Duration::from_secs(30),
+        collect_timeout: Duration::from_secs_f64(args.collect_timeout_s),
         future_window: 1,
         adaptive: Some(Default::default()),
     };
@@ -337,6 +348,11 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.rounds >= 1 && args.params >= 1,
         "--rounds and --params must be at least 1"
+    );
+    anyhow::ensure!(
+        args.collect_timeout_s.is_finite() && args.collect_timeout_s > 0.0,
+        "--collect-timeout-s must be a positive number of seconds, got {}",
+        args.collect_timeout_s
     );
     anyhow::ensure!(
         (0.0..1.0).contains(&args.churn),

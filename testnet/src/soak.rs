@@ -483,10 +483,10 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
                 );
             }
         }
-        for i in 0..args.nodes {
-            if slots[i].down_until.is_some_and(|t| Instant::now() >= t) {
-                slots[i].down_until = None;
-                slots[i].process = Some(spawn(i, 1)?);
+        for (i, slot) in slots.iter_mut().enumerate() {
+            if slot.down_until.is_some_and(|t| Instant::now() >= t) {
+                slot.down_until = None;
+                slot.process = Some(spawn(i, 1)?);
                 event(i, "restarted on its checkpoint directory".into());
             }
         }

@@ -505,7 +505,7 @@ pub async fn run(
         mix(&mut model, &public, &heard, step)?;
         trainer.set_weights(model.clone()).await?;
         let last = config.rounds.is_some_and(|n| round + 1 == n);
-        let eval = if config.eval_every > 0 && (round % config.eval_every == 0 || last) {
+        let eval = if config.eval_every > 0 && (round.is_multiple_of(config.eval_every) || last) {
             Some(trainer.evaluate().await?)
         } else {
             None

@@ -210,6 +210,14 @@ async fn hear(
         if Instant::now() >= deadline {
             return Heard::Nothing("no manifest for the round before the deadline".into());
         }
+        // A neighbour that left (its connection closed) is not waited for.
+        if client
+            .mesh_peers()
+            .await
+            .is_ok_and(|peers| !peers.contains(&peer))
+        {
+            return Heard::Nothing("the neighbour left".into());
+        }
         tokio::time::sleep(pause).await;
         pause = (pause * 3 / 2).min(Duration::from_secs(1));
     };

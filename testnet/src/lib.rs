@@ -12,5 +12,6 @@ pub mod local;
 pub mod netns;
 pub mod png;
 pub mod report;
+pub mod rng;
 pub mod simulate;
 pub mod soak;

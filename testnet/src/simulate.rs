@@ -31,6 +31,8 @@ use meshtune_protocol::{Tensor, TensorSet};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
+use crate::rng::Rng;
+
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
     /// Nodes in the mesh; several (`10,50,100,200`) run one after another and add
@@ -118,7 +120,7 @@ struct SyntheticTrainer {
     train_rounds: u64,
     target: Vec<f32>,
     noise: f32,
-    rng: u64,
+    rng: Rng,
     ledger: Arc<Mutex<Ledger>>,
 }
 
@@ -130,8 +132,8 @@ impl SyntheticTrainer {
         train_rounds: u64,
         ledger: Arc<Mutex<Ledger>>,
     ) -> Self {
-        let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let target = (0..params).map(|_| gaussian(&mut rng)).collect();
+        let mut rng = Rng::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let target = (0..params).map(|_| rng.gaussian()).collect();
         Self {
             w: vec![0.0; params],
             calls: 0,
@@ -142,18 +144,6 @@ impl SyntheticTrainer {
             ledger,
         }
     }
-}
-
-/// xorshift64* and Box-Muller: deterministic per node, no dependency.
-fn gaussian(state: &mut u64) -> f32 {
-    let mut next = || {
-        *state ^= *state >> 12;
-        *state ^= *state << 25;
-        *state ^= *state >> 27;
-        (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
-    };
-    let (u, v) = (next().max(1e-12), next());
-    ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
 }
 
 impl LocalTrainer for SyntheticTrainer {
@@ -184,7 +174,7 @@ impl LocalTrainer for SyntheticTrainer {
         };
         for _ in 0..steps {
             for (w, t) in self.w.iter_mut().zip(&self.target) {
-                *w += 0.1 * (t - *w) + self.noise * gaussian(&mut self.rng);
+                *w += 0.1 * (t - *w) + self.noise * self.rng.gaussian();
             }
         }
         let loss = self
@@ -234,85 +224,99 @@ impl LocalTrainer for SyntheticTrainer {
 
 type NodeTask = tokio::task::JoinHandle<anyhow::Result<RunSummary>>;
 
-/// Starts simulated node `i` (fresh identity, zero parameters) on the mesh of `bootstrap`;
-/// cancelling `shutdown` takes it down (as a crash would: no goodbye).
-#[allow(clippy::too_many_arguments)]
-async fn spawn_node(
-    i: usize,
+/// What every node of one simulated mesh shares.
+struct SimMesh<'a> {
+    args: &'a SimulateArgs,
+    /// Mesh size (the nodes wait for min(n - 1, 24) peers before round 0).
     n: usize,
+    /// Offset of this mesh's memory-transport addresses.
     ports: u64,
-    args: &SimulateArgs,
-    mesh: &str,
-    bootstrap: &PeerAddr,
-    ledger: &Arc<Mutex<Ledger>>,
-    dir: &Path,
-    shutdown: CancellationToken,
-) -> anyhow::Result<NodeTask> {
-    let keypair = Keypair::generate_ed25519();
-    let peer_id = keypair.public().to_peer_id();
-    let trainer = TrainerHandle::spawn(
-        &format!("sim-{i}"),
-        SyntheticTrainer::new(
-            args.params,
-            args.seed.wrapping_add(i as u64),
-            args.noise,
-            args.train_rounds,
-            Arc::clone(ledger),
-        ),
-    )?;
-    let weights = trainer.weights().await?;
-    let mut net = NetworkConfig::new(mesh.parse()?);
-    net.listen = vec![format!("/memory/{}", ports + 100 + i as u64).parse()?];
-    net.bootstrap = vec![bootstrap.clone()];
-    net.random_walk_interval = Duration::from_secs(5);
-    net.request_timeout = Duration::from_secs(60);
-    net.max_requests_per_peer_per_s = 10_000;
-    net.max_connections = args.max_connections;
-    let mut registry = Registry::default();
-    let metrics = NodeMetrics::new(&mut registry);
-    let store = Arc::new(Mutex::new(BlobStore::default()));
-    let running = network::start(
-        &keypair,
-        memory_transport(&keypair, None)?,
-        net,
-        Arc::new(weights.layout()),
-        Arc::clone(&store),
-        &mut registry,
-        shutdown.child_token(),
-    )?;
-    metrics.attach_registry(Arc::new(registry));
-    let mut config = CoordinatorConfig::new(mesh, dir.join(format!("node{i}")));
-    config.local_steps = 1;
-    config.rounds = Some(args.rounds);
-    config.final_exchange = false;
-    config.codec = args.codec.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-    config.eval_every = 0;
-    config.topology = args
-        .topology
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!(e))?;
-    config.round = RoundConfig {
-        quorum: 1.0,
-        min_deltas: 1,
-        collect_timeout: Duration::from_secs_f64(args.collect_timeout_s),
-        future_window: 1,
-        adaptive: Some(Default::default()),
-    };
-    // Gossip does not replay a manifest to a peer that connects after it was published:
-    // start rounds once most of the mesh is connected.
-    config.wait_for_peers = (n - 1).min(24);
-    config.wait_timeout = Duration::from_secs(60);
-    config.linger_quiet = Duration::from_secs(2);
-    Ok(tokio::spawn(coordinator::run(
-        config,
-        peer_id,
-        trainer,
-        running.client,
-        running.events,
-        store,
-        metrics,
-        shutdown,
-    )))
+    mesh: String,
+    bootstrap: PeerAddr,
+    ledger: Arc<Mutex<Ledger>>,
+    dir: PathBuf,
+}
+
+impl SimMesh<'_> {
+    /// Starts node `i` (fresh identity, zero parameters); cancelling `shutdown` takes it down
+    /// (as a crash would: no goodbye).
+    async fn spawn_node(&self, i: usize, shutdown: CancellationToken) -> anyhow::Result<NodeTask> {
+        let SimMesh {
+            args,
+            n,
+            ports,
+            mesh,
+            bootstrap,
+            ledger,
+            dir,
+        } = self;
+        let (args, n, ports, mesh) = (*args, *n, *ports, mesh.as_str());
+        let keypair = Keypair::generate_ed25519();
+        let peer_id = keypair.public().to_peer_id();
+        let trainer = TrainerHandle::spawn(
+            &format!("sim-{i}"),
+            SyntheticTrainer::new(
+                args.params,
+                args.seed.wrapping_add(i as u64),
+                args.noise,
+                args.train_rounds,
+                Arc::clone(ledger),
+            ),
+        )?;
+        let weights = trainer.weights().await?;
+        let mut net = NetworkConfig::new(mesh.parse()?);
+        net.listen = vec![format!("/memory/{}", ports + 100 + i as u64).parse()?];
+        net.bootstrap = vec![bootstrap.clone()];
+        net.random_walk_interval = Duration::from_secs(5);
+        net.request_timeout = Duration::from_secs(60);
+        net.max_requests_per_peer_per_s = 10_000;
+        net.max_connections = args.max_connections;
+        let mut registry = Registry::default();
+        let metrics = NodeMetrics::new(&mut registry);
+        let store = Arc::new(Mutex::new(BlobStore::default()));
+        let running = network::start(
+            &keypair,
+            memory_transport(&keypair, None)?,
+            net,
+            Arc::new(weights.layout()),
+            Arc::clone(&store),
+            &mut registry,
+            shutdown.child_token(),
+        )?;
+        metrics.attach_registry(Arc::new(registry));
+        let mut config = CoordinatorConfig::new(mesh, dir.join(format!("node{i}")));
+        config.local_steps = 1;
+        config.rounds = Some(args.rounds);
+        config.final_exchange = false;
+        config.codec = args.codec.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+        config.eval_every = 0;
+        config.topology = args
+            .topology
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!(e))?;
+        config.round = RoundConfig {
+            quorum: 1.0,
+            min_deltas: 1,
+            collect_timeout: Duration::from_secs_f64(args.collect_timeout_s),
+            future_window: 1,
+            adaptive: Some(Default::default()),
+        };
+        // Gossip does not replay a manifest to a peer that connects after it was published:
+        // start rounds once most of the mesh is connected.
+        config.wait_for_peers = (n - 1).min(24);
+        config.wait_timeout = Duration::from_secs(60);
+        config.linger_quiet = Duration::from_secs(2);
+        Ok(tokio::spawn(coordinator::run(
+            config,
+            peer_id,
+            trainer,
+            running.client,
+            running.events,
+            store,
+            metrics,
+            shutdown,
+        )))
+    }
 }
 
 fn status_kib(field: &str) -> Option<u64> {
@@ -612,22 +616,20 @@ async fn simulate(
         .context("starting the bootstrap node")?;
     let bootstrap = PeerAddr::new(boot_peer, boot_addr);
     let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let sim = SimMesh {
+        args,
+        n,
+        ports,
+        mesh: mesh.clone(),
+        bootstrap,
+        ledger: Arc::clone(&ledger),
+        dir: dir.path().to_path_buf(),
+    };
     let shutdown = CancellationToken::new();
     let mut nodes: Vec<(NodeTask, CancellationToken)> = Vec::new();
     for i in 0..n {
         let token = shutdown.child_token();
-        let task = spawn_node(
-            i,
-            n,
-            ports,
-            args,
-            &mesh,
-            &bootstrap,
-            &ledger,
-            dir.path(),
-            token.clone(),
-        )
-        .await?;
+        let task = sim.spawn_node(i, token.clone()).await?;
         nodes.push((task, token));
     }
     let rss_running = status_kib("VmRSS:").unwrap_or(0);
@@ -638,7 +640,7 @@ async fn simulate(
     let mut churn_log = Vec::new();
     if args.churn > 0.0 {
         let k = ((args.churn * n as f64).round() as usize).max(1);
-        let mut rng = args.seed ^ 0x00C0_FFEE;
+        let mut rng = Rng::new(args.seed ^ 0x00C0_FFEE);
         let mut next_index = n;
         for round in 0..args.rounds.saturating_sub(2) {
             // Until most live nodes applied `round`.
@@ -656,7 +658,7 @@ async fn simulate(
             let live: Vec<usize> = (0..nodes.len()).filter(|&j| !left[j]).collect();
             let mut leaving = Vec::new();
             while leaving.len() < k.min(live.len().saturating_sub(1)) {
-                let j = live[(gaussian(&mut rng).abs() * 1e6) as usize % live.len()];
+                let j = live[(rng.gaussian().abs() * 1e6) as usize % live.len()];
                 if !leaving.contains(&j) {
                     leaving.push(j);
                 }
@@ -667,18 +669,7 @@ async fn simulate(
             }
             for _ in 0..leaving.len() {
                 let token = shutdown.child_token();
-                let task = spawn_node(
-                    next_index,
-                    n,
-                    ports,
-                    args,
-                    &mesh,
-                    &bootstrap,
-                    &ledger,
-                    dir.path(),
-                    token.clone(),
-                )
-                .await?;
+                let task = sim.spawn_node(next_index, token.clone()).await?;
                 nodes.push((task, token));
                 left.push(false);
                 next_index += 1;

@@ -34,6 +34,7 @@ use crate::local::{
     NodeLaunch, Process, TestnetArgs, node_args, prepare, read_records, role_command,
     start_bootstrap,
 };
+use crate::rng::Rng;
 
 #[derive(Debug, Clone, Args)]
 pub struct SoakArgs {
@@ -75,23 +76,6 @@ pub struct SoakArgs {
     /// Run directory (default: testnet-runs/soak-<unix time>).
     #[arg(long)]
     pub out: Option<PathBuf>,
-}
-
-/// xorshift64*: the kill schedule is reproducible from `--seed`.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
 }
 
 /// One node of the soak: its current process and where each of its lifetimes began.
@@ -404,7 +388,7 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
             .with_context(|| format!("starting node {i}"))?;
         Ok(Process { name, child })
     };
-    let mut rng = Rng(args.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = Rng::new(args.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     // Kills land in rounds 2..=rounds-6, so each restarted node has rounds left to rejoin.
     let mut kill_at: Vec<u64> = (0..args.kills)
         .map(|_| rng.range(2, args.rounds.saturating_sub(6).max(2)))

@@ -46,7 +46,7 @@ use crate::averaging::aggregate::{OuterState, difference, l2_norm};
 use crate::energy::RoundEnergy;
 use crate::network::fetch::fetch_blob;
 use crate::network::store::BlobStore;
-use crate::network::{Client, NetworkEvent};
+use crate::network::{Client, NetworkEvent, check_manifest};
 use crate::trainer::TrainerHandle;
 
 /// How a node averages with the mesh.
@@ -221,12 +221,9 @@ async fn hear(
         tokio::time::sleep(pause).await;
         pause = (pause * 3 / 2).min(Duration::from_secs(1));
     };
-    if manifest.mesh_id != config.mesh_id
-        || PeerId::from_bytes(&manifest.sender).ok() != Some(peer)
-        || manifest.check_layout(&layout).is_err()
-    {
-        let _ = client.strike(peer, "invalid direct manifest").await;
-        return Heard::Nothing("invalid manifest".into());
+    if let Err(fault) = check_manifest(&manifest, &config.mesh_id, peer, &layout) {
+        let _ = client.strike(peer, fault.reason()).await;
+        return Heard::Nothing(fault.reason().into());
     }
     if manifest.round > round || Some(manifest.base_model) != expected {
         // Our copy is missing or stale: take the neighbour's current public copy instead.

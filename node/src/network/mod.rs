@@ -124,6 +124,44 @@ impl NetworkConfig {
     }
 }
 
+/// Why a structurally decoded delta manifest is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ManifestFault {
+    Mesh,
+    /// It does not name the peer that vouches for it (gossip signer or connection).
+    Sender,
+    Layout,
+}
+
+impl ManifestFault {
+    pub fn reason(self) -> &'static str {
+        match self {
+            ManifestFault::Mesh => "manifest for another mesh",
+            ManifestFault::Sender => "manifest names another sender than the peer",
+            ManifestFault::Layout => "manifest does not match the model layout",
+        }
+    }
+}
+
+/// The checks every delta manifest passes, however it arrived: this mesh, sent by `from`
+/// (the gossip signer or the peer on the connection), tensors matching the model layout.
+pub fn check_manifest(
+    manifest: &DeltaManifest,
+    mesh: &str,
+    from: PeerId,
+    layout: &ModelLayout,
+) -> Result<(), ManifestFault> {
+    if manifest.mesh_id != mesh {
+        return Err(ManifestFault::Mesh);
+    }
+    if PeerId::from_bytes(&manifest.sender).ok() != Some(from) {
+        return Err(ManifestFault::Sender);
+    }
+    manifest
+        .check_layout(layout)
+        .map_err(|_| ManifestFault::Layout)
+}
+
 /// Message ids of manifests received over request-response rather than gossip.
 const DIRECT_MANIFEST_PREFIX: &[u8] = b"direct/";
 
@@ -1094,15 +1132,12 @@ impl EventLoop {
             let author = message.source.ok_or("unsigned message")?;
             let manifest = DeltaManifest::decode(&message.data, &self.config.limits)
                 .map_err(|_| "undecodable manifest")?;
-            if manifest.mesh_id != self.config.mesh.as_str() {
-                return Err("manifest for another mesh");
-            }
-            if PeerId::from_bytes(&manifest.sender).ok() != Some(author) {
-                return Err("manifest sender is not its signer");
-            }
-            manifest
-                .check_layout(&self.layout)
-                .map_err(|_| "manifest does not match the model layout")?;
+            check_manifest(&manifest, self.config.mesh.as_str(), author, &self.layout).map_err(
+                |reason| match reason {
+                    ManifestFault::Sender => "manifest sender is not its signer",
+                    other => other.reason(),
+                },
+            )?;
             Ok(manifest)
         })();
         match verdict {
@@ -1137,15 +1172,8 @@ impl EventLoop {
                 return;
             }
         };
-        let verdict = if manifest.mesh_id != self.config.mesh.as_str() {
-            Err("manifest for another mesh")
-        } else if PeerId::from_bytes(&manifest.sender).ok() != Some(peer) {
-            Err("direct manifest names another sender than the peer")
-        } else if manifest.check_layout(&self.layout).is_err() {
-            Err("manifest does not match the model layout")
-        } else {
-            Ok(())
-        };
+        let verdict = check_manifest(&manifest, self.config.mesh.as_str(), peer, &self.layout)
+            .map_err(ManifestFault::reason);
         match verdict {
             Ok(()) => {
                 let id = format!(

@@ -23,7 +23,7 @@ use meshtune_bootstrap::transport::memory_transport;
 use meshtune_bootstrap::{BootstrapConfig, PeerAddr};
 use meshtune_node::averaging::round::RoundConfig;
 use meshtune_node::coordinator::metrics::NodeMetrics;
-use meshtune_node::coordinator::{self, CoordinatorConfig, RunSummary};
+use meshtune_node::coordinator::{self, CoordinatorConfig, RunSummary, Topology};
 use meshtune_node::network::store::BlobStore;
 use meshtune_node::network::{self, NetworkConfig};
 use meshtune_node::trainer::{EvalReport, LocalTrainer, Restored, TrainReport, TrainerHandle};
@@ -264,10 +264,19 @@ impl SimMesh<'_> {
             ),
         )?;
         let weights = trainer.weights().await?;
+        let topology: Topology = args
+            .topology
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!(e))?;
         let mut net = NetworkConfig::new(mesh.parse()?);
         net.listen = vec![format!("/memory/{}", ports + 100 + i as u64).parse()?];
         net.bootstrap = vec![bootstrap.clone()];
-        net.random_walk_interval = Duration::from_secs(5);
+        net.dial_discovered_below = topology.dial_discovered_below();
+        if matches!(topology, Topology::All) {
+            // Every node must find every other one quickly (gossip: a few links suffice, the
+            // node's default walk of 30 s).
+            net.random_walk_interval = Duration::from_secs(5);
+        }
         net.request_timeout = Duration::from_secs(60);
         net.max_requests_per_peer_per_s = 10_000;
         net.max_connections = args.max_connections;
@@ -290,10 +299,7 @@ impl SimMesh<'_> {
         config.final_exchange = false;
         config.codec = args.codec.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
         config.eval_every = 0;
-        config.topology = args
-            .topology
-            .parse()
-            .map_err(|e: String| anyhow::anyhow!(e))?;
+        config.topology = topology;
         config.round = RoundConfig {
             quorum: 1.0,
             min_deltas: 1,
@@ -301,9 +307,13 @@ impl SimMesh<'_> {
             future_window: 1,
             adaptive: Some(Default::default()),
         };
-        // Gossip does not replay a manifest to a peer that connects after it was published:
-        // start rounds once most of the mesh is connected.
-        config.wait_for_peers = (n - 1).min(24);
+        // All-to-all: start rounds once most of the mesh is connected (a node asks peers that
+        // connect later for their current manifest, but every pull waits on the connection).
+        // Gossip: once there are enough links to choose neighbours from.
+        config.wait_for_peers = match topology {
+            Topology::All => (n - 1).min(24),
+            Topology::Gossip { degree, .. } => (n - 1).min(2 * degree),
+        };
         config.wait_timeout = Duration::from_secs(60);
         config.linger_quiet = Duration::from_secs(2);
         Ok(tokio::spawn(coordinator::run(
@@ -337,6 +347,10 @@ pub struct SimRound {
     pub received_over_payload: f64,
     pub delta_bytes: u64,
     pub deltas_used_min: usize,
+    /// Median connected mesh peers per node at the end of the round (what the dial policy
+    /// keeps: every other node under all-to-all, a few times K under gossip).
+    #[serde(default)]
+    pub links: f64,
     pub consensus_distance: Option<f64>,
 }
 
@@ -727,12 +741,13 @@ async fn simulate(
             ),
             delta_bytes: delta as u64,
             deltas_used_min: records.iter().map(|r| r.deltas).min().unwrap_or(0),
+            links: median(records.iter().map(|r| r.mesh_peers as f64).collect()),
             consensus_distance: ledger.consensus_distance(round).map(|c| c.0),
         });
     }
     let per_node_mib = (rss_running.saturating_sub(rss_start)) as f64 / 1024.0 / n as f64;
     let mut csv = String::from(
-        "round,nodes,slowest_s,sent_bytes,sent_over_own_delta,received_over_payload,delta_bytes,deltas_used_min,consensus_distance\n",
+        "round,nodes,slowest_s,sent_bytes,sent_over_own_delta,received_over_payload,delta_bytes,deltas_used_min,links,consensus_distance\n",
     );
     println!(
         "simulate: {} nodes, {} rounds, {} params, codec {}, topology {}, churn {}  (wall {:.0} s; memory {:.1} MiB per node at start, peak RSS {} MiB)",
@@ -747,7 +762,7 @@ async fn simulate(
         rss_peak / 1024
     );
     println!(
-        "{:>5} {:>6} {:>10} {:>12} {:>10} {:>10} {:>10} {:>7} {:>12}",
+        "{:>5} {:>6} {:>10} {:>12} {:>10} {:>10} {:>10} {:>7} {:>6} {:>12}",
         "round",
         "nodes",
         "slowest s",
@@ -756,11 +771,12 @@ async fn simulate(
         "recv/need",
         "delta B",
         "deltas",
+        "links",
         "consensus"
     );
     for r in &rows {
         println!(
-            "{:>5} {:>6} {:>10.2} {:>12} {:>10.1} {:>10.2} {:>10} {:>7} {:>12}",
+            "{:>5} {:>6} {:>10.2} {:>12} {:>10.1} {:>10.2} {:>10} {:>7} {:>6.0} {:>12}",
             r.round,
             r.nodes,
             r.slowest_s,
@@ -769,11 +785,12 @@ async fn simulate(
             r.received_over_payload,
             r.delta_bytes,
             r.deltas_used_min,
+            r.links,
             r.consensus_distance
                 .map_or("n/a".into(), |c| format!("{c:.2e}"))
         );
         csv.push_str(&format!(
-            "{},{},{:.4},{},{:.3},{:.3},{},{},{}\n",
+            "{},{},{:.4},{},{:.3},{:.3},{},{},{},{}\n",
             r.round,
             r.nodes,
             r.slowest_s,
@@ -782,6 +799,7 @@ async fn simulate(
             r.received_over_payload,
             r.delta_bytes,
             r.deltas_used_min,
+            r.links,
             r.consensus_distance
                 .map_or(String::new(), |c| format!("{c:e}"))
         ));

@@ -469,6 +469,10 @@ async fn run_async(args: NodeArgs) -> anyhow::Result<RunSummary> {
     let layout = Arc::new(trainer.weights().await?.layout());
 
     let mesh = MeshId::new(&settings.mesh)?;
+    let topology: Topology = settings
+        .topology
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!(e))?;
     let limits = Limits::default();
     let mut network_config = NetworkConfig::new(mesh);
     network_config.listen = listen;
@@ -483,6 +487,7 @@ async fn run_async(args: NodeArgs) -> anyhow::Result<RunSummary> {
     network_config.dcutr = args.dcutr;
     network_config.autonat = args.autonat;
     network_config.mdns = args.mdns;
+    network_config.dial_discovered_below = topology.dial_discovered_below();
 
     let mut registry = Registry::default();
     let metrics = NodeMetrics::new(&mut registry);
@@ -537,10 +542,7 @@ async fn run_async(args: NodeArgs) -> anyhow::Result<RunSummary> {
     config.codec = settings.codec.parse()?;
     config.aggregation = settings.aggregation;
     config.outer = settings.outer;
-    config.topology = settings
-        .topology
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!(e))?;
+    config.topology = topology;
     config.round = RoundConfig {
         quorum: settings.quorum,
         min_deltas: settings.min_deltas,

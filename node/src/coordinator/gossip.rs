@@ -58,6 +58,19 @@ pub enum Topology {
     Gossip { degree: usize, step: f32 },
 }
 
+impl Topology {
+    /// How many connections a node dials discovered peers up to
+    /// ([`crate::network::NetworkConfig::dial_discovered_below`]): all-to-all averaging pulls
+    /// from every node, gossip from K neighbours chosen among the connected peers, so a few
+    /// times K links (the neighbours, spares for churn, the gossipsub mesh) are enough.
+    pub fn dial_discovered_below(&self) -> Option<usize> {
+        match self {
+            Topology::All => None,
+            Topology::Gossip { degree, .. } => Some((3 * degree).max(12)),
+        }
+    }
+}
+
 impl std::str::FromStr for Topology {
     type Err = String;
 
@@ -376,8 +389,10 @@ pub async fn run(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    let mut neighbours: Vec<PeerId> = Vec::new();
     // A fresh node joining a mesh already past round 0 starts from a peer's public copy and
-    // round: its own starting model is rounds behind everyone else's.
+    // round: its own starting model is rounds behind everyone else's. That peer becomes its
+    // first neighbour: its public copy is already here, so it costs no second transfer.
     if initial.is_some()
         && let Some(peer) = peer_ahead(&client, &config).await
     {
@@ -390,6 +405,14 @@ pub async fn run(
                 initial = None;
                 initial_hash = None;
                 blocking(|| serve_state(&store, &config, me, round, &public, &no_outer))?;
+                copies.insert(
+                    peer,
+                    Copy {
+                        model: public.clone(),
+                        hash: ModelHash::of_tensors(&public),
+                    },
+                );
+                neighbours.push(peer);
                 tracing::info!(peer = %peer, round, "joined a running mesh from a peer's public copy");
             }
             Err(err) => {
@@ -398,7 +421,6 @@ pub async fn run(
         }
     }
     let mut final_hash = ModelHash::of_tensors(&model);
-    let mut neighbours: Vec<PeerId> = Vec::new();
     while config.rounds.is_none_or(|n| round < n) && !shutdown.is_cancelled() {
         let started = Instant::now();
         let wire_at_start = metrics.wire_bytes();

@@ -73,6 +73,12 @@ pub struct NetworkConfig {
     /// not connected to (heals partitions and dropped links).
     pub reconnect_interval: Duration,
     pub target_peers: usize,
+    /// Dial a newly discovered mesh member only while connected to fewer peers than this
+    /// (`None`: dial every one, as all-to-all averaging wants a direct link to each delta's
+    /// owner). Sparse gossip averaging needs a few links per node, not the whole mesh. (Links
+    /// that Kademlia lookups open still stay: gossipsub keeps every connection alive. See
+    /// docs/BENCHMARKS.md, scale simulation.)
+    pub dial_discovered_below: Option<usize>,
     pub request_timeout: Duration,
     /// Inbound blob requests one peer may make per second (averaged over 10 s).
     pub max_requests_per_peer_per_s: u32,
@@ -103,6 +109,7 @@ impl NetworkConfig {
             random_walk_interval: Duration::from_secs(30),
             reconnect_interval: Duration::from_secs(5),
             target_peers: 8,
+            dial_discovered_below: None,
             request_timeout: Duration::from_secs(30),
             max_requests_per_peer_per_s: 200,
             gossip_heartbeat: Duration::from_millis(500),
@@ -717,12 +724,17 @@ impl Links {
     }
 }
 
+/// A node with all the links it wants (see `dial_discovered_below`) makes one random walk in
+/// this many walk intervals.
+const WELL_CONNECTED_WALK_EVERY: u64 = 4;
+
 impl EventLoop {
     async fn run(mut self, shutdown: CancellationToken) {
         let mut walk = tokio::time::interval(self.config.random_walk_interval);
         walk.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reconnect = tokio::time::interval(self.config.reconnect_interval);
         reconnect.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut walks = 0u64;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -732,8 +744,13 @@ impl EventLoop {
                     None => break,
                 },
                 _ = walk.tick() => {
-                    // A lookup of a random key finds peers across the keyspace.
-                    self.swarm.behaviour_mut().kademlia.get_closest_peers(PeerId::random());
+                    // A lookup of a random key finds peers across the keyspace. Each one
+                    // contacts ~20 peers (new connections, for a node with few links): a node
+                    // that has all the links it wants walks at a quarter of the rate.
+                    walks += 1;
+                    if self.wants_more_links() || walks % WELL_CONNECTED_WALK_EVERY == 1 {
+                        self.swarm.behaviour_mut().kademlia.get_closest_peers(PeerId::random());
+                    }
                 }
                 _ = reconnect.tick() => self.reconnect(),
             }
@@ -742,8 +759,13 @@ impl EventLoop {
     }
 
     fn emit(&mut self, event: NetworkEvent) {
-        if let Err(err) = self.events.try_send(event) {
-            tracing::warn!(error = %err, "node is not keeping up with network events; dropping one");
+        match self.events.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!("node is not keeping up with network events; dropping one");
+            }
+            // The node is shutting down: nobody listens any more.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 
@@ -855,6 +877,13 @@ impl EventLoop {
             gossipsub.blacklist_peer(&peer);
             let _ = self.swarm.disconnect_peer_id(peer);
         }
+    }
+
+    /// Whether a discovered peer is worth a new connection (see `dial_discovered_below`).
+    fn wants_more_links(&self) -> bool {
+        self.config
+            .dial_discovered_below
+            .is_none_or(|max| self.swarm.connected_peers().count() < max)
     }
 
     fn is_blacklisted(&self, peer: &PeerId) -> bool {
@@ -1061,8 +1090,10 @@ impl EventLoop {
                     && !self.swarm.is_connected(&peer)
                     && !self.is_blacklisted(&peer)
                     && peer != *self.swarm.local_peer_id()
+                    && self.wants_more_links()
                 {
-                    // Gossip needs connections: dial every mesh member discovered.
+                    // Gossip needs connections: dial the mesh members discovered (all of them,
+                    // or up to `dial_discovered_below` links).
                     let _ = self.swarm.dial(peer);
                 }
             }
@@ -1072,7 +1103,7 @@ impl EventLoop {
                         .behaviour_mut()
                         .kademlia
                         .add_address(&peer, addr.clone());
-                    if !self.swarm.is_connected(&peer) {
+                    if !self.swarm.is_connected(&peer) && self.wants_more_links() {
                         let _ = self.swarm.dial(addr);
                     }
                 }

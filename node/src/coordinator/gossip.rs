@@ -15,8 +15,10 @@
 //! - i then mixes: x_i += STEP / (k + 1) · Σ_j (x̂_j − x̂_i) over the k neighbours heard.
 //!
 //! A neighbour's manifest names the hash of the public copy its q applies to (`base_model`);
-//! a node whose copy is missing or stale (a new neighbour, a missed round) fetches the
-//! neighbour's current public copy, which every node serves as its state. Manifests are not
+//! a copy that missed a few rounds replays the q's of the neighbour's earlier manifests (each
+//! node serves its last `MANIFEST_HISTORY` rounds); a node whose copy is missing or older (a
+//! new neighbour, a restart) fetches the neighbour's current public copy, which every node
+//! serves as its state. Manifests are not
 //! gossiped: a node asks each neighbour for its current manifest
 //! ([`ChunkRequest::CurrentManifest`]), so no traffic grows with the mesh.
 //!
@@ -179,10 +181,10 @@ struct Copy {
 
 /// What one neighbour contributed this round.
 enum Heard {
-    /// Its q, decoded, the copy it applies to, and the payload bytes fetched.
+    /// Its q's, decoded, each with the copy it applies to (oldest first: more than one when
+    /// our copy missed rounds), and the payload bytes fetched.
     Delta {
-        base: ModelHash,
-        q: TensorSet,
+        steps: Vec<(ModelHash, TensorSet)>,
         payload: u64,
     },
     /// Its current public copy (fetched because ours was missing or stale): (round, model).
@@ -238,28 +240,82 @@ async fn hear(
         let _ = client.strike(peer, fault.reason()).await;
         return Heard::Nothing(fault.reason().into());
     }
-    if manifest.round > round || Some(manifest.base_model) != expected {
-        // Our copy is missing or stale: take the neighbour's current public copy instead.
+    // A copy that missed a few rounds (a deadline passed, a slow round) catches up on the
+    // q's the neighbour still serves (its last MANIFEST_HISTORY rounds) instead of taking
+    // its whole public copy.
+    let mut chain = vec![manifest];
+    while let Some(want) = expected
+        && chain[0].base_model != want
+        && chain.len() < MANIFEST_HISTORY as usize
+        && chain[0].round > 0
+    {
+        let earlier = chain[0].round - 1;
+        let answer = client
+            .request(
+                peer,
+                ChunkRequest::CurrentManifest {
+                    mesh_id: config.mesh_id.clone(),
+                    round: Some(earlier),
+                },
+            )
+            .await;
+        let Ok(ChunkResponse::Manifest(m)) = answer else {
+            break;
+        };
+        if m.round != earlier {
+            break;
+        }
+        if let Err(fault) = check_manifest(&m, &config.mesh_id, peer, &layout) {
+            let _ = client.strike(peer, fault.reason()).await;
+            return Heard::Nothing(fault.reason().into());
+        }
+        chain.insert(0, m);
+    }
+    let newest = chain.last().map_or(round, |m| m.round);
+    if newest > round || Some(chain[0].base_model) != expected {
+        // Our copy is missing or too stale: take the neighbour's current public copy instead.
         return match fetch_state(&client, peer, 0, layout, &config, None).await {
             Ok((state_round, model, _)) => Heard::State(state_round, model),
             Err(err) => Heard::Nothing(format!("public copy: {err}")),
         };
     }
-    let fetched = match fetch_blob(
-        &client,
+    let mut steps = Vec::with_capacity(chain.len());
+    let mut payload = 0u64;
+    for manifest in chain {
+        match fetch_q(peer, manifest, &layout, &config, &client).await {
+            Ok((base, q, bytes)) => {
+                steps.push((base, q));
+                payload += bytes;
+            }
+            Err(reason) => return Heard::Nothing(reason),
+        }
+    }
+    Heard::Delta { steps, payload }
+}
+
+/// Fetches, decodes and bounds-checks the q a neighbour's manifest announces: (the copy it
+/// applies to, q, payload bytes). A neighbour whose q does not decode or is out of bounds
+/// is struck.
+async fn fetch_q(
+    peer: PeerId,
+    manifest: DeltaManifest,
+    layout: &ModelLayout,
+    config: &CoordinatorConfig,
+    client: &Client,
+) -> Result<(ModelHash, TensorSet, u64), String> {
+    let fetched = fetch_blob(
+        client,
         &manifest.blob,
         &[peer],
         &config.limits,
         config.fetch,
     )
     .await
-    {
-        Ok(fetched) => fetched,
-        Err(err) => return Heard::Nothing(err.to_string()),
-    };
+    .map_err(|err| err.to_string())?;
     let payload = fetched.payload_bytes;
     let limits = config.limits.clone();
     let base = manifest.base_model;
+    let layout = layout.clone();
     let decoded = tokio::task::spawn_blocking(move || {
         decode_delta(&manifest, &fetched.blob, &layout, &limits)
     })
@@ -269,15 +325,15 @@ async fn hear(
             let norm = l2_norm(&q);
             if !norm.is_finite() || config.max_delta_norm.is_some_and(|max| norm > max) {
                 let _ = client.strike(peer, "delta norm out of bounds").await;
-                return Heard::Nothing(format!("delta norm {norm:.3e} refused"));
+                return Err(format!("delta norm {norm:.3e} refused"));
             }
-            Heard::Delta { base, q, payload }
+            Ok((base, q, payload))
         }
         Ok(Err(err)) => {
             let _ = client.strike(peer, "undecodable delta").await;
-            Heard::Nothing(format!("decoding: {err}"))
+            Err(format!("decoding: {err}"))
         }
-        Err(err) => Heard::Nothing(format!("decoder task: {err}")),
+        Err(err) => Err(format!("decoder task: {err}")),
     }
 }
 
@@ -483,7 +539,7 @@ pub async fn run(
         let mut resynced = 0usize;
         for (peer, task) in neighbours.iter().zip(tasks) {
             match task.await {
-                Ok(Heard::Delta { base, q, payload }) => {
+                Ok(Heard::Delta { steps, payload }) => {
                     if !copies.contains_key(peer)
                         && let Some(start) = &initial
                     {
@@ -495,11 +551,26 @@ pub async fn run(
                             },
                         );
                     }
-                    let Some(copy) = copies.get_mut(peer).filter(|c| c.hash == base) else {
+                    let Some(copy) = copies.get_mut(peer) else {
                         continue;
                     };
-                    add_scaled(&mut copy.model, &q, 1.0)?;
-                    copy.hash = ModelHash::of_tensors(&copy.model);
+                    // Each q applies to the copy the one before left (a copy that stops
+                    // matching keeps the last consistent state; the next round resyncs it).
+                    let mut caught_up = true;
+                    for (base, q) in &steps {
+                        if copy.hash != *base {
+                            caught_up = false;
+                            break;
+                        }
+                        add_scaled(&mut copy.model, q, 1.0)?;
+                        copy.hash = ModelHash::of_tensors(&copy.model);
+                    }
+                    if steps.len() > 1 {
+                        tracing::debug!(peer = %peer, rounds = steps.len(), caught_up, "caught a neighbour's copy up");
+                    }
+                    if !caught_up {
+                        continue;
+                    }
                     payload_in += payload;
                     used.push(*peer);
                 }

@@ -33,8 +33,8 @@ use anyhow::Context;
 use libp2p::PeerId;
 use libp2p::gossipsub::MessageAcceptance;
 use meshtune_protocol::{
-    ChunkRequest, ChunkResponse, CodecParams, DeltaManifest, ModelHash, ModelLayout, TensorSet,
-    chunk_blob, decode_delta, encode_delta,
+    ChunkRequest, ChunkResponse, DeltaManifest, ModelHash, ModelLayout, TensorSet, chunk_blob,
+    decode_delta, encode_delta,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -190,6 +190,48 @@ enum Heard {
     /// Its current public copy (fetched because ours was missing or stale): (round, model).
     State(u64, Box<TensorSet>),
     Nothing(String),
+}
+
+/// Step 2 of a round: q = Q(model − public) with the node's codec, applied to `public` as
+/// every neighbour will decode it, and served from `store` under a manifest naming the copy q
+/// applies to (the last `MANIFEST_HISTORY` rounds stay served, for neighbours catching up).
+/// `counts` = (samples, optimizer steps) of the round. Returns (the hash of the copy q applies
+/// to, q's encoded bytes, raw f32 bytes of the difference).
+fn publish_q(
+    store: &Mutex<BlobStore>,
+    config: &CoordinatorConfig,
+    me: PeerId,
+    round: u64,
+    (model, public): (&TensorSet, &mut TensorSet),
+    layout: &ModelLayout,
+    counts: (u64, u64),
+) -> anyhow::Result<(ModelHash, u64, u64)> {
+    let base_hash = ModelHash::of_tensors(public);
+    let diff = difference(model, public)?;
+    let raw_bytes = diff.total_elements() * 4;
+    let encoded = encode_delta(&diff, &config.codec, None)?;
+    let chunks = chunk_blob(&encoded.blob, config.chunk_size)?;
+    let manifest = DeltaManifest {
+        mesh_id: config.mesh_id.clone(),
+        round,
+        base_model: base_hash,
+        sender: me.to_bytes(),
+        sample_count: counts.0,
+        training_steps: counts.1,
+        blob: chunks.descriptor(),
+        tensors: encoded.tensors,
+    };
+    let verified = meshtune_protocol::VerifiedBlob::verify(encoded.blob, &manifest.blob)?;
+    let q = decode_delta(&manifest, &verified, layout, &config.limits)?;
+    add_scaled(public, &q, 1.0)?;
+    let blob = verified.into_bytes();
+    let delta_bytes = blob.len() as u64;
+    if let Ok(mut s) = store.lock() {
+        s.forget_before(round.saturating_sub(MANIFEST_HISTORY - 1));
+        s.insert(round, Arc::new(blob), chunks);
+        s.set_current_manifest(manifest);
+    }
+    Ok((base_hash, delta_bytes, raw_bytes))
 }
 
 /// Asks `peer` for its manifest of `round` until it has one or `deadline` passes, then
@@ -406,7 +448,6 @@ pub async fn run(
     let mut initial_hash = initial.as_ref().map(ModelHash::of_tensors);
     let mut public = public.unwrap_or_else(|| model.clone());
     let no_outer = OuterState::default();
-    let codec: CodecParams = config.codec;
     let rounds_path = config.out.join("rounds.jsonl");
     let mut records: Vec<RoundRecord> = Vec::new();
     let mut copies: BTreeMap<PeerId, Copy> = BTreeMap::new();
@@ -486,35 +527,15 @@ pub async fn run(
         let report = trainer.train(config.local_steps).await?;
         model = trainer.weights().await?;
         // 2. q = Q(x - x̂), applied to x̂ as every neighbour will decode it.
-        let base_hash = ModelHash::of_tensors(&public);
-        let (manifest, q, blob, chunks, raw_bytes) = {
-            let diff = difference(&model, &public)?;
-            let raw_bytes = diff.total_elements() * 4;
-            let encoded = encode_delta(&diff, &codec, None)?;
-            let chunks = chunk_blob(&encoded.blob, config.chunk_size)?;
-            let manifest = DeltaManifest {
-                mesh_id: config.mesh_id.clone(),
-                round,
-                base_model: base_hash,
-                sender: me.to_bytes(),
-                sample_count: report.samples,
-                training_steps: report.steps as u64,
-                blob: chunks.descriptor(),
-                tensors: encoded.tensors,
-            };
-            let verified = meshtune_protocol::VerifiedBlob::verify(encoded.blob, &manifest.blob)?;
-            let q = decode_delta(&manifest, &verified, &layout, &config.limits)?;
-            (manifest, q, verified.into_bytes(), chunks, raw_bytes)
-        };
-        let delta_bytes = blob.len() as u64;
-        add_scaled(&mut public, &q, 1.0)?;
-        if let Ok(mut s) = store.lock() {
-            // Neighbours a few rounds behind can still fetch the q they need (one that missed
-            // more resyncs its copy).
-            s.forget_before(round.saturating_sub(MANIFEST_HISTORY - 1));
-            s.insert(round, Arc::new(blob), chunks);
-            s.set_current_manifest(manifest);
-        }
+        let (base_hash, delta_bytes, raw_bytes) = publish_q(
+            &store,
+            &config,
+            me,
+            round,
+            (&model, &mut public),
+            &layout,
+            (report.samples, report.steps as u64),
+        )?;
         // 3. Hear the neighbours (in parallel, until the deadline).
         let candidates = client.mesh_peers().await.unwrap_or_default();
         neighbours = choose_neighbours(me, &neighbours, &candidates, degree);
@@ -807,5 +828,116 @@ mod tests {
         assert_eq!(again.len(), 4);
         assert_eq!(&again[..3], &[chosen[0], chosen[2], chosen[3]]);
         assert!(!again.contains(&chosen[1]));
+    }
+
+    /// A copy that missed rounds 1 and 2 of a neighbour catches up on the q's it still serves
+    /// (bit for bit the neighbour's public copy); one older than the served history, or
+    /// unknown, is not patched from q's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_copy_that_missed_rounds_catches_up_on_the_served_qs() {
+        use crate::network::{self, NetworkConfig};
+        use libp2p::identity::Keypair;
+        use meshtune_bootstrap::transport::memory_transport;
+        use prometheus_client::registry::Registry;
+
+        let shutdown = CancellationToken::new();
+        let mut config = CoordinatorConfig::new("test", std::env::temp_dir());
+        config.codec = "int8/64+zstd:1".parse().expect("codec");
+        let start = set(&[0.0; 256]);
+        let layout = start.layout();
+        let spawn = |port: u64, store: Arc<Mutex<BlobStore>>| {
+            let keypair = Keypair::generate_ed25519();
+            let mut net = NetworkConfig::new("test".parse().expect("mesh"));
+            net.listen = vec![format!("/memory/{port}").parse().expect("addr")];
+            network::start(
+                &keypair,
+                memory_transport(&keypair, None).expect("transport"),
+                net,
+                Arc::new(layout.clone()),
+                store,
+                &mut Registry::default(),
+                shutdown.child_token(),
+            )
+            .expect("network")
+        };
+        // The neighbour publishes rounds 0-3; we heard round 0 only.
+        let store = Arc::new(Mutex::new(BlobStore::default()));
+        let neighbour = spawn(7500, Arc::clone(&store));
+        let mut public = start.clone();
+        let mut copies = Vec::new();
+        for round in 0..4u64 {
+            copies.push(public.clone());
+            let model = set(&(0..256)
+                .map(|i| ((i as f32 + 1.0) * (round as f32 + 1.0)).sin())
+                .collect::<Vec<_>>());
+            publish_q(
+                &store,
+                &config,
+                neighbour.peer_id,
+                round,
+                (&model, &mut public),
+                &layout,
+                (1, 1),
+            )
+            .expect("publish");
+        }
+        let me = spawn(7501, Arc::new(Mutex::new(BlobStore::default())));
+        me.client
+            .dial("/memory/7500".parse().expect("addr"))
+            .await
+            .expect("dial");
+        let mut events = me.events;
+        tokio::spawn(async move { while events.recv().await.is_some() {} });
+        let mut neighbour_events = neighbour.events;
+        tokio::spawn(async move { while neighbour_events.recv().await.is_some() {} });
+        let linked = Instant::now();
+        while !me
+            .client
+            .mesh_peers()
+            .await
+            .expect("peers")
+            .contains(&neighbour.peer_id)
+        {
+            assert!(linked.elapsed() < Duration::from_secs(10), "no link");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let hear_round = |expected: ModelHash| {
+            hear(
+                neighbour.peer_id,
+                3,
+                Some(expected),
+                layout.clone(),
+                config.clone(),
+                me.client.clone(),
+                deadline,
+            )
+        };
+        // Our copy is the neighbour's public copy after round 0 (we missed rounds 1 and 2).
+        let mut copy = copies[1].clone();
+        match hear_round(ModelHash::of_tensors(&copy)).await {
+            Heard::Delta { steps, payload } => {
+                assert_eq!(steps.len(), 3, "rounds 1, 2 and 3");
+                assert!(payload > 0);
+                for (base, q) in &steps {
+                    assert_eq!(*base, ModelHash::of_tensors(&copy));
+                    add_scaled(&mut copy, q, 1.0).expect("add");
+                }
+                assert_eq!(ModelHash::of_tensors(&copy), ModelHash::of_tensors(&public));
+            }
+            Heard::State(..) => panic!("took the whole copy"),
+            Heard::Nothing(reason) => panic!("nothing: {reason}"),
+        }
+        // A copy none of the served q's applies to (new, or older than the history) is not
+        // patched from q's.
+        let stranger = set(&[1.0; 256]);
+        assert!(
+            !matches!(
+                hear_round(ModelHash::of_tensors(&stranger)).await,
+                Heard::Delta { .. }
+            ),
+            "an unknown copy was patched from q's"
+        );
+        shutdown.cancel();
     }
 }

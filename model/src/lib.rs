@@ -10,6 +10,7 @@ pub mod error;
 pub mod exchange;
 pub mod flops;
 pub mod generate;
+mod kernels;
 pub mod lora;
 pub mod optim;
 pub mod precision;

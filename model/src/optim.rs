@@ -198,8 +198,8 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for AdamWMapper<'_, AB> {
         let config = self.optimizer.config;
         let shape = tensor.shape();
         let numel = shape.num_elements();
-        let grad: Tensor<AB::InnerBackend, 1> = grad.reshape([numel]).mul_scalar(self.grad_scale);
-        let mut value: Tensor<AB::InnerBackend, 1> = tensor.inner().reshape([numel]);
+        let grad: Tensor<AB::InnerBackend, 1> = grad.reshape([numel]);
+        let value: Tensor<AB::InnerBackend, 1> = tensor.inner().reshape([numel]);
         let device = value.device();
         let previous = self.optimizer.state.remove(&id);
         let (exp_avg, exp_avg_sq, step) = match previous {
@@ -211,21 +211,44 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for AdamWMapper<'_, AB> {
             ),
         };
         let step = step + 1;
-        if config.weight_decay != 0.0 && D >= 2 {
-            value = value.mul_scalar(1.0 - self.lr * config.weight_decay);
-        }
-        let exp_avg = lerp(exp_avg, grad.clone(), 1.0 - config.beta1);
-        let exp_avg_sq = exp_avg_sq.mul_scalar(config.beta2)
-            + grad.clone().mul(grad).mul_scalar(1.0 - config.beta2);
+        let decays = config.weight_decay != 0.0 && D >= 2;
         let bias_correction1 = 1.0 - config.beta1.powi(step as i32);
         let bias_correction2 = 1.0 - config.beta2.powi(step as i32);
         let step_size = self.lr / bias_correction1;
-        let denom = exp_avg_sq
-            .clone()
-            .sqrt()
-            .div_scalar(bias_correction2.sqrt())
-            .add_scalar(config.eps);
-        let value = value - exp_avg.clone().div(denom).mul_scalar(step_size);
+        let scalars = crate::kernels::AdamWScalars {
+            grad_scale: self.grad_scale,
+            decay: if decays {
+                1.0 - self.lr * config.weight_decay
+            } else {
+                1.0
+            },
+            lerp_weight: 1.0 - config.beta1,
+            beta2: config.beta2,
+            bias_correction2_sqrt: bias_correction2.sqrt(),
+            eps: config.eps,
+            step_size,
+        };
+        let (value, exp_avg, exp_avg_sq) =
+            match crate::kernels::adamw(value, grad, exp_avg, exp_avg_sq, &scalars) {
+                Ok(updated) => updated,
+                Err((mut value, grad, exp_avg, exp_avg_sq)) => {
+                    // The generic composition (every backend but the CPU one).
+                    let grad = grad.mul_scalar(self.grad_scale);
+                    if decays {
+                        value = value.mul_scalar(scalars.decay);
+                    }
+                    let exp_avg = lerp(exp_avg, grad.clone(), scalars.lerp_weight);
+                    let exp_avg_sq = exp_avg_sq.mul_scalar(config.beta2)
+                        + grad.clone().mul(grad).mul_scalar(1.0 - config.beta2);
+                    let denom = exp_avg_sq
+                        .clone()
+                        .sqrt()
+                        .div_scalar(scalars.bias_correction2_sqrt)
+                        .add_scalar(config.eps);
+                    let value = value - exp_avg.clone().div(denom).mul_scalar(step_size);
+                    (value, exp_avg, exp_avg_sq)
+                }
+            };
         self.optimizer.state.insert(
             id,
             Moments {

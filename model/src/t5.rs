@@ -15,7 +15,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::activation::{gelu, gelu_approximate, relu, silu, softmax};
+use burn::tensor::activation::{gelu, relu, silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::{attention, embedding, linear};
 use burn::tensor::ops::AttentionModuleOptions;
@@ -39,9 +39,13 @@ pub struct RmsNorm<B: Backend> {
 
 impl<B: Backend> RmsNorm<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let weight = self.weight.val();
+        if let Some(normed) = crate::kernels::rms_norm(&x, &weight, self.eps) {
+            return normed;
+        }
         let variance = x.clone().powi_scalar(2).mean_dim(2);
         let inv = (variance + self.eps).sqrt().recip();
-        x * inv * self.weight.val().unsqueeze::<3>()
+        x * inv * weight.unsqueeze::<3>()
     }
 }
 
@@ -91,15 +95,27 @@ impl<B: Backend> LoraAdapter<B> {
 /// `x W` with both operands cast to the compute dtype and the product cast back to f32 (what
 /// autocast does for a linear layer); plain f32 `x W` under [`Precision::F32`]. The casts are
 /// differentiable: gradients reach the f32 weight in f32.
+///
+/// The leading dimensions are flattened first, so that the product is one `[rows, in] x
+/// [in, out]` matrix product rather than a batch of them against a broadcast weight: the
+/// weight's gradient is then one product over all rows, instead of one `[in, out]` product per
+/// batch element (with an inner dimension of one sequence) summed afterwards, which made
+/// training several times slower on CPU.
 pub fn mixed_linear<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 2>,
     precision: Precision,
 ) -> Tensor<B, D> {
-    match precision.compute_dtype() {
-        None => linear(x, weight, None),
-        Some(dtype) => linear(x.cast(dtype), weight.cast(dtype), None).cast(FloatDType::F32),
-    }
+    let dims = x.dims();
+    let mut out_dims = dims;
+    out_dims[D - 1] = weight.dims()[1];
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let flat: Tensor<B, 2> = x.reshape([rows, dims[D - 1]]);
+    let product = match precision.compute_dtype() {
+        None => linear(flat, weight, None),
+        Some(dtype) => linear(flat.cast(dtype), weight.cast(dtype), None).cast(FloatDType::F32),
+    };
+    product.reshape(out_dims)
 }
 
 /// `a b` (batched) in the compute dtype, the product back in f32.
@@ -160,30 +176,75 @@ impl<B: Backend> Attention<B> {
         q: Tensor<B, 4>,
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
-        bias: Tensor<B, 4>,
+        bias: &AttentionBias<B>,
     ) -> Tensor<B, 3> {
         let [batch, heads, q_len, d_kv] = q.dims();
         let k_len = k.dims()[2];
-        let bias = bias.expand([batch, heads, q_len, k_len]);
         let explicit = B::ad_enabled(&q.device()) && self.dropout.prob > 0.0;
-        let context = if explicit || self.precision != Precision::F32 {
-            // Training with dropout on the attention weights, as HF does, or mixed precision
-            // (products in the compute dtype, softmax in f32): needs the explicit form.
-            let scores = mixed_matmul(q, k.swap_dims(2, 3), self.precision) + bias;
-            let weights = self.dropout.forward(softmax(scores, 3));
-            mixed_matmul(weights, v, self.precision)
-        } else {
-            let options = AttentionModuleOptions {
-                scale: Some(1.0),
-                softcap: None,
-                is_causal: false,
+        let context =
+            if crate::kernels::fused::<B>() || explicit || self.precision != Precision::F32 {
+                // The explicit form: training with dropout on the attention weights, as HF does;
+                // mixed precision (products in the compute dtype, softmax in f32); and the CPU
+                // backends, whose fused bias + softmax kernel beats their attention op.
+                let scores = mixed_matmul(q, k.swap_dims(2, 3), self.precision);
+                let weights = crate::kernels::softmax_with_bias(&scores, &bias.terms)
+                    .unwrap_or_else(|| {
+                        softmax(
+                            scores + bias.summed().expand([batch, heads, q_len, k_len]),
+                            3,
+                        )
+                    });
+                mixed_matmul(self.dropout.forward(weights), v, self.precision)
+            } else {
+                let options = AttentionModuleOptions {
+                    scale: Some(1.0),
+                    softcap: None,
+                    is_causal: false,
+                };
+                let bias = bias.summed().expand([batch, heads, q_len, k_len]);
+                attention(q, k, v, None, Some(bias), options)
             };
-            attention(q, k, v, None, Some(bias), options)
-        };
         let merged = context
             .swap_dims(1, 2)
             .reshape([batch, q_len, heads * d_kv]);
         adapted_linear(merged, &self.o, &self.lora_o, self.precision)
+    }
+}
+
+/// HF `gelu_new` (tanh approximation) with the cube as two products: burn's
+/// `gelu_approximate` computes `x^3` with `powf`, several times slower on CPU.
+pub fn gelu_new<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+    let cube = x.clone() * x.clone() * x.clone();
+    let inner = (x.clone() + cube * 0.044715) * SQRT_2_OVER_PI;
+    (x * (inner.tanh() + 1)) * 0.5
+}
+
+/// Additive attention bias as terms broadcastable to `[B, H, Lq, Lk]` (position bias, padding
+/// mask, causal mask). The fused CPU kernel adds the terms row by row without materializing
+/// their sum; for every other backend they are summed once, when the bias is built.
+#[derive(Debug, Clone)]
+pub struct AttentionBias<B: Backend> {
+    terms: Vec<Tensor<B, 4>>,
+}
+
+impl<B: Backend> AttentionBias<B> {
+    /// `terms` must not be empty.
+    pub fn new(terms: Vec<Tensor<B, 4>>) -> Self {
+        if crate::kernels::fused::<B>() {
+            return Self { terms };
+        }
+        Self {
+            terms: terms.into_iter().reduce(|a, b| a + b).into_iter().collect(),
+        }
+    }
+
+    fn summed(&self) -> Tensor<B, 4> {
+        self.terms
+            .iter()
+            .cloned()
+            .reduce(|a, b| a + b)
+            .expect("an attention bias has at least one term")
     }
 }
 
@@ -205,16 +266,26 @@ pub struct FeedForward<B: Backend> {
 impl<B: Backend> FeedForward<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let hidden = mixed_linear(x.clone(), self.wi.val(), self.precision);
-        let hidden = match self.activation {
-            DenseActivation::Relu => relu(hidden),
-            DenseActivation::Gelu => gelu(hidden),
-            DenseActivation::GeluNew => gelu_approximate(hidden),
-            DenseActivation::Silu => silu(hidden),
+        let gate = self
+            .wi_linear
+            .as_ref()
+            .map(|wi_linear| mixed_linear(x, wi_linear.val(), self.precision));
+        let fused = match (self.activation, &gate) {
+            (DenseActivation::GeluNew, Some(gate)) => crate::kernels::gelu_new_gated(&hidden, gate),
+            _ => None,
         };
-        let hidden = match &self.wi_linear {
-            Some(wi_linear) => hidden * mixed_linear(x, wi_linear.val(), self.precision),
-            None => hidden,
-        };
+        let hidden = fused.unwrap_or_else(|| {
+            let activated = match self.activation {
+                DenseActivation::Relu => relu(hidden),
+                DenseActivation::Gelu => gelu(hidden),
+                DenseActivation::GeluNew => gelu_new(hidden),
+                DenseActivation::Silu => silu(hidden),
+            };
+            match gate {
+                Some(gate) => activated * gate,
+                None => activated,
+            }
+        });
         mixed_linear(self.dropout.forward(hidden), self.wo.val(), self.precision)
     }
 }
@@ -242,7 +313,11 @@ pub struct BlockCache<B: Backend> {
 }
 
 impl<B: Backend> T5Block<B> {
-    fn self_attention_residual(&self, hidden: Tensor<B, 3>, bias: Tensor<B, 4>) -> Tensor<B, 3> {
+    fn self_attention_residual(
+        &self,
+        hidden: Tensor<B, 3>,
+        bias: &AttentionBias<B>,
+    ) -> Tensor<B, 3> {
         let normed = self.self_norm.forward(hidden.clone());
         let q = self.self_attention.queries(normed.clone());
         let (k, v) = self.self_attention.keys_values(normed);
@@ -262,7 +337,7 @@ impl<B: Backend> T5Block<B> {
         hidden: Tensor<B, 3>,
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
-        cross_bias: Tensor<B, 4>,
+        cross_bias: &AttentionBias<B>,
     ) -> Tensor<B, 3> {
         match (&self.cross_norm, &self.cross_attention) {
             (Some(norm), Some(cross)) => {
@@ -325,10 +400,10 @@ impl<B: Backend> T5Stack<B> {
     /// Full encoder pass. `mask_bias`: `[B, 1, 1, S]` (0 for tokens, [`MASK_BIAS`] for padding).
     pub fn encode(&self, embedded: Tensor<B, 3>, mask_bias: Tensor<B, 4>) -> Tensor<B, 3> {
         let len = embedded.dims()[1];
-        let bias = self.position_bias(0, len, len) + mask_bias;
+        let bias = AttentionBias::new(vec![self.position_bias(0, len, len), mask_bias]);
         let mut hidden = self.dropout.forward(embedded);
         for block in &self.blocks {
-            hidden = block.self_attention_residual(hidden, bias.clone());
+            hidden = block.self_attention_residual(hidden, &bias);
             hidden = block.feed_forward_residual(hidden);
         }
         self.dropout.forward(self.final_norm.forward(hidden))
@@ -344,12 +419,13 @@ impl<B: Backend> T5Stack<B> {
         let len = embedded.dims()[1];
         let device = embedded.device();
         let causal = causal_bias::<B>(len, &device);
-        let bias = self.position_bias(0, len, len) + causal;
+        let bias = AttentionBias::new(vec![self.position_bias(0, len, len), causal]);
+        let cross_bias = AttentionBias::new(vec![cross_bias]);
         let mut hidden = self.dropout.forward(embedded);
         for block in &self.blocks {
-            hidden = block.self_attention_residual(hidden, bias.clone());
+            hidden = block.self_attention_residual(hidden, &bias);
             let (k, v) = block.cross_keys_values(encoder_out.clone());
-            hidden = block.cross_attention_residual(hidden, k, v, cross_bias.clone());
+            hidden = block.cross_attention_residual(hidden, k, v, &cross_bias);
             hidden = block.feed_forward_residual(hidden);
         }
         self.dropout.forward(self.final_norm.forward(hidden))
@@ -363,7 +439,8 @@ impl<B: Backend> T5Stack<B> {
         caches: &mut [BlockCache<B>],
         cross_bias: &Tensor<B, 4>,
     ) -> Tensor<B, 3> {
-        let bias = self.position_bias(step, 1, step + 1);
+        let bias = AttentionBias::new(vec![self.position_bias(step, 1, step + 1)]);
+        let cross_bias = AttentionBias::new(vec![cross_bias.clone()]);
         let mut hidden = embedded;
         for (block, cache) in self.blocks.iter().zip(caches.iter_mut()) {
             let normed = block.self_norm.forward(hidden.clone());
@@ -377,9 +454,7 @@ impl<B: Backend> T5Stack<B> {
                 Some(past) => Tensor::cat(vec![past, v_new], 2),
                 None => v_new,
             };
-            let attended = block
-                .self_attention
-                .attend(q, k.clone(), v.clone(), bias.clone());
+            let attended = block.self_attention.attend(q, k.clone(), v.clone(), &bias);
             cache.self_k = Some(k);
             cache.self_v = Some(v);
             hidden = hidden + attended;
@@ -387,7 +462,7 @@ impl<B: Backend> T5Stack<B> {
                 hidden,
                 cache.cross_k.clone(),
                 cache.cross_v.clone(),
-                cross_bias.clone(),
+                &cross_bias,
             );
             hidden = block.feed_forward_residual(hidden);
         }
@@ -535,6 +610,7 @@ impl<B: Backend> T5<B> {
         input_ids: Tensor<B, 2, Int>,
         attention_mask: Tensor<B, 2, Int>,
     ) -> EncoderOutput<B> {
+        crate::backend::flush_denormals();
         let [batch, len] = attention_mask.dims();
         let mask_bias = attention_mask
             .equal_elem(0)

@@ -1,0 +1,1099 @@
+//! Fused CPU kernels for burn-flex, for inference and for training.
+//!
+//! Owns: single-pass, multi-threaded versions of the T5 element-wise hot spots (RMS norm,
+//! gated gelu_new, attention bias + softmax) on the CPU backend ([`crate::backend::Cpu`]) and
+//! its autodiff wrappers ([`crate::backend::CpuTrain`], [`crate::backend::CpuTrainCheckpointed`]),
+//! f32 only. burn-flex runs each element-wise tensor op as its own scalar, single-threaded pass
+//! through memory (gelu_new alone is eight passes with libm `powf` and `tanh`, and autodiff adds
+//! a backward pass per op), which made those ops most of a forward pass and of a training step
+//! on CPU. Each training op here has its backward written out as one pass too.
+//!
+//! Every function returns `None` unless the backend is one of those and the data is f32. The
+//! callers in [`crate::t5`] then run the generic composition of tensor ops, which is the path of
+//! every other backend (CUDA) and dtype. Both paths are checked against the HF reference
+//! fixtures and against each other (`MESHTUNE_GENERIC_KERNELS=1` turns the kernels off).
+
+use std::any::{Any, TypeId};
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::{
+    BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
+};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, broadcast_shape};
+use burn::tensor::backend::{Backend, BackendTypes};
+use burn::tensor::{Bytes, DType, Shape, Tensor, TensorPrimitive};
+use burn_flex::{Flex, FlexTensor, Layout};
+use rayon::prelude::*;
+
+/// The autodiff tensor of the CPU training backends (the same type for both strategies).
+type AdTensor = <Autodiff<Flex> as BackendTypes>::FloatTensorPrimitive;
+
+/// Which backend a tensor's primitive belongs to, as far as these kernels care.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Flex,
+    Autodiff,
+    Checkpointed,
+}
+
+/// Set `MESHTUNE_GENERIC_KERNELS=1` to run the generic tensor-op composition on CPU too (for
+/// benchmarks and tests comparing the two paths).
+fn fused_enabled() -> bool {
+    use std::sync::OnceLock;
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var_os("MESHTUNE_GENERIC_KERNELS").is_none())
+}
+
+fn kind<B: Backend>() -> Option<Kind> {
+    if !fused_enabled() {
+        return None;
+    }
+    let id = TypeId::of::<B>();
+    if id == TypeId::of::<Flex>() {
+        Some(Kind::Flex)
+    } else if id == TypeId::of::<Autodiff<Flex, NoCheckpointing>>() {
+        Some(Kind::Autodiff)
+    } else if id == TypeId::of::<Autodiff<Flex, BalancedCheckpointing>>() {
+        Some(Kind::Checkpointed)
+    } else {
+        None
+    }
+}
+
+/// Whether the fused kernels run for backend `B`.
+pub(crate) fn fused<B: Backend>() -> bool {
+    kind::<B>().is_some()
+}
+
+/// `B`'s float primitive as the concrete type `T`, when `B`'s primitive is `T`.
+fn downcast<B: Backend, T: 'static, const D: usize>(t: &Tensor<B, D>) -> Option<T> {
+    let primitive: B::FloatTensorPrimitive = t.clone().into_primitive().tensor();
+    let boxed: Box<dyn Any> = Box::new(primitive);
+    boxed.downcast::<T>().ok().map(|b| *b)
+}
+
+/// Wraps a concrete primitive back into `Tensor<B, D>`; `None` unless `T` is `B`'s primitive.
+fn upcast<B: Backend, T: 'static, const D: usize>(primitive: T) -> Option<Tensor<B, D>> {
+    let boxed: Box<dyn Any> = Box::new(primitive);
+    let primitive = *boxed.downcast::<B::FloatTensorPrimitive>().ok()?;
+    Some(Tensor::from_primitive(TensorPrimitive::Float(primitive)))
+}
+
+/// The burn-flex tensor behind `t`, when `B` is burn-flex and `t` holds f32.
+fn as_flex<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexTensor> {
+    (kind::<B>()? == Kind::Flex).then_some(())?;
+    let flex: FlexTensor = downcast(t)?;
+    (flex.dtype() == DType::F32).then_some(flex)
+}
+
+/// The autodiff tensor behind `t`, when `B` is a CPU training backend and `t` holds f32.
+fn as_autodiff<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<AdTensor> {
+    (kind::<B>()? != Kind::Flex).then_some(())?;
+    let tensor: AdTensor = downcast(t)?;
+    (tensor.primitive.dtype() == DType::F32).then_some(tensor)
+}
+
+fn new_flex(data: Vec<f32>, shape: Shape) -> FlexTensor {
+    FlexTensor::new(
+        Bytes::from_elems(data),
+        Layout::contiguous(shape),
+        DType::F32,
+    )
+}
+
+fn shape_of(t: &FlexTensor) -> Shape {
+    t.layout().shape().clone()
+}
+
+/// Rows per rayon task: enough work per task to amortize scheduling.
+fn rows_per_task(row_len: usize) -> usize {
+    (16 * 1024 / row_len.max(1)).max(1)
+}
+
+/// Elements per rayon task of an element-wise kernel.
+const CHUNK: usize = 16 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// RMS norm
+// ---------------------------------------------------------------------------------------------
+
+/// `weight * x / sqrt(mean(x^2) + eps)` over the last dimension of `x`.
+fn rms_norm_forward(x: &FlexTensor, weight: &FlexTensor, eps: f32) -> Option<FlexTensor> {
+    let x = x.to_contiguous();
+    let weight = weight.to_contiguous();
+    let w: &[f32] = weight.storage();
+    let d = w.len();
+    if d == 0 || x.layout().shape().to_vec().last() != Some(&d) {
+        return None;
+    }
+    let src: &[f32] = x.storage();
+    let mut out = vec![0.0f32; src.len()];
+    let chunk = rows_per_task(d) * d;
+    out.par_chunks_mut(chunk)
+        .zip(src.par_chunks(chunk))
+        .for_each(|(out, src)| simd::rms_rows(src, w, eps, out));
+    Some(new_flex(out, shape_of(&x)))
+}
+
+/// Gradients of [`rms_norm_forward`] with respect to `x` and `weight`.
+fn rms_norm_backward(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    eps: f32,
+    grad: &FlexTensor,
+) -> (FlexTensor, FlexTensor) {
+    let x = x.to_contiguous();
+    let grad = grad.to_contiguous();
+    let weight = weight.to_contiguous();
+    let w: &[f32] = weight.storage();
+    let d = w.len();
+    let src: &[f32] = x.storage();
+    let g: &[f32] = grad.storage();
+    let mut grad_x = vec![0.0f32; src.len()];
+    let chunk = rows_per_task(d) * d;
+    let grad_w = grad_x
+        .par_chunks_mut(chunk)
+        .zip(src.par_chunks(chunk).zip(g.par_chunks(chunk)))
+        .map(|(out, (src, g))| {
+            let mut grad_w = vec![0.0f32; d];
+            simd::rms_rows_backward(src, w, eps, g, out, &mut grad_w);
+            grad_w
+        })
+        .reduce(
+            || vec![0.0f32; d],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                a
+            },
+        );
+    (
+        new_flex(grad_x, shape_of(&x)),
+        new_flex(grad_w, shape_of(&weight)),
+    )
+}
+
+#[derive(Debug)]
+struct RmsNormOp {
+    eps: f32,
+}
+
+impl Backward<Flex, 2> for RmsNormOp {
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, weight) = ops.state;
+        let [node_x, node_w] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let (grad_x, grad_w) = rms_norm_backward(&x, &weight, self.eps, &grad);
+        if let Some(node) = node_x {
+            grads.register::<Flex>(node.id, grad_x);
+        }
+        if let Some(node) = node_w {
+            grads.register::<Flex>(node.id, grad_w);
+        }
+    }
+}
+
+fn rms_norm_autodiff<C: CheckpointStrategy>(
+    x: AdTensor,
+    weight: AdTensor,
+    eps: f32,
+) -> Option<AdTensor> {
+    let out = rms_norm_forward(&x.primitive, &weight.primitive, eps)?;
+    let op = RmsNormOp { eps };
+    Some(
+        match op
+            .prepare::<C>([x.node.clone(), weight.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((x.primitive, weight.primitive), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        },
+    )
+}
+
+/// T5 RMS norm `weight * x / sqrt(mean(x^2) + eps)` over the last dimension, one pass (and one
+/// pass back when training).
+pub(crate) fn rms_norm<B: Backend>(
+    x: &Tensor<B, 3>,
+    weight: &Tensor<B, 1>,
+    eps: f64,
+) -> Option<Tensor<B, 3>> {
+    let eps = eps as f32;
+    match kind::<B>()? {
+        Kind::Flex => upcast(rms_norm_forward(&as_flex(x)?, &as_flex(weight)?, eps)?),
+        Kind::Autodiff => upcast(rms_norm_autodiff::<NoCheckpointing>(
+            as_autodiff(x)?,
+            as_autodiff(weight)?,
+            eps,
+        )?),
+        Kind::Checkpointed => upcast(rms_norm_autodiff::<BalancedCheckpointing>(
+            as_autodiff(x)?,
+            as_autodiff(weight)?,
+            eps,
+        )?),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gated gelu_new
+// ---------------------------------------------------------------------------------------------
+
+fn same_shape(a: &FlexTensor, b: &FlexTensor) -> bool {
+    a.layout().shape() == b.layout().shape()
+}
+
+/// `gelu_new(a) * gate`.
+fn gelu_gated_forward(a: &FlexTensor, gate: &FlexTensor) -> Option<FlexTensor> {
+    if !same_shape(a, gate) {
+        return None;
+    }
+    let a = a.to_contiguous();
+    let gate = gate.to_contiguous();
+    let src: &[f32] = a.storage();
+    let g: &[f32] = gate.storage();
+    let mut out = vec![0.0f32; src.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+        .for_each(|(o, (a, g))| simd::gelu_gated(a, g, o));
+    Some(new_flex(out, shape_of(&a)))
+}
+
+/// Gradients of [`gelu_gated_forward`] with respect to `a` and `gate`.
+fn gelu_gated_backward(
+    a: &FlexTensor,
+    gate: &FlexTensor,
+    grad: &FlexTensor,
+) -> (FlexTensor, FlexTensor) {
+    let a = a.to_contiguous();
+    let gate = gate.to_contiguous();
+    let grad = grad.to_contiguous();
+    let src: &[f32] = a.storage();
+    let g: &[f32] = gate.storage();
+    let up: &[f32] = grad.storage();
+    let mut grad_a = vec![0.0f32; src.len()];
+    let mut grad_gate = vec![0.0f32; src.len()];
+    grad_a
+        .par_chunks_mut(CHUNK)
+        .zip(grad_gate.par_chunks_mut(CHUNK))
+        .zip(src.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+        .zip(up.par_chunks(CHUNK))
+        .for_each(|(((da, dg), (a, g)), up)| simd::gelu_gated_backward(a, g, up, da, dg));
+    (
+        new_flex(grad_a, shape_of(&a)),
+        new_flex(grad_gate, shape_of(&a)),
+    )
+}
+
+#[derive(Debug)]
+struct GeluGatedOp;
+
+impl Backward<Flex, 2> for GeluGatedOp {
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (a, gate) = ops.state;
+        let [node_a, node_gate] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let (grad_a, grad_gate) = gelu_gated_backward(&a, &gate, &grad);
+        if let Some(node) = node_a {
+            grads.register::<Flex>(node.id, grad_a);
+        }
+        if let Some(node) = node_gate {
+            grads.register::<Flex>(node.id, grad_gate);
+        }
+    }
+}
+
+fn gelu_gated_autodiff<C: CheckpointStrategy>(a: AdTensor, gate: AdTensor) -> Option<AdTensor> {
+    let out = gelu_gated_forward(&a.primitive, &gate.primitive)?;
+    Some(
+        match GeluGatedOp
+            .prepare::<C>([a.node.clone(), gate.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((a.primitive, gate.primitive), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        },
+    )
+}
+
+/// `gelu_new(a) * gate` (FLAN-T5's gated-gelu), one pass (and one pass back when training).
+pub(crate) fn gelu_new_gated<B: Backend>(
+    a: &Tensor<B, 3>,
+    gate: &Tensor<B, 3>,
+) -> Option<Tensor<B, 3>> {
+    match kind::<B>()? {
+        Kind::Flex => upcast(gelu_gated_forward(&as_flex(a)?, &as_flex(gate)?)?),
+        Kind::Autodiff => upcast(gelu_gated_autodiff::<NoCheckpointing>(
+            as_autodiff(a)?,
+            as_autodiff(gate)?,
+        )?),
+        Kind::Checkpointed => upcast(gelu_gated_autodiff::<BalancedCheckpointing>(
+            as_autodiff(a)?,
+            as_autodiff(gate)?,
+        )?),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention: bias terms + softmax
+// ---------------------------------------------------------------------------------------------
+
+/// One additive bias term, broadcastable to `[B, H, Lq, Lk]`, read in place.
+struct BiasTerm {
+    tensor: FlexTensor,
+    /// Element strides of `[B, H, Lq]`, 0 along broadcast dimensions.
+    strides: [usize; 3],
+    /// Whether the last dimension is broadcast (one value per row).
+    scalar_rows: bool,
+}
+
+impl BiasTerm {
+    fn new(tensor: FlexTensor, target: &[usize]) -> Option<Self> {
+        let dims = tensor.layout().shape().to_vec();
+        if dims.len() != 4
+            || target.len() != 4
+            || dims
+                .iter()
+                .zip(target)
+                .any(|(&have, &want)| have != want && have != 1)
+        {
+            return None;
+        }
+        // A term whose last dimension is strided (the position bias is a permuted gather) is
+        // copied once at its own, unbroadcast size, so that every row reads a slice.
+        let scalar_rows = dims[3] == 1;
+        let tensor = if scalar_rows || tensor.layout().strides()[3] == 1 {
+            tensor
+        } else {
+            tensor.to_contiguous()
+        };
+        let layout = tensor.layout();
+        if layout.strides().iter().any(|&s| s < 0) {
+            return None;
+        }
+        let stride = |i: usize| {
+            if dims[i] == 1 {
+                0
+            } else {
+                layout.strides()[i] as usize
+            }
+        };
+        let strides = [stride(0), stride(1), stride(2)];
+        Some(Self {
+            tensor,
+            strides,
+            scalar_rows,
+        })
+    }
+
+    fn add_to_row(&self, row: &mut [f32], b: usize, h: usize, i: usize) {
+        let data: &[f32] = self.tensor.storage();
+        let start = self.tensor.layout().start_offset()
+            + b * self.strides[0]
+            + h * self.strides[1]
+            + i * self.strides[2];
+        if self.scalar_rows {
+            let value = data[start];
+            row.iter_mut().for_each(|s| *s += value);
+        } else {
+            simd::add_in_place(row, &data[start..start + row.len()]);
+        }
+    }
+}
+
+/// `softmax(scores + sum(terms))` over the last dimension; `scores` is `[B, H, Lq, Lk]`.
+fn softmax_bias_forward(scores: &FlexTensor, terms: &[FlexTensor]) -> Option<FlexTensor> {
+    let dims = scores.layout().shape().to_vec();
+    if dims.len() != 4 {
+        return None;
+    }
+    let terms = terms
+        .iter()
+        .map(|t| BiasTerm::new(t.clone(), &dims))
+        .collect::<Option<Vec<_>>>()?;
+    let (heads, q_len, k_len) = (dims[1], dims[2], dims[3]);
+    let mut out = scores.to_contiguous();
+    let data: &mut [f32] = out.storage_mut();
+    let rows_per_task = rows_per_task(k_len);
+    data.par_chunks_mut(k_len * rows_per_task)
+        .enumerate()
+        .for_each(|(task, rows)| {
+            for (r, row) in rows.chunks_exact_mut(k_len).enumerate() {
+                let index = task * rows_per_task + r;
+                let (i, h, b) = (
+                    index % q_len,
+                    (index / q_len) % heads,
+                    index / (q_len * heads),
+                );
+                for term in &terms {
+                    term.add_to_row(row, b, h, i);
+                }
+                simd::softmax_in_place(row);
+            }
+        });
+    Some(out)
+}
+
+/// Gradient of the softmax input: `p * (grad - sum(grad * p))` per row.
+fn softmax_backward(p: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
+    let p = p.to_contiguous();
+    let mut out = grad.to_contiguous();
+    let k_len = p
+        .layout()
+        .shape()
+        .to_vec()
+        .last()
+        .copied()
+        .unwrap_or(1)
+        .max(1);
+    let probs: &[f32] = p.storage();
+    let data: &mut [f32] = out.storage_mut();
+    let chunk = rows_per_task(k_len) * k_len;
+    data.par_chunks_mut(chunk)
+        .zip(probs.par_chunks(chunk))
+        .for_each(|(g, p)| {
+            for (g, p) in g.chunks_exact_mut(k_len).zip(p.chunks_exact(k_len)) {
+                simd::softmax_row_backward(p, g);
+            }
+        });
+    out
+}
+
+#[derive(Debug)]
+struct SoftmaxBiasOp;
+
+impl<const N: usize> Backward<Flex, N> for SoftmaxBiasOp {
+    /// The output probabilities and the shape of every input (scores first).
+    type State = (FlexTensor, Vec<Shape>);
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (probs, shapes) = ops.state;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let grad_scores = softmax_backward(&probs, &grad);
+        for (node, shape) in ops.parents.into_iter().zip(&shapes) {
+            if let Some(node) = node {
+                grads
+                    .register::<Flex>(node.id, broadcast_shape::<Flex>(grad_scores.clone(), shape));
+            }
+        }
+    }
+}
+
+fn softmax_bias_autodiff<C: CheckpointStrategy, const N: usize>(
+    inputs: [AdTensor; N],
+) -> Option<AdTensor> {
+    let (scores, terms) = inputs.split_first()?;
+    let term_data: Vec<FlexTensor> = terms.iter().map(|t| t.primitive.clone()).collect();
+    let out = softmax_bias_forward(&scores.primitive, &term_data)?;
+    let shapes = inputs.iter().map(|t| shape_of(&t.primitive)).collect();
+    let nodes = inputs.map(|t| t.node.clone());
+    Some(
+        match SoftmaxBiasOp.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((out.clone(), shapes), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        },
+    )
+}
+
+fn softmax_bias_training<C: CheckpointStrategy, B: Backend>(
+    scores: &Tensor<B, 4>,
+    terms: &[Tensor<B, 4>],
+) -> Option<AdTensor> {
+    let scores = as_autodiff(scores)?;
+    let terms = terms.iter().map(as_autodiff).collect::<Option<Vec<_>>>()?;
+    match terms.len() {
+        1 => {
+            let [t0]: [AdTensor; 1] = terms.try_into().ok()?;
+            softmax_bias_autodiff::<C, 2>([scores, t0])
+        }
+        2 => {
+            let [t0, t1]: [AdTensor; 2] = terms.try_into().ok()?;
+            softmax_bias_autodiff::<C, 3>([scores, t0, t1])
+        }
+        _ => None,
+    }
+}
+
+/// `softmax(scores + sum(terms))` over the last dimension, `scores` `[B, H, Lq, Lk]` and each
+/// term broadcastable to it and read in place, never materialized at that size: one fused,
+/// multi-threaded pass (and one pass back when training, where the gradient of a broadcast term
+/// is summed over its broadcast dimensions).
+pub(crate) fn softmax_with_bias<B: Backend>(
+    scores: &Tensor<B, 4>,
+    terms: &[Tensor<B, 4>],
+) -> Option<Tensor<B, 4>> {
+    match kind::<B>()? {
+        Kind::Flex => {
+            let terms = terms.iter().map(as_flex).collect::<Option<Vec<_>>>()?;
+            upcast(softmax_bias_forward(&as_flex(scores)?, &terms)?)
+        }
+        Kind::Autodiff => upcast(softmax_bias_training::<NoCheckpointing, B>(scores, terms)?),
+        Kind::Checkpointed => upcast(softmax_bias_training::<BalancedCheckpointing, B>(
+            scores, terms,
+        )?),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AdamW
+// ---------------------------------------------------------------------------------------------
+
+/// The scalars of one AdamW update of one parameter, in torch's order of operations.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamWScalars {
+    /// Multiplies the raw gradient (the clipping coefficient, and loss-scale unscaling).
+    pub grad_scale: f64,
+    /// `1 - lr * weight_decay` (1 where no decay applies).
+    pub decay: f64,
+    /// `1 - beta1`, torch's `lerp_` weight.
+    pub lerp_weight: f64,
+    pub beta2: f64,
+    pub bias_correction2_sqrt: f64,
+    pub eps: f64,
+    /// `lr / bias_correction1`.
+    pub step_size: f64,
+}
+
+/// A tensor that `B` owns as a burn-flex f32 tensor, or the tensor back.
+fn take_flex<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<FlexTensor, Tensor<B, D>> {
+    if kind::<B>() != Some(Kind::Flex) || t.dtype() != DType::F32 {
+        return Err(t);
+    }
+    let primitive: B::FloatTensorPrimitive = t.into_primitive().tensor();
+    let boxed: Box<dyn Any> = Box::new(primitive);
+    match boxed.downcast::<FlexTensor>() {
+        Ok(flex) => Ok(*flex),
+        Err(boxed) => match boxed.downcast::<B::FloatTensorPrimitive>() {
+            Ok(primitive) => Err(Tensor::from_primitive(TensorPrimitive::Float(*primitive))),
+            Err(_) => unreachable!("a primitive downcasts to its own type"),
+        },
+    }
+}
+
+/// One AdamW step (torch's single-tensor `adamw`) over flat `value`, `grad`, `exp_avg`,
+/// `exp_avg_sq` in one multi-threaded pass, updating the moments and the value in place where
+/// their buffers are not shared. Returns `(value, exp_avg, exp_avg_sq)`, or the four inputs
+/// back when `B` is not burn-flex.
+#[allow(clippy::type_complexity)]
+pub(crate) fn adamw<B: Backend>(
+    value: Tensor<B, 1>,
+    grad: Tensor<B, 1>,
+    exp_avg: Tensor<B, 1>,
+    exp_avg_sq: Tensor<B, 1>,
+    h: &AdamWScalars,
+) -> Result<
+    (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>),
+    (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>),
+> {
+    let lengths = [
+        value.dims()[0],
+        grad.dims()[0],
+        exp_avg.dims()[0],
+        exp_avg_sq.dims()[0],
+    ];
+    if kind::<B>() != Some(Kind::Flex) || lengths.iter().any(|&n| n != lengths[0]) {
+        return Err((value, grad, exp_avg, exp_avg_sq));
+    }
+    let parts = (
+        take_flex(value),
+        take_flex(grad),
+        take_flex(exp_avg),
+        take_flex(exp_avg_sq),
+    );
+    let (value, grad, m, s) = match parts {
+        (Ok(v), Ok(g), Ok(m), Ok(s)) => (v, g, m, s),
+        (v, g, m, s) => {
+            let back = |t: Result<FlexTensor, Tensor<B, 1>>| match t {
+                Ok(flex) => upcast::<B, _, 1>(flex).expect("B is burn-flex"),
+                Err(tensor) => tensor,
+            };
+            return Err((back(v), back(g), back(m), back(s)));
+        }
+    };
+    let mut value = value.to_contiguous();
+    let grad = grad.to_contiguous();
+    let mut m = m.to_contiguous();
+    let mut s = s.to_contiguous();
+    {
+        let g: &[f32] = grad.storage();
+        let v: &mut [f32] = value.storage_mut();
+        let mm: &mut [f32] = m.storage_mut();
+        let ss: &mut [f32] = s.storage_mut();
+        let h = *h;
+        v.par_chunks_mut(CHUNK)
+            .zip(mm.par_chunks_mut(CHUNK))
+            .zip(ss.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(((v, m), s), g)| simd::adamw(v, m, s, g, &h));
+    }
+    let wrap = |t: FlexTensor| upcast::<B, _, 1>(t).expect("B is burn-flex");
+    Ok((wrap(value), wrap(m), wrap(s)))
+}
+
+/// The element-wise loops, written so that the compiler vectorizes them; compiled twice (for
+/// the baseline target and for AVX2+FMA) and picked at run time.
+mod simd {
+    /// `exp(x)` for f32 to ~2 ulp (Cephes `expf`: range reduction by ln 2, degree-6
+    /// polynomial, exponent bits set directly); exactly 0 below -87.3 as libm's underflow.
+    #[inline(always)]
+    fn exp(x: f32) -> f32 {
+        const LOG2E: f32 = std::f32::consts::LOG2_E;
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+        let xc = x.clamp(-87.3, 88.3);
+        let n = (xc * LOG2E + ROUND) - ROUND;
+        let r = xc - n * LN2_HI - n * LN2_LO;
+        let r2 = r * r;
+        let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
+            * r
+            + 1.666_666_5e-1)
+            * r
+            + 0.5;
+        let poly = p * r2 + r + 1.0;
+        let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+        let value = poly * scale;
+        if x < -87.3 { 0.0 } else { value }
+    }
+
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const GELU_CUBIC: f32 = 0.044_715;
+
+    /// `gelu_new(x) = 0.5 x (1 + tanh(u)) = x sigmoid(2u)`, `u = sqrt(2/pi) (x + 0.044715 x^3)`;
+    /// returns `(gelu_new(x), sigmoid(2u))`.
+    #[inline(always)]
+    fn gelu(x: f32) -> (f32, f32) {
+        let u = SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x);
+        let s = 1.0 / (1.0 + exp(-2.0 * u));
+        (x * s, s)
+    }
+
+    #[inline(always)]
+    fn gelu_gated_body(a: &[f32], gate: &[f32], out: &mut [f32]) {
+        for ((o, &x), &g) in out.iter_mut().zip(a).zip(gate) {
+            *o = gelu(x).0 * g;
+        }
+    }
+
+    /// `d gelu_new(x) / dx = s + x s (1 - s) 2 sqrt(2/pi) (1 + 3 * 0.044715 x^2)`, `s` as in
+    /// [`gelu`]; the gate's gradient is `grad * gelu_new(a)`.
+    #[inline(always)]
+    fn gelu_gated_backward_body(
+        a: &[f32],
+        gate: &[f32],
+        grad: &[f32],
+        grad_a: &mut [f32],
+        grad_gate: &mut [f32],
+    ) {
+        let n = a.len();
+        let (gate, grad, grad_a, grad_gate) = (
+            &gate[..n],
+            &grad[..n],
+            &mut grad_a[..n],
+            &mut grad_gate[..n],
+        );
+        for i in 0..n {
+            let x = a[i];
+            let (value, s) = gelu(x);
+            let slope =
+                s + x * s * (1.0 - s) * 2.0 * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x);
+            grad_a[i] = grad[i] * gate[i] * slope;
+            grad_gate[i] = grad[i] * value;
+        }
+    }
+
+    /// Independent accumulators: a reduction over one `f32` chain cannot be vectorized
+    /// without reassociation, which Rust never does on its own.
+    const LANES: usize = 16;
+
+    #[inline(always)]
+    fn softmax_body(row: &mut [f32]) {
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        let mut chunks = row.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            for (m, &v) in lanes.iter_mut().zip(chunk) {
+                *m = if v > *m { v } else { *m };
+            }
+        }
+        let max = lanes
+            .iter()
+            .chain(chunks.remainder())
+            .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+        if max == f32::NEG_INFINITY {
+            row.fill(0.0);
+            return;
+        }
+        let mut sums = [0.0f32; LANES];
+        let mut chunks = row.chunks_exact_mut(LANES);
+        for chunk in &mut chunks {
+            for (s, v) in sums.iter_mut().zip(chunk.iter_mut()) {
+                *v = exp(*v - max);
+                *s += *v;
+            }
+        }
+        let mut sum: f32 = sums.iter().sum();
+        for v in chunks.into_remainder() {
+            *v = exp(*v - max);
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+
+    /// torch's single-tensor AdamW, element by element in its order of operations (f32, as the
+    /// generic path's scalar tensor ops compute).
+    #[inline(always)]
+    fn adamw_body(
+        value: &mut [f32],
+        exp_avg: &mut [f32],
+        exp_avg_sq: &mut [f32],
+        grad: &[f32],
+        h: &super::AdamWScalars,
+    ) {
+        let grad_scale = h.grad_scale as f32;
+        let decay = h.decay as f32;
+        let w = h.lerp_weight as f32;
+        let one_minus_w = (1.0 - h.lerp_weight) as f32;
+        let beta2 = h.beta2 as f32;
+        let one_minus_beta2 = (1.0 - h.beta2) as f32;
+        let bc2 = h.bias_correction2_sqrt as f32;
+        let eps = h.eps as f32;
+        let step_size = h.step_size as f32;
+        let lerp_low = h.lerp_weight < 0.5;
+        let n = value.len();
+        let (exp_avg, exp_avg_sq, grad) = (&mut exp_avg[..n], &mut exp_avg_sq[..n], &grad[..n]);
+        for i in 0..n {
+            let g = grad[i] * grad_scale;
+            let v = value[i] * decay;
+            let m0 = exp_avg[i];
+            let m = if lerp_low {
+                m0 + (g - m0) * w
+            } else {
+                g - (g - m0) * one_minus_w
+            };
+            let s = exp_avg_sq[i] * beta2 + g * g * one_minus_beta2;
+            let denom = s.sqrt() / bc2 + eps;
+            value[i] = v - (m / denom) * step_size;
+            exp_avg[i] = m;
+            exp_avg_sq[i] = s;
+        }
+    }
+
+    /// Adds `bias` (same length) to `row`.
+    #[inline(always)]
+    fn add_body(row: &mut [f32], bias: &[f32]) {
+        row.iter_mut().zip(bias).for_each(|(r, b)| *r += b);
+    }
+
+    /// One T5 RMS-norm row: `out = weight * (x / sqrt(mean(x^2) + eps))`.
+    #[inline(always)]
+    fn rms_row_body(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+        let mut sums = [0.0f32; LANES];
+        let mut chunks = x.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            for (s, &v) in sums.iter_mut().zip(chunk) {
+                *s += v * v;
+            }
+        }
+        let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+        let variance = (sums.iter().sum::<f32>() + tail) / x.len() as f32;
+        let inv = 1.0 / (variance + eps).sqrt();
+        for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
+            *o = w * (v * inv);
+        }
+    }
+
+    /// Backward of [`rms_row_body`] for every row: `grad_x = r gw - x r^3 sum(gw x) / d` with
+    /// `gw = grad * weight`, `r = 1 / sqrt(mean(x^2) + eps)`; adds `grad * x r` to `grad_w`.
+    #[inline(always)]
+    fn rms_rows_backward_body(
+        x: &[f32],
+        weight: &[f32],
+        eps: f32,
+        grad: &[f32],
+        grad_x: &mut [f32],
+        grad_w: &mut [f32],
+    ) {
+        let d = weight.len();
+        for ((x, g), gx) in x
+            .chunks_exact(d)
+            .zip(grad.chunks_exact(d))
+            .zip(grad_x.chunks_exact_mut(d))
+        {
+            let mut squares = [0.0f32; LANES];
+            let mut dots = [0.0f32; LANES];
+            let mut index = 0;
+            while index + LANES <= d {
+                for l in 0..LANES {
+                    let v = x[index + l];
+                    squares[l] += v * v;
+                    dots[l] += g[index + l] * weight[index + l] * v;
+                }
+                index += LANES;
+            }
+            let mut square_sum: f32 = squares.iter().sum();
+            let mut dot: f32 = dots.iter().sum();
+            for i in index..d {
+                square_sum += x[i] * x[i];
+                dot += g[i] * weight[i] * x[i];
+            }
+            let r = 1.0 / (square_sum / d as f32 + eps).sqrt();
+            let k = r * r * r * dot / d as f32;
+            for i in 0..d {
+                gx[i] = r * g[i] * weight[i] - x[i] * k;
+                grad_w[i] += g[i] * x[i] * r;
+            }
+        }
+    }
+
+    /// One softmax row backward in place: `g = p * (g - sum(g * p))`.
+    #[inline(always)]
+    fn softmax_row_backward_body(p: &[f32], g: &mut [f32]) {
+        let mut dots = [0.0f32; LANES];
+        let mut gc = g.chunks_exact(LANES);
+        let mut pc = p.chunks_exact(LANES);
+        for (gc, pc) in (&mut gc).zip(&mut pc) {
+            for l in 0..LANES {
+                dots[l] += gc[l] * pc[l];
+            }
+        }
+        let tail: f32 = gc
+            .remainder()
+            .iter()
+            .zip(pc.remainder())
+            .map(|(g, p)| g * p)
+            .sum();
+        let dot = dots.iter().sum::<f32>() + tail;
+        for (g, &p) in g.iter_mut().zip(p) {
+            *g = p * (*g - dot);
+        }
+    }
+
+    /// RMS norm of every `weight.len()`-long row of `x`.
+    #[inline(always)]
+    fn rms_rows_body(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+        let d = weight.len();
+        for (o, row) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+            rms_row_body(row, weight, eps, o);
+        }
+    }
+
+    macro_rules! dispatch {
+        ($name:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
+            pub(super) fn $name($($arg: $ty),*) {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx2,fma")]
+                    fn avx2($($arg: $ty),*) {
+                        $body($($arg),*)
+                    }
+                    if std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                    {
+                        // SAFETY: the CPU supports the features `avx2` was compiled for.
+                        return unsafe { avx2($($arg),*) };
+                    }
+                }
+                $body($($arg),*)
+            }
+        };
+    }
+
+    dispatch!(gelu_gated, gelu_gated_body, (a: &[f32], gate: &[f32], out: &mut [f32]));
+    dispatch!(gelu_gated_backward, gelu_gated_backward_body, (a: &[f32], gate: &[f32], grad: &[f32], grad_a: &mut [f32], grad_gate: &mut [f32]));
+    dispatch!(rms_rows_backward, rms_rows_backward_body, (x: &[f32], weight: &[f32], eps: f32, grad: &[f32], grad_x: &mut [f32], grad_w: &mut [f32]));
+    dispatch!(softmax_row_backward, softmax_row_backward_body, (p: &[f32], g: &mut [f32]));
+    dispatch!(softmax_in_place, softmax_body, (row: &mut [f32]));
+    dispatch!(adamw, adamw_body, (value: &mut [f32], exp_avg: &mut [f32], exp_avg_sq: &mut [f32], grad: &[f32], h: &super::AdamWScalars));
+    dispatch!(add_in_place, add_body, (row: &mut [f32], bias: &[f32]));
+    dispatch!(rms_rows, rms_rows_body, (x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]));
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn exp_matches_libm_to_a_few_ulp() {
+            let mut worst = 0.0f32;
+            let mut x = -87.0f32;
+            while x < 88.0 {
+                let want = x.exp();
+                let got = super::exp(x);
+                worst = worst.max(((got - want) / want).abs());
+                x += 0.001_3;
+            }
+            assert!(worst < 5e-7, "worst relative error {worst}");
+            assert_eq!(super::exp(-1.0e9), 0.0);
+            assert_eq!(super::exp(0.0), 1.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each kernel against burn's own ops composing the same formula (the generic path of
+    //! every other backend), values and gradients; the model-level parity with HF transformers
+    //! is in `tests/`.
+    use burn::backend::Autodiff;
+    use burn::tensor::activation::softmax;
+    use burn::tensor::{Distribution, Tensor, TensorData, Tolerance};
+    use burn_flex::Flex;
+
+    type Ad = Autodiff<Flex>;
+
+    fn random<B: burn::tensor::backend::Backend, const D: usize>(
+        shape: [usize; D],
+    ) -> Tensor<B, D> {
+        let values =
+            Tensor::<Flex, D>::random(shape, Distribution::Normal(0.0, 1.5), &Default::default());
+        Tensor::from_data(values.into_data(), &Default::default())
+    }
+
+    fn close(got: TensorData, want: TensorData) {
+        got.assert_approx_eq::<f32>(&want, Tolerance::rel_abs(2e-5, 2e-5));
+    }
+
+    fn generic_rms<B: burn::tensor::backend::Backend>(
+        x: Tensor<B, 3>,
+        w: Tensor<B, 1>,
+    ) -> Tensor<B, 3> {
+        let variance = x.clone().powi_scalar(2).mean_dim(2);
+        x * (variance + 1e-6).sqrt().recip() * w.unsqueeze::<3>()
+    }
+
+    fn generic_gelu_gated<B: burn::tensor::backend::Backend>(
+        a: Tensor<B, 3>,
+        g: Tensor<B, 3>,
+    ) -> Tensor<B, 3> {
+        burn::tensor::activation::gelu_approximate(a) * g
+    }
+
+    #[test]
+    fn rms_norm_matches_the_generic_formula_values_and_gradients() {
+        let x: Tensor<Flex, 3> = random([3, 5, 40]);
+        let w: Tensor<Flex, 1> = random([40]);
+        let fused = super::rms_norm(&x, &w, 1e-6).expect("flex takes the fused path");
+        close(
+            fused.into_data(),
+            generic_rms(x.clone(), w.clone()).into_data(),
+        );
+
+        let upstream: Tensor<Ad, 3> = random([3, 5, 40]);
+        let grads_of = |fused: bool| {
+            let xa = Tensor::<Ad, 3>::from_data(x.to_data(), &Default::default()).require_grad();
+            let wa = Tensor::<Ad, 1>::from_data(w.to_data(), &Default::default()).require_grad();
+            let y = if fused {
+                super::rms_norm(&xa, &wa, 1e-6).expect("autodiff flex takes the fused path")
+            } else {
+                generic_rms(xa.clone(), wa.clone())
+            };
+            let grads = (y * upstream.clone()).sum().backward();
+            (
+                xa.grad(&grads).expect("x grad").into_data(),
+                wa.grad(&grads).expect("w grad").into_data(),
+            )
+        };
+        let (fx, fw) = grads_of(true);
+        let (gx, gw) = grads_of(false);
+        close(fx, gx);
+        close(fw, gw);
+    }
+
+    #[test]
+    fn gated_gelu_matches_the_generic_formula_values_and_gradients() {
+        let a: Tensor<Flex, 3> = random([2, 7, 300]);
+        let g: Tensor<Flex, 3> = random([2, 7, 300]);
+        let fused = super::gelu_new_gated(&a, &g).expect("flex takes the fused path");
+        close(
+            fused.into_data(),
+            generic_gelu_gated(a.clone(), g.clone()).into_data(),
+        );
+
+        let upstream: Tensor<Ad, 3> = random([2, 7, 300]);
+        let grads_of = |fused: bool| {
+            let aa = Tensor::<Ad, 3>::from_data(a.to_data(), &Default::default()).require_grad();
+            let ga = Tensor::<Ad, 3>::from_data(g.to_data(), &Default::default()).require_grad();
+            let y = if fused {
+                super::gelu_new_gated(&aa, &ga).expect("autodiff flex takes the fused path")
+            } else {
+                generic_gelu_gated(aa.clone(), ga.clone())
+            };
+            let grads = (y * upstream.clone()).sum().backward();
+            (
+                aa.grad(&grads).expect("a grad").into_data(),
+                ga.grad(&grads).expect("gate grad").into_data(),
+            )
+        };
+        let (fa, fg) = grads_of(true);
+        let (ga, gg) = grads_of(false);
+        close(fa, ga);
+        close(fg, gg);
+    }
+
+    #[test]
+    fn softmax_with_broadcast_bias_terms_matches_the_generic_formula_values_and_gradients() {
+        // Scores [B, H, Lq, Lk], a position-bias-like term [1, H, Lq, Lk] read through a
+        // permuted (strided) layout, and a padding-mask-like term [B, 1, 1, Lk].
+        let scores: Tensor<Flex, 4> = random([2, 3, 5, 37]);
+        let position: Tensor<Flex, 3> = random([5, 37, 3]);
+        let mask = Tensor::<Flex, 4>::from_data(
+            TensorData::new(
+                (0..2 * 37)
+                    .map(|i| {
+                        if i % 37 > 30 && i >= 37 {
+                            -1.0e9f32
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect::<Vec<_>>(),
+                [2, 1, 1, 37],
+            ),
+            &Default::default(),
+        );
+        let position4 = position.clone().permute([2, 0, 1]).unsqueeze::<4>();
+        let fused = super::softmax_with_bias(&scores, &[position4.clone(), mask.clone()])
+            .expect("flex takes the fused path");
+        let generic = softmax(scores.clone() + position4.clone() + mask.clone(), 3);
+        close(fused.into_data(), generic.into_data());
+
+        let upstream: Tensor<Ad, 4> = random([2, 3, 5, 37]);
+        let grads_of = |fused: bool| {
+            let device = Default::default();
+            let s = Tensor::<Ad, 4>::from_data(scores.to_data(), &device).require_grad();
+            let p = Tensor::<Ad, 3>::from_data(position.to_data(), &device).require_grad();
+            let m = Tensor::<Ad, 4>::from_data(mask.to_data(), &device);
+            let p4 = p.clone().permute([2, 0, 1]).unsqueeze::<4>();
+            let y = if fused {
+                super::softmax_with_bias(&s, &[p4, m]).expect("autodiff flex takes the fused path")
+            } else {
+                softmax(s.clone() + p4 + m, 3)
+            };
+            let grads = (y * upstream.clone()).sum().backward();
+            (
+                s.grad(&grads).expect("scores grad").into_data(),
+                p.grad(&grads).expect("position grad").into_data(),
+            )
+        };
+        let (fs, fp) = grads_of(true);
+        let (gs, gp) = grads_of(false);
+        close(fs, gs);
+        close(fp, gp);
+    }
+
+    #[test]
+    fn other_backends_and_dtypes_take_the_generic_path() {
+        let x: Tensor<Flex, 3> = random([1, 2, 8]);
+        let half = x.clone().cast(burn::tensor::FloatDType::F16);
+        let w: Tensor<Flex, 1> = random([8]);
+        assert!(super::rms_norm(&half, &w, 1e-6).is_none());
+        assert!(super::gelu_new_gated(&half, &half).is_none());
+        // A shape the kernel does not handle (gate of another shape) falls back too.
+        let other: Tensor<Flex, 3> = random([1, 2, 9]);
+        assert!(super::gelu_new_gated(&x, &other).is_none());
+    }
+}

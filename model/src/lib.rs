@@ -2,6 +2,7 @@
 //!
 //! No networking lives here: the node crate drives this one.
 
+pub mod alloc;
 pub mod backend;
 pub mod checkpoint;
 pub mod config;

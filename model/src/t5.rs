@@ -82,7 +82,7 @@ pub struct LoraAdapter<B: Backend> {
 
 impl<B: Backend> LoraAdapter<B> {
     pub fn delta<const D: usize>(&self, x: Tensor<B, D>, precision: Precision) -> Tensor<B, D> {
-        let low = mixed_linear(self.dropout.forward(x), self.a.val(), precision);
+        let low = mixed_linear(apply_dropout(&self.dropout, x), self.a.val(), precision);
         mixed_linear(low, self.b.val(), precision).mul_scalar(self.scale)
     }
 
@@ -194,7 +194,7 @@ impl<B: Backend> Attention<B> {
                             3,
                         )
                     });
-                mixed_matmul(self.dropout.forward(weights), v, self.precision)
+                mixed_matmul(apply_dropout(&self.dropout, weights), v, self.precision)
             } else {
                 let options = AttentionModuleOptions {
                     scale: Some(1.0),
@@ -209,6 +209,19 @@ impl<B: Backend> Attention<B> {
             .reshape([batch, q_len, heads * d_kv]);
         adapted_linear(merged, &self.o, &self.lora_o, self.precision)
     }
+}
+
+/// `dropout.forward(x)`, through the fused CPU kernel when training on CPU (burn's dropout draws
+/// each mask element through its generic distribution sampler: an eighth of a LoRA training
+/// step of flan-t5-small).
+fn apply_dropout<B: Backend, const D: usize>(dropout: &Dropout, x: Tensor<B, D>) -> Tensor<B, D> {
+    if dropout.prob > 0.0
+        && B::ad_enabled(&x.device())
+        && let Some(dropped) = crate::kernels::dropout(&x, dropout.prob)
+    {
+        return dropped;
+    }
+    dropout.forward(x)
 }
 
 /// HF `gelu_new` (tanh approximation) with the cube as two products: burn's
@@ -286,7 +299,11 @@ impl<B: Backend> FeedForward<B> {
                 None => activated,
             }
         });
-        mixed_linear(self.dropout.forward(hidden), self.wo.val(), self.precision)
+        mixed_linear(
+            apply_dropout(&self.dropout, hidden),
+            self.wo.val(),
+            self.precision,
+        )
     }
 }
 
@@ -329,7 +346,7 @@ impl<B: Backend> T5Block<B> {
 
     fn feed_forward_residual(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         let normed = self.ff_norm.forward(hidden.clone());
-        hidden + self.dropout.forward(self.feed_forward.forward(normed))
+        hidden + apply_dropout(&self.dropout, self.feed_forward.forward(normed))
     }
 
     fn cross_attention_residual(
@@ -342,7 +359,7 @@ impl<B: Backend> T5Block<B> {
         match (&self.cross_norm, &self.cross_attention) {
             (Some(norm), Some(cross)) => {
                 let q = cross.queries(norm.forward(hidden.clone()));
-                hidden + self.dropout.forward(cross.attend(q, k, v, cross_bias))
+                hidden + apply_dropout(&self.dropout, cross.attend(q, k, v, cross_bias))
             }
             _ => hidden,
         }
@@ -401,12 +418,12 @@ impl<B: Backend> T5Stack<B> {
     pub fn encode(&self, embedded: Tensor<B, 3>, mask_bias: Tensor<B, 4>) -> Tensor<B, 3> {
         let len = embedded.dims()[1];
         let bias = AttentionBias::new(vec![self.position_bias(0, len, len), mask_bias]);
-        let mut hidden = self.dropout.forward(embedded);
+        let mut hidden = apply_dropout(&self.dropout, embedded);
         for block in &self.blocks {
             hidden = block.self_attention_residual(hidden, &bias);
             hidden = block.feed_forward_residual(hidden);
         }
-        self.dropout.forward(self.final_norm.forward(hidden))
+        apply_dropout(&self.dropout, self.final_norm.forward(hidden))
     }
 
     /// Full (teacher-forced) decoder pass over `[B, T, d]` embeddings.
@@ -421,14 +438,14 @@ impl<B: Backend> T5Stack<B> {
         let causal = causal_bias::<B>(len, &device);
         let bias = AttentionBias::new(vec![self.position_bias(0, len, len), causal]);
         let cross_bias = AttentionBias::new(vec![cross_bias]);
-        let mut hidden = self.dropout.forward(embedded);
+        let mut hidden = apply_dropout(&self.dropout, embedded);
         for block in &self.blocks {
             hidden = block.self_attention_residual(hidden, &bias);
             let (k, v) = block.cross_keys_values(encoder_out.clone());
             hidden = block.cross_attention_residual(hidden, k, v, &cross_bias);
             hidden = block.feed_forward_residual(hidden);
         }
-        self.dropout.forward(self.final_norm.forward(hidden))
+        apply_dropout(&self.dropout, self.final_norm.forward(hidden))
     }
 
     /// One incremental decoder step over `[N, 1, d]` embeddings at position `step`.

@@ -202,17 +202,23 @@ fn rms_norm_autodiff<C: CheckpointStrategy>(
     eps: f32,
 ) -> Option<AdTensor> {
     let out = rms_norm_forward(&x.primitive, &weight.primitive, eps)?;
-    let op = RmsNormOp { eps };
-    Some(
-        match op
-            .prepare::<C>([x.node.clone(), weight.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish((x.primitive, weight.primitive), out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        },
-    )
+    Some(record_binary::<C, _>(RmsNormOp { eps }, x, weight, out))
+}
+
+/// Records `out = op(a, b)` in the autodiff graph, keeping both inputs for the backward pass.
+fn record_binary<C, O>(op: O, a: AdTensor, b: AdTensor, out: FlexTensor) -> AdTensor
+where
+    C: CheckpointStrategy,
+    O: Backward<Flex, 2, State = (FlexTensor, FlexTensor)>,
+{
+    match op
+        .prepare::<C>([a.node.clone(), b.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((a.primitive, b.primitive), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
 }
 
 /// T5 RMS norm `weight * x / sqrt(mean(x^2) + eps)` over the last dimension, one pass (and one
@@ -310,16 +316,7 @@ impl Backward<Flex, 2> for GeluGatedOp {
 
 fn gelu_gated_autodiff<C: CheckpointStrategy>(a: AdTensor, gate: AdTensor) -> Option<AdTensor> {
     let out = gelu_gated_forward(&a.primitive, &gate.primitive)?;
-    Some(
-        match GeluGatedOp
-            .prepare::<C>([a.node.clone(), gate.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish((a.primitive, gate.primitive), out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        },
-    )
+    Some(record_binary::<C, _>(GeluGatedOp, a, gate, out))
 }
 
 /// `gelu_new(a) * gate` (FLAN-T5's gated-gelu), one pass (and one pass back when training).

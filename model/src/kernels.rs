@@ -406,16 +406,33 @@ impl BiasTerm {
 
 /// `softmax(scores + sum(terms))` over the last dimension; `scores` is `[B, H, Lq, Lk]`.
 fn softmax_bias_forward(scores: &FlexTensor, terms: &[FlexTensor]) -> Option<FlexTensor> {
+    let terms = bias_terms(scores, terms)?;
+    Some(softmax_bias_in_place(scores.to_contiguous(), &terms))
+}
+
+/// The bias terms of `scores` (`[B, H, Lq, Lk]`), or `None` when one does not broadcast to it.
+fn bias_terms(scores: &FlexTensor, terms: &[FlexTensor]) -> Option<Vec<BiasTerm>> {
     let dims = scores.layout().shape().to_vec();
     if dims.len() != 4 {
         return None;
     }
-    let terms = terms
+    terms
         .iter()
         .map(|t| BiasTerm::new(t.clone(), &dims))
-        .collect::<Option<Vec<_>>>()?;
+        .collect::<Option<Vec<_>>>()
+}
+
+/// `softmax(scores + sum(terms))`, in place when `scores` is contiguous and not shared.
+fn softmax_bias_in_place(scores: FlexTensor, terms: &[BiasTerm]) -> FlexTensor {
+    let dims = scores.layout().shape().to_vec();
     let (heads, q_len, k_len) = (dims[1], dims[2], dims[3]);
-    let mut out = scores.to_contiguous();
+    // `to_contiguous` of a contiguous tensor is a second handle on the same buffer: drop the
+    // first so that the buffer is written in place rather than copied.
+    let mut out = {
+        let contiguous = scores.to_contiguous();
+        drop(scores);
+        contiguous
+    };
     let data: &mut [f32] = out.storage_mut();
     let rows_per_task = rows_per_task(k_len);
     data.par_chunks_mut(k_len * rows_per_task)
@@ -428,13 +445,13 @@ fn softmax_bias_forward(scores: &FlexTensor, terms: &[FlexTensor]) -> Option<Fle
                     (index / q_len) % heads,
                     index / (q_len * heads),
                 );
-                for term in &terms {
+                for term in terms {
                     term.add_to_row(row, b, h, i);
                 }
                 simd::softmax_in_place(row);
             }
         });
-    Some(out)
+    out
 }
 
 /// Gradient of the softmax input: `p * (grad - sum(grad * p))` per row.
@@ -522,18 +539,32 @@ fn softmax_bias_training<C: CheckpointStrategy, B: Backend>(
 /// multi-threaded pass (and one pass back when training, where the gradient of a broadcast term
 /// is summed over its broadcast dimensions).
 pub(crate) fn softmax_with_bias<B: Backend>(
-    scores: &Tensor<B, 4>,
+    scores: Tensor<B, 4>,
     terms: &[Tensor<B, 4>],
-) -> Option<Tensor<B, 4>> {
-    match kind::<B>()? {
-        Kind::Flex => {
-            let terms = terms.iter().map(as_flex).collect::<Option<Vec<_>>>()?;
-            upcast(softmax_bias_forward(&as_flex(scores)?, &terms)?)
+) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    let fused = match kind::<B>() {
+        None => None,
+        Some(Kind::Flex) => {
+            // Inference: the scores are this call's own, so the softmax overwrites them.
+            let flex_terms = terms.iter().map(as_flex).collect::<Option<Vec<_>>>();
+            let prepared = flex_terms.and_then(|t| Some((as_flex(&scores)?, t)));
+            match prepared.and_then(|(flex, t)| bias_terms(&flex, &t)) {
+                Some(bias) => {
+                    let owned = take_flex(scores)?;
+                    return upcast(softmax_bias_in_place(owned, &bias))
+                        .ok_or_else(|| unreachable!("B is burn-flex"));
+                }
+                None => None,
+            }
         }
-        Kind::Autodiff => upcast(softmax_bias_training::<NoCheckpointing, B>(scores, terms)?),
-        Kind::Checkpointed => upcast(softmax_bias_training::<BalancedCheckpointing, B>(
-            scores, terms,
-        )?),
+        Some(Kind::Autodiff) => softmax_bias_training::<NoCheckpointing, B>(&scores, terms),
+        Some(Kind::Checkpointed) => {
+            softmax_bias_training::<BalancedCheckpointing, B>(&scores, terms)
+        }
+    };
+    match fused.and_then(upcast) {
+        Some(weights) => Ok(weights),
+        None => Err(scores),
     }
 }
 
@@ -748,8 +779,9 @@ pub(crate) fn adamw<B: Backend>(
     Ok((wrap(value), wrap(m), wrap(s)))
 }
 
-/// The element-wise loops, written so that the compiler vectorizes them; compiled twice (for
-/// the baseline target and for AVX2+FMA) and picked at run time.
+/// The element-wise loops, written so that the compiler vectorizes them; compiled three times
+/// (for the baseline target, AVX2+FMA and AVX-512) and picked at run time. The compiler never
+/// fuses a multiply and an add on its own, so all three give the same bits.
 mod simd {
     /// `exp(x)` for f32 to ~2 ulp (Cephes `expf`: range reduction by ln 2, degree-6
     /// polynomial, exponent bits set directly); exactly 0 below -87.3 as libm's underflow.
@@ -1001,9 +1033,17 @@ mod simd {
             pub(super) fn $name($($arg: $ty),*) {
                 #[cfg(target_arch = "x86_64")]
                 {
+                    #[target_feature(enable = "avx512f,avx2,fma")]
+                    fn avx512($($arg: $ty),*) {
+                        $body($($arg),*)
+                    }
                     #[target_feature(enable = "avx2,fma")]
                     fn avx2($($arg: $ty),*) {
                         $body($($arg),*)
+                    }
+                    if std::arch::is_x86_feature_detected!("avx512f") {
+                        // SAFETY: the CPU supports the features `avx512` was compiled for.
+                        return unsafe { avx512($($arg),*) };
                     }
                     if std::arch::is_x86_feature_detected!("avx2")
                         && std::arch::is_x86_feature_detected!("fma")
@@ -1168,7 +1208,7 @@ mod tests {
             &Default::default(),
         );
         let position4 = position.clone().permute([2, 0, 1]).unsqueeze::<4>();
-        let fused = super::softmax_with_bias(&scores, &[position4.clone(), mask.clone()])
+        let fused = super::softmax_with_bias(scores.clone(), &[position4.clone(), mask.clone()])
             .expect("flex takes the fused path");
         let generic = softmax(scores.clone() + position4.clone() + mask.clone(), 3);
         close(fused.into_data(), generic.into_data());
@@ -1181,7 +1221,8 @@ mod tests {
             let m = Tensor::<Ad, 4>::from_data(mask.to_data(), &device);
             let p4 = p.clone().permute([2, 0, 1]).unsqueeze::<4>();
             let y = if fused {
-                super::softmax_with_bias(&s, &[p4, m]).expect("autodiff flex takes the fused path")
+                super::softmax_with_bias(s.clone(), &[p4, m])
+                    .expect("autodiff flex takes the fused path")
             } else {
                 softmax(s.clone() + p4 + m, 3)
             };

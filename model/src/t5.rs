@@ -187,8 +187,8 @@ impl<B: Backend> Attention<B> {
                 // mixed precision (products in the compute dtype, softmax in f32); and the CPU
                 // backends, whose fused bias + softmax kernel beats their attention op.
                 let scores = mixed_matmul(q, k.swap_dims(2, 3), self.precision);
-                let weights = crate::kernels::softmax_with_bias(&scores, &bias.terms)
-                    .unwrap_or_else(|| {
+                let weights = crate::kernels::softmax_with_bias(scores, &bias.terms)
+                    .unwrap_or_else(|scores| {
                         softmax(
                             scores + bias.summed().expand([batch, heads, q_len, k_len]),
                             3,

@@ -1109,6 +1109,37 @@ mod tests {
         got.assert_approx_eq::<f32>(&want, Tolerance::rel_abs(2e-5, 2e-5));
     }
 
+    /// The gradients of `sum(op(a, b) * upstream)` with respect to `a` and `b` are the same
+    /// through the fused kernel (on the autodiff CPU backend) and through `generic`.
+    fn assert_same_gradients<const DA: usize, const DB: usize, const DO: usize>(
+        a: &Tensor<Flex, DA>,
+        b: &Tensor<Flex, DB>,
+        out_shape: [usize; DO],
+        fused: impl Fn(&Tensor<Ad, DA>, &Tensor<Ad, DB>) -> Option<Tensor<Ad, DO>>,
+        generic: impl Fn(Tensor<Ad, DA>, Tensor<Ad, DB>) -> Tensor<Ad, DO>,
+    ) {
+        let upstream: Tensor<Ad, DO> = random(out_shape);
+        let grads_of = |use_fused: bool| {
+            let device = Default::default();
+            let aa = Tensor::<Ad, DA>::from_data(a.to_data(), &device).require_grad();
+            let ba = Tensor::<Ad, DB>::from_data(b.to_data(), &device).require_grad();
+            let y = if use_fused {
+                fused(&aa, &ba).expect("autodiff flex takes the fused path")
+            } else {
+                generic(aa.clone(), ba.clone())
+            };
+            let grads = (y * upstream.clone()).sum().backward();
+            (
+                aa.grad(&grads).expect("first input's grad").into_data(),
+                ba.grad(&grads).expect("second input's grad").into_data(),
+            )
+        };
+        let (fused_a, fused_b) = grads_of(true);
+        let (generic_a, generic_b) = grads_of(false);
+        close(fused_a, generic_a);
+        close(fused_b, generic_b);
+    }
+
     fn generic_rms<B: burn::tensor::backend::Backend>(
         x: Tensor<B, 3>,
         w: Tensor<B, 1>,
@@ -1134,25 +1165,13 @@ mod tests {
             generic_rms(x.clone(), w.clone()).into_data(),
         );
 
-        let upstream: Tensor<Ad, 3> = random([3, 5, 40]);
-        let grads_of = |fused: bool| {
-            let xa = Tensor::<Ad, 3>::from_data(x.to_data(), &Default::default()).require_grad();
-            let wa = Tensor::<Ad, 1>::from_data(w.to_data(), &Default::default()).require_grad();
-            let y = if fused {
-                super::rms_norm(&xa, &wa, 1e-6).expect("autodiff flex takes the fused path")
-            } else {
-                generic_rms(xa.clone(), wa.clone())
-            };
-            let grads = (y * upstream.clone()).sum().backward();
-            (
-                xa.grad(&grads).expect("x grad").into_data(),
-                wa.grad(&grads).expect("w grad").into_data(),
-            )
-        };
-        let (fx, fw) = grads_of(true);
-        let (gx, gw) = grads_of(false);
-        close(fx, gx);
-        close(fw, gw);
+        assert_same_gradients(
+            &x,
+            &w,
+            [3, 5, 40],
+            |x, w| super::rms_norm(x, w, 1e-6),
+            generic_rms,
+        );
     }
 
     #[test]
@@ -1165,25 +1184,13 @@ mod tests {
             generic_gelu_gated(a.clone(), g.clone()).into_data(),
         );
 
-        let upstream: Tensor<Ad, 3> = random([2, 7, 300]);
-        let grads_of = |fused: bool| {
-            let aa = Tensor::<Ad, 3>::from_data(a.to_data(), &Default::default()).require_grad();
-            let ga = Tensor::<Ad, 3>::from_data(g.to_data(), &Default::default()).require_grad();
-            let y = if fused {
-                super::gelu_new_gated(&aa, &ga).expect("autodiff flex takes the fused path")
-            } else {
-                generic_gelu_gated(aa.clone(), ga.clone())
-            };
-            let grads = (y * upstream.clone()).sum().backward();
-            (
-                aa.grad(&grads).expect("a grad").into_data(),
-                ga.grad(&grads).expect("gate grad").into_data(),
-            )
-        };
-        let (fa, fg) = grads_of(true);
-        let (ga, gg) = grads_of(false);
-        close(fa, ga);
-        close(fg, gg);
+        assert_same_gradients(
+            &a,
+            &g,
+            [2, 7, 300],
+            super::gelu_new_gated,
+            generic_gelu_gated,
+        );
     }
 
     #[test]

@@ -80,11 +80,15 @@ async fn late_joiner(port: u64, outer: OuterOptimizer) {
             .map(|r| (r.round, r.deltas))
             .collect::<Vec<_>>()
     );
-    // It did not train round 0 alone: its first applied round is one the mesh was in.
+    // It did not train round 0 alone: its first record is the catch-up to a round the mesh
+    // was in, and every record after it a round it took part in.
+    let first = late.rounds.first().expect("a round");
     assert!(
-        late.rounds.first().expect("a round").round >= 3,
-        "late joiner started over"
+        first.round >= 2 && first.synced_from.is_some(),
+        "late joiner started over: {:?}",
+        late.rounds.iter().map(|r| r.round).collect::<Vec<_>>()
     );
+    assert!(late.rounds[1..].iter().all(|r| r.synced_from.is_none()));
     assert_eq!(late.final_round, ROUNDS);
     // Once in, its delta counted for the others.
     let last = done[0].0.rounds.last().expect("round");
@@ -99,16 +103,31 @@ async fn late_joiner(port: u64, outer: OuterOptimizer) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_resumes_from_its_checkpoint_and_rejoins() {
+    restarted_node(4_000, None).await;
+}
+
+/// Down while the mesh ran on for several rounds, the node comes back far behind: it adopts a
+/// peer's state instead of replaying the rounds, and its `rounds.jsonl` says so (a catch-up
+/// record), so that it still ends on a record of the mesh's last model, however far the
+/// state it adopted was (even past the last round, once the others finished).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_after_the_mesh_moved_on_catches_up_on_a_peers_state() {
+    restarted_node(4_300, Some(ROUNDS as usize - 3)).await;
+}
+
+/// Stops node 2 after its second round and starts it again on the same directory, at once or
+/// once node 0 has applied `restart_after` rounds.
+async fn restarted_node(port: u64, restart_after: Option<usize>) {
     init_logs();
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_bootstrap, boot) = start_bootstrap(4_000).await;
+    let (_bootstrap, boot) = start_bootstrap(port).await;
     let data = shards(3, 64);
     let keys: Vec<Keypair> = (0..3).map(|_| Keypair::generate_ed25519()).collect();
     let mut nodes: Vec<Option<TestNode>> = (0..3)
         .map(|i| {
             Some(start_node(
                 Some(keys[i].clone()),
-                4_001 + i as u64,
+                port + 1 + i as u64,
                 &boot,
                 &data[i],
                 &dir.path().join(format!("node{i}")),
@@ -126,9 +145,12 @@ async fn a_restarted_node_resumes_from_its_checkpoint_and_rejoins() {
     let _ = stopped.handle.await;
     let applied_before = records(&out2).len();
     tokio::time::sleep(Duration::from_millis(500)).await;
+    if let Some(applied) = restart_after {
+        wait_for_round(&dir.path().join("node0"), applied).await;
+    }
     nodes[2] = Some(start_node(
         Some(keys[2].clone()),
-        4_011,
+        port + 11,
         &boot,
         &data[2],
         &out2,
@@ -146,6 +168,30 @@ async fn a_restarted_node_resumes_from_its_checkpoint_and_rejoins() {
         "rounds repeat: {rounds:?}"
     );
     assert_eq!(restarted.final_round, ROUNDS);
+    // Its record of the last round is of the model it ended on.
+    let last = restarted.rounds.last().expect("a round");
+    for (summary, _) in &done {
+        let l = summary.rounds.last().expect("a round");
+        println!(
+            "final {} record {} {} adopted {:?}",
+            summary.model_hash, l.round, l.model_hash, summary.adopted_final_state
+        );
+    }
+    assert_eq!(last.round, ROUNDS - 1, "rounds: {rounds:?}");
+    assert_eq!(last.model_hash, restarted.model_hash.to_string());
+    if restart_after.is_some() {
+        let caught_up: Vec<u64> = restarted
+            .rounds
+            .iter()
+            .filter(|r| r.synced_from.is_some())
+            .map(|r| r.round)
+            .collect();
+        println!("caught up at rounds {caught_up:?}");
+        assert!(
+            caught_up.len() == 1 && caught_up[0] > 1,
+            "no catch-up record: {rounds:?}"
+        );
+    }
     let weights: Vec<_> = done.iter().map(|(_, w)| w.clone()).collect();
     let disagreement = relative_disagreement(&weights);
     assert!(disagreement <= 1e-5, "disagreement {disagreement}");

@@ -38,12 +38,7 @@ impl FederatedRun {
 
     /// Mean ROUGE-L over nodes of the last evaluated round.
     pub fn final_rouge_l(&self) -> Option<f64> {
-        let finals: Vec<f64> = self
-            .records
-            .iter()
-            .filter_map(|r| r.iter().rev().find_map(|x| x.rouge_l))
-            .collect();
-        (!finals.is_empty()).then(|| finals.iter().sum::<f64>() / finals.len() as f64)
+        final_rouge_of(self, |_| true)
     }
 
     /// Mean over nodes of the bytes each sent on the wire during the run.
@@ -136,13 +131,16 @@ fn chart(
     Ok(())
 }
 
-/// Final ROUGE-L, mean over the nodes in `nodes`.
+/// Final ROUGE-L, mean over the nodes in `nodes`. A node that ended on a catch-up (it adopted
+/// a peer's state after its last evaluation) is left out: its last score is of an older model,
+/// and the model it holds is scored by the nodes that made it.
 fn final_rouge_of(run: &FederatedRun, nodes: impl Fn(usize) -> bool) -> Option<f64> {
     let finals: Vec<f64> = run
         .records
         .iter()
         .enumerate()
         .filter(|(i, _)| nodes(*i))
+        .filter(|(_, r)| r.last().is_none_or(|x| x.synced_from.is_none()))
         .filter_map(|(_, r)| r.iter().rev().find_map(|x| x.rouge_l))
         .collect();
     (!finals.is_empty()).then(|| finals.iter().sum::<f64>() / finals.len() as f64)
@@ -519,7 +517,13 @@ pub fn write(
             }
         }
         for (i, records) in main.records.iter().enumerate() {
-            let rounds: Vec<String> = records.iter().map(|r| r.round.to_string()).collect();
+            let rounds: Vec<String> = records
+                .iter()
+                .map(|r| match &r.synced_from {
+                    Some(_) => format!("{} (caught up: adopted a peer's state)", r.round),
+                    None => r.round.to_string(),
+                })
+                .collect();
             writeln!(md, "- node {i} applied rounds [{}]", rounds.join(", "))?;
         }
         scenario_verdict(&mut md, main, clean, hashes.len())?;

@@ -159,9 +159,11 @@ pub fn check_records(
         if counts.len() > 1 {
             checks.split_rounds.push(round);
         }
+        // Who the accepted model combined, from a node that aggregated it (a node that only
+        // adopted it as a catch-up knows no contributors).
         let accepted_from: Vec<&str> = recs
             .iter()
-            .find(|r| r.model_hash == winner)
+            .find(|r| r.model_hash == winner && r.synced_from.is_none())
             .map(|r| r.contributors.iter().map(String::as_str).collect())
             .unwrap_or_default();
         let mut extra: Vec<&str> = recs
@@ -830,6 +832,32 @@ mod tests {
         let checks = check_records(&repaired, &[vec![0], vec![0], vec![0]], 0.1);
         assert!(checks.lost.is_empty(), "{:?}", checks.lost);
         assert_eq!(checks.split_rounds, vec![0]);
+    }
+
+    #[test]
+    fn a_catch_up_record_neither_loses_nor_hides_the_rounds_contributors() {
+        // Node 0 was down for round 1 and adopted the mesh's round-1 model from node 1; nodes
+        // 1 and 2 aggregated it from their two deltas.
+        let mut synced = record(0, 1, "", "b", &[], 100);
+        synced.train_loss = None;
+        synced.synced_from = Some("p1".into());
+        let records = vec![
+            vec![record(0, 0, "z", "a", &[0, 1, 2], 100), synced],
+            vec![
+                record(1, 0, "z", "a", &[0, 1, 2], 100),
+                record(1, 1, "a", "b", &[1, 2], 100),
+            ],
+            vec![
+                record(2, 0, "z", "a", &[0, 1, 2], 100),
+                record(2, 1, "a", "b", &[1, 2], 100),
+            ],
+        ];
+        let checks = check_records(&records, &[vec![0], vec![0], vec![0]], 0.1);
+        assert_eq!(checks.accepted[&1], "b");
+        assert!(checks.split_rounds.is_empty());
+        assert!(checks.lost.is_empty(), "{:?}", checks.lost);
+        assert_eq!(checks.own_delta_left_out, 0);
+        assert_eq!(checks.minority_only_deltas, 0);
     }
 
     #[test]

@@ -677,6 +677,7 @@ pub async fn run(
             peak_rss_bytes: process_memory("VmHWM:"),
             rejected: BTreeMap::new(),
             adopted_final_state: None,
+            synced_from: None,
         };
         tracing::info!(
             round,

@@ -217,6 +217,53 @@ pub struct RoundRecord {
     /// missed part of it); `model_hash` is then the adopted model's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adopted_final_state: Option<String>,
+    /// The peer whose state this node adopted instead of taking part in the rounds since its
+    /// previous record (it was down, or fell too far behind): the record of a catch-up, not of
+    /// a round this node trained or aggregated, so it has no loss, deltas or base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synced_from: Option<String>,
+}
+
+impl RoundRecord {
+    /// The record of adopting `peer`'s state after `round`: `hash` is the adopted model.
+    pub fn synced(
+        round: u64,
+        me: PeerId,
+        peer: PeerId,
+        hash: ModelHash,
+        mesh_peers: usize,
+    ) -> Self {
+        RoundRecord {
+            round,
+            peer_id: me.to_string(),
+            train_loss: None,
+            train_samples: 0,
+            eval_loss: None,
+            rouge_l: None,
+            deltas: 0,
+            mesh_peers,
+            delta_bytes: 0,
+            raw_delta_bytes: 0,
+            payload_in: 0,
+            wire_in: 0,
+            wire_out: 0,
+            amplification: None,
+            seconds_train: 0.0,
+            seconds_total: 0.0,
+            seconds_eval: 0.0,
+            deadline_s: 0.0,
+            tokens: 0,
+            energy: RoundEnergy::default(),
+            model_hash: hash.to_string(),
+            base_hash: String::new(),
+            contributors: Vec::new(),
+            rss_bytes: process_memory("VmRSS:"),
+            peak_rss_bytes: process_memory("VmHWM:"),
+            rejected: BTreeMap::new(),
+            adopted_final_state: None,
+            synced_from: Some(peer.to_string()),
+        }
+    }
 }
 
 /// What [`run`] hands back.
@@ -741,6 +788,7 @@ pub async fn run(
                         peak_rss_bytes: process_memory("VmHWM:"),
                         rejected: std::mem::take(&mut rejected),
                         adopted_final_state: None,
+                        synced_from: None,
                     };
                     metrics.round_seconds.set(record.seconds_total);
                     metrics.record_energy(&record.energy);
@@ -761,15 +809,7 @@ pub async fn run(
                         seconds = record.seconds_total,
                         "round applied"
                     );
-                    let mut extras = Vec::new();
-                    if let Some(fb) = &feedback_slot {
-                        for (name, values) in fb.residuals() {
-                            extras.push((format!("feedback/{name}"), vec![values.len()], values.to_vec()));
-                        }
-                    }
-                    for t in outer_state.to_tensors(config.outer, &base).into_tensors() {
-                        extras.push((format!("outer/{}", t.name), t.shape, t.values));
-                    }
+                    let extras = checkpoint_extras(feedback_slot.as_ref(), &outer_state, &config, &base);
                     trainer
                         .save(checkpoints.clone(), (round + 1) as usize, serde_json::json!({"next_round": round + 1, "model_hash": hash.to_string()}), extras)
                         .await
@@ -793,6 +833,20 @@ pub async fn run(
                         // The mesh's outer optimizer state comes with its model, so the next
                         // outer step here is the one every other node takes.
                         outer_state = outer;
+                        // The adopted state is this node's resume point, and the rounds it
+                        // skipped end in a record of the catch-up: a restarted node that comes
+                        // back after the mesh's last round still ends on the mesh's model.
+                        trainer
+                            .save(checkpoints.clone(), synced_round as usize, serde_json::json!({"next_round": synced_round, "model_hash": base_hash.to_string()}), checkpoint_extras(None, &outer_state, &config, &base))
+                            .await
+                            .context("checkpoint after adopting a peer's state")?;
+                        if let Some(last) = synced_round.checked_sub(1)
+                            && records.last().is_none_or(|r| r.round < last)
+                        {
+                            let record = RoundRecord::synced(last, me, from, base_hash, mesh_peers);
+                            append_record(&rounds_path, &record)?;
+                            records.push(record);
+                        }
                         blocking(|| serve_state(&store, &config, me, synced_round, &base, &outer_state))?;
                         tracing::info!(peer = %from, round = synced_round, hash = %base_hash, "adopted a peer's state");
                         Input::StateSynced { round: synced_round, base: base_hash }
@@ -857,10 +911,7 @@ pub async fn run(
                         base = *weights;
                         base_hash = hash;
                         outer_state = outer;
-                        let mut extras = Vec::new();
-                        for t in outer_state.to_tensors(config.outer, &base).into_tensors() {
-                            extras.push((format!("outer/{}", t.name), t.shape, t.values));
-                        }
+                        let extras = checkpoint_extras(None, &outer_state, &config, &base);
                         trainer
                             .save(checkpoints.clone(), final_round as usize, serde_json::json!({"next_round": final_round, "model_hash": hash.to_string()}), extras)
                             .await
@@ -1044,6 +1095,30 @@ async fn linger(
         seconds = start.elapsed().as_secs_f64(),
         "stopped serving: peers stopped fetching"
     );
+}
+
+/// What a checkpoint holds besides the weights: the error-feedback residuals (when there are
+/// any to keep) and the outer optimizer state, restored by [`run`] on start.
+fn checkpoint_extras(
+    feedback: Option<&ErrorFeedback>,
+    outer: &OuterState,
+    config: &CoordinatorConfig,
+    base: &TensorSet,
+) -> Vec<meshtune_model::checkpoint::HostParam> {
+    let mut extras = Vec::new();
+    if let Some(fb) = feedback {
+        for (name, values) in fb.residuals() {
+            extras.push((
+                format!("feedback/{name}"),
+                vec![values.len()],
+                values.to_vec(),
+            ));
+        }
+    }
+    for t in outer.to_tensors(config.outer, base).into_tensors() {
+        extras.push((format!("outer/{}", t.name), t.shape, t.values));
+    }
+    extras
 }
 
 fn pop_front(queue: &mut Vec<Action>) -> Option<Action> {

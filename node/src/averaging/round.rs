@@ -702,9 +702,67 @@ pub fn final_state_winner(
     holder.map(|peer| (peer, winner, count))
 }
 
+/// Before its first round, a node that asked its mesh peers for their latest states
+/// (`(peer, round, model)`) and is at `round`: when most of them are past it (they ran rounds
+/// without it), the peer to sync from and its round, the state held by the most peers (ties
+/// to the later round, then the smaller hash). A minority ahead is not followed (it may be
+/// lying about its round), the same rule as for manifests beyond the window.
+#[must_use]
+pub fn ahead_majority(round: u64, states: &[(PeerId, u64, ModelHash)]) -> Option<(PeerId, u64)> {
+    let ahead: Vec<&(PeerId, u64, ModelHash)> =
+        states.iter().filter(|(_, r, _)| *r > round).collect();
+    if ahead.len() * 2 <= states.len() {
+        return None;
+    }
+    let mut counts: BTreeMap<(u64, ModelHash), (usize, PeerId)> = BTreeMap::new();
+    for (peer, r, hash) in ahead {
+        counts.entry((*r, *hash)).or_insert((0, *peer)).0 += 1;
+    }
+    counts
+        .into_iter()
+        .max_by_key(|((r, hash), (count, _))| (*count, *r, std::cmp::Reverse(*hash)))
+        .map(|((r, _), (_, peer))| (peer, r))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_catches_up_only_when_most_peers_are_ahead() {
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        // Everyone where this node is, or behind: nothing to do.
+        assert_eq!(ahead_majority(2, &[(a, 2, hash(1)), (b, 1, hash(2))]), None);
+        assert_eq!(ahead_majority(2, &[]), None);
+        // One of three ahead (maybe lying): not followed; half is not a majority either.
+        assert_eq!(
+            ahead_majority(2, &[(a, 9, hash(1)), (b, 2, hash(2)), (c, 2, hash(2))]),
+            None
+        );
+        assert_eq!(ahead_majority(2, &[(a, 6, hash(1)), (b, 2, hash(2))]), None);
+        // The mesh finished while this node was down: the final state, from a peer holding it.
+        assert_eq!(
+            ahead_majority(2, &[(a, 6, hash(1)), (b, 6, hash(1)), (c, 2, hash(2))]),
+            Some((a, 6))
+        );
+        // A lone peer is the whole mesh (a mesh of two has no majority to protect it).
+        assert_eq!(ahead_majority(0, &[(c, 3, hash(4))]), Some((c, 3)));
+        // Ahead but split: the state most peers hold, not the furthest one.
+        let (d, e) = (PeerId::random(), PeerId::random());
+        let split = [
+            (a, 7, hash(1)),
+            (b, 5, hash(2)),
+            (c, 5, hash(2)),
+            (d, 5, hash(2)),
+            (e, 1, hash(3)),
+        ];
+        assert_eq!(ahead_majority(1, &split).map(|(_, r)| r), Some(5));
+        // Equal counts: the later round.
+        assert_eq!(
+            ahead_majority(1, &[(a, 4, hash(1)), (b, 5, hash(2))]),
+            Some((b, 5))
+        );
+    }
 
     fn hash(n: u8) -> ModelHash {
         ModelHash([n; 32])

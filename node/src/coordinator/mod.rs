@@ -400,6 +400,63 @@ pub async fn run(
         }
     }
     metrics.mesh_peers.set(mesh_peers as i64);
+    let ledger = Ledger {
+        trainer: &trainer,
+        checkpoints: &checkpoints,
+        rounds_path: &rounds_path,
+        store: &store,
+        config: &config,
+        me,
+    };
+    // Back from a restart (or new) while the mesh already moved on: adopt its state before
+    // the first round rather than training a round nobody else is in. Waiting for manifests
+    // instead can miss the whole rest of a short run (a mesh whose last rounds went by while
+    // this node was down), and training alone meanwhile makes the others wait for it.
+    if mesh_peers > 0
+        && let Some(Some((peer, their_round))) = drain_while(
+            mesh_ahead(&client, &config.mesh_id, round),
+            &client,
+            &mut events,
+            &shutdown,
+        )
+        .await
+    {
+        tracing::info!(peer = %peer, their_round, our_round = round, "the mesh is ahead of this node: adopting its state before the first round");
+        let fetched = drain_while(
+            fetch_state(
+                &client,
+                peer,
+                their_round,
+                layout.clone(),
+                &config,
+                Some(&metrics),
+            ),
+            &client,
+            &mut events,
+            &shutdown,
+        )
+        .await;
+        match fetched {
+            Some(Ok((synced_round, weights, outer))) => {
+                feedback.clear();
+                (base, base_hash, outer_state) = ledger
+                    .adopt(
+                        peer,
+                        synced_round,
+                        *weights,
+                        outer,
+                        &mut records,
+                        mesh_peers,
+                    )
+                    .await?;
+                round = synced_round;
+            }
+            Some(Err(reason)) => {
+                tracing::warn!(peer = %peer, reason, "catching up on the mesh's state failed; starting from this node's own state");
+            }
+            None => {}
+        }
+    }
     let (done_tx, mut done_rx) = mpsc::channel::<Done>(64);
     let (mut machine, mut actions) = RoundMachine::new(me, round, base_hash, config.round.clone());
     actions.extend(machine.handle(Instant::now(), Input::PeerCount(mesh_peers)));
@@ -821,34 +878,15 @@ pub async fn run(
                 }
                 Some(Done::Synced { from, result }) => match result {
                     Ok((synced_round, weights, outer)) => {
-                        trainer.set_weights((*weights).clone()).await?;
-                        base = *weights;
-                        base_hash = ModelHash::of_tensors(&base);
-                        if let Ok(mut current) = current_base.lock() {
-                            *current = base_hash;
-                        }
                         if let Some(fb) = feedback_slot.as_mut() {
                             fb.clear();
                         }
-                        // The mesh's outer optimizer state comes with its model, so the next
-                        // outer step here is the one every other node takes.
-                        outer_state = outer;
-                        // The adopted state is this node's resume point, and the rounds it
-                        // skipped end in a record of the catch-up: a restarted node that comes
-                        // back after the mesh's last round still ends on the mesh's model.
-                        trainer
-                            .save(checkpoints.clone(), synced_round as usize, serde_json::json!({"next_round": synced_round, "model_hash": base_hash.to_string()}), checkpoint_extras(None, &outer_state, &config, &base))
-                            .await
-                            .context("checkpoint after adopting a peer's state")?;
-                        if let Some(last) = synced_round.checked_sub(1)
-                            && records.last().is_none_or(|r| r.round < last)
-                        {
-                            let record = RoundRecord::synced(last, me, from, base_hash, mesh_peers);
-                            append_record(&rounds_path, &record)?;
-                            records.push(record);
+                        (base, base_hash, outer_state) = ledger
+                            .adopt(from, synced_round, *weights, outer, &mut records, mesh_peers)
+                            .await?;
+                        if let Ok(mut current) = current_base.lock() {
+                            *current = base_hash;
                         }
-                        blocking(|| serve_state(&store, &config, me, synced_round, &base, &outer_state))?;
-                        tracing::info!(peer = %from, round = synced_round, hash = %base_hash, "adopted a peer's state");
                         Input::StateSynced { round: synced_round, base: base_hash }
                     }
                     Err(reason) => {
@@ -874,6 +912,7 @@ pub async fn run(
             .min(Duration::from_secs(1_800));
         let reports = drain_while(
             final_states(&client, &config.mesh_id, final_round, wait),
+            &client,
             &mut events,
             &shutdown,
         )
@@ -894,6 +933,7 @@ pub async fn run(
                     metrics.clone(),
                     done_tx.clone(),
                 ),
+                &client,
                 &mut events,
                 &shutdown,
             )
@@ -994,6 +1034,7 @@ pub const MAX_STATE_DONORS: usize = 8;
 /// channel); `None` when `shutdown` fires or the network stops first.
 async fn drain_while<T>(
     work: impl std::future::Future<Output = T>,
+    client: &Client,
     events: &mut mpsc::Receiver<NetworkEvent>,
     shutdown: &CancellationToken,
 ) -> Option<T> {
@@ -1002,8 +1043,92 @@ async fn drain_while<T>(
         tokio::select! {
             () = shutdown.cancelled() => return None,
             out = &mut work => return Some(out),
-            event = events.recv() => { event?; }
+            event = events.recv() => {
+                // Manifests of rounds this node is not in: not forwarded, not an offence.
+                if let NetworkEvent::Manifest { message_id, source, .. } = event? {
+                    let _ = client.report_manifest(message_id, source, MessageAcceptance::Ignore).await;
+                }
+            }
         }
+    }
+}
+
+/// Asks every mesh peer for its latest state: when most of them are past `round` (they ran
+/// rounds without this node), the peer to sync from and its round: the most advanced state
+/// held by the most peers. A minority ahead is not followed (it may be lying), and peers of
+/// another mesh or without a state do not count for either side.
+async fn mesh_ahead(client: &Client, mesh_id: &str, round: u64) -> Option<(PeerId, u64)> {
+    let peers = client.mesh_peers().await.unwrap_or_default();
+    let asks = peers.iter().map(|&peer| {
+        let request = ChunkRequest::LatestState {
+            mesh_id: mesh_id.to_owned(),
+        };
+        async move {
+            match tokio::time::timeout(Duration::from_secs(5), client.request(peer, request)).await
+            {
+                Ok(Ok(ChunkResponse::State(m))) if m.mesh_id == mesh_id => {
+                    Some((peer, m.round, m.model_hash))
+                }
+                _ => None,
+            }
+        }
+    });
+    let states: Vec<(PeerId, u64, ModelHash)> = futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    crate::averaging::round::ahead_majority(round, &states)
+}
+
+/// Where a node's history goes: the trainer that holds the model, checkpoints,
+/// `rounds.jsonl`, and the state it serves to peers.
+struct Ledger<'a> {
+    trainer: &'a TrainerHandle,
+    checkpoints: &'a std::path::Path,
+    rounds_path: &'a std::path::Path,
+    store: &'a Arc<Mutex<BlobStore>>,
+    config: &'a CoordinatorConfig,
+    me: PeerId,
+}
+
+impl Ledger<'_> {
+    /// Adopts `from`'s state of `round` (the model after round `round - 1`): the trainer takes
+    /// the weights, the state is checkpointed as this node's resume point and served, and when
+    /// rounds were skipped a catch-up record ends them, so a node restarted after the mesh's
+    /// last round still ends on a record of the mesh's model. The mesh's outer optimizer state
+    /// comes with its model, so the next outer step here is the one every other node takes.
+    async fn adopt(
+        &self,
+        from: PeerId,
+        round: u64,
+        weights: TensorSet,
+        outer: OuterState,
+        records: &mut Vec<RoundRecord>,
+        mesh_peers: usize,
+    ) -> anyhow::Result<(TensorSet, ModelHash, OuterState)> {
+        let (config, me) = (self.config, self.me);
+        self.trainer.set_weights(weights.clone()).await?;
+        let hash = ModelHash::of_tensors(&weights);
+        self.trainer
+            .save(
+                self.checkpoints.to_path_buf(),
+                round as usize,
+                serde_json::json!({"next_round": round, "model_hash": hash.to_string()}),
+                checkpoint_extras(None, &outer, config, &weights),
+            )
+            .await
+            .context("checkpoint after adopting a peer's state")?;
+        if let Some(last) = round.checked_sub(1)
+            && records.last().is_none_or(|r| r.round < last)
+        {
+            let record = RoundRecord::synced(last, me, from, hash, mesh_peers);
+            append_record(self.rounds_path, &record)?;
+            records.push(record);
+        }
+        blocking(|| serve_state(self.store, config, me, round, &weights, &outer))?;
+        tracing::info!(peer = %from, round, hash = %hash, "adopted a peer's state");
+        Ok((weights, hash, outer))
     }
 }
 

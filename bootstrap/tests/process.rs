@@ -167,13 +167,16 @@ fn test_swarm(psk: Option<PreSharedKey>) -> meshtune_bootstrap::libp2p::Swarm<Bo
 }
 
 /// Dials `addr` and waits until identify reports the bootstrap node's info.
-async fn identify_through(addr: &Multiaddr) -> identify::Info {
+/// Dials `addr` and waits for the bootstrap's identify info. The swarm goes on being driven in
+/// a task (aborted on drop of the handle), so that the bootstrap can identify this peer too:
+/// closing the connection at once can cut off this side's answer to its identify request.
+async fn identify_through(addr: &Multiaddr) -> (identify::Info, tokio::task::JoinHandle<()>) {
     let expected = PeerAddr::from_multiaddr(addr.clone())
         .expect("printed address ends in /p2p")
         .peer_id;
     let mut swarm = test_swarm(None);
     swarm.dial(addr.clone()).expect("dial");
-    within(&format!("identify via {addr}"), async {
+    let info = within(&format!("identify via {addr}"), async {
         loop {
             match swarm.select_next_some().await {
                 SwarmEvent::Behaviour(BootstrapBehaviourEvent::Identify(
@@ -186,7 +189,13 @@ async fn identify_through(addr: &Multiaddr) -> identify::Info {
             }
         }
     })
-    .await
+    .await;
+    let driver = tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    (info, driver)
 }
 
 fn http_get(addr: &str, path: &str) -> String {
@@ -207,7 +216,9 @@ fn key_mode(path: &Path) -> u32 {
         & 0o777
 }
 
-#[tokio::test]
+// Multi-threaded: the test thread blocks while it reads the child's output, and the dialing
+// swarms must keep running meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_prints_its_addresses_identifies_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = dir.path().join("keys/bootstrap.key");
@@ -241,11 +252,13 @@ async fn binary_prints_its_addresses_identifies_and_stops_on_sigterm() {
     assert_eq!(on_disk.public().to_peer_id(), peer_id);
 
     // Identify over TCP and over QUIC.
+    let mut drivers = Vec::new();
     for addr in [
         addrs.iter().find(|a| is_tcp(a)).expect("tcp"),
         addrs.iter().find(|a| is_quic(a)).expect("quic"),
     ] {
-        let info = identify_through(addr).await;
+        let (info, driver) = identify_through(addr).await;
+        drivers.push(driver);
         assert_eq!(
             info.protocol_version,
             MeshId::default().identify_protocol_version()
@@ -268,6 +281,9 @@ async fn binary_prints_its_addresses_identifies_and_stops_on_sigterm() {
     let identified = node.stderr_line_containing("identified peer");
     let identified: serde_json::Value = serde_json::from_str(&identified).expect("json");
     assert!(identified["fields"]["peer"].is_string(), "{identified}");
+    for driver in drivers {
+        driver.abort();
+    }
 
     let metrics = http_get(&metrics_addr, "/metrics");
     assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");

@@ -50,6 +50,10 @@ pub struct TestnetArgs {
     /// compare ROUGE-L per round, e.g. `momentum:0.9:0.5,nesterov:0.7:0.9,adam:0.001`.
     #[arg(long, value_delimiter = ',')]
     pub compare_outer: Vec<String>,
+    /// The codecs the mesh is also run with for the comparison (`none`: only the baselines
+    /// alone and centralized, e.g. for long runs where the codecs' bytes are already known).
+    #[arg(long, value_delimiter = ',', default_values_t = ["f32".to_string(), "int8/64+zstd:1".to_string()])]
+    pub compare_codecs: Vec<String>,
     /// iid, dirichlet:ALPHA (non-IID by topic) or by-length.
     #[arg(long, default_value = "dirichlet:0.5")]
     pub split: String,
@@ -269,6 +273,13 @@ pub(crate) fn prepare(args: &TestnetArgs, out: &Path) -> anyhow::Result<Prepared
         outer
             .parse::<OuterOptimizer>()
             .map_err(|e| anyhow::anyhow!(e))?;
+    }
+    for codec in
+        std::iter::once(&args.codec).chain(args.compare_codecs.iter().filter(|c| *c != "none"))
+    {
+        codec
+            .parse::<meshtune_protocol::CodecParams>()
+            .with_context(|| format!("invalid codec `{codec}`"))?;
     }
     std::fs::write(
         &node_toml,
@@ -1086,8 +1097,8 @@ pub fn run_testnet(args: TestnetArgs) -> anyhow::Result<PathBuf> {
         )?);
     }
     if !args.no_compare {
-        for codec in ["f32", "int8/64+zstd:1"] {
-            if codec != args.codec {
+        for codec in args.compare_codecs.iter().filter(|c| *c != "none") {
+            if *codec != args.codec {
                 println!("\ncomparison: the same mesh with codec {codec}");
                 let dir = out.join(format!(
                     "codec-{}",

@@ -337,6 +337,7 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
         topology: "all".into(),
         outer: "average".into(),
         compare_outer: Vec::new(),
+        compare_codecs: Vec::new(),
         split: "dirichlet:0.5".into(),
         preset: "tiny".into(),
         scenario: "none".into(),

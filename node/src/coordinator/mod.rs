@@ -9,7 +9,7 @@
 pub mod gossip;
 pub mod metrics;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -377,6 +377,11 @@ pub async fn run(
         .collect();
 
     let mut mesh_peers = 0usize;
+    // Events that arrive before the round machine exists (while waiting for peers, while
+    // catching up on the mesh's state): handed to it first, so that a node joining a running
+    // mesh does not miss the deltas of its first round, nor the peers that joined its mesh
+    // meanwhile (a mesh size left at its first count closes rounds before the others' deltas).
+    let mut replay: VecDeque<NetworkEvent> = VecDeque::new();
     if config.wait_for_peers > 0 {
         let until = tokio::time::Instant::now() + config.wait_timeout;
         tracing::info!(want = config.wait_for_peers, "waiting for mesh peers");
@@ -389,9 +394,10 @@ pub async fn run(
                 }
                 event = events.recv() => match event {
                     Some(NetworkEvent::MeshPeers(n)) => mesh_peers = n,
-                    Some(NetworkEvent::Manifest { message_id, source, .. }) => {
-                        // Nobody should be publishing before the mesh formed; not an offence.
-                        let _ = client.report_manifest(message_id, source, MessageAcceptance::Ignore).await;
+                    Some(manifest @ NetworkEvent::Manifest { .. }) => {
+                        // A mesh already running (this node restarted or joins late): kept
+                        // for the round machine, which judges them once it exists.
+                        replay.push_back(manifest);
                     }
                     Some(NetworkEvent::Listening(_)) => {}
                     None => break,
@@ -417,6 +423,7 @@ pub async fn run(
             mesh_ahead(&client, &config.mesh_id, round),
             &client,
             &mut events,
+            Some(&mut replay),
             &shutdown,
         )
         .await
@@ -433,6 +440,7 @@ pub async fn run(
             ),
             &client,
             &mut events,
+            Some(&mut replay),
             &shutdown,
         )
         .await;
@@ -460,6 +468,24 @@ pub async fn run(
     let (done_tx, mut done_rx) = mpsc::channel::<Done>(64);
     let (mut machine, mut actions) = RoundMachine::new(me, round, base_hash, config.round.clone());
     actions.extend(machine.handle(Instant::now(), Input::PeerCount(mesh_peers)));
+    // Kept manifests of rounds this node caught up past were honest when sent: ignored here,
+    // where the round machine would call the older ones stale and penalise their senders.
+    let mut kept = VecDeque::new();
+    for event in replay.drain(..) {
+        match event {
+            NetworkEvent::Manifest {
+                message_id,
+                source,
+                manifest,
+            } if manifest.round < round => {
+                let _ = client
+                    .report_manifest(message_id, source, MessageAcceptance::Ignore)
+                    .await;
+            }
+            event => kept.push_back(event),
+        }
+    }
+    replay = kept;
     let mut manifests: HashMap<(u64, PeerId), Arc<DeltaManifest>> = HashMap::new();
     let mut seen_senders: std::collections::HashSet<PeerId> = std::collections::HashSet::new();
     let mut deltas: HashMap<(u64, PeerId), TensorSet> = HashMap::new();
@@ -688,7 +714,7 @@ pub async fn run(
             () = shutdown.cancelled() => break,
             () = sleep_until(deadline) => Input::Tick,
             _ = tick.tick() => Input::Tick,
-            event = events.recv() => match event {
+            event = next_event(&mut replay, &mut events) => match event {
                 None => break,
                 Some(NetworkEvent::Listening(_)) => continue,
                 Some(NetworkEvent::MeshPeers(n)) => {
@@ -914,6 +940,7 @@ pub async fn run(
             final_states(&client, &config.mesh_id, final_round, wait),
             &client,
             &mut events,
+            None,
             &shutdown,
         )
         .await
@@ -935,6 +962,7 @@ pub async fn run(
                 ),
                 &client,
                 &mut events,
+                None,
                 &shutdown,
             )
             .await;
@@ -1032,10 +1060,15 @@ pub const MAX_STATE_DONORS: usize = 8;
 
 /// Runs `work` while draining network events (so the swarm never drops events on a full
 /// channel); `None` when `shutdown` fires or the network stops first.
+///
+/// Events go to `keep` when given (manifests for the round machine to judge later, and the
+/// changes of the mesh's size, which are not sent again); without it manifests are ignored:
+/// after the last round, no round is left that could use them.
 async fn drain_while<T>(
     work: impl std::future::Future<Output = T>,
     client: &Client,
     events: &mut mpsc::Receiver<NetworkEvent>,
+    mut keep: Option<&mut VecDeque<NetworkEvent>>,
     shutdown: &CancellationToken,
 ) -> Option<T> {
     tokio::pin!(work);
@@ -1043,13 +1076,26 @@ async fn drain_while<T>(
         tokio::select! {
             () = shutdown.cancelled() => return None,
             out = &mut work => return Some(out),
-            event = events.recv() => {
-                // Manifests of rounds this node is not in: not forwarded, not an offence.
-                if let NetworkEvent::Manifest { message_id, source, .. } = event? {
+            event = events.recv() => match (event?, keep.as_deref_mut()) {
+                (NetworkEvent::Listening(_), _) => {}
+                (event, Some(keep)) => keep.push_back(event),
+                (NetworkEvent::Manifest { message_id, source, .. }, None) => {
                     let _ = client.report_manifest(message_id, source, MessageAcceptance::Ignore).await;
                 }
+                (_, None) => {}
             }
         }
+    }
+}
+
+/// The next network event: the kept ones first.
+async fn next_event(
+    kept: &mut VecDeque<NetworkEvent>,
+    events: &mut mpsc::Receiver<NetworkEvent>,
+) -> Option<NetworkEvent> {
+    match kept.pop_front() {
+        Some(event) => Some(event),
+        None => events.recv().await,
     }
 }
 

@@ -975,18 +975,11 @@ pub async fn run(
                     Ok((round, weights, outer))
                         if ModelHash::of_tensors(&weights) == hash && round == final_round =>
                     {
-                        trainer.set_weights((*weights).clone()).await?;
-                        base = *weights;
-                        base_hash = hash;
-                        outer_state = outer;
-                        let extras = checkpoint_extras(None, &outer_state, &config, &base);
-                        trainer
-                            .save(checkpoints.clone(), final_round as usize, serde_json::json!({"next_round": final_round, "model_hash": hash.to_string()}), extras)
-                            .await
-                            .context("checkpoint after adopting the mesh's final state")?;
-                        blocking(|| {
-                            serve_state(&store, &config, me, final_round, &base, &outer_state)
-                        })?;
+                        // This node's record of the last round exists, so `adopt` writes
+                        // no catch-up record; that record is rewritten below instead.
+                        (_, base_hash, _) = ledger
+                            .adopt(from, final_round, *weights, outer, &mut records, mesh_peers)
+                            .await?;
                         metrics.final_state_adopted.inc();
                         tracing::info!(peer = %from, hash = %base_hash, "adopted the mesh's final state");
                         adopted_final_state = Some(from.to_string());
@@ -1035,23 +1028,35 @@ pub async fn same_state_holders(
     manifest: &StateManifest,
     from: PeerId,
 ) -> Vec<PeerId> {
+    latest_states(client, mesh_id)
+        .await
+        .into_iter()
+        .filter(|(peer, m)| *peer != from && m.blob == manifest.blob)
+        .map(|(peer, _)| peer)
+        .take(MAX_STATE_DONORS - 1)
+        .collect()
+}
+
+/// Every mesh peer's latest state of `mesh_id`, asked all at once (5 s each); peers that do
+/// not answer, have no state, or serve another mesh are left out.
+async fn latest_states(client: &Client, mesh_id: &str) -> Vec<(PeerId, StateManifest)> {
     let peers = client.mesh_peers().await.unwrap_or_default();
-    let asks = peers.into_iter().filter(|p| *p != from).map(|peer| {
+    let asks = peers.into_iter().map(|peer| {
         let request = ChunkRequest::LatestState {
             mesh_id: mesh_id.to_owned(),
         };
         async move {
-            let answer =
-                tokio::time::timeout(Duration::from_secs(5), client.request(peer, request)).await;
-            matches!(answer, Ok(Ok(ChunkResponse::State(m))) if m.blob == manifest.blob)
-                .then_some(peer)
+            match tokio::time::timeout(Duration::from_secs(5), client.request(peer, request)).await
+            {
+                Ok(Ok(ChunkResponse::State(m))) if m.mesh_id == mesh_id => Some((peer, m)),
+                _ => None,
+            }
         }
     });
     futures::future::join_all(asks)
         .await
         .into_iter()
         .flatten()
-        .take(MAX_STATE_DONORS - 1)
         .collect()
 }
 
@@ -1104,25 +1109,10 @@ async fn next_event(
 /// held by the most peers. A minority ahead is not followed (it may be lying), and peers of
 /// another mesh or without a state do not count for either side.
 async fn mesh_ahead(client: &Client, mesh_id: &str, round: u64) -> Option<(PeerId, u64)> {
-    let peers = client.mesh_peers().await.unwrap_or_default();
-    let asks = peers.iter().map(|&peer| {
-        let request = ChunkRequest::LatestState {
-            mesh_id: mesh_id.to_owned(),
-        };
-        async move {
-            match tokio::time::timeout(Duration::from_secs(5), client.request(peer, request)).await
-            {
-                Ok(Ok(ChunkResponse::State(m))) if m.mesh_id == mesh_id => {
-                    Some((peer, m.round, m.model_hash))
-                }
-                _ => None,
-            }
-        }
-    });
-    let states: Vec<(PeerId, u64, ModelHash)> = futures::future::join_all(asks)
+    let states: Vec<(PeerId, u64, ModelHash)> = latest_states(client, mesh_id)
         .await
         .into_iter()
-        .flatten()
+        .map(|(peer, m)| (peer, m.round, m.model_hash))
         .collect();
     crate::averaging::round::ahead_majority(round, &states)
 }

@@ -94,6 +94,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             mesh_id: "fuzz".into(),
             round: Some(7),
         },
+        ChunkRequest::LinkDelta {
+            mesh_id: "fuzz".into(),
+            round: 9,
+            copy: Some(ModelHash([4; 32])),
+        },
+        ChunkRequest::LinkDelta {
+            mesh_id: "fuzz".into(),
+            round: 0,
+            copy: None,
+        },
     ];
     for (index, request) in requests.iter().enumerate() {
         std::fs::write(

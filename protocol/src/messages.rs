@@ -10,7 +10,7 @@
 //! with their own magic and version.
 
 use crate::chunk::ChunkList;
-use crate::hash::{BlobHash, ChunkHash, ChunkListHash};
+use crate::hash::{BlobHash, ChunkHash, ChunkListHash, ModelHash};
 use crate::limits::Limits;
 use crate::manifest::{DeltaManifest, StateManifest};
 use crate::wire::{MessageKind, WireError, WireReader, WireWriter, over_cap};
@@ -48,6 +48,19 @@ pub enum ChunkRequest {
         /// its latest; `None`: its latest.
         round: Option<u64>,
     },
+    /// Gossip averaging: the responder's q for the link to the requester, of round `round` or
+    /// later. `copy` names the requester's copy of the responder (the hash of what it holds);
+    /// the answer's `base_model` is that copy when the responder still knows it, else the
+    /// mesh's anchor (the model every node started from), so a new or lost copy costs one
+    /// q, never a whole model. `NotFound` while the responder has not published `round`.
+    LinkDelta {
+        /// The mesh.
+        mesh_id: String,
+        /// The round the requester is in.
+        round: u64,
+        /// The requester's copy of the responder; `None`: it holds none.
+        copy: Option<ModelHash>,
+    },
 }
 
 /// The answer to a [`ChunkRequest`].
@@ -72,6 +85,7 @@ const REQUEST_CHUNK_LIST: u8 = 0;
 const REQUEST_CHUNK: u8 = 1;
 const REQUEST_LATEST_STATE: u8 = 2;
 const REQUEST_CURRENT_MANIFEST: u8 = 3;
+const REQUEST_LINK_DELTA: u8 = 4;
 
 const RESPONSE_CHUNK_LIST: u8 = 0;
 const RESPONSE_CHUNK: u8 = 1;
@@ -108,7 +122,9 @@ impl ChunkRequest {
                 writer.varint(*index);
                 writer.raw(chunk_hash.as_bytes());
             }
-            Self::LatestState { mesh_id } | Self::CurrentManifest { mesh_id, .. } => {
+            Self::LatestState { mesh_id }
+            | Self::CurrentManifest { mesh_id, .. }
+            | Self::LinkDelta { mesh_id, .. } => {
                 if mesh_id.len() > limits.max_mesh_id_len {
                     return Err(over_cap(
                         "mesh id",
@@ -122,6 +138,18 @@ impl ChunkRequest {
                         writer.byte_string(mesh_id.as_bytes());
                         // 0: the latest; r + 1: round r.
                         writer.varint(round.map_or(0, |r| r.saturating_add(1)));
+                    }
+                    Self::LinkDelta { round, copy, .. } => {
+                        writer.u8(REQUEST_LINK_DELTA);
+                        writer.byte_string(mesh_id.as_bytes());
+                        writer.varint(*round);
+                        match copy {
+                            None => writer.u8(0),
+                            Some(hash) => {
+                                writer.u8(1);
+                                writer.raw(hash.as_bytes());
+                            }
+                        }
                     }
                     _ => {
                         writer.u8(REQUEST_LATEST_STATE);
@@ -152,6 +180,20 @@ impl ChunkRequest {
             REQUEST_CURRENT_MANIFEST => Self::CurrentManifest {
                 mesh_id: reader.string("mesh id", limits.max_mesh_id_len)?.to_owned(),
                 round: reader.varint("round")?.checked_sub(1),
+            },
+            REQUEST_LINK_DELTA => Self::LinkDelta {
+                mesh_id: reader.string("mesh id", limits.max_mesh_id_len)?.to_owned(),
+                round: reader.varint("round")?,
+                copy: match reader.u8("copy flag")? {
+                    0 => None,
+                    1 => Some(ModelHash(reader.array("copy hash")?)),
+                    tag => {
+                        return Err(WireError::UnknownTag {
+                            field: "copy flag",
+                            tag: u64::from(tag),
+                        });
+                    }
+                },
             },
             tag => {
                 return Err(WireError::UnknownTag {

@@ -5,7 +5,7 @@ mod common;
 use common::{delta_manifest, mutate, mutations, state_manifest};
 use meshtune_protocol::{
     BlobHash, ChunkHash, ChunkList, ChunkListHash, ChunkRequest, ChunkResponse, DeltaManifest,
-    Limits, MessageKind, StateManifest, WireError, chunk_blob,
+    Limits, MessageKind, ModelHash, StateManifest, WireError, chunk_blob,
 };
 use proptest::prelude::*;
 
@@ -24,6 +24,16 @@ fn chunk_request() -> impl Strategy<Value = ChunkRequest> {
         "[a-z0-9-]{0,64}".prop_map(|mesh_id| ChunkRequest::LatestState { mesh_id }),
         ("[a-z0-9-]{0,64}", proptest::option::of(0u64..u64::MAX))
             .prop_map(|(mesh_id, round)| ChunkRequest::CurrentManifest { mesh_id, round }),
+        (
+            "[a-z0-9-]{0,64}",
+            any::<u64>(),
+            proptest::option::of(any::<[u8; 32]>())
+        )
+            .prop_map(|(mesh_id, round, copy)| ChunkRequest::LinkDelta {
+                mesh_id,
+                round,
+                copy: copy.map(ModelHash),
+            }),
     ]
 }
 

@@ -57,7 +57,7 @@ pub struct SimulateArgs {
     #[arg(long, default_value_t = 0.0)]
     pub churn: f64,
     /// `all` (every node combines every delta: one model) or `gossip:K[:STEP]` (each node
-    /// mixes with at most K gossip-mesh neighbours through CHOCO public copies).
+    /// mixes with at most K gossip-mesh neighbours through per-link copies of their models).
     #[arg(long, default_value = "all")]
     pub topology: String,
     /// Train only in the first this many rounds (0: every round); the rounds after are pure
@@ -70,8 +70,8 @@ pub struct SimulateArgs {
     #[arg(long, default_value_t = 256)]
     pub max_connections: u32,
     /// How long a round waits for missing deltas (for neighbours under gossip). Hundreds of
-    /// nodes on two cores take longer than the default per round; a node that gives up on a
-    /// neighbour must later re-fetch its public copy.
+    /// nodes on two cores take longer than the default per round; a neighbour given up on
+    /// catches the copy up with its next q.
     #[arg(long, default_value_t = 30.0)]
     pub collect_timeout_s: f64,
     /// Only rewrite `scale.csv` and the plots against N from an earlier sweep's directory.

@@ -12,6 +12,11 @@ fn a_short_soak_with_a_kill_and_a_late_joiner_passes_its_checks() {
         .args(["soak", "--nodes", "4", "--rounds", "30", "--kills", "1"])
         .args(["--late-join-round", "2", "--max-down-s", "2"])
         .args(["--examples-per-node", "24", "--local-steps", "1"])
+        // 30 rounds of 0.3 s end inside the allocator's fill phase: node RSS still steps up
+        // 10-15% between the first and last third (2 of 3 runs on 2026-12-06), then stays
+        // flat (the 200-round soak in docs/BENCHMARKS.md: +8.4% over 109 rounds). A leak of
+        // 5 MiB a round still shows here as +50%.
+        .args(["--max-rss-growth", "0.25"])
         .arg("--out")
         .arg(&out)
         .output()

@@ -4,28 +4,29 @@
 //! sends and receives per round stay flat as the mesh grows. Models are no longer identical;
 //! their spread shrinks geometrically at a rate set by the overlay's spectral gap.
 //!
-//! The algorithm is CHOCO-gossip (Koloskova, Stich and Jaggi, ICML 2019), which keeps
-//! compression (top-k, int8) safe without a shared base:
+//! The algorithm is compressed gossip with error feedback per link, after CHOCO-gossip
+//! (Koloskova, Stich and Jaggi, ICML 2019), which keeps compression (top-k, int8) safe
+//! without a shared base:
 //!
-//! - every node i keeps its model x_i and a *public copy* x̂_i that every neighbour also keeps,
-//!   bit for bit;
-//! - after local training, i encodes q_i = Q(x_i − x̂_i) with the delta codec, and everyone
-//!   (i included) adds the decoded q_i to x̂_i; what the codec drops stays in x_i − x̂_i and is
-//!   sent later (the error feedback is built in);
-//! - i then mixes: x_i += STEP / (k + 1) · Σ_j (x̂_j − x̂_i) over the k neighbours heard.
+//! - node i keeps, for each neighbour j it pulls from, a *copy* of j's model that j keeps
+//!   too, bit for bit (j keeps one per distinct copy its pullers hold, by hash);
+//! - after local training, j encodes q = Q(x_j − copy) with the delta codec for each copy its
+//!   pullers hold, and both ends add the decoded q to that copy; what the codec drops stays in
+//!   x_j − copy and is sent later (the error feedback is built in);
+//! - i then mixes: x_i += STEP / (k + 1) · Σ_j (copy_j − x_i) over the k neighbours heard.
 //!
-//! A neighbour's manifest names the hash of the public copy its q applies to (`base_model`);
-//! a copy that missed a few rounds replays the q's of the neighbour's earlier manifests (each
-//! node serves its last `MANIFEST_HISTORY` rounds); a node whose copy is missing or older (a
-//! new neighbour, a restart) fetches the neighbour's current public copy, which every node
-//! serves as its state. Manifests are not
-//! gossiped: a node asks each neighbour for its current manifest
-//! ([`ChunkRequest::CurrentManifest`]), so no traffic grows with the mesh.
+//! A puller names the hash of its copy when it asks ([`ChunkRequest::LinkDelta`]); a copy the
+//! sender no longer knows (a new link, a restart, a copy that missed rounds the sender has
+//! moved past) gets the q from the *anchor*, the model every node started from, which both
+//! ends hold. So a new neighbour costs one q, never a whole model, and a copy that missed
+//! rounds catches up with one q. Pullers that got the same q hold the same copy, so a node
+//! encodes one q per distinct copy (its pullers mostly share a few), not one per puller.
+//! Manifests are not gossiped: a node asks each neighbour, so no traffic grows with the mesh.
 //!
-//! Owns: the public copies and the gossip round loop. Shares with the all-to-all loop: the
-//! codec, blob store, fetch, checkpoints and the per-round record.
+//! Owns: the copies (own and neighbours') and the gossip round loop. Shares with the
+//! all-to-all loop: the codec, blob store, fetch, checkpoints and the per-round record.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,14 +41,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::NodeMetrics;
-use super::{
-    CoordinatorConfig, RoundRecord, RunSummary, append_record, blocking, fetch_state,
-    process_memory, serve_state,
-};
-use crate::averaging::aggregate::{OuterState, difference, l2_norm};
+use super::{CoordinatorConfig, RoundRecord, RunSummary, append_record, blocking, process_memory};
+use crate::averaging::aggregate::{difference, l2_norm};
 use crate::energy::RoundEnergy;
 use crate::network::fetch::fetch_blob;
-use crate::network::store::BlobStore;
+use crate::network::store::{BlobStore, LinkOffers};
 use crate::network::{Client, NetworkEvent, check_manifest};
 use crate::trainer::TrainerHandle;
 
@@ -117,24 +115,28 @@ fn add_scaled(target: &mut TensorSet, source: &TensorSet, scale: f32) -> anyhow:
     Ok(())
 }
 
-/// The mixing step: `model += step / (k + 1) * Σ_j (copy_j − public)` over the k copies.
-pub fn mix(
-    model: &mut TensorSet,
-    public: &TensorSet,
-    copies: &[&TensorSet],
-    step: f32,
-) -> anyhow::Result<()> {
-    let weight = step / (copies.len() as f32 + 1.0);
+/// The mixing step: `model += step / (k + 1) * Σ_j (copy_j − model)` over the k copies.
+pub fn mix(model: &mut TensorSet, copies: &[&TensorSet], step: f32) -> anyhow::Result<()> {
     for copy in copies {
-        add_scaled(model, copy, weight)?;
-        add_scaled(model, public, -weight)?;
+        anyhow::ensure!(copy.layout() == model.layout(), "tensor layouts differ");
+    }
+    let weight = step / (copies.len() as f32 + 1.0);
+    for (index, (_, values)) in model.values_mut().enumerate() {
+        let sources: Vec<&[f32]> = copies
+            .iter()
+            .map(|c| c.tensors()[index].values.as_slice())
+            .collect();
+        for (i, x) in values.iter_mut().enumerate() {
+            let pull: f32 = sources.iter().map(|c| c[i] - *x).sum();
+            *x += weight * pull;
+        }
     }
     Ok(())
 }
 
 /// Up to `degree` neighbours among `candidates` (the connected peers of the mesh). Sticky:
-/// the `current` neighbours that are still candidates stay (a new neighbour costs a transfer
-/// of its public copy); free places go to the candidates ranked first by a hash of the
+/// the `current` neighbours that are still candidates stay (a new neighbour's first q comes
+/// from the anchor, coarser than one for a copy kept round after round); free places go to the candidates ranked first by a hash of the
 /// unordered pair, so both ends of a link tend to pick each other and the overlay is random.
 pub fn choose_neighbours(
     me: PeerId,
@@ -170,77 +172,148 @@ pub fn choose_neighbours(
     chosen
 }
 
-/// Rounds of own manifests and blobs kept for neighbours that lag behind.
-const MANIFEST_HISTORY: u64 = 4;
+/// Rounds of own q blobs kept servable for pullers still fetching an earlier round's.
+const BLOB_HISTORY: u64 = 3;
 
-/// A neighbour's public copy as this node keeps it.
+/// A neighbour's model as this node keeps it: the copy its q's build, bit for bit the one
+/// the neighbour keeps for this link.
 struct Copy {
     model: TensorSet,
     hash: ModelHash,
+    /// The neighbour's round the copy is of.
+    round: u64,
 }
 
-/// What one neighbour contributed this round.
+/// What one neighbour sent this round.
 enum Heard {
-    /// Its q's, decoded, each with the copy it applies to (oldest first: more than one when
-    /// our copy missed rounds), and the payload bytes fetched.
+    /// Its q for this link, decoded: the copy it applies to (ours, or the anchor when we
+    /// named none it knows), its round, and the payload bytes fetched.
     Delta {
-        steps: Vec<(ModelHash, TensorSet)>,
+        base: ModelHash,
+        round: u64,
+        q: Box<TensorSet>,
         payload: u64,
     },
-    /// Its current public copy (fetched because ours was missing or stale): (round, model).
-    State(u64, Box<TensorSet>),
     Nothing(String),
 }
 
-/// Step 2 of a round: q = Q(model − public) with the node's codec, applied to `public` as
-/// every neighbour will decode it, and served from `store` under a manifest naming the copy q
-/// applies to (the last `MANIFEST_HISTORY` rounds stay served, for neighbours catching up).
-/// `counts` = (samples, optimizer steps) of the round. Returns (the hash of the copy q applies
-/// to, q's encoded bytes, raw f32 bytes of the difference).
-fn publish_q(
-    store: &Mutex<BlobStore>,
-    config: &CoordinatorConfig,
-    me: PeerId,
-    round: u64,
-    (model, public): (&TensorSet, &mut TensorSet),
-    layout: &ModelLayout,
-    counts: (u64, u64),
-) -> anyhow::Result<(ModelHash, u64, u64)> {
-    let base_hash = ModelHash::of_tensors(public);
-    let diff = difference(model, public)?;
-    let raw_bytes = diff.total_elements() * 4;
-    let encoded = encode_delta(&diff, &config.codec, None)?;
-    let chunks = chunk_blob(&encoded.blob, config.chunk_size)?;
-    let manifest = DeltaManifest {
-        mesh_id: config.mesh_id.clone(),
-        round,
-        base_model: base_hash,
-        sender: me.to_bytes(),
-        sample_count: counts.0,
-        training_steps: counts.1,
-        blob: chunks.descriptor(),
-        tensors: encoded.tensors,
-    };
-    let verified = meshtune_protocol::VerifiedBlob::verify(encoded.blob, &manifest.blob)?;
-    let q = decode_delta(&manifest, &verified, layout, &config.limits)?;
-    add_scaled(public, &q, 1.0)?;
-    let blob = verified.into_bytes();
-    let delta_bytes = blob.len() as u64;
-    if let Ok(mut s) = store.lock() {
-        s.forget_before(round.saturating_sub(MANIFEST_HISTORY - 1));
-        s.insert(round, Arc::new(blob), chunks);
-        s.set_current_manifest(manifest);
-    }
-    Ok((base_hash, delta_bytes, raw_bytes))
+/// The copies of this node's model its pullers hold, by hash (the anchor always among them).
+type Mine = HashMap<ModelHash, TensorSet>;
+
+/// What [`publish_links`] made: the mean encoded size of the q's for pullers' copies (the
+/// anchor's when there are none), the raw f32 bytes of one difference, and how many q's were
+/// encoded.
+struct Published {
+    delta_bytes: u64,
+    raw_bytes: u64,
+    encoded: usize,
 }
 
-/// Asks `peer` for its manifest of `round` until it has one or `deadline` passes, then
-/// fetches and decodes its q (or its public copy when `have` is not the copy q applies to).
+/// Step 2 of a round: for each copy of this node's model a puller holds (as the store last
+/// served it) and for the anchor, q = Q(model − copy) with the node's codec (the anchor's
+/// without top-k after round 0), and the copy that q leaves, kept for the next round. Served from `store` as this round's [`LinkOffers`]; the
+/// anchor's is also the node's current manifest (a joiner's way in). `counts` = (samples,
+/// optimizer steps) of the round.
+fn publish_links(
+    store: &Mutex<BlobStore>,
+    config: &CoordinatorConfig,
+    (me, round): (PeerId, u64),
+    model: &TensorSet,
+    (anchor, mine): (ModelHash, &mut Mine),
+    layout: &ModelLayout,
+    counts: (u64, u64),
+) -> anyhow::Result<Published> {
+    let holders = store
+        .lock()
+        .map_err(|_| anyhow::anyhow!("blob store poisoned"))?
+        .link_holders();
+    let mut bases: Vec<ModelHash> = holders
+        .values()
+        .copied()
+        .filter(|h| mine.contains_key(h))
+        .collect();
+    bases.push(anchor);
+    bases.sort();
+    bases.dedup();
+    mine.retain(|h, _| bases.contains(h));
+    let dense = meshtune_protocol::CodecParams {
+        sparsity: meshtune_protocol::Sparsity::Dense,
+        ..config.codec
+    };
+    let mut by_copy = HashMap::new();
+    let mut results = Vec::with_capacity(bases.len());
+    let mut blobs = Vec::with_capacity(bases.len());
+    let mut raw_bytes = 0;
+    let mut total = 0u64;
+    for base in &bases {
+        let copy = &mine[base];
+        let diff = difference(model, copy)?;
+        raw_bytes = diff.total_elements() * 4;
+        // The anchor's q starts a copy. In round 0 the model is one round of training from
+        // the anchor, as from any copy: the node's codec. Later it is dense (the codec's
+        // quantization without its top-k), or a new neighbour's copy would hold only the
+        // largest few percent of the model's drift and pull its puller back toward the anchor.
+        let encoded = if *base == anchor && round > 0 {
+            encode_delta(&diff, &dense, None)?
+        } else {
+            encode_delta(&diff, &config.codec, None)?
+        };
+        let chunks = chunk_blob(&encoded.blob, config.chunk_size)?;
+        let manifest = DeltaManifest {
+            mesh_id: config.mesh_id.clone(),
+            round,
+            base_model: *base,
+            sender: me.to_bytes(),
+            sample_count: counts.0,
+            training_steps: counts.1,
+            blob: chunks.descriptor(),
+            tensors: encoded.tensors,
+        };
+        let verified = meshtune_protocol::VerifiedBlob::verify(encoded.blob, &manifest.blob)?;
+        // The copy the q leaves, decoded exactly as the puller will.
+        let q = decode_delta(&manifest, &verified, layout, &config.limits)?;
+        let mut result = copy.clone();
+        add_scaled(&mut result, &q, 1.0)?;
+        let result_hash = ModelHash::of_tensors(&result);
+        let blob = verified.into_bytes();
+        if *base != anchor || bases.len() == 1 {
+            total += blob.len() as u64;
+        }
+        blobs.push((blob, chunks));
+        by_copy.insert(*base, (manifest, result_hash));
+        results.push((result_hash, result));
+    }
+    let current = by_copy.get(&anchor).map(|(m, _)| m.clone());
+    mine.extend(results);
+    if let Ok(mut s) = store.lock() {
+        s.forget_before(round.saturating_sub(BLOB_HISTORY - 1));
+        for (blob, chunks) in blobs {
+            s.insert(round, Arc::new(blob), chunks);
+        }
+        s.set_link_offers(LinkOffers {
+            round,
+            anchor,
+            by_copy,
+        });
+        if let Some(manifest) = current {
+            s.set_current_manifest(manifest);
+        }
+    }
+    Ok(Published {
+        delta_bytes: total / bases.len().saturating_sub(1).max(1) as u64,
+        raw_bytes,
+        encoded: bases.len(),
+    })
+}
+
+/// Asks `peer` for its q of `round` (or later) for our copy `copy` until it has one or
+/// `deadline` passes, then fetches and decodes it. A q that applies to neither our copy nor
+/// the anchor is refused.
 #[allow(clippy::too_many_arguments)]
 async fn hear(
     peer: PeerId,
     round: u64,
-    expected: Option<ModelHash>,
+    (copy, anchor): (Option<ModelHash>, ModelHash),
     layout: ModelLayout,
     config: CoordinatorConfig,
     client: Client,
@@ -253,9 +326,10 @@ async fn hear(
         let answer = client
             .request(
                 peer,
-                ChunkRequest::CurrentManifest {
+                ChunkRequest::LinkDelta {
                     mesh_id: config.mesh_id.clone(),
-                    round: Some(round),
+                    round,
+                    copy,
                 },
             )
             .await;
@@ -265,7 +339,7 @@ async fn hear(
             break m;
         }
         if Instant::now() >= deadline {
-            return Heard::Nothing("no manifest for the round before the deadline".into());
+            return Heard::Nothing("no q for the round before the deadline".into());
         }
         // A neighbour that left (its connection closed) is not waited for.
         if client
@@ -282,57 +356,22 @@ async fn hear(
         let _ = client.strike(peer, fault.reason()).await;
         return Heard::Nothing(fault.reason().into());
     }
-    // A copy that missed a few rounds (a deadline passed, a slow round) catches up on the
-    // q's the neighbour still serves (its last MANIFEST_HISTORY rounds) instead of taking
-    // its whole public copy.
-    let mut chain = vec![manifest];
-    while let Some(want) = expected
-        && chain[0].base_model != want
-        && chain.len() < MANIFEST_HISTORY as usize
-        && chain[0].round > 0
-    {
-        let earlier = chain[0].round - 1;
-        let answer = client
-            .request(
-                peer,
-                ChunkRequest::CurrentManifest {
-                    mesh_id: config.mesh_id.clone(),
-                    round: Some(earlier),
-                },
-            )
-            .await;
-        let Ok(ChunkResponse::Manifest(m)) = answer else {
-            break;
-        };
-        if m.round != earlier {
-            break;
-        }
-        if let Err(fault) = check_manifest(&m, &config.mesh_id, peer, &layout) {
-            let _ = client.strike(peer, fault.reason()).await;
-            return Heard::Nothing(fault.reason().into());
-        }
-        chain.insert(0, m);
+    if Some(manifest.base_model) != copy && manifest.base_model != anchor {
+        return Heard::Nothing(format!(
+            "its q applies to copy {}, neither ours nor the anchor {anchor} (did it start from another model?)",
+            manifest.base_model
+        ));
     }
-    let newest = chain.last().map_or(round, |m| m.round);
-    if newest > round || Some(chain[0].base_model) != expected {
-        // Our copy is missing or too stale: take the neighbour's current public copy instead.
-        return match fetch_state(&client, peer, 0, layout, &config, None).await {
-            Ok((state_round, model, _)) => Heard::State(state_round, model),
-            Err(err) => Heard::Nothing(format!("public copy: {err}")),
-        };
+    let round = manifest.round;
+    match fetch_q(peer, manifest, &layout, &config, &client).await {
+        Ok((base, q, payload)) => Heard::Delta {
+            base,
+            round,
+            q: Box::new(q),
+            payload,
+        },
+        Err(reason) => Heard::Nothing(reason),
     }
-    let mut steps = Vec::with_capacity(chain.len());
-    let mut payload = 0u64;
-    for manifest in chain {
-        match fetch_q(peer, manifest, &layout, &config, &client).await {
-            Ok((base, q, bytes)) => {
-                steps.push((base, q));
-                payload += bytes;
-            }
-            Err(reason) => return Heard::Nothing(reason),
-        }
-    }
-    Heard::Delta { steps, payload }
 }
 
 /// Fetches, decodes and bounds-checks the q a neighbour's manifest announces: (the copy it
@@ -424,34 +463,41 @@ pub async fn run(
         .with_context(|| format!("creating {}", config.out.display()))?;
     let checkpoints = config.out.join("checkpoints");
     let mut round = 0u64;
-    let mut public: Option<TensorSet> = None;
+    let mut restored_anchor: Option<TensorSet> = None;
     if let Some(restored) = trainer.restore(checkpoints.clone()).await? {
         round = restored.state["next_round"].as_u64().unwrap_or(0);
         let tensors = restored
             .extras
             .into_iter()
             .filter_map(|(name, shape, values)| {
-                let name = name.strip_prefix("public/")?.to_owned();
+                let name = name.strip_prefix("anchor/")?.to_owned();
                 Some(meshtune_protocol::Tensor::new(&name, shape, values))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if !tensors.is_empty() {
-            public = Some(TensorSet::new(tensors)?);
-        }
+        anyhow::ensure!(
+            !tensors.is_empty(),
+            "checkpoint in {} has no anchor model (written by an older meshtune or another topology): start with a fresh --out directory",
+            checkpoints.display()
+        );
+        restored_anchor = Some(TensorSet::new(tensors)?);
         tracing::info!(round, "resumed from checkpoint");
     }
     let mut model = trainer.weights().await?;
     let layout = model.layout();
-    // Every node starts from the same model: on a fresh start it is everyone's first public
-    // copy. After a restart it is unknown here: neighbours' copies are fetched instead.
-    let mut initial = (round == 0 && public.is_none()).then(|| model.clone());
-    let mut initial_hash = initial.as_ref().map(ModelHash::of_tensors);
-    let mut public = public.unwrap_or_else(|| model.clone());
-    let no_outer = OuterState::default();
+    // The anchor is the model every node of the mesh starts from: a q for a copy the sender
+    // no longer knows (a new link, a restart) is taken from it, so no link ever needs a
+    // whole model on the wire.
+    let fresh_start = restored_anchor.is_none();
+    let anchor = restored_anchor.unwrap_or_else(|| model.clone());
+    let anchor_hash = ModelHash::of_tensors(&anchor);
+    anyhow::ensure!(
+        anchor.layout() == layout,
+        "the checkpoint's anchor model has another layout than the model"
+    );
+    let mut mine: Mine = HashMap::from([(anchor_hash, anchor.clone())]);
     let rounds_path = config.out.join("rounds.jsonl");
     let mut records: Vec<RoundRecord> = Vec::new();
     let mut copies: BTreeMap<PeerId, Copy> = BTreeMap::new();
-    blocking(|| serve_state(&store, &config, me, round, &public, &no_outer))?;
 
     // Network events: manifests are not gossiped in this mode (ignore any), peer counts kept.
     let mesh_peers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -487,33 +533,49 @@ pub async fn run(
         }
     }
     let mut neighbours: Vec<PeerId> = Vec::new();
-    // A fresh node joining a mesh already past round 0 starts from a peer's public copy and
-    // round: its own starting model is rounds behind everyone else's. That peer becomes its
-    // first neighbour: its public copy is already here, so it costs no second transfer.
-    if initial.is_some()
-        && let Some(peer) = peer_ahead(&client, &config).await
-    {
-        match fetch_state(&client, peer, 0, layout.clone(), &config, Some(&metrics)).await {
-            Ok((state_round, state, _)) => {
-                public = *state;
-                model = public.clone();
+    // A fresh node joining a mesh already past round 0 starts from a peer's model, taken as
+    // that peer's q from the anchor (one delta's bytes), and from its round. That peer becomes
+    // its first neighbour: the copy is already here.
+    if fresh_start && let Some(peer) = peer_ahead(&client, &config).await {
+        let deadline = Instant::now() + config.round.collect_timeout;
+        match hear(
+            peer,
+            0,
+            (None, anchor_hash),
+            layout.clone(),
+            config.clone(),
+            client.clone(),
+            deadline,
+        )
+        .await
+        {
+            Heard::Delta {
+                base,
+                round: peer_round,
+                q,
+                ..
+            } if base == anchor_hash => {
+                let mut copy = anchor.clone();
+                add_scaled(&mut copy, &q, 1.0)?;
+                model = copy.clone();
                 trainer.set_weights(model.clone()).await?;
-                round = state_round;
-                initial = None;
-                initial_hash = None;
-                blocking(|| serve_state(&store, &config, me, round, &public, &no_outer))?;
+                round = peer_round + 1;
                 copies.insert(
                     peer,
                     Copy {
-                        model: public.clone(),
-                        hash: ModelHash::of_tensors(&public),
+                        hash: ModelHash::of_tensors(&copy),
+                        model: copy,
+                        round: peer_round,
                     },
                 );
                 neighbours.push(peer);
-                tracing::info!(peer = %peer, round, "joined a running mesh from a peer's public copy");
+                tracing::info!(peer = %peer, round, "joined a running mesh from a peer's model");
             }
-            Err(err) => {
-                tracing::warn!(peer = %peer, error = %err, "could not take a running mesh's model; starting from the initial one");
+            Heard::Delta { .. } => {
+                tracing::warn!(peer = %peer, "a running mesh's peer sent a q for another copy; starting from the initial model");
+            }
+            Heard::Nothing(reason) => {
+                tracing::warn!(peer = %peer, reason, "could not take a running mesh's model; starting from the initial model");
             }
         }
     }
@@ -522,106 +584,107 @@ pub async fn run(
         let started = Instant::now();
         let wire_at_start = metrics.wire_bytes();
         metrics.round.set(round as i64);
+        let base_hash = final_hash;
         // 1. Local training.
         trainer.set_weights(model.clone()).await?;
         let report = trainer.train(config.local_steps).await?;
         model = trainer.weights().await?;
-        // 2. q = Q(x - x̂), applied to x̂ as every neighbour will decode it.
-        let (base_hash, delta_bytes, raw_bytes) = publish_q(
-            &store,
-            &config,
-            me,
-            round,
-            (&model, &mut public),
-            &layout,
-            (report.samples, report.steps as u64),
-        )?;
-        // 3. Hear the neighbours (in parallel, until the deadline).
+        // 2. A q per copy of this model that pullers hold (and one from the anchor).
         let candidates = client.mesh_peers().await.unwrap_or_default();
+        if let Ok(mut s) = store.lock() {
+            s.retain_link_holders(|p| candidates.contains(p));
+        }
+        let published = blocking(|| {
+            publish_links(
+                &store,
+                &config,
+                (me, round),
+                &model,
+                (anchor_hash, &mut mine),
+                &layout,
+                (report.samples, report.steps as u64),
+            )
+        })?;
+        // 3. Hear the neighbours (in parallel, until the deadline).
         neighbours = choose_neighbours(me, &neighbours, &candidates, degree);
         let deadline = Instant::now() + config.round.collect_timeout;
         let tasks: Vec<_> = neighbours
             .iter()
             .map(|&peer| {
-                let expected = copies.get(&peer).map(|c| c.hash).or(initial_hash);
-                tokio::spawn(hear(
-                    peer,
-                    round,
-                    expected,
-                    layout.clone(),
-                    config.clone(),
-                    client.clone(),
-                    deadline,
-                ))
+                let held = copies.get(&peer);
+                // A copy already of this round or later (the neighbour was ahead when we
+                // last asked) needs nothing new.
+                let current = held.is_some_and(|c| c.round >= round);
+                let copy = held.map(|c| c.hash);
+                let (layout, config, client) = (layout.clone(), config.clone(), client.clone());
+                tokio::spawn(async move {
+                    if current {
+                        return None;
+                    }
+                    Some(
+                        hear(
+                            peer,
+                            round,
+                            (copy, anchor_hash),
+                            layout,
+                            config,
+                            client,
+                            deadline,
+                        )
+                        .await,
+                    )
+                })
             })
             .collect();
         let mut payload_in = 0u64;
         let mut used: Vec<PeerId> = Vec::new();
-        let mut resynced = 0usize;
+        let mut fresh = 0usize;
         for (peer, task) in neighbours.iter().zip(tasks) {
             match task.await {
-                Ok(Heard::Delta { steps, payload }) => {
-                    if !copies.contains_key(peer)
-                        && let Some(start) = &initial
-                    {
-                        copies.insert(
-                            *peer,
-                            Copy {
-                                model: start.clone(),
-                                hash: ModelHash::of_tensors(start),
-                            },
-                        );
-                    }
-                    let Some(copy) = copies.get_mut(peer) else {
-                        continue;
-                    };
-                    // Each q applies to the copy the one before left (a copy that stops
-                    // matching keeps the last consistent state; the next round resyncs it).
-                    let mut caught_up = true;
-                    for (base, q) in &steps {
-                        if copy.hash != *base {
-                            caught_up = false;
-                            break;
+                Ok(None) => used.push(*peer),
+                Ok(Some(Heard::Delta {
+                    base,
+                    round: peer_round,
+                    q,
+                    payload,
+                })) => {
+                    let copy = match copies.get_mut(peer) {
+                        Some(copy) if copy.hash == base => copy,
+                        _ => {
+                            // The neighbour did not know our copy (or we had none): its q
+                            // starts from the anchor.
+                            fresh += 1;
+                            copies.insert(
+                                *peer,
+                                Copy {
+                                    model: anchor.clone(),
+                                    hash: anchor_hash,
+                                    round: 0,
+                                },
+                            );
+                            copies.get_mut(peer).context("copy just inserted")?
                         }
-                        add_scaled(&mut copy.model, q, 1.0)?;
-                        copy.hash = ModelHash::of_tensors(&copy.model);
-                    }
-                    if steps.len() > 1 {
-                        tracing::debug!(peer = %peer, rounds = steps.len(), caught_up, "caught a neighbour's copy up");
-                    }
-                    if !caught_up {
-                        continue;
-                    }
+                    };
+                    add_scaled(&mut copy.model, &q, 1.0)?;
+                    copy.hash = ModelHash::of_tensors(&copy.model);
+                    copy.round = peer_round;
                     payload_in += payload;
                     used.push(*peer);
                 }
-                Ok(Heard::State(state_round, state)) => {
-                    tracing::info!(peer = %peer, state_round, "took a neighbour's public copy");
-                    let hash = ModelHash::of_tensors(&state);
-                    copies.insert(
-                        *peer,
-                        Copy {
-                            model: *state,
-                            hash,
-                        },
-                    );
-                    resynced += 1;
-                    used.push(*peer);
-                }
-                Ok(Heard::Nothing(reason)) => {
+                Ok(Some(Heard::Nothing(reason))) => {
                     tracing::debug!(peer = %peer, round, reason, "nothing from a neighbour");
                 }
                 Err(err) => tracing::warn!(peer = %peer, error = %err, "neighbour task failed"),
             }
         }
-        // Copies of peers that are no longer neighbours are dropped (memory: k + 2 models).
+        // Copies of peers that are no longer neighbours are dropped.
         copies.retain(|p, _| neighbours.contains(p));
-        // 4. Mix through the public copies.
+        // 4. Mix: move toward the neighbours' models through their copies.
         let heard: Vec<&TensorSet> = used
             .iter()
             .filter_map(|p| copies.get(p).map(|c| &c.model))
             .collect();
-        mix(&mut model, &public, &heard, step)?;
+        mix(&mut model, &heard, step)?;
         trainer.set_weights(model.clone()).await?;
         let last = config.rounds.is_some_and(|n| round + 1 == n);
         let eval = if config.eval_every > 0 && (round.is_multiple_of(config.eval_every) || last) {
@@ -651,8 +714,8 @@ pub async fn run(
             rouge_l: eval.as_ref().map(|e| e.rouge_l),
             deltas: used.len() + 1,
             mesh_peers: peers_now(),
-            delta_bytes,
-            raw_delta_bytes: raw_bytes,
+            delta_bytes: published.delta_bytes,
+            raw_delta_bytes: published.raw_bytes,
             payload_in,
             wire_in,
             wire_out,
@@ -683,8 +746,9 @@ pub async fn run(
             round,
             neighbours = neighbours.len(),
             heard = used.len(),
-            resynced,
-            delta_bytes,
+            fresh,
+            qs_encoded = published.encoded,
+            delta_bytes = published.delta_bytes,
             wire_in,
             wire_out,
             seconds = seconds_total,
@@ -692,12 +756,12 @@ pub async fn run(
         );
         metrics.deltas_used.set(used.len() as i64 + 1);
         metrics.round_seconds.set(seconds_total);
-        let extras = public
+        let extras = anchor
             .tensors()
             .iter()
             .map(|t| {
                 (
-                    format!("public/{}", t.name),
+                    format!("anchor/{}", t.name),
                     t.shape.clone(),
                     t.values.clone(),
                 )
@@ -714,7 +778,6 @@ pub async fn run(
             .context("checkpoint after the round")?;
         append_record(&rounds_path, &record)?;
         records.push(record);
-        blocking(|| serve_state(&store, &config, me, round + 1, &public, &no_outer))?;
         round += 1;
     }
     // Neighbours may still be asking for this node's last q: serve until quiet.
@@ -789,21 +852,25 @@ mod tests {
 
     #[test]
     fn mixing_moves_toward_the_neighbours_and_keeps_the_mean_of_a_symmetric_pair() {
-        // Two nodes, exact public copies (x̂ = x), full step: both land on the mean.
+        // Two nodes, exact copies, full step: both land on the mean.
         let (a, b) = (set(&[0.0, 2.0]), set(&[4.0, -2.0]));
         let mut xa = a.clone();
-        mix(&mut xa, &a, &[&b], 1.0).expect("mix");
+        mix(&mut xa, &[&b], 1.0).expect("mix");
         let mut xb = b.clone();
-        mix(&mut xb, &b, &[&a], 1.0).expect("mix");
+        mix(&mut xb, &[&a], 1.0).expect("mix");
         assert_eq!(xa.get("w").expect("w").values, vec![2.0, 0.0]);
         assert_eq!(xb.get("w").expect("w").values, vec![2.0, 0.0]);
         // Half a step with two neighbours: x + 0.5/3 * ((c1 - x) + (c2 - x)).
         let mut x = set(&[0.0]);
-        mix(&mut x, &set(&[0.0]), &[&set(&[3.0]), &set(&[6.0])], 0.5).expect("mix");
+        mix(&mut x, &[&set(&[3.0]), &set(&[6.0])], 0.5).expect("mix");
         assert!((x.get("w").expect("w").values[0] - 1.5).abs() < 1e-6);
         // Different layouts are refused.
         let mut x = set(&[0.0]);
-        assert!(mix(&mut x, &set(&[0.0]), &[&set(&[1.0, 2.0])], 0.5).is_err());
+        assert!(mix(&mut x, &[&set(&[1.0, 2.0])], 0.5).is_err());
+        // No neighbour heard: unchanged.
+        let mut x = set(&[1.5]);
+        mix(&mut x, &[], 0.5).expect("mix");
+        assert_eq!(x.get("w").expect("w").values, vec![1.5]);
     }
 
     #[test]
@@ -831,11 +898,12 @@ mod tests {
         assert!(!again.contains(&chosen[1]));
     }
 
-    /// A copy that missed rounds 1 and 2 of a neighbour catches up on the q's it still serves
-    /// (bit for bit the neighbour's public copy); one older than the served history, or
-    /// unknown, is not patched from q's.
+    /// The link protocol between two real network stacks: a new link's first q comes from
+    /// the anchor; a copy that missed a round catches up with one q; both ends then hold the
+    /// same copy bit for bit; an unknown copy gets the anchor's q; a q for another anchor is
+    /// refused.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_copy_that_missed_rounds_catches_up_on_the_served_qs() {
+    async fn links_cost_one_q_whatever_the_copy_and_both_ends_agree_bit_for_bit() {
         use crate::network::{self, NetworkConfig};
         use libp2p::identity::Keypair;
         use meshtune_bootstrap::transport::memory_transport;
@@ -844,8 +912,9 @@ mod tests {
         let shutdown = CancellationToken::new();
         let mut config = CoordinatorConfig::new("test", std::env::temp_dir());
         config.codec = "int8/64+zstd:1".parse().expect("codec");
-        let start = set(&[0.0; 256]);
-        let layout = start.layout();
+        let anchor = set(&[0.0; 256]);
+        let anchor_hash = ModelHash::of_tensors(&anchor);
+        let layout = anchor.layout();
         let spawn = |port: u64, store: Arc<Mutex<BlobStore>>| {
             let keypair = Keypair::generate_ed25519();
             let mut net = NetworkConfig::new("test".parse().expect("mesh"));
@@ -861,27 +930,26 @@ mod tests {
             )
             .expect("network")
         };
-        // The neighbour publishes rounds 0-3; we heard round 0 only.
         let store = Arc::new(Mutex::new(BlobStore::default()));
         let neighbour = spawn(7500, Arc::clone(&store));
-        let mut public = start.clone();
-        let mut copies = Vec::new();
-        for round in 0..4u64 {
-            copies.push(public.clone());
-            let model = set(&(0..256)
+        let mut mine: Mine = HashMap::from([(anchor_hash, anchor.clone())]);
+        let model_of = |round: u64| {
+            set(&(0..256)
                 .map(|i| ((i as f32 + 1.0) * (round as f32 + 1.0)).sin())
-                .collect::<Vec<_>>());
-            publish_q(
+                .collect::<Vec<_>>())
+        };
+        let publish = |round: u64, mine: &mut Mine| {
+            publish_links(
                 &store,
                 &config,
-                neighbour.peer_id,
-                round,
-                (&model, &mut public),
+                (neighbour.peer_id, round),
+                &model_of(round),
+                (anchor_hash, mine),
                 &layout,
                 (1, 1),
             )
-            .expect("publish");
-        }
+            .expect("publish")
+        };
         let me = spawn(7501, Arc::new(Mutex::new(BlobStore::default())));
         me.client
             .dial("/memory/7500".parse().expect("addr"))
@@ -903,42 +971,84 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        let hear_round = |expected: ModelHash| {
+        let hear_round = |round: u64, copy: Option<ModelHash>, anchor: ModelHash| {
             hear(
                 neighbour.peer_id,
-                3,
-                Some(expected),
+                round,
+                (copy, anchor),
                 layout.clone(),
                 config.clone(),
                 me.client.clone(),
                 deadline,
             )
         };
-        // Our copy is the neighbour's public copy after round 0 (we missed rounds 1 and 2).
-        let mut copy = copies[1].clone();
-        match hear_round(ModelHash::of_tensors(&copy)).await {
-            Heard::Delta { steps, payload } => {
-                assert_eq!(steps.len(), 3, "rounds 1, 2 and 3");
-                assert!(payload > 0);
-                for (base, q) in &steps {
-                    assert_eq!(*base, ModelHash::of_tensors(&copy));
-                    add_scaled(&mut copy, q, 1.0).expect("add");
-                }
-                assert_eq!(ModelHash::of_tensors(&copy), ModelHash::of_tensors(&public));
-            }
-            Heard::State(..) => panic!("took the whole copy"),
-            Heard::Nothing(reason) => panic!("nothing: {reason}"),
-        }
-        // A copy none of the served q's applies to (new, or older than the history) is not
-        // patched from q's.
-        let stranger = set(&[1.0; 256]);
-        assert!(
-            !matches!(
-                hear_round(ModelHash::of_tensors(&stranger)).await,
-                Heard::Delta { .. }
-            ),
-            "an unknown copy was patched from q's"
+        let relative_error = |copy: &TensorSet, round: u64| {
+            let diff = difference(copy, &model_of(round)).expect("diff");
+            l2_norm(&diff) / l2_norm(&model_of(round))
+        };
+        // Round 0, a new link: the q from the anchor.
+        assert_eq!(
+            publish(0, &mut mine).encoded,
+            1,
+            "only the anchor's q: no puller yet"
         );
+        let Heard::Delta {
+            base,
+            round,
+            q,
+            payload,
+        } = hear_round(0, None, anchor_hash).await
+        else {
+            panic!("nothing in round 0");
+        };
+        assert_eq!((base, round), (anchor_hash, 0));
+        assert!(payload > 0);
+        let mut copy = anchor.clone();
+        add_scaled(&mut copy, &q, 1.0).expect("add");
+        assert!(
+            relative_error(&copy, 0) < 0.02,
+            "{}",
+            relative_error(&copy, 0)
+        );
+        assert!(
+            mine.contains_key(&ModelHash::of_tensors(&copy)),
+            "the neighbour keeps our copy"
+        );
+        // Rounds 1 and 2 published; we skip round 1. Round 2's q for our copy covers both.
+        assert_eq!(
+            publish(1, &mut mine).encoded,
+            2,
+            "our copy's q and the anchor's"
+        );
+        publish(2, &mut mine);
+        let Heard::Delta { base, round, q, .. } =
+            hear_round(2, Some(ModelHash::of_tensors(&copy)), anchor_hash).await
+        else {
+            panic!("nothing in round 2");
+        };
+        assert_eq!((base, round), (ModelHash::of_tensors(&copy), 2));
+        add_scaled(&mut copy, &q, 1.0).expect("add");
+        assert!(
+            relative_error(&copy, 2) < 0.01,
+            "{}",
+            relative_error(&copy, 2)
+        );
+        assert!(
+            mine.contains_key(&ModelHash::of_tensors(&copy)),
+            "bit for bit the neighbour's"
+        );
+        // A copy the neighbour does not know gets the anchor's q.
+        let stranger = ModelHash::of_tensors(&set(&[1.0; 256]));
+        let Heard::Delta { base, .. } = hear_round(2, Some(stranger), anchor_hash).await else {
+            panic!("nothing for an unknown copy");
+        };
+        assert_eq!(base, anchor_hash);
+        // A node that started from another model cannot use any of it.
+        let other = ModelHash::of_tensors(&set(&[2.0; 256]));
+        match hear_round(2, None, other).await {
+            Heard::Nothing(reason) => assert!(reason.contains("anchor"), "{reason}"),
+            Heard::Delta { .. } => panic!("a q from another anchor was taken"),
+        }
         shutdown.cancel();
     }
 }

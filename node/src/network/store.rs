@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use libp2p::PeerId;
 
 use meshtune_protocol::{
-    BlobHash, ChunkList, ChunkListHash, ChunkRequest, ChunkResponse, DeltaManifest, StateManifest,
+    BlobHash, ChunkList, ChunkListHash, ChunkRequest, ChunkResponse, DeltaManifest, ModelHash,
+    StateManifest,
 };
 
 #[derive(Debug)]
@@ -61,6 +62,21 @@ const KEPT_MANIFESTS: usize = 4;
 /// A state downloader that asked for nothing for this long frees its upload slot.
 const UPLOAD_IDLE: Duration = Duration::from_secs(5);
 
+/// Peers whose copy of this node's model is tracked for gossip links, at most: beyond it a
+/// peer gets the q from the anchor every round (correct, only less precise), so a crowd of
+/// identities cannot make a node keep a model per identity.
+pub const MAX_LINK_HOLDERS: usize = 64;
+
+/// This node's q's of one gossip round ([`ChunkRequest::LinkDelta`]): for each copy of this
+/// node's model that a puller may hold (by its hash), the manifest of the q that applies to
+/// it and the hash of the copy it leaves. The anchor's entry serves every other copy.
+#[derive(Debug, Clone)]
+pub struct LinkOffers {
+    pub round: u64,
+    pub anchor: ModelHash,
+    pub by_copy: HashMap<ModelHash, (DeltaManifest, ModelHash)>,
+}
+
 /// Verified blobs by hash, forgotten round by round.
 #[derive(Debug, Default)]
 pub struct BlobStore {
@@ -81,6 +97,10 @@ pub struct BlobStore {
     busy_answers: u64,
     /// This node's last announced delta manifests, by round.
     manifests: BTreeMap<u64, DeltaManifest>,
+    /// Gossip links: this round's q's, and the copy of this node each puller was last
+    /// served (the hash of the copy its q left).
+    links: Option<LinkOffers>,
+    link_holders: HashMap<PeerId, ModelHash>,
 }
 
 impl BlobStore {
@@ -120,6 +140,49 @@ impl BlobStore {
         while self.manifests.len() > KEPT_MANIFESTS {
             self.manifests.pop_first();
         }
+    }
+
+    /// Serves `offers` to pullers from now on (their blobs must be inserted).
+    pub fn set_link_offers(&mut self, offers: LinkOffers) {
+        self.links = Some(offers);
+    }
+
+    /// The copy of this node's model each tracked puller holds, as far as this node knows
+    /// (the result of the q it was served last).
+    pub fn link_holders(&self) -> HashMap<PeerId, ModelHash> {
+        self.link_holders.clone()
+    }
+
+    /// Stops tracking the pullers `keep` refuses (gone peers).
+    pub fn retain_link_holders(&mut self, keep: impl Fn(&PeerId) -> bool) {
+        self.link_holders.retain(|p, _| keep(p));
+    }
+
+    /// The answer to a [`ChunkRequest::LinkDelta`]: the q for the requester's copy when
+    /// this round has one, else the q from the anchor; the requester is then taken to hold
+    /// the copy that q leaves.
+    fn link_answer(
+        &mut self,
+        peer: PeerId,
+        (mesh_id, round, copy): (&str, u64, Option<ModelHash>),
+        mesh: &str,
+    ) -> ChunkResponse {
+        let Some(offers) = &self.links else {
+            return ChunkResponse::NotFound;
+        };
+        if mesh_id != mesh || offers.round < round {
+            return ChunkResponse::NotFound;
+        }
+        let entry = copy
+            .and_then(|h| offers.by_copy.get(&h))
+            .or_else(|| offers.by_copy.get(&offers.anchor));
+        let Some((manifest, result)) = entry else {
+            return ChunkResponse::NotFound;
+        };
+        if self.link_holders.len() < MAX_LINK_HOLDERS || self.link_holders.contains_key(&peer) {
+            self.link_holders.insert(peer, *result);
+        }
+        ChunkResponse::Manifest(manifest.clone())
     }
 
     pub fn contains(&self, hash: &BlobHash) -> bool {
@@ -233,7 +296,14 @@ impl BlobStore {
             }
             self.state_uploads.insert(peer, now);
         }
-        let response = self.lookup(request, mesh);
+        let response = match request {
+            ChunkRequest::LinkDelta {
+                mesh_id,
+                round,
+                copy,
+            } => self.link_answer(peer, (mesh_id, *round, *copy), mesh),
+            _ => self.lookup(request, mesh),
+        };
         if matches!(response, ChunkResponse::Chunk(_)) {
             self.served_chunks += 1;
         }
@@ -301,6 +371,8 @@ impl BlobStore {
                 }
                 _ => ChunkResponse::NotFound,
             },
+            // Answered by `link_answer` (it records the requester's copy).
+            ChunkRequest::LinkDelta { .. } => ChunkResponse::NotFound,
         }
     }
 }
@@ -309,6 +381,80 @@ impl BlobStore {
 mod tests {
     use super::*;
     use meshtune_protocol::chunk_blob;
+
+    /// A gossip puller gets the q for the copy it names when this round has one, else the q
+    /// from the anchor; nothing before the round is published or for another mesh; and it is
+    /// then taken to hold the copy its q leaves, up to [`MAX_LINK_HOLDERS`] pullers.
+    #[test]
+    fn link_deltas_follow_the_pullers_copy_or_fall_back_to_the_anchor() {
+        let manifest = |base: u8| DeltaManifest {
+            mesh_id: "m".into(),
+            round: 5,
+            base_model: ModelHash([base; 32]),
+            sender: vec![1, 2, 3],
+            sample_count: 1,
+            training_steps: 1,
+            blob: chunk_blob(&[base; 10], 4).expect("chunks").descriptor(),
+            tensors: Vec::new(),
+        };
+        let (anchor, known, after_anchor, after_known) = (
+            ModelHash([0; 32]),
+            ModelHash([7; 32]),
+            ModelHash([10; 32]),
+            ModelHash([17; 32]),
+        );
+        let mut store = BlobStore::default();
+        let ask = |round: u64, copy: Option<ModelHash>| ChunkRequest::LinkDelta {
+            mesh_id: "m".into(),
+            round,
+            copy,
+        };
+        let (a, b) = (PeerId::random(), PeerId::random());
+        assert_eq!(store.answer(a, &ask(5, None), "m"), ChunkResponse::NotFound);
+        store.set_link_offers(LinkOffers {
+            round: 5,
+            anchor,
+            by_copy: HashMap::from([
+                (anchor, (manifest(0), after_anchor)),
+                (known, (manifest(7), after_known)),
+            ]),
+        });
+        assert_eq!(
+            store.answer(a, &ask(6, None), "m"),
+            ChunkResponse::NotFound,
+            "round 6 is not out"
+        );
+        assert_eq!(
+            store.answer(a, &ask(5, None), "x"),
+            ChunkResponse::NotFound,
+            "another mesh"
+        );
+        assert!(store.link_holders().is_empty(), "nothing served yet");
+        assert_eq!(
+            store.answer(a, &ask(5, Some(known)), "m"),
+            ChunkResponse::Manifest(manifest(7))
+        );
+        // An unknown copy and no copy both get the q from the anchor; a lagging puller (round 3)
+        // gets this round's.
+        assert_eq!(
+            store.answer(b, &ask(3, Some(ModelHash([9; 32]))), "m"),
+            ChunkResponse::Manifest(manifest(0))
+        );
+        assert_eq!(
+            store.link_holders(),
+            HashMap::from([(a, after_known), (b, after_anchor)])
+        );
+        store.retain_link_holders(|p| *p != b);
+        assert_eq!(store.link_holders(), HashMap::from([(a, after_known)]));
+        // A crowd of identities: only MAX_LINK_HOLDERS are tracked, all are served.
+        for _ in 0..2 * MAX_LINK_HOLDERS {
+            assert!(matches!(
+                store.answer(PeerId::random(), &ask(5, None), "m"),
+                ChunkResponse::Manifest(_)
+            ));
+        }
+        assert_eq!(store.link_holders().len(), MAX_LINK_HOLDERS);
+    }
 
     #[test]
     fn serves_chunks_by_hash_and_forgets_old_rounds() {

@@ -986,6 +986,15 @@ mod tests {
             let diff = difference(copy, &model_of(round)).expect("diff");
             l2_norm(&diff) / l2_norm(&model_of(round))
         };
+        // Our copy is close to the neighbour's model and is, bit for bit, a copy it keeps.
+        let holds_neighbours_copy = |copy: &TensorSet, round: u64, bound: f64, mine: &Mine| {
+            let error = relative_error(copy, round);
+            assert!(error < bound, "relative error {error} in round {round}");
+            assert!(
+                mine.contains_key(&ModelHash::of_tensors(copy)),
+                "the neighbour does not keep our copy of round {round}"
+            );
+        };
         // Round 0, a new link: the q from the anchor.
         assert_eq!(
             publish(0, &mut mine).encoded,
@@ -1005,15 +1014,7 @@ mod tests {
         assert!(payload > 0);
         let mut copy = anchor.clone();
         add_scaled(&mut copy, &q, 1.0).expect("add");
-        assert!(
-            relative_error(&copy, 0) < 0.02,
-            "{}",
-            relative_error(&copy, 0)
-        );
-        assert!(
-            mine.contains_key(&ModelHash::of_tensors(&copy)),
-            "the neighbour keeps our copy"
-        );
+        holds_neighbours_copy(&copy, 0, 0.02, &mine);
         // Rounds 1 and 2 published; we skip round 1. Round 2's q for our copy covers both.
         assert_eq!(
             publish(1, &mut mine).encoded,
@@ -1028,15 +1029,7 @@ mod tests {
         };
         assert_eq!((base, round), (ModelHash::of_tensors(&copy), 2));
         add_scaled(&mut copy, &q, 1.0).expect("add");
-        assert!(
-            relative_error(&copy, 2) < 0.01,
-            "{}",
-            relative_error(&copy, 2)
-        );
-        assert!(
-            mine.contains_key(&ModelHash::of_tensors(&copy)),
-            "bit for bit the neighbour's"
-        );
+        holds_neighbours_copy(&copy, 2, 0.01, &mine);
         // A copy the neighbour does not know gets the anchor's q.
         let stranger = ModelHash::of_tensors(&set(&[1.0; 256]));
         let Heard::Delta { base, .. } = hear_round(2, Some(stranger), anchor_hash).await else {

@@ -153,9 +153,13 @@ impl<B: Backend> Attention<B> {
         lora: &Option<LoraAdapter<B>>,
     ) -> Tensor<B, 4> {
         let [batch, len, _] = x.dims();
-        adapted_linear(x, weight, lora, self.precision)
-            .reshape([batch, len, self.num_heads, self.d_kv])
-            .swap_dims(1, 2)
+        let heads = adapted_linear(x, weight, lora, self.precision).reshape([
+            batch,
+            len,
+            self.num_heads,
+            self.d_kv,
+        ]);
+        crate::kernels::swap_heads(&heads, true).unwrap_or_else(|| heads.swap_dims(1, 2))
     }
 
     pub fn keys_values(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>) {
@@ -204,8 +208,8 @@ impl<B: Backend> Attention<B> {
                 let bias = bias.summed().expand([batch, heads, q_len, k_len]);
                 attention(q, k, v, None, Some(bias), options)
             };
-        let merged = context
-            .swap_dims(1, 2)
+        let merged = crate::kernels::swap_heads(&context, false)
+            .unwrap_or_else(|| context.swap_dims(1, 2))
             .reshape([batch, q_len, heads * d_kv]);
         adapted_linear(merged, &self.o, &self.lora_o, self.precision)
     }

@@ -418,11 +418,13 @@ async fn fetch_q(
     }
 }
 
-/// A connected peer whose latest manifest is past round 0 (the mesh is running), if any: of
-/// the first few asked, the one furthest ahead.
-async fn peer_ahead(client: &Client, config: &CoordinatorConfig) -> Option<PeerId> {
-    let peers = client.mesh_peers().await.ok()?;
-    let mut best: Option<(u64, PeerId)> = None;
+/// Connected peers whose latest manifest is past round 0 (the mesh is running), of the first
+/// few asked, furthest ahead first.
+async fn peers_ahead(client: &Client, config: &CoordinatorConfig) -> Vec<PeerId> {
+    let Ok(peers) = client.mesh_peers().await else {
+        return Vec::new();
+    };
+    let mut ahead: Vec<(u64, PeerId)> = Vec::new();
     for peer in peers.into_iter().take(8) {
         let answer = client
             .request(
@@ -436,12 +438,57 @@ async fn peer_ahead(client: &Client, config: &CoordinatorConfig) -> Option<PeerI
         if let Ok(ChunkResponse::Manifest(m)) = answer
             && m.round > 0
             && PeerId::from_bytes(&m.sender).ok() == Some(peer)
-            && best.is_none_or(|(r, _)| m.round > r)
         {
-            best = Some((m.round, peer));
+            ahead.push((m.round, peer));
         }
     }
-    best.map(|(_, peer)| peer)
+    ahead.sort_by_key(|(round, _)| std::cmp::Reverse(*round));
+    ahead.into_iter().map(|(_, peer)| peer).collect()
+}
+
+/// Joins a running mesh: the model of the first of `peers` that sends its q from the anchor
+/// (at most 3 asked, each for a third of the round deadline: a peer that leaves or stalls
+/// does not leave the joiner on its initial model). Returns (peer, its round, its model).
+async fn join_from(
+    peers: &[PeerId],
+    anchor: (&TensorSet, ModelHash),
+    layout: &ModelLayout,
+    config: &CoordinatorConfig,
+    client: &Client,
+) -> anyhow::Result<Option<(PeerId, u64, TensorSet)>> {
+    let patience = (config.round.collect_timeout / 3).max(Duration::from_secs(1));
+    for &peer in peers.iter().take(3) {
+        let deadline = Instant::now() + patience;
+        let heard = hear(
+            peer,
+            0,
+            (None, anchor.1),
+            layout.clone(),
+            config.clone(),
+            client.clone(),
+            deadline,
+        )
+        .await;
+        match heard {
+            Heard::Delta {
+                base,
+                round: peer_round,
+                q,
+                ..
+            } if base == anchor.1 => {
+                let mut model = anchor.0.clone();
+                add_scaled(&mut model, &q, 1.0)?;
+                return Ok(Some((peer, peer_round, model)));
+            }
+            Heard::Delta { .. } => {
+                tracing::warn!(peer = %peer, "a running mesh's peer sent a q for another copy");
+            }
+            Heard::Nothing(reason) => {
+                tracing::warn!(peer = %peer, reason, "could not take a running mesh's model from this peer");
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// The gossip round loop (see the module docs); called by [`super::run`].
@@ -536,46 +583,29 @@ pub async fn run(
     // A fresh node joining a mesh already past round 0 starts from a peer's model, taken as
     // that peer's q from the anchor (one delta's bytes), and from its round. That peer becomes
     // its first neighbour: the copy is already here.
-    if fresh_start && let Some(peer) = peer_ahead(&client, &config).await {
-        let deadline = Instant::now() + config.round.collect_timeout;
-        match hear(
-            peer,
-            0,
-            (None, anchor_hash),
-            layout.clone(),
-            config.clone(),
-            client.clone(),
-            deadline,
-        )
-        .await
-        {
-            Heard::Delta {
-                base,
-                round: peer_round,
-                q,
-                ..
-            } if base == anchor_hash => {
-                let mut copy = anchor.clone();
-                add_scaled(&mut copy, &q, 1.0)?;
-                model = copy.clone();
-                trainer.set_weights(model.clone()).await?;
-                round = peer_round + 1;
-                copies.insert(
-                    peer,
-                    Copy {
-                        hash: ModelHash::of_tensors(&copy),
-                        model: copy,
-                        round: peer_round,
-                    },
-                );
-                neighbours.push(peer);
-                tracing::info!(peer = %peer, round, "joined a running mesh from a peer's model");
-            }
-            Heard::Delta { .. } => {
-                tracing::warn!(peer = %peer, "a running mesh's peer sent a q for another copy; starting from the initial model");
-            }
-            Heard::Nothing(reason) => {
-                tracing::warn!(peer = %peer, reason, "could not take a running mesh's model; starting from the initial model");
+    if fresh_start {
+        let ahead = peers_ahead(&client, &config).await;
+        if !ahead.is_empty() {
+            match join_from(&ahead, (&anchor, anchor_hash), &layout, &config, &client).await? {
+                Some((peer, peer_round, copy)) => {
+                    model = copy.clone();
+                    trainer.set_weights(model.clone()).await?;
+                    round = peer_round + 1;
+                    copies.insert(
+                        peer,
+                        Copy {
+                            hash: ModelHash::of_tensors(&copy),
+                            model: copy,
+                            round: peer_round,
+                        },
+                    );
+                    neighbours.push(peer);
+                    tracing::info!(peer = %peer, round, "joined a running mesh from a peer's model");
+                }
+                None => tracing::warn!(
+                    asked = ahead.len().min(3),
+                    "could not take a running mesh's model; starting from the initial model"
+                ),
             }
         }
     }

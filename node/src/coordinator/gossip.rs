@@ -928,51 +928,130 @@ mod tests {
         assert!(!again.contains(&chosen[1]));
     }
 
+    /// A model that differs every round.
+    fn model_of(round: u64) -> TensorSet {
+        set(&(0..256)
+            .map(|i| ((i as f32 + 1.0) * (round as f32 + 1.0)).sin())
+            .collect::<Vec<_>>())
+    }
+
+    fn empty() -> Arc<Mutex<BlobStore>> {
+        Arc::new(Mutex::new(BlobStore::default()))
+    }
+
+    /// A network stack on the memory transport at `port` serving `store`, its events drained.
+    fn stack(
+        port: u64,
+        store: Arc<Mutex<BlobStore>>,
+        layout: &ModelLayout,
+        shutdown: &CancellationToken,
+    ) -> (PeerId, Client) {
+        use crate::network::{self, NetworkConfig};
+        use libp2p::identity::Keypair;
+        use meshtune_bootstrap::transport::memory_transport;
+        use prometheus_client::registry::Registry;
+
+        let keypair = Keypair::generate_ed25519();
+        let mut net = NetworkConfig::new("test".parse().expect("mesh"));
+        net.listen = vec![format!("/memory/{port}").parse().expect("addr")];
+        let running = network::start(
+            &keypair,
+            memory_transport(&keypair, None).expect("transport"),
+            net,
+            Arc::new(layout.clone()),
+            store,
+            &mut Registry::default(),
+            shutdown.child_token(),
+        )
+        .expect("network");
+        let mut events = running.events;
+        tokio::spawn(async move { while events.recv().await.is_some() {} });
+        (running.peer_id, running.client)
+    }
+
+    /// Dials the stack at `port` and waits until `peer` is a mesh peer.
+    async fn link(client: &Client, port: u64, peer: PeerId) {
+        client
+            .dial(format!("/memory/{port}").parse().expect("addr"))
+            .await
+            .expect("dial");
+        let linked = Instant::now();
+        while !client.mesh_peers().await.expect("peers").contains(&peer) {
+            assert!(linked.elapsed() < Duration::from_secs(10), "no link");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A joiner asks the peers ahead in turn: one that never answers (it has published
+    /// nothing) costs a third of the round deadline, then the next one's model is taken;
+    /// with nobody answering, the joiner stays on its own model.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_joiner_takes_the_next_peers_model_when_the_first_does_not_answer() {
+        let shutdown = CancellationToken::new();
+        let mut config = CoordinatorConfig::new("test", std::env::temp_dir());
+        config.codec = "int8/64+zstd:1".parse().expect("codec");
+        config.round.collect_timeout = Duration::from_secs(3);
+        let anchor = set(&[0.0; 256]);
+        let anchor_hash = ModelHash::of_tensors(&anchor);
+        let layout = anchor.layout();
+        let silent = stack(7510, empty(), &layout, &shutdown);
+        let store = Arc::new(Mutex::new(BlobStore::default()));
+        let running = stack(7511, Arc::clone(&store), &layout, &shutdown);
+        let mut mine: Mine = HashMap::from([(anchor_hash, anchor.clone())]);
+        publish_links(
+            &store,
+            &config,
+            (running.0, 4),
+            &model_of(4),
+            (anchor_hash, &mut mine),
+            &layout,
+            (1, 1),
+        )
+        .expect("publish");
+        let me = stack(7512, empty(), &layout, &shutdown);
+        link(&me.1, 7510, silent.0).await;
+        link(&me.1, 7511, running.0).await;
+        let (peer, round, model) = join_from(
+            &[silent.0, running.0],
+            (&anchor, anchor_hash),
+            &layout,
+            &config,
+            &me.1,
+        )
+        .await
+        .expect("join")
+        .expect("the second peer's model");
+        assert_eq!((peer, round), (running.0, 4));
+        let error =
+            l2_norm(&difference(&model, &model_of(4)).expect("diff")) / l2_norm(&model_of(4));
+        assert!(error < 0.02, "relative error {error}");
+        let alone = join_from(&[silent.0], (&anchor, anchor_hash), &layout, &config, &me.1)
+            .await
+            .expect("join");
+        assert!(alone.is_none(), "nobody answered");
+        shutdown.cancel();
+    }
+
     /// The link protocol between two real network stacks: a new link's first q comes from
     /// the anchor; a copy that missed a round catches up with one q; both ends then hold the
     /// same copy bit for bit; an unknown copy gets the anchor's q; a q for another anchor is
     /// refused.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn links_cost_one_q_whatever_the_copy_and_both_ends_agree_bit_for_bit() {
-        use crate::network::{self, NetworkConfig};
-        use libp2p::identity::Keypair;
-        use meshtune_bootstrap::transport::memory_transport;
-        use prometheus_client::registry::Registry;
-
         let shutdown = CancellationToken::new();
         let mut config = CoordinatorConfig::new("test", std::env::temp_dir());
         config.codec = "int8/64+zstd:1".parse().expect("codec");
         let anchor = set(&[0.0; 256]);
         let anchor_hash = ModelHash::of_tensors(&anchor);
         let layout = anchor.layout();
-        let spawn = |port: u64, store: Arc<Mutex<BlobStore>>| {
-            let keypair = Keypair::generate_ed25519();
-            let mut net = NetworkConfig::new("test".parse().expect("mesh"));
-            net.listen = vec![format!("/memory/{port}").parse().expect("addr")];
-            network::start(
-                &keypair,
-                memory_transport(&keypair, None).expect("transport"),
-                net,
-                Arc::new(layout.clone()),
-                store,
-                &mut Registry::default(),
-                shutdown.child_token(),
-            )
-            .expect("network")
-        };
         let store = Arc::new(Mutex::new(BlobStore::default()));
-        let neighbour = spawn(7500, Arc::clone(&store));
+        let neighbour = stack(7500, Arc::clone(&store), &layout, &shutdown);
         let mut mine: Mine = HashMap::from([(anchor_hash, anchor.clone())]);
-        let model_of = |round: u64| {
-            set(&(0..256)
-                .map(|i| ((i as f32 + 1.0) * (round as f32 + 1.0)).sin())
-                .collect::<Vec<_>>())
-        };
         let publish = |round: u64, mine: &mut Mine| {
             publish_links(
                 &store,
                 &config,
-                (neighbour.peer_id, round),
+                (neighbour.0, round),
                 &model_of(round),
                 (anchor_hash, mine),
                 &layout,
@@ -980,35 +1059,17 @@ mod tests {
             )
             .expect("publish")
         };
-        let me = spawn(7501, Arc::new(Mutex::new(BlobStore::default())));
-        me.client
-            .dial("/memory/7500".parse().expect("addr"))
-            .await
-            .expect("dial");
-        let mut events = me.events;
-        tokio::spawn(async move { while events.recv().await.is_some() {} });
-        let mut neighbour_events = neighbour.events;
-        tokio::spawn(async move { while neighbour_events.recv().await.is_some() {} });
-        let linked = Instant::now();
-        while !me
-            .client
-            .mesh_peers()
-            .await
-            .expect("peers")
-            .contains(&neighbour.peer_id)
-        {
-            assert!(linked.elapsed() < Duration::from_secs(10), "no link");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let me = stack(7501, empty(), &layout, &shutdown);
+        link(&me.1, 7500, neighbour.0).await;
         let deadline = Instant::now() + Duration::from_secs(10);
         let hear_round = |round: u64, copy: Option<ModelHash>, anchor: ModelHash| {
             hear(
-                neighbour.peer_id,
+                neighbour.0,
                 round,
                 (copy, anchor),
                 layout.clone(),
                 config.clone(),
-                me.client.clone(),
+                me.1.clone(),
                 deadline,
             )
         };

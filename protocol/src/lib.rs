@@ -20,6 +20,9 @@
 //!    names, lengths, scales, indices, NaN/Inf); the caller gets a complete [`TensorSet`]
 //!    or a typed [`DecodeError`], never half a delta.
 //!
+//! Under gossip averaging a node asks each neighbour for the q of their link instead
+//! ([`ChunkRequest::LinkDelta`], naming the copy it holds) and fetches it the same way.
+//!
 //! Late joiners do the same with a [`StateManifest`] ([`ChunkRequest::LatestState`],
 //! [`encode_state`], [`decode_state`]); the decoded model must hash to the announced
 //! [`ModelHash`].

@@ -1,5 +1,6 @@
 //! Request/response messages for pulling blobs: a chunk list by its hash, a chunk by its
-//! blob hash, index and hash, the latest state manifest of a mesh, and a peer's current delta manifest.
+//! blob hash, index and hash, the latest state manifest of a mesh, a peer's current delta
+//! manifest, and the manifest of a gossip link's q.
 //!
 //! Owns: [`ChunkRequest`], [`ChunkResponse`] and their wire format. Must not touch: the
 //! transport (the node wraps these bytes in a libp2p request-response codec, capping reads

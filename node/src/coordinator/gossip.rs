@@ -211,9 +211,9 @@ struct Published {
 
 /// Step 2 of a round: for each copy of this node's model a puller holds (as the store last
 /// served it) and for the anchor, q = Q(model − copy) with the node's codec (the anchor's
-/// without top-k after round 0), and the copy that q leaves, kept for the next round. Served from `store` as this round's [`LinkOffers`]; the
-/// anchor's is also the node's current manifest (a joiner's way in). `counts` = (samples,
-/// optimizer steps) of the round.
+/// without top-k after round 0), and the copy that q leaves, kept for the next round. Served
+/// from `store` as this round's [`LinkOffers`]; the anchor's is also the node's current
+/// manifest (a joiner's way in). `counts` = (samples, optimizer steps) of the round.
 fn publish_links(
     store: &Mutex<BlobStore>,
     config: &CoordinatorConfig,

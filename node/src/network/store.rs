@@ -164,7 +164,9 @@ impl BlobStore {
     fn link_answer(
         &mut self,
         peer: PeerId,
-        (mesh_id, round, copy): (&str, u64, Option<ModelHash>),
+        mesh_id: &str,
+        round: u64,
+        copy: Option<ModelHash>,
         mesh: &str,
     ) -> ChunkResponse {
         let Some(offers) = &self.links else {
@@ -301,7 +303,7 @@ impl BlobStore {
                 mesh_id,
                 round,
                 copy,
-            } => self.link_answer(peer, (mesh_id, *round, *copy), mesh),
+            } => self.link_answer(peer, mesh_id, *round, *copy, mesh),
             _ => self.lookup(request, mesh),
         };
         if matches!(response, ChunkResponse::Chunk(_)) {

@@ -98,15 +98,17 @@ impl fmt::Display for MeshId {
 }
 
 /// A Kademlia behaviour for `mesh`, in server mode, bootstrapping itself every
-/// `bootstrap_interval` (a self-lookup plus a random-key lookup per bucket) and shortly
-/// after new peers enter its routing table.
+/// `bootstrap_interval` if one is given (a self-lookup plus a random-key lookup per bucket
+/// beyond the closest peer's: ~8 lookups of ~50 requests each in a mesh of 200) and, while
+/// its routing table holds fewer than 20 peers, shortly after new peers enter it (libp2p-kad
+/// 0.49 cannot turn that off).
 pub fn kademlia(
     local_peer_id: PeerId,
     mesh: &MeshId,
-    bootstrap_interval: Duration,
+    bootstrap_interval: Option<Duration>,
 ) -> kad::Behaviour<kad::store::MemoryStore> {
     let mut config = kad::Config::new(mesh.kad_protocol());
-    config.set_periodic_bootstrap_interval(Some(bootstrap_interval));
+    config.set_periodic_bootstrap_interval(bootstrap_interval);
     // The memory store is bounded by its default limits (records, providers).
     let store = kad::store::MemoryStore::new(local_peer_id);
     let mut kademlia = kad::Behaviour::with_config(local_peer_id, store, config);
@@ -195,7 +197,7 @@ impl BootstrapBehaviour {
             .with_max_pending_incoming(Some(config.max_pending_incoming));
         Self {
             limits: connection_limits::Behaviour::new(limits),
-            kademlia: kademlia(local_peer_id, &config.mesh, config.bootstrap_interval),
+            kademlia: kademlia(local_peer_id, &config.mesh, Some(config.bootstrap_interval)),
             identify: identify::Behaviour::new(identify_config(
                 keypair.public(),
                 &config.mesh,
@@ -265,7 +267,7 @@ mod tests {
         let mut kademlia = kademlia(
             PeerId::random(),
             &MeshId::default(),
-            Duration::from_secs(60),
+            Some(Duration::from_secs(60)),
         );
         assert_eq!(kademlia.mode(), kad::Mode::Server);
         assert_eq!(
@@ -278,7 +280,7 @@ mod tests {
     #[test]
     fn identify_addresses_reach_kademlia_only_for_mesh_peers() {
         let mesh = MeshId::default();
-        let mut kademlia = kademlia(PeerId::random(), &mesh, Duration::from_secs(60));
+        let mut kademlia = kademlia(PeerId::random(), &mesh, Some(Duration::from_secs(60)));
         let remote = Keypair::generate_ed25519();
         let remote_id = remote.public().to_peer_id();
         let listen_addrs: Vec<_> = (0..40)

@@ -14,6 +14,7 @@
 //! - [`peer_addr`]: `/ip4/…/tcp/…/p2p/<id>` arguments split into peer id and address.
 //! - [`metrics`]: the `/metrics` HTTP endpoint.
 //! - [`shaping`]: link profiles (bandwidth, delay, loss) applied inside the TCP transport.
+//! - [`wire`]: bytes on the wire by application protocol (blobs, Kademlia, identify, ...).
 //!
 //! The binary is a thin wrapper around [`service::start`].
 
@@ -25,6 +26,7 @@ pub mod peer_addr;
 pub mod service;
 pub mod shaping;
 pub mod transport;
+pub mod wire;
 
 pub use behaviour::{BootstrapBehaviour, MeshId};
 pub use config::BootstrapConfig;

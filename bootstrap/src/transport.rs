@@ -181,11 +181,14 @@ where
 }
 
 /// Counts bytes per transport protocol stack into `registry`
-/// (`libp2p_bandwidth_bytes_total{protocols,direction}`).
+/// (`libp2p_bandwidth_bytes_total{protocols,direction}`), and the same bytes by application
+/// protocol (`meshtune_wire_bytes_total{protocol,direction}`, see [`crate::wire`]).
 pub fn with_bandwidth_metrics(
     transport: BoxedTransport,
     registry: &mut Registry,
 ) -> BoxedTransport {
+    let counters = crate::wire::WireCounters::register(registry);
+    let transport = transport.map(move |(peer_id, muxer), _| (peer_id, counters.wrap(muxer)));
     libp2p::metrics::BandwidthTransport::new(transport, registry)
         .map(|(peer_id, muxer), _| (peer_id, StreamMuxerBox::new(muxer)))
         .boxed()

@@ -104,6 +104,34 @@ async fn eight_nodes_converge_to_one_model_and_their_loss_drops() {
             if let Some(a) = record.amplification {
                 amplification.push(a);
             }
+            // The split by protocol covers the same bytes (but for the head of substreams
+            // still negotiating when the counters were read), and the deltas came as blobs. (A round's
+            // payload may have arrived before its wire counters were read, so blobs are not
+            // compared with `payload_in`.)
+            let by_protocol: u64 = record.wire_in_by_protocol.values().sum();
+            assert!(
+                by_protocol.abs_diff(record.wire_in) <= 4096,
+                "node {i} round {}: {by_protocol} of {} bytes split by protocol",
+                record.round,
+                record.wire_in
+            );
+            if record.payload_in > 0 {
+                let blobs = record
+                    .wire_in_by_protocol
+                    .get("blobs")
+                    .copied()
+                    .unwrap_or(0);
+                assert!(
+                    blobs > 0
+                        && record
+                            .wire_in_by_protocol
+                            .values()
+                            .all(|&bytes| bytes <= blobs),
+                    "node {i} round {}: deltas not counted as blobs: {:?}",
+                    record.round,
+                    record.wire_in_by_protocol
+                );
+            }
         }
         let first = summary.rounds[0].train_loss.expect("loss");
         let last = summary.rounds[2].train_loss.expect("loss");

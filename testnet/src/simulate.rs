@@ -352,6 +352,28 @@ pub struct SimRound {
     #[serde(default)]
     pub links: f64,
     pub consensus_distance: Option<f64>,
+    /// Median bytes received by application protocol over the payload needed, for the
+    /// protocols in [`PROTOCOLS`] and `other` for the rest (what `received_over_payload` is
+    /// made of).
+    #[serde(default)]
+    pub received_by_protocol: BTreeMap<String, f64>,
+}
+
+/// The protocols [`SimRound::received_by_protocol`] reports one by one.
+pub const PROTOCOLS: [&str; 6] = ["blobs", "kad", "identify", "ping", "gossipsub", "other"];
+
+/// A node's received bytes of the round by [`PROTOCOLS`] (everything else under `other`).
+fn by_protocol(received: &BTreeMap<String, u64>) -> BTreeMap<&'static str, u64> {
+    let mut out: BTreeMap<&'static str, u64> = PROTOCOLS.iter().map(|p| (*p, 0)).collect();
+    for (protocol, bytes) in received {
+        let key = PROTOCOLS
+            .iter()
+            .find(|p| *p == protocol)
+            .copied()
+            .unwrap_or("other");
+        *out.entry(key).or_default() += bytes;
+    }
+    out
 }
 
 pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
@@ -743,12 +765,34 @@ async fn simulate(
             deltas_used_min: records.iter().map(|r| r.deltas).min().unwrap_or(0),
             links: median(records.iter().map(|r| r.mesh_peers as f64).collect()),
             consensus_distance: ledger.consensus_distance(round).map(|c| c.0),
+            received_by_protocol: PROTOCOLS
+                .iter()
+                .map(|p| {
+                    let ratios = records
+                        .iter()
+                        .filter(|r| r.payload_in > 0)
+                        .map(|r| {
+                            by_protocol(&r.wire_in_by_protocol)[p] as f64 / r.payload_in as f64
+                        })
+                        .collect::<Vec<_>>();
+                    let value = if ratios.is_empty() {
+                        f64::NAN
+                    } else {
+                        median(ratios)
+                    };
+                    (p.to_string(), value)
+                })
+                .collect(),
         });
     }
     let per_node_mib = (rss_running.saturating_sub(rss_start)) as f64 / 1024.0 / n as f64;
     let mut csv = String::from(
-        "round,nodes,slowest_s,sent_bytes,sent_over_own_delta,received_over_payload,delta_bytes,deltas_used_min,links,consensus_distance\n",
+        "round,nodes,slowest_s,sent_bytes,sent_over_own_delta,received_over_payload,delta_bytes,deltas_used_min,links,consensus_distance",
     );
+    for p in PROTOCOLS {
+        csv.push_str(&format!(",received_{p}_over_payload"));
+    }
+    csv.push('\n');
     println!(
         "simulate: {} nodes, {} rounds, {} params, codec {}, topology {}, churn {}  (wall {:.0} s; memory {:.1} MiB per node at start, peak RSS {} MiB)",
         n,
@@ -774,6 +818,18 @@ async fn simulate(
         "links",
         "consensus"
     );
+    let received_parts = |r: &SimRound| {
+        PROTOCOLS
+            .iter()
+            .map(|p| {
+                format!(
+                    "{p} {:.2}",
+                    r.received_by_protocol.get(*p).copied().unwrap_or(f64::NAN)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     for r in &rows {
         println!(
             "{:>5} {:>6} {:>10.2} {:>12} {:>10.1} {:>10.2} {:>10} {:>7} {:>6.0} {:>12}",
@@ -789,6 +845,7 @@ async fn simulate(
             r.consensus_distance
                 .map_or("n/a".into(), |c| format!("{c:.2e}"))
         );
+        println!("      received / needed by protocol: {}", received_parts(r));
         csv.push_str(&format!(
             "{},{},{:.4},{},{:.3},{:.3},{},{},{},{}\n",
             r.round,
@@ -803,6 +860,16 @@ async fn simulate(
             r.consensus_distance
                 .map_or(String::new(), |c| format!("{c:e}"))
         ));
+        csv.pop();
+        for p in PROTOCOLS {
+            let v = r.received_by_protocol.get(p).copied().unwrap_or(f64::NAN);
+            csv.push_str(&if v.is_finite() {
+                format!(",{v:.3}")
+            } else {
+                ",".into()
+            });
+        }
+        csv.push('\n');
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(out.join("rounds.csv"), csv)?;

@@ -728,9 +728,8 @@ pub async fn run(
         }
         let hash = ModelHash::of_tensors(&model);
         final_hash = hash;
-        let wire_now = metrics.wire_bytes();
-        let wire_in = wire_now.0.saturating_sub(wire_at_start.0);
-        let wire_out = wire_now.1.saturating_sub(wire_at_start.1);
+        let wire = metrics.wire_bytes().since(&wire_at_start);
+        let (wire_in, wire_out) = (wire.inbound, wire.outbound);
         let seconds_total = started.elapsed().as_secs_f64();
         let mut contributors: Vec<String> = used.iter().map(ToString::to_string).collect();
         contributors.push(me.to_string());
@@ -750,6 +749,7 @@ pub async fn run(
             wire_in,
             wire_out,
             amplification: (payload_in > 0).then(|| wire_in as f64 / payload_in as f64),
+            wire_in_by_protocol: wire.inbound_by_protocol,
             seconds_train: report.seconds,
             seconds_total,
             seconds_eval: eval.as_ref().map_or(0.0, |e| e.seconds),

@@ -3,6 +3,7 @@
 //!
 //! Owns: metric names and labels. Must not touch: anything but counters.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
@@ -185,29 +186,74 @@ impl NodeMetrics {
         text
     }
 
-    /// Bytes received and sent on the wire so far (libp2p's transport counters).
-    pub fn wire_bytes(&self) -> (u64, u64) {
+    /// Bytes received and sent on the wire so far, and received by application protocol.
+    pub fn wire_bytes(&self) -> WireBytes {
         wire_bytes_in_text(&self.text())
     }
 }
 
-/// Sums `libp2p_bandwidth_bytes_total` by direction in Prometheus text.
-pub fn wire_bytes_in_text(text: &str) -> (u64, u64) {
-    let (mut inbound, mut outbound) = (0u64, 0u64);
-    for line in text.lines() {
-        if !line.starts_with("libp2p_bandwidth_bytes_total{") {
-            continue;
-        }
-        let Some(value) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
-            continue;
-        };
-        if line.contains("direction=\"Inbound\"") {
-            inbound += value as u64;
-        } else if line.contains("direction=\"Outbound\"") {
-            outbound += value as u64;
+/// Bytes through the node's substreams so far (libp2p's transport counters), and the inbound
+/// ones by application protocol (`meshtune_wire_bytes_total`, see
+/// [`meshtune_bootstrap::wire`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WireBytes {
+    pub inbound: u64,
+    pub outbound: u64,
+    pub inbound_by_protocol: BTreeMap<String, u64>,
+}
+
+impl WireBytes {
+    /// What came and went after `start` was taken.
+    pub fn since(&self, start: &WireBytes) -> WireBytes {
+        WireBytes {
+            inbound: self.inbound.saturating_sub(start.inbound),
+            outbound: self.outbound.saturating_sub(start.outbound),
+            inbound_by_protocol: self
+                .inbound_by_protocol
+                .iter()
+                .map(|(p, n)| {
+                    let before = start.inbound_by_protocol.get(p).copied().unwrap_or(0);
+                    (p.clone(), n.saturating_sub(before))
+                })
+                .filter(|(_, n)| *n > 0)
+                .collect(),
         }
     }
-    (inbound, outbound)
+}
+
+/// Reads `libp2p_bandwidth_bytes_total` (summed by direction) and the inbound
+/// `meshtune_wire_bytes_total` by protocol from Prometheus text.
+pub fn wire_bytes_in_text(text: &str) -> WireBytes {
+    let mut wire = WireBytes::default();
+    for line in text.lines() {
+        let Some(value) = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|v| v as u64)
+        else {
+            continue;
+        };
+        if line.starts_with("libp2p_bandwidth_bytes_total{") {
+            if line.contains("direction=\"Inbound\"") {
+                wire.inbound += value;
+            } else if line.contains("direction=\"Outbound\"") {
+                wire.outbound += value;
+            }
+        } else if line.starts_with("meshtune_wire_bytes_total{")
+            && line.contains("direction=\"inbound\"")
+            && let Some(protocol) = line
+                .split_once("protocol=\"")
+                .and_then(|(_, rest)| rest.split_once('"'))
+                .map(|(p, _)| p)
+        {
+            *wire
+                .inbound_by_protocol
+                .entry(protocol.to_string())
+                .or_default() += value;
+        }
+    }
+    wire
 }
 
 #[cfg(test)]
@@ -219,6 +265,25 @@ mod tests {
         let text = "# HELP x\nlibp2p_bandwidth_bytes_total{protocols=\"/ip4/tcp\",direction=\"Inbound\"} 120\n\
                     libp2p_bandwidth_bytes_total{protocols=\"/ip4/udp/quic-v1\",direction=\"Inbound\"} 30\n\
                     libp2p_bandwidth_bytes_total{protocols=\"/ip4/tcp\",direction=\"Outbound\"} 7\n";
-        assert_eq!(wire_bytes_in_text(text), (150, 7));
+        let wire = wire_bytes_in_text(text);
+        assert_eq!((wire.inbound, wire.outbound), (150, 7));
+    }
+
+    #[test]
+    fn parses_bytes_by_protocol_and_takes_differences() {
+        let at = |blobs: u64, kad: u64| {
+            wire_bytes_in_text(&format!(
+                "meshtune_wire_bytes_total{{protocol=\"blobs\",direction=\"inbound\"}} {blobs}\n\
+                 meshtune_wire_bytes_total{{protocol=\"blobs\",direction=\"outbound\"}} 999\n\
+                 meshtune_wire_bytes_total{{protocol=\"kad\",direction=\"inbound\"}} {kad}\n"
+            ))
+        };
+        let start = at(100, 40);
+        assert_eq!(start.inbound_by_protocol["blobs"], 100);
+        let round = at(350, 40).since(&start);
+        assert_eq!(
+            round.inbound_by_protocol,
+            BTreeMap::from([("blobs".to_string(), 250)])
+        );
     }
 }

@@ -181,11 +181,14 @@ pub struct RoundRecord {
     pub raw_delta_bytes: u64,
     /// Blob payload this node pulled from peers this round.
     pub payload_in: u64,
-    /// Bytes on the wire this round (all protocols, after noise and yamux).
+    /// Bytes through substreams this round (all protocols; noise and yamux framing not counted).
     pub wire_in: u64,
     pub wire_out: u64,
     /// `wire_in / payload_in` (1.0 is the ideal of receiving each needed byte once).
     pub amplification: Option<f64>,
+    /// `wire_in` by application protocol (`blobs`, `kad`, `identify`, `ping`, `gossipsub`, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub wire_in_by_protocol: BTreeMap<String, u64>,
     pub seconds_train: f64,
     pub seconds_total: f64,
     /// Evaluation time inside `seconds_total`.
@@ -248,6 +251,7 @@ impl RoundRecord {
             wire_in: 0,
             wire_out: 0,
             amplification: None,
+            wire_in_by_protocol: BTreeMap::new(),
             seconds_train: 0.0,
             seconds_total: 0.0,
             seconds_eval: 0.0,
@@ -320,7 +324,7 @@ struct OpenRound {
     delta_bytes: u64,
     raw_bytes: u64,
     payload_in: u64,
-    wire_at_start: (u64, u64),
+    wire_at_start: metrics::WireBytes,
     energy_at_start: Option<f64>,
     /// The collect deadline in force when the round aggregated.
     deadline_s: f64,
@@ -826,9 +830,8 @@ pub async fn run(
                 Some(Done::Applied { round, base: next, hash, eval }) => {
                     base = *next;
                     base_hash = hash;
-                    let wire_now = metrics.wire_bytes();
-                    let wire_in = wire_now.0.saturating_sub(open.wire_at_start.0);
-                    let wire_out = wire_now.1.saturating_sub(open.wire_at_start.1);
+                    let wire = metrics.wire_bytes().since(&open.wire_at_start);
+                    let (wire_in, wire_out) = (wire.inbound, wire.outbound);
                     let report = open.report.unwrap_or(TrainReport { steps: 0, samples: 0, loss: f64::NAN, seconds: 0.0, tokens: 0, energy_j: None });
                     let seconds_total = open.started.elapsed().as_secs_f64();
                     let seconds_eval = eval.map_or(0.0, |e| e.seconds);
@@ -858,6 +861,7 @@ pub async fn run(
                         wire_in,
                         wire_out,
                         amplification: (open.payload_in > 0).then(|| wire_in as f64 / open.payload_in as f64),
+                        wire_in_by_protocol: wire.inbound_by_protocol,
                         seconds_train: report.seconds,
                         seconds_total,
                         seconds_eval,

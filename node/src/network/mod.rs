@@ -20,6 +20,7 @@ pub mod store;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -78,6 +79,11 @@ pub struct NetworkConfig {
     /// owner). Sparse gossip averaging needs a few links per node, not the whole mesh. (Links
     /// that Kademlia lookups open still stay: gossipsub keeps every connection alive. See
     /// docs/BENCHMARKS.md, scale simulation.)
+    ///
+    /// Such a sparse node also looks the mesh up more cheaply: a lookup of its own id on
+    /// joining instead of Kademlia's bootstrap (a lookup per bucket), lookups that end on 8
+    /// peers, no periodic bootstrap, and of the bootstrap libp2p-kad starts by itself on a
+    /// new node only the first step.
     pub dial_discovered_below: Option<usize>,
     pub request_timeout: Duration,
     /// Inbound blob requests one peer may make per second (averaged over 10 s).
@@ -416,6 +422,23 @@ fn gossipsub_behaviour(
     Ok(behaviour)
 }
 
+/// Kademlia's periodic bootstrap for a node: every 5 minutes, except on a sparse node
+/// (gossip), which needs a few links, not a fresh view of every bucket. There each bootstrap
+/// (~8 lookups of ~50 requests, each answered with 20 peer records) runs for minutes on a
+/// loaded machine, and in a mesh of 200 under churn Kademlia cost 0.6-1.7x the round's deltas
+/// (docs/BENCHMARKS.md, churn against N); its links and the random walk keep it connected.
+fn kad_bootstrap_interval(config: &NetworkConfig) -> Option<Duration> {
+    config
+        .dial_discovered_below
+        .is_none()
+        .then_some(Duration::from_secs(300))
+}
+
+/// How many closest peers a sparse node's own lookups end on (Kademlia's k is 20): each
+/// lookup then asks ~15 peers instead of ~50, and still learns of more peers than the links
+/// the node dials.
+const SPARSE_LOOKUP_RESULTS: NonZeroUsize = NonZeroUsize::new(8).expect("nonzero");
+
 /// A started network task.
 pub struct RunningNetwork {
     pub client: Client,
@@ -480,7 +503,7 @@ pub fn start(
     let behaviour = NodeBehaviour {
         denied: allow_block_list::Behaviour::default(),
         limits: connection_limits::Behaviour::new(limits),
-        kademlia: kademlia(peer_id, &config.mesh, Duration::from_secs(300)),
+        kademlia: kademlia(peer_id, &config.mesh, kad_bootstrap_interval(&config)),
         identify: identify::Behaviour::new(identify_config(
             keypair.public(),
             &config.mesh,
@@ -577,6 +600,7 @@ pub fn start(
         strikes: HashMap::new(),
         bootstrap_retry: HashMap::new(),
         saved_peers: Vec::new(),
+        last_mesh_lookup: None,
         denied: HashSet::new(),
         mesh_peers: 0,
         links: HashMap::new(),
@@ -701,6 +725,8 @@ struct EventLoop {
     mesh_peers: usize,
     /// Open connections per peer, direct and through a relay circuit.
     links: HashMap<PeerId, Links>,
+    /// When [`EventLoop::look_up_mesh`] last started a lookup (sparse nodes).
+    last_mesh_lookup: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -728,6 +754,9 @@ impl Links {
 /// this many walk intervals.
 const WELL_CONNECTED_WALK_EVERY: u64 = 4;
 
+/// Shortest time between two lookups of the mesh ([`EventLoop::look_up_mesh`]).
+const MESH_LOOKUP_EVERY: Duration = Duration::from_secs(10);
+
 impl EventLoop {
     async fn run(mut self, shutdown: CancellationToken) {
         let mut walk = tokio::time::interval(self.config.random_walk_interval);
@@ -749,7 +778,7 @@ impl EventLoop {
                     // that has all the links it wants walks at a quarter of the rate.
                     walks += 1;
                     if self.wants_more_links() || walks % WELL_CONNECTED_WALK_EVERY == 1 {
-                        self.swarm.behaviour_mut().kademlia.get_closest_peers(PeerId::random());
+                        self.look_up(PeerId::random());
                     }
                 }
                 _ = reconnect.tick() => self.reconnect(),
@@ -886,6 +915,49 @@ impl EventLoop {
             .is_none_or(|max| self.swarm.connected_peers().count() < max)
     }
 
+    /// Looks the mesh up through the routing table (on joining, and while no mesh peer is
+    /// connected). A node that dials every member runs Kademlia's bootstrap, which refreshes
+    /// the whole table, each time it is asked. A sparse one wants a few links, which one
+    /// lookup of its own id finds for a fraction of the bytes, at most one per
+    /// [`MESH_LOOKUP_EVERY`]: a joiner's connection to the bootstrap node and the identify
+    /// that follows both ask for one.
+    fn look_up_mesh(&mut self) {
+        if self.config.dial_discovered_below.is_none() {
+            let _ = self.swarm.behaviour_mut().kademlia.bootstrap();
+            return;
+        }
+        let now = Instant::now();
+        if self
+            .last_mesh_lookup
+            .is_some_and(|at| now.duration_since(at) < MESH_LOOKUP_EVERY)
+        {
+            return;
+        }
+        let me = *self.swarm.local_peer_id();
+        let known: usize = self
+            .swarm
+            .behaviour_mut()
+            .kademlia
+            .kbuckets()
+            .map(|b| b.num_entries())
+            .sum();
+        // With an empty table a lookup would end at once, finding nothing.
+        if known > 0 {
+            self.look_up(me);
+            self.last_mesh_lookup = Some(now);
+        }
+    }
+
+    /// A lookup of `key`'s closest peers (fewer of them on a sparse node).
+    fn look_up(&mut self, key: PeerId) {
+        let kademlia = &mut self.swarm.behaviour_mut().kademlia;
+        if self.config.dial_discovered_below.is_some() {
+            kademlia.get_n_closest_peers(key, SPARSE_LOOKUP_RESULTS);
+        } else {
+            kademlia.get_closest_peers(key);
+        }
+    }
+
     fn is_blacklisted(&self, peer: &PeerId) -> bool {
         self.strikes.get(peer).is_some_and(|s| *s >= MAX_STRIKES) || self.denied.contains(peer)
     }
@@ -915,7 +987,7 @@ impl EventLoop {
             if self.mesh_peers == 0 {
                 // Connected (to a bootstrap or relay node), yet nobody on the mesh's topic:
                 // look the mesh up again instead of waiting for the next random walk.
-                let _ = self.swarm.behaviour_mut().kademlia.bootstrap();
+                self.look_up_mesh();
             }
         }
         if connected >= self.config.target_peers {
@@ -1035,7 +1107,7 @@ impl EventLoop {
                 }
                 if self.config.bootstrap.iter().any(|b| b.peer_id == peer_id) {
                     // Fill the routing table from the bootstrap node.
-                    let _ = self.swarm.behaviour_mut().kademlia.bootstrap();
+                    self.look_up_mesh();
                 }
             }
             SwarmEvent::ConnectionClosed {
@@ -1080,12 +1152,28 @@ impl EventLoop {
                         // start it may not be yet when the connection opens, and a
                         // bootstrap query with an empty table does nothing): look up the mesh
                         // through it.
-                        let _ = self.swarm.behaviour_mut().kademlia.bootstrap();
+                        self.look_up_mesh();
                     }
                 }
             }
             NodeBehaviourEvent::Kademlia(event) => {
                 self.metrics.record(&event);
+                if let kad::Event::OutboundQueryProgressed {
+                    id,
+                    result: kad::QueryResult::Bootstrap(_),
+                    step,
+                    ..
+                } = &event
+                    && !step.last
+                    && self.config.dial_discovered_below.is_some()
+                {
+                    // libp2p-kad bootstraps a new node by itself (a lookup per bucket; the
+                    // switch is test-only in 0.49). A sparse node keeps the first step, the
+                    // lookup of its own id, and ends the rest before they send a request.
+                    if let Some(mut query) = self.swarm.behaviour_mut().kademlia.query_mut(id) {
+                        query.finish();
+                    }
+                }
                 if let kad::Event::RoutingUpdated { peer, .. } = event
                     && !self.swarm.is_connected(&peer)
                     && !self.is_blacklisted(&peer)

@@ -67,22 +67,6 @@ impl AppProtocol {
             Self::other
         }
     }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::blobs => "blobs",
-            Self::gossipsub => "gossipsub",
-            Self::kad => "kad",
-            Self::identify => "identify",
-            Self::identify_push => "identify_push",
-            Self::ping => "ping",
-            Self::relay => "relay",
-            Self::dcutr => "dcutr",
-            Self::autonat => "autonat",
-            Self::other => "other",
-            Self::unknown => "unknown",
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -115,14 +99,18 @@ impl WireCounters {
         counters
     }
 
+    fn counter(&self, protocol: AppProtocol, direction: Direction) -> Counter {
+        self.family
+            .get_or_create(&Labels {
+                protocol,
+                direction,
+            })
+            .clone()
+    }
+
     fn add(&self, protocol: AppProtocol, direction: Direction, bytes: u64) {
         if bytes > 0 {
-            self.family
-                .get_or_create(&Labels {
-                    protocol,
-                    direction,
-                })
-                .inc_by(bytes);
+            self.counter(protocol, direction).inc_by(bytes);
         }
     }
 
@@ -181,7 +169,7 @@ impl ByProtocol {
             outbound,
             counters: self.counters.clone(),
             head: Vec::new(),
-            protocol: None,
+            known: None,
             pending: [0, 0],
         })
     }
@@ -221,26 +209,27 @@ impl StreamMuxer for ByProtocol {
 
 /// A substream counting into its protocol's counters. Until the name is seen (in what this
 /// end writes on a substream it opened, in what it reads on one the peer opened), bytes wait
-/// in `pending` (inbound, outbound).
+/// in `pending` (inbound, outbound); then the two counters are looked up once and kept in
+/// `known` (inbound, outbound), so each read and write is one atomic add.
 struct Counted {
     inner: SubstreamBox,
     outbound: bool,
     counters: WireCounters,
     head: Vec<u8>,
-    protocol: Option<AppProtocol>,
+    known: Option<[Counter; 2]>,
     pending: [u64; 2],
 }
 
 impl Counted {
     fn count(&mut self, direction: Direction, bytes: &[u8]) {
-        if let Some(protocol) = self.protocol {
-            self.counters.add(protocol, direction, bytes.len() as u64);
-            return;
-        }
         let slot = match direction {
             Direction::inbound => 0,
             Direction::outbound => 1,
         };
+        if let Some(known) = &self.known {
+            known[slot].inc_by(bytes.len() as u64);
+            return;
+        }
         self.pending[slot] += bytes.len() as u64;
         // The proposer's side of the head: our writes on a substream we opened.
         if self.outbound == (direction == Direction::outbound) {
@@ -252,11 +241,15 @@ impl Counted {
                 _ => Some(AppProtocol::other),
             };
             if let Some(protocol) = found {
-                self.protocol = Some(protocol);
                 self.head = Vec::new();
-                let [inbound, outbound] = std::mem::take(&mut self.pending);
-                self.counters.add(protocol, Direction::inbound, inbound);
-                self.counters.add(protocol, Direction::outbound, outbound);
+                let known = [
+                    self.counters.counter(protocol, Direction::inbound),
+                    self.counters.counter(protocol, Direction::outbound),
+                ];
+                for (counter, bytes) in known.iter().zip(std::mem::take(&mut self.pending)) {
+                    counter.inc_by(bytes);
+                }
+                self.known = Some(known);
             }
         }
     }

@@ -1,12 +1,16 @@
 //! Fused CPU kernels for burn-flex, for inference and for training.
 //!
 //! Owns: single-pass, multi-threaded versions of the T5 element-wise hot spots (RMS norm,
-//! gated gelu_new, attention bias + softmax) on the CPU backend ([`crate::backend::Cpu`]) and
-//! its autodiff wrappers ([`crate::backend::CpuTrain`], [`crate::backend::CpuTrainCheckpointed`]),
-//! f32 only. burn-flex runs each element-wise tensor op as its own scalar, single-threaded pass
-//! through memory (gelu_new alone is eight passes with libm `powf` and `tanh`, and autodiff adds
-//! a backward pass per op), which made those ops most of a forward pass and of a training step
-//! on CPU. Each training op here has its backward written out as one pass too.
+//! gated gelu_new, attention bias + softmax, dropout, the attention-head swap, the token
+//! cross-entropy, the embedding lookup, AdamW's update, the gradient norm) and the matrix
+//! products of the linear layers and of attention, on the CPU backend ([`crate::backend::Cpu`])
+//! and its autodiff wrappers ([`crate::backend::CpuTrain`],
+//! [`crate::backend::CpuTrainCheckpointed`]), f32 only. burn-flex runs each element-wise tensor
+//! op as its own scalar, single-threaded pass through memory (gelu_new alone is eight passes with
+//! libm `powf` and `tanh`, and autodiff adds a backward pass per op), zero-fills and then copies
+//! every matrix product's output on the calling thread, and builds an embedding's gradient in
+//! three single-threaded passes over the whole table; with two cores, one of them waited through
+//! all of that. Each training op here has its backward written out as one pass too.
 //!
 //! Every function returns `None` unless the backend is one of those and the data is f32. The
 //! callers in [`crate::t5`] then run the generic composition of tensor ops, which is the path of
@@ -568,6 +572,469 @@ pub(crate) fn softmax_with_bias<B: Backend>(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Matrix products
+// ---------------------------------------------------------------------------------------------
+
+/// burn-flex's size from which one product is split over threads.
+const PARALLEL_PRODUCT: usize = 192 * 192 * 192;
+
+/// An f32 tensor of 2 (`[m, k]`) or 4 (`[b, h, m, k]`) dimensions, read in place as a batch of
+/// strided matrices (a transposed view needs no copy).
+#[derive(Clone)]
+struct Operand {
+    tensor: FlexTensor,
+    offset: usize,
+    /// `None` for a single matrix, `Some([b, h])` for a batch.
+    lead: Option<[usize; 2]>,
+    lead_strides: [isize; 2],
+    rows: usize,
+    cols: usize,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl Operand {
+    fn of(t: &FlexTensor) -> Option<Self> {
+        if t.dtype() != DType::F32 {
+            return None;
+        }
+        let t = if t.layout().strides().iter().all(|&s| s >= 0) {
+            t.clone()
+        } else {
+            t.to_contiguous()
+        };
+        let dims = shape_of(&t).to_vec();
+        let strides = t.layout().strides().to_vec();
+        let (lead, lead_strides, rows, cols, row_stride, col_stride) = match *dims.as_slice() {
+            [rows, cols] => (None, [0, 0], rows, cols, strides[0], strides[1]),
+            [b, h, rows, cols] => (
+                Some([b, h]),
+                [strides[0], strides[1]],
+                rows,
+                cols,
+                strides[2],
+                strides[3],
+            ),
+            _ => return None,
+        };
+        Some(Self {
+            offset: t.layout().start_offset(),
+            tensor: t,
+            lead,
+            lead_strides,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        })
+    }
+
+    /// The transpose of every matrix (a view).
+    fn transposed(mut self) -> Self {
+        std::mem::swap(&mut self.rows, &mut self.cols);
+        std::mem::swap(&mut self.row_stride, &mut self.col_stride);
+        self
+    }
+
+    fn count(&self) -> usize {
+        self.lead.map_or(1, |[b, h]| b * h)
+    }
+
+    /// The first element of matrix `index` (row-major over the batch dimensions).
+    fn matrix(&self, index: usize) -> *const f32 {
+        let data: &[f32] = self.tensor.storage();
+        let (b, h) = match self.lead {
+            Some([_, heads]) => (index / heads, index % heads),
+            None => (0, 0),
+        };
+        let at = self.offset as isize
+            + b as isize * self.lead_strides[0]
+            + h as isize * self.lead_strides[1];
+        data[at as usize..].as_ptr()
+    }
+}
+
+/// `a b` for every matrix of the batch, into a new contiguous tensor. burn-flex's product
+/// zero-fills its output and then copies it once more to re-align it, two single-threaded
+/// passes over every output while the other cores wait; here gemm writes the output directly.
+/// `None` when the shapes do not fit.
+fn product(a: &Operand, b: &Operand) -> Option<FlexTensor> {
+    if a.cols != b.rows || a.lead != b.lead {
+        return None;
+    }
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let count = a.count();
+    let size = m * n;
+    let total = count.checked_mul(size)?;
+    let shape = match a.lead {
+        None => Shape::new([m, n]),
+        Some([b, h]) => Shape::new([b, h, m, n]),
+    };
+    if total == 0 || k == 0 {
+        return Some(new_flex(vec![0.0; total], shape));
+    }
+    let mut out = Vec::<f32>::with_capacity(total);
+    let base = out.as_mut_ptr() as usize;
+    // Columns `columns` of matrix `index`.
+    let part = |index: usize, columns: std::ops::Range<usize>, parallelism: gemm::Parallelism| {
+        // SAFETY: the output pointer is inside `out`'s allocation (`count * m * n` elements),
+        // each call writes only its own columns of its own matrix, and gemm with `read_dst =
+        // false` writes every element it covers without reading any; the inputs are in bounds
+        // of their tensors' buffers by their shapes and strides.
+        unsafe {
+            gemm::gemm(
+                m,
+                columns.len(),
+                k,
+                (base as *mut f32).add(index * size + columns.start),
+                1,
+                n as isize,
+                false,
+                a.matrix(index),
+                a.col_stride,
+                a.row_stride,
+                b.matrix(index)
+                    .offset(columns.start as isize * b.col_stride),
+                b.col_stride,
+                b.row_stride,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+    };
+    let one = |index: usize, parallelism: gemm::Parallelism| part(index, 0..n, parallelism);
+    let ops = m.saturating_mul(n).saturating_mul(k);
+    let threads = rayon::current_num_threads();
+    if count == 1 && ops >= PARALLEL_PRODUCT && b.col_stride != 1 && threads > 1 {
+        // gemm first repacks the right operand when its columns are strided (a transposed
+        // weight: the input gradient of a linear layer), on the calling thread while the other
+        // threads wait. Each thread takes a block of columns instead, packing its own.
+        let block = n.div_ceil(threads).next_multiple_of(16);
+        (0..n.div_ceil(block)).into_par_iter().for_each(|j| {
+            part(
+                0,
+                j * block..((j + 1) * block).min(n),
+                gemm::Parallelism::None,
+            )
+        });
+    } else if count == 1 || ops >= PARALLEL_PRODUCT {
+        let parallelism = if ops >= PARALLEL_PRODUCT {
+            gemm::Parallelism::Rayon(0)
+        } else {
+            gemm::Parallelism::None
+        };
+        (0..count).for_each(|index| one(index, parallelism));
+    } else {
+        (0..count)
+            .into_par_iter()
+            .for_each(|index| one(index, gemm::Parallelism::None));
+    }
+    // SAFETY: every one of the `total` elements was written above.
+    unsafe { out.set_len(total) };
+    Some(new_flex(out, shape))
+}
+
+#[derive(Debug)]
+struct ProductOp;
+
+impl Backward<Flex, 2> for ProductOp {
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (a, b) = ops.state;
+        let [node_a, node_b] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let operand = |t: &FlexTensor| Operand::of(t).expect("checked in forward");
+        let g = operand(&grad);
+        if let Some(node) = node_a {
+            let grad_a = product(&g, &operand(&b).transposed()).expect("shapes of the forward");
+            grads.register::<Flex>(node.id, grad_a);
+        }
+        if let Some(node) = node_b {
+            let b = operand(&b);
+            let grad_b = if b.row_stride == 1 && b.col_stride != 1 {
+                // `b` is a transposed view (the keys of `q k^T`): its gradient is the same view
+                // of a contiguous `g^T a`, so that what flows back through the transpose is
+                // contiguous instead of a view that the next op copies element by element.
+                let t = product(&g.transposed(), &operand(&a)).expect("shapes of the forward");
+                let dims = shape_of(&t).num_dims();
+                t.transpose(dims - 2, dims - 1)
+            } else {
+                product(&operand(&a).transposed(), &g).expect("shapes of the forward")
+            };
+            grads.register::<Flex>(node.id, grad_b);
+        }
+    }
+}
+
+fn product_autodiff<C: CheckpointStrategy>(a: AdTensor, b: AdTensor) -> Option<AdTensor> {
+    let out = product(&Operand::of(&a.primitive)?, &Operand::of(&b.primitive)?)?;
+    Some(record_binary::<C, _>(ProductOp, a, b, out))
+}
+
+/// `a b` of two f32 matrices (`[m, k] x [k, n]`) or two batches of them with the same leading
+/// dimensions (`[b, h, m, k] x [b, h, k, n]`), transposed views read in place, and its
+/// backward as two more such products. For the linear layers and the attention products.
+pub(crate) fn matmul<B: Backend, const D: usize>(
+    a: &Tensor<B, D>,
+    b: &Tensor<B, D>,
+) -> Option<Tensor<B, D>> {
+    match kind::<B>()? {
+        Kind::Flex => upcast(product(
+            &Operand::of(&as_flex(a)?)?,
+            &Operand::of(&as_flex(b)?)?,
+        )?),
+        Kind::Autodiff => upcast(product_autodiff::<NoCheckpointing>(
+            as_autodiff(a)?,
+            as_autodiff(b)?,
+        )?),
+        Kind::Checkpointed => upcast(product_autodiff::<BalancedCheckpointing>(
+            as_autodiff(a)?,
+            as_autodiff(b)?,
+        )?),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedding lookup
+// ---------------------------------------------------------------------------------------------
+
+/// Rows `ids` of `weight` (`[V, d]`) as `[B, L, d]`; `None` when an id is outside `0..V`.
+fn embedding_forward(
+    weight: &FlexTensor,
+    ids: &[usize],
+    [batch, len]: [usize; 2],
+) -> Option<FlexTensor> {
+    let dims = shape_of(weight).to_vec();
+    let &[vocab, d] = dims.as_slice() else {
+        return None;
+    };
+    if ids.len() != batch * len || ids.iter().any(|&id| id >= vocab) || d == 0 {
+        return None;
+    }
+    let weight = weight.to_contiguous();
+    let table: &[f32] = weight.storage();
+    let mut out = vec![0.0f32; ids.len() * d];
+    let rows = rows_per_task(d);
+    out.par_chunks_mut(rows * d)
+        .zip(ids.par_chunks(rows))
+        .for_each(|(out, ids)| {
+            for (row, &id) in out.chunks_exact_mut(d).zip(ids) {
+                row.copy_from_slice(&table[id * d..(id + 1) * d]);
+            }
+        });
+    Some(new_flex(out, Shape::new([batch, len, d])))
+}
+
+/// Gradient of [`embedding_forward`] with respect to the table: `grad`'s rows summed into the
+/// rows of their ids, in the order of the positions. One multi-threaded pass over `[V, d]`
+/// (each task zeroes its block of rows and adds the positions whose ids fall in it), where
+/// burn-flex's zeroes, copies and scatters the whole table in three single-threaded passes.
+fn embedding_backward(ids: &[usize], vocab: usize, grad: &FlexTensor) -> FlexTensor {
+    let grad = grad.to_contiguous();
+    let g: &[f32] = grad.storage();
+    let d = g.len() / ids.len().max(1);
+    // Positions sorted by id (stable: same-id positions stay in order).
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_by_key(|&i| ids[i]);
+    let mut out = vec![0.0f32; vocab * d];
+    let rows = rows_per_task(d).max(vocab.div_ceil(4 * rayon::current_num_threads()));
+    out.par_chunks_mut(rows * d)
+        .enumerate()
+        .for_each(|(block, out)| {
+            let first = block * rows;
+            let start = order.partition_point(|&i| ids[i] < first);
+            let end = order.partition_point(|&i| ids[i] < first + rows);
+            for &i in &order[start..end] {
+                let row = &mut out[(ids[i] - first) * d..(ids[i] - first + 1) * d];
+                simd::add_in_place(row, &g[i * d..(i + 1) * d]);
+            }
+        });
+    new_flex(out, Shape::new([vocab, d]))
+}
+
+#[derive(Debug)]
+struct EmbeddingOp;
+
+impl Backward<Flex, 1> for EmbeddingOp {
+    /// The ids and the vocabulary size.
+    type State = (Vec<usize>, usize);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (ids, vocab) = ops.state;
+        let [node] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        if let Some(node) = node {
+            grads.register::<Flex>(node.id, embedding_backward(&ids, vocab, &grad));
+        }
+    }
+}
+
+fn embedding_autodiff<C: CheckpointStrategy>(
+    weight: AdTensor,
+    ids: Vec<usize>,
+    shape: [usize; 2],
+) -> Option<AdTensor> {
+    let out = embedding_forward(&weight.primitive, &ids, shape)?;
+    let vocab = shape_of(&weight.primitive)[0];
+    Some(
+        match EmbeddingOp
+            .prepare::<C>([weight.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((ids, vocab), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        },
+    )
+}
+
+/// burn's `embedding(weight, ids)`: rows of `weight` (`[V, d]`) gathered as `[B, L, d]`, and in
+/// training the table's gradient in one multi-threaded pass. `None` (the generic path) unless
+/// the backend is a CPU one and every id is in the table.
+pub(crate) fn embedding<B: Backend>(
+    weight: &Tensor<B, 2>,
+    ids: &Tensor<B, 2, burn::tensor::Int>,
+) -> Option<Tensor<B, 3>> {
+    let kind = kind::<B>()?;
+    let shape = ids.dims();
+    let host: Vec<usize> = ids
+        .clone()
+        .into_data()
+        .convert::<i64>()
+        .into_vec::<i64>()
+        .ok()?
+        .into_iter()
+        .map(|id| usize::try_from(id).ok())
+        .collect::<Option<_>>()?;
+    match kind {
+        Kind::Flex => upcast(embedding_forward(&as_flex(weight)?, &host, shape)?),
+        Kind::Autodiff => upcast(embedding_autodiff::<NoCheckpointing>(
+            as_autodiff(weight)?,
+            host,
+            shape,
+        )?),
+        Kind::Checkpointed => upcast(embedding_autodiff::<BalancedCheckpointing>(
+            as_autodiff(weight)?,
+            host,
+            shape,
+        )?),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token cross-entropy
+// ---------------------------------------------------------------------------------------------
+
+/// Per-token negative log-likelihood of `logits` (`[B, T, V]`) at `labels` (`B * T` of them):
+/// `logsumexp(row) - row[label]`, 0 where the label is negative (ignored). Also returns each
+/// row's `logsumexp`, what the backward pass needs besides the logits. `None` when the shapes
+/// disagree or a label is outside the vocabulary.
+fn token_nll_forward(logits: &FlexTensor, labels: &[i64]) -> Option<(FlexTensor, Vec<f32>)> {
+    let dims = logits.layout().shape().to_vec();
+    let &[batch, len, vocab] = dims.as_slice() else {
+        return None;
+    };
+    if batch * len != labels.len() || vocab == 0 || labels.iter().any(|&l| l >= vocab as i64) {
+        return None;
+    }
+    let logits = logits.to_contiguous();
+    let x: &[f32] = logits.storage();
+    let mut nll = vec![0.0f32; labels.len()];
+    let mut lse = vec![0.0f32; labels.len()];
+    let rows = rows_per_task(vocab);
+    nll.par_chunks_mut(rows)
+        .zip(lse.par_chunks_mut(rows))
+        .zip(x.par_chunks(rows * vocab).zip(labels.par_chunks(rows)))
+        .for_each(|((nll, lse), (x, labels))| simd::token_nll_rows(x, labels, nll, lse));
+    Some((new_flex(nll, Shape::new([batch, len])), lse))
+}
+
+/// Gradient of [`token_nll_forward`] with respect to the logits: `grad * (softmax(row) -
+/// onehot(label))` per row, 0 for ignored rows.
+fn token_nll_backward(
+    logits: &FlexTensor,
+    labels: &[i64],
+    lse: &[f32],
+    grad: &FlexTensor,
+) -> FlexTensor {
+    let logits = logits.to_contiguous();
+    let grad = grad.to_contiguous();
+    let x: &[f32] = logits.storage();
+    let g: &[f32] = grad.storage();
+    let vocab = x.len() / labels.len().max(1);
+    let mut out = vec![0.0f32; x.len()];
+    let rows = rows_per_task(vocab);
+    out.par_chunks_mut(rows * vocab)
+        .zip(x.par_chunks(rows * vocab))
+        .zip(
+            labels
+                .par_chunks(rows)
+                .zip(lse.par_chunks(rows).zip(g.par_chunks(rows))),
+        )
+        .for_each(|((out, x), (labels, (lse, g)))| {
+            simd::token_nll_rows_backward(x, labels, lse, g, out)
+        });
+    new_flex(out, shape_of(&logits))
+}
+
+#[derive(Debug)]
+struct TokenNllOp;
+
+impl Backward<Flex, 1> for TokenNllOp {
+    /// The logits, the labels and each row's `logsumexp`.
+    type State = (FlexTensor, Vec<i64>, Vec<f32>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (logits, labels, lse) = ops.state;
+        let [node] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        if let Some(node) = node {
+            grads.register::<Flex>(node.id, token_nll_backward(&logits, &labels, &lse, &grad));
+        }
+    }
+}
+
+fn token_nll_autodiff<C: CheckpointStrategy>(
+    logits: AdTensor,
+    labels: Vec<i64>,
+) -> Option<AdTensor> {
+    let (nll, lse) = token_nll_forward(&logits.primitive, &labels)?;
+    Some(
+        match TokenNllOp
+            .prepare::<C>([logits.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((logits.primitive, labels, lse), nll),
+            OpsKind::UnTracked(prep) => prep.finish(nll),
+        },
+    )
+}
+
+/// Cross-entropy of every target token, `[B, T]` from logits `[B, T, V]` and `labels` (row-major
+/// `B * T`, negative = ignored, giving 0): log-softmax, gather and their backward in one
+/// multi-threaded pass each, without the `[B, T, V]` log-probabilities of the generic
+/// composition.
+pub(crate) fn token_nll<B: Backend>(logits: &Tensor<B, 3>, labels: &[i64]) -> Option<Tensor<B, 2>> {
+    match kind::<B>()? {
+        Kind::Flex => upcast(token_nll_forward(&as_flex(logits)?, labels)?.0),
+        Kind::Autodiff => upcast(token_nll_autodiff::<NoCheckpointing>(
+            as_autodiff(logits)?,
+            labels.to_vec(),
+        )?),
+        Kind::Checkpointed => upcast(token_nll_autodiff::<BalancedCheckpointing>(
+            as_autodiff(logits)?,
+            labels.to_vec(),
+        )?),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Dropout
 // ---------------------------------------------------------------------------------------------
 
@@ -838,10 +1305,18 @@ pub(crate) fn adamw<B: Backend>(
             return Err((back(v), back(g), back(m), back(s)));
         }
     };
-    let mut value = value.to_contiguous();
+    // `to_contiguous` of a contiguous tensor is a second handle on the same buffer: the first
+    // is dropped so that `storage_mut` writes the buffer in place instead of copying it (three
+    // copies of every parameter's size per step otherwise).
+    let owned = |t: FlexTensor| {
+        let contiguous = t.to_contiguous();
+        drop(t);
+        contiguous
+    };
+    let mut value = owned(value);
     let grad = grad.to_contiguous();
-    let mut m = m.to_contiguous();
-    let mut s = s.to_contiguous();
+    let mut m = owned(m);
+    let mut s = owned(s);
     {
         let g: &[f32] = grad.storage();
         let v: &mut [f32] = value.storage_mut();
@@ -856,6 +1331,23 @@ pub(crate) fn adamw<B: Backend>(
     }
     let wrap = |t: FlexTensor| upcast::<B, _, 1>(t).expect("B is burn-flex");
     Ok((wrap(value), wrap(m), wrap(s)))
+}
+
+/// The sum of the squares of `t`'s elements (for the global gradient norm), in one
+/// multi-threaded pass without the squared copy of `t.clone() * t`; each task sums in f32 lanes
+/// and the tasks' sums are added in f64. `None` unless `B` is burn-flex and `t` holds f32.
+pub(crate) fn sum_of_squares<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<f64> {
+    let flex = as_flex(t)?.to_contiguous();
+    let data: &[f32] = flex.storage();
+    Some(
+        data.par_chunks(CHUNK)
+            .map(|chunk| {
+                let mut sum = [0.0f32];
+                simd::sum_squares(chunk, &mut sum);
+                f64::from(sum[0])
+            })
+            .sum(),
+    )
 }
 
 /// The element-wise loops, written so that the compiler vectorizes them; compiled three times
@@ -935,8 +1427,9 @@ mod simd {
     /// without reassociation, which Rust never does on its own.
     const LANES: usize = 16;
 
+    /// The largest element of `row` (`-inf` when empty), in independent lanes.
     #[inline(always)]
-    fn softmax_body(row: &mut [f32]) {
+    fn row_max(row: &[f32]) -> f32 {
         let mut lanes = [f32::NEG_INFINITY; LANES];
         let mut chunks = row.chunks_exact(LANES);
         for chunk in &mut chunks {
@@ -944,10 +1437,15 @@ mod simd {
                 *m = if v > *m { v } else { *m };
             }
         }
-        let max = lanes
+        lanes
             .iter()
             .chain(chunks.remainder())
-            .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+            .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+    }
+
+    #[inline(always)]
+    fn softmax_body(row: &mut [f32]) {
+        let max = row_max(row);
         if max == f32::NEG_INFINITY {
             row.fill(0.0);
             return;
@@ -1098,6 +1596,81 @@ mod simd {
         }
     }
 
+    /// `logsumexp` of one row: max, then the sum of `exp(v - max)` in independent lanes.
+    #[inline(always)]
+    fn logsumexp_body(row: &[f32]) -> f32 {
+        let max = row_max(row);
+        if !max.is_finite() {
+            return max;
+        }
+        let mut sums = [0.0f32; LANES];
+        let mut chunks = row.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            for (s, &v) in sums.iter_mut().zip(chunk) {
+                *s += exp(v - max);
+            }
+        }
+        let tail: f32 = chunks.remainder().iter().map(|&v| exp(v - max)).sum();
+        max + (sums.iter().sum::<f32>() + tail).ln()
+    }
+
+    /// [`super::token_nll_forward`] for the rows of `x` (`labels.len()` rows).
+    #[inline(always)]
+    fn token_nll_rows_body(x: &[f32], labels: &[i64], nll: &mut [f32], lse: &mut [f32]) {
+        let vocab = x.len() / labels.len().max(1);
+        for (((row, &label), nll), lse) in x.chunks_exact(vocab).zip(labels).zip(nll).zip(lse) {
+            if label < 0 {
+                *nll = 0.0;
+                *lse = 0.0;
+                continue;
+            }
+            *lse = logsumexp_body(row);
+            *nll = *lse - row[label as usize];
+        }
+    }
+
+    /// [`super::token_nll_backward`] for the rows of `x`.
+    #[inline(always)]
+    fn token_nll_rows_backward_body(
+        x: &[f32],
+        labels: &[i64],
+        lse: &[f32],
+        grad: &[f32],
+        out: &mut [f32],
+    ) {
+        let vocab = x.len() / labels.len().max(1);
+        for ((((row, o), &label), &lse), &g) in x
+            .chunks_exact(vocab)
+            .zip(out.chunks_exact_mut(vocab))
+            .zip(labels)
+            .zip(lse)
+            .zip(grad)
+        {
+            if label < 0 {
+                o.fill(0.0);
+                continue;
+            }
+            for (o, &v) in o.iter_mut().zip(row) {
+                *o = g * exp(v - lse);
+            }
+            o[label as usize] -= g;
+        }
+    }
+
+    /// `out[0] = sum(x^2)`, in independent lanes.
+    #[inline(always)]
+    fn sum_squares_body(x: &[f32], out: &mut [f32]) {
+        let mut lanes = [0.0f32; LANES];
+        let mut chunks = x.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            for (s, &v) in lanes.iter_mut().zip(chunk) {
+                *s += v * v;
+            }
+        }
+        let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+        out[0] = lanes.iter().sum::<f32>() + tail;
+    }
+
     /// RMS norm of every `weight.len()`-long row of `x`.
     #[inline(always)]
     fn rms_rows_body(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
@@ -1144,6 +1717,9 @@ mod simd {
     dispatch!(adamw, adamw_body, (value: &mut [f32], exp_avg: &mut [f32], exp_avg_sq: &mut [f32], grad: &[f32], h: &super::AdamWScalars));
     dispatch!(add_in_place, add_body, (row: &mut [f32], bias: &[f32]));
     dispatch!(rms_rows, rms_rows_body, (x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]));
+    dispatch!(sum_squares, sum_squares_body, (x: &[f32], out: &mut [f32]));
+    dispatch!(token_nll_rows, token_nll_rows_body, (x: &[f32], labels: &[i64], nll: &mut [f32], lse: &mut [f32]));
+    dispatch!(token_nll_rows_backward, token_nll_rows_backward_body, (x: &[f32], labels: &[i64], lse: &[f32], grad: &[f32], out: &mut [f32]));
 
     #[cfg(test)]
     mod tests {
@@ -1267,6 +1843,115 @@ mod tests {
         g: Tensor<B, 3>,
     ) -> Tensor<B, 3> {
         burn::tensor::activation::gelu_approximate(a) * g
+    }
+
+    /// The products against burn's `matmul`: values and both gradients, for plain matrices, a
+    /// transposed view, a batch of attention-shaped matrices with a swapped (strided) operand,
+    /// and shapes that do not fit (generic path).
+    #[test]
+    fn matmul_matches_burn_values_and_gradients() {
+        let a: Tensor<Flex, 2> = random([7, 33]);
+        let b: Tensor<Flex, 2> = random([33, 19]);
+        let fused = super::matmul(&a, &b).expect("flex takes the kernel");
+        close(fused.into_data(), a.clone().matmul(b.clone()).into_data());
+        let bt: Tensor<Flex, 2> = random([19, 33]);
+        let fused = super::matmul(&a, &bt.clone().transpose()).expect("a view");
+        close(
+            fused.into_data(),
+            a.clone().matmul(bt.transpose()).into_data(),
+        );
+        assert_same_gradients(&a, &b, [7, 19], super::matmul, |a, b| a.matmul(b));
+        // Large enough to be split over threads.
+        let big_a: Tensor<Flex, 2> = random([200, 190]);
+        let big_b: Tensor<Flex, 2> = random([190, 210]);
+        close(
+            super::matmul(&big_a, &big_b).expect("kernel").into_data(),
+            big_a.clone().matmul(big_b.clone()).into_data(),
+        );
+
+        let q: Tensor<Flex, 4> = random([2, 3, 5, 8]);
+        let k: Tensor<Flex, 4> = random([2, 3, 6, 8]);
+        let scores = super::matmul(&q, &k.clone().swap_dims(2, 3)).expect("kernel");
+        assert_eq!(scores.dims(), [2, 3, 5, 6]);
+        close(
+            scores.into_data(),
+            q.clone().matmul(k.clone().swap_dims(2, 3)).into_data(),
+        );
+        assert_same_gradients(
+            &q,
+            &k,
+            [2, 3, 5, 6],
+            |q, k| super::matmul(q, &k.clone().swap_dims(2, 3)),
+            |q, k| q.matmul(k.swap_dims(2, 3)),
+        );
+        assert!(super::matmul(&a, &a).is_none(), "inner dimensions differ");
+        let broadcast: Tensor<Flex, 4> = random([1, 3, 8, 6]);
+        assert!(
+            super::matmul(&q, &broadcast).is_none(),
+            "batch dimensions differ"
+        );
+    }
+
+    /// The fused cross-entropy against log_softmax + gather (the generic path of
+    /// `score::token_nll`): values, 0 at ignored labels, and the logits' gradient, with a
+    /// vocabulary that is not a multiple of the SIMD width and logits large enough that a
+    /// `logsumexp` without its max would overflow.
+    #[test]
+    fn token_nll_matches_log_softmax_and_gather_values_and_gradients() {
+        use burn::tensor::Int;
+        use burn::tensor::activation::log_softmax;
+        let (batch, len, vocab) = (3, 4, 37);
+        let labels: Vec<i64> = (0..batch * len)
+            .map(|i| {
+                if i % 5 == 3 {
+                    -100
+                } else {
+                    (i * 7 % vocab) as i64
+                }
+            })
+            .collect();
+        let logits: Tensor<Flex, 3> = random::<Flex, 3>([batch, len, vocab]) * 30.0;
+        let generic = |logits: Tensor<Ad, 3>| {
+            let ids = Tensor::<Ad, 1, Int>::from_data(
+                TensorData::new(labels.clone(), [batch * len]),
+                &Default::default(),
+            );
+            let valid = ids
+                .clone()
+                .greater_equal_elem(0)
+                .float()
+                .reshape([batch, len]);
+            let safe = ids.clamp_min(0).reshape([batch, len, 1]);
+            let picked = log_softmax(logits, 2).gather(2, safe).reshape([batch, len]);
+            picked.neg() * valid
+        };
+        let fused = super::token_nll(&logits, &labels).expect("flex takes the kernel");
+        let want = generic(Tensor::from_data(
+            logits.clone().into_data(),
+            &Default::default(),
+        ));
+        close(fused.clone().into_data(), want.inner().into_data());
+        let values = fused.into_data().to_vec::<f32>().expect("f32 values");
+        for (i, label) in labels.iter().enumerate() {
+            assert_eq!(*label < 0, values[i] == 0.0, "row {i}");
+        }
+
+        let upstream: Tensor<Ad, 2> = random([batch, len]);
+        let grad_of = |fused: bool| {
+            let x: Tensor<Ad, 3> =
+                Tensor::from_data(logits.clone().into_data(), &Default::default()).require_grad();
+            let out = if fused {
+                super::token_nll(&x, &labels).expect("autodiff takes the kernel")
+            } else {
+                generic(x.clone())
+            };
+            let grads = (out * upstream.clone()).sum().backward();
+            x.grad(&grads).expect("gradient").into_data()
+        };
+        close(grad_of(true), grad_of(false));
+        // Labels that do not fit the shape or the vocabulary take the generic path.
+        assert!(super::token_nll(&logits, &labels[1..]).is_none());
+        assert!(super::token_nll(&logits, &vec![vocab as i64; batch * len]).is_none());
     }
 
     #[test]

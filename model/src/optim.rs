@@ -374,10 +374,16 @@ pub fn global_grad_norm<AB: AutodiffBackend, M: AutodiffModule<AB>>(
     struct NormVisitor<'a, AB: AutodiffBackend> {
         grads: &'a GradientsParams,
         sum_squares: Option<Tensor<AB::InnerBackend, 1>>,
+        /// Sums taken on the host by the CPU kernel.
+        host_sum: f64,
     }
     impl<AB: AutodiffBackend> ModuleVisitor<AB> for NormVisitor<'_, AB> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
             if let Some(grad) = self.grads.get::<AB::InnerBackend, D>(param.id) {
+                if let Some(sum) = crate::kernels::sum_of_squares(&grad) {
+                    self.host_sum += sum;
+                    return;
+                }
                 let sq = grad.clone().mul(grad).sum();
                 self.sum_squares = Some(match self.sum_squares.take() {
                     Some(acc) => acc + sq,
@@ -389,15 +395,14 @@ pub fn global_grad_norm<AB: AutodiffBackend, M: AutodiffModule<AB>>(
     let mut visitor = NormVisitor::<AB> {
         grads,
         sum_squares: None,
+        host_sum: 0.0,
     };
     module.visit(&mut visitor);
-    match visitor.sum_squares {
-        Some(total) => {
-            let value: f64 = total.into_scalar().elem();
-            value.sqrt()
-        }
+    let device_sum = match visitor.sum_squares {
+        Some(total) => total.into_scalar().elem(),
         None => 0.0,
-    }
+    };
+    (device_sum + visitor.host_sum).sqrt()
 }
 
 /// torch `clip_grad_norm_`'s coefficient: `min(1, max_norm / (total_norm + 1e-6))`.

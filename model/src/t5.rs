@@ -112,7 +112,10 @@ pub fn mixed_linear<B: Backend, const D: usize>(
     let rows = dims[..D - 1].iter().product::<usize>();
     let flat: Tensor<B, 2> = x.reshape([rows, dims[D - 1]]);
     let product = match precision.compute_dtype() {
-        None => linear(flat, weight, None),
+        None => match crate::kernels::matmul(&flat, &weight) {
+            Some(product) => product,
+            None => linear(flat, weight, None),
+        },
         Some(dtype) => linear(flat.cast(dtype), weight.cast(dtype), None).cast(FloatDType::F32),
     };
     product.reshape(out_dims)
@@ -125,7 +128,10 @@ fn mixed_matmul<B: Backend, const D: usize>(
     precision: Precision,
 ) -> Tensor<B, D> {
     match precision.compute_dtype() {
-        None => a.matmul(b),
+        None => match crate::kernels::matmul(&a, &b) {
+            Some(product) => product,
+            None => a.matmul(b),
+        },
         Some(dtype) => a.cast(dtype).matmul(b.cast(dtype)).cast(FloatDType::F32),
     }
 }
@@ -342,10 +348,7 @@ impl<B: Backend> T5Block<B> {
         let normed = self.self_norm.forward(hidden.clone());
         let q = self.self_attention.queries(normed.clone());
         let (k, v) = self.self_attention.keys_values(normed);
-        hidden
-            + self
-                .dropout
-                .forward(self.self_attention.attend(q, k, v, bias))
+        hidden + apply_dropout(&self.dropout, self.self_attention.attend(q, k, v, bias))
     }
 
     fn feed_forward_residual(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -622,7 +625,11 @@ impl<B: Backend> T5<B> {
     }
 
     fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        embedding(self.shared.val(), ids)
+        let table = self.shared.val();
+        if let Some(embedded) = crate::kernels::embedding(&table, &ids) {
+            return embedded;
+        }
+        embedding(table, ids)
     }
 
     /// `attention_mask`: `[B, S]`, 1 for tokens and 0 for padding.

@@ -4,10 +4,12 @@
 //! Owns: the step arithmetic. Data order, checkpoints and progress reporting belong to callers
 //! (the `meshtune train` command and the node's trainer thread).
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::ElementConversion;
+use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::Backend;
 
 use crate::error::ModelError;
 use crate::optim::{
@@ -157,7 +159,10 @@ impl<B: AutodiffBackend> TrainState<B> {
         }
         let lr = self.current_lr();
         let coefficient = clip_coefficient(grad_norm, self.config.max_grad_norm) / unscale;
-        let model = self.model.clone();
+        // The optimizer gets the only handle on every parameter, so that it updates them in
+        // place: a clone left in `self.model` would make it copy each one first.
+        let placeholder = self.model.clone().map(&mut Emptied);
+        let model = std::mem::replace(&mut self.model, placeholder);
         self.model = self
             .optimizer
             .step::<B, T5<B>>(lr, model, grads, coefficient);
@@ -177,5 +182,17 @@ impl<B: AutodiffBackend> TrainState<B> {
     /// The model without autodiff, for evaluation and export.
     pub fn inference_model(&self) -> T5<B::InnerBackend> {
         self.model.valid()
+    }
+}
+
+/// Maps every parameter to a one-element zero tensor: a stand-in model that shares no buffer
+/// with the real one, held by [`TrainState::model`] while the optimizer owns the real one.
+struct Emptied;
+
+impl<B: Backend> ModuleMapper<B> for Emptied {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let stand_in = Tensor::zeros([1; D], &tensor.device());
+        Param::from_mapped_value(id, stand_in, mapper)
     }
 }

@@ -27,7 +27,7 @@ use burn::backend::autodiff::checkpoint::strategy::{
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, broadcast_shape};
 use burn::tensor::backend::{Backend, BackendTypes};
-use burn::tensor::{Bytes, DType, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{Bytes, DType, Int, Shape, Tensor, TensorPrimitive};
 use burn_flex::{Flex, FlexTensor, Layout};
 use rayon::prelude::*;
 
@@ -105,6 +105,15 @@ fn new_flex(data: Vec<f32>, shape: Shape) -> FlexTensor {
         Layout::contiguous(shape),
         DType::F32,
     )
+}
+
+/// `t` contiguous, as the only handle on its buffer when it already was contiguous and
+/// unshared: `to_contiguous` of a contiguous tensor is a second handle on the same buffer, so
+/// the first is dropped here and a later `storage_mut` writes in place instead of copying.
+fn into_contiguous(t: FlexTensor) -> FlexTensor {
+    let contiguous = t.to_contiguous();
+    drop(t);
+    contiguous
 }
 
 fn shape_of(t: &FlexTensor) -> Shape {
@@ -430,13 +439,7 @@ fn bias_terms(scores: &FlexTensor, terms: &[FlexTensor]) -> Option<Vec<BiasTerm>
 fn softmax_bias_in_place(scores: FlexTensor, terms: &[BiasTerm]) -> FlexTensor {
     let dims = scores.layout().shape().to_vec();
     let (heads, q_len, k_len) = (dims[1], dims[2], dims[3]);
-    // `to_contiguous` of a contiguous tensor is a second handle on the same buffer: drop the
-    // first so that the buffer is written in place rather than copied.
-    let mut out = {
-        let contiguous = scores.to_contiguous();
-        drop(scores);
-        contiguous
-    };
+    let mut out = into_contiguous(scores);
     let data: &mut [f32] = out.storage_mut();
     let rows_per_task = rows_per_task(k_len);
     data.par_chunks_mut(k_len * rows_per_task)
@@ -803,6 +806,16 @@ pub(crate) fn matmul<B: Backend, const D: usize>(
 // Embedding lookup
 // ---------------------------------------------------------------------------------------------
 
+/// The values of an id or label tensor on the host, row-major (called only for the CPU
+/// backends, where this is a read of their own memory rather than a device sync).
+fn host_ints<B: Backend>(t: &Tensor<B, 2, Int>) -> Option<Vec<i64>> {
+    t.clone()
+        .into_data()
+        .convert::<i64>()
+        .into_vec::<i64>()
+        .ok()
+}
+
 /// Rows `ids` of `weight` (`[V, d]`) as `[B, L, d]`; `None` when an id is outside `0..V`.
 fn embedding_forward(
     weight: &FlexTensor,
@@ -898,16 +911,11 @@ fn embedding_autodiff<C: CheckpointStrategy>(
 /// the backend is a CPU one and every id is in the table.
 pub(crate) fn embedding<B: Backend>(
     weight: &Tensor<B, 2>,
-    ids: &Tensor<B, 2, burn::tensor::Int>,
+    ids: &Tensor<B, 2, Int>,
 ) -> Option<Tensor<B, 3>> {
     let kind = kind::<B>()?;
     let shape = ids.dims();
-    let host: Vec<usize> = ids
-        .clone()
-        .into_data()
-        .convert::<i64>()
-        .into_vec::<i64>()
-        .ok()?
+    let host: Vec<usize> = host_ints(ids)?
         .into_iter()
         .map(|id| usize::try_from(id).ok())
         .collect::<Option<_>>()?;
@@ -1016,20 +1024,25 @@ fn token_nll_autodiff<C: CheckpointStrategy>(
     )
 }
 
-/// Cross-entropy of every target token, `[B, T]` from logits `[B, T, V]` and `labels` (row-major
-/// `B * T`, negative = ignored, giving 0): log-softmax, gather and their backward in one
+/// Cross-entropy of every target token, `[B, T]` from logits `[B, T, V]` and `labels` `[B, T]`
+/// (negative = ignored, giving 0): log-softmax, gather and their backward in one
 /// multi-threaded pass each, without the `[B, T, V]` log-probabilities of the generic
 /// composition.
-pub(crate) fn token_nll<B: Backend>(logits: &Tensor<B, 3>, labels: &[i64]) -> Option<Tensor<B, 2>> {
-    match kind::<B>()? {
-        Kind::Flex => upcast(token_nll_forward(&as_flex(logits)?, labels)?.0),
+pub(crate) fn token_nll<B: Backend>(
+    logits: &Tensor<B, 3>,
+    labels: &Tensor<B, 2, Int>,
+) -> Option<Tensor<B, 2>> {
+    let kind = kind::<B>()?;
+    let labels = host_ints(labels)?;
+    match kind {
+        Kind::Flex => upcast(token_nll_forward(&as_flex(logits)?, &labels)?.0),
         Kind::Autodiff => upcast(token_nll_autodiff::<NoCheckpointing>(
             as_autodiff(logits)?,
-            labels.to_vec(),
+            labels,
         )?),
         Kind::Checkpointed => upcast(token_nll_autodiff::<BalancedCheckpointing>(
             as_autodiff(logits)?,
-            labels.to_vec(),
+            labels,
         )?),
     }
 }
@@ -1305,18 +1318,11 @@ pub(crate) fn adamw<B: Backend>(
             return Err((back(v), back(g), back(m), back(s)));
         }
     };
-    // `to_contiguous` of a contiguous tensor is a second handle on the same buffer: the first
-    // is dropped so that `storage_mut` writes the buffer in place instead of copying it (three
-    // copies of every parameter's size per step otherwise).
-    let owned = |t: FlexTensor| {
-        let contiguous = t.to_contiguous();
-        drop(t);
-        contiguous
-    };
-    let mut value = owned(value);
+    // Written in place (a copy of every parameter and both moments per step otherwise).
+    let mut value = into_contiguous(value);
     let grad = grad.to_contiguous();
-    let mut m = owned(m);
-    let mut s = owned(s);
+    let mut m = into_contiguous(m);
+    let mut s = into_contiguous(s);
     {
         let g: &[f32] = grad.storage();
         let v: &mut [f32] = value.storage_mut();
@@ -1925,7 +1931,14 @@ mod tests {
             let picked = log_softmax(logits, 2).gather(2, safe).reshape([batch, len]);
             picked.neg() * valid
         };
-        let fused = super::token_nll(&logits, &labels).expect("flex takes the kernel");
+        fn ints<B: burn::tensor::backend::Backend>(
+            values: &[i64],
+            shape: [usize; 2],
+        ) -> Tensor<B, 2, Int> {
+            Tensor::from_data(TensorData::new(values.to_vec(), shape), &Default::default())
+        }
+        let fused = super::token_nll(&logits, &ints::<Flex>(&labels, [batch, len]))
+            .expect("flex takes the kernel");
         let want = generic(Tensor::from_data(
             logits.clone().into_data(),
             &Default::default(),
@@ -1941,7 +1954,8 @@ mod tests {
             let x: Tensor<Ad, 3> =
                 Tensor::from_data(logits.clone().into_data(), &Default::default()).require_grad();
             let out = if fused {
-                super::token_nll(&x, &labels).expect("autodiff takes the kernel")
+                super::token_nll(&x, &ints::<Ad>(&labels, [batch, len]))
+                    .expect("autodiff takes the kernel")
             } else {
                 generic(x.clone())
             };
@@ -1950,8 +1964,55 @@ mod tests {
         };
         close(grad_of(true), grad_of(false));
         // Labels that do not fit the shape or the vocabulary take the generic path.
-        assert!(super::token_nll(&logits, &labels[1..]).is_none());
-        assert!(super::token_nll(&logits, &vec![vocab as i64; batch * len]).is_none());
+        let short = &labels[..batch * (len - 1)];
+        assert!(super::token_nll(&logits, &ints::<Flex>(short, [batch, len - 1])).is_none());
+        let outside = vec![vocab as i64; batch * len];
+        assert!(super::token_nll(&logits, &ints::<Flex>(&outside, [batch, len])).is_none());
+    }
+
+    /// The embedding kernel against burn's `embedding`: values, and the table's gradient with
+    /// repeated ids, ids in every block of rows the backward splits the table into, and an id
+    /// outside the table (generic path).
+    #[test]
+    fn embedding_matches_burn_values_and_gradients() {
+        use burn::tensor::Int;
+        use burn::tensor::module::embedding;
+        // 1031 rows of 64 are split into blocks of 256 rows (`rows_per_task(64)`).
+        let (vocab, d) = (1031, 64);
+        let table: Tensor<Flex, 2> = random([vocab, d]);
+        let ids: Vec<i64> = vec![0, 5, 5, 1030, 600, 5, 1029, 0, 255, 256, 5, 800];
+        let id_tensor = |values: &[i64]| {
+            Tensor::<Flex, 2, Int>::from_data(
+                TensorData::new(values.to_vec(), [3, 4]),
+                &Default::default(),
+            )
+        };
+        let fused = super::embedding(&table, &id_tensor(&ids)).expect("flex takes the kernel");
+        close(
+            fused.into_data(),
+            embedding(table.clone(), id_tensor(&ids)).into_data(),
+        );
+
+        let upstream: Tensor<Ad, 3> = random([3, 4, d]);
+        let grad_of = |fused: bool| {
+            let w: Tensor<Ad, 2> =
+                Tensor::from_data(table.clone().into_data(), &Default::default()).require_grad();
+            let ids = Tensor::<Ad, 2, Int>::from_data(
+                TensorData::new(ids.clone(), [3, 4]),
+                &Default::default(),
+            );
+            let out = if fused {
+                super::embedding(&w, &ids).expect("autodiff takes the kernel")
+            } else {
+                embedding(w.clone(), ids)
+            };
+            let grads = (out * upstream.clone()).sum().backward();
+            w.grad(&grads).expect("gradient").into_data()
+        };
+        close(grad_of(true), grad_of(false));
+        let mut outside = ids.clone();
+        outside[3] = vocab as i64;
+        assert!(super::embedding(&table, &id_tensor(&outside)).is_none());
     }
 
     #[test]

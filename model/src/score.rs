@@ -117,16 +117,8 @@ pub fn token_nll<B: Backend>(
 ) -> (Tensor<B, 2>, Tensor<B, 2>) {
     let [batch, len, _] = logits.dims();
     let valid = labels.clone().greater_equal_elem(0);
-    if crate::kernels::fused::<B>() {
-        let host = labels
-            .clone()
-            .into_data()
-            .convert::<i64>()
-            .into_vec::<i64>()
-            .ok();
-        if let Some(nll) = host.and_then(|host| crate::kernels::token_nll(&logits, &host)) {
-            return (nll, valid.float());
-        }
+    if let Some(nll) = crate::kernels::token_nll(&logits, &labels) {
+        return (nll, valid.float());
     }
     let safe_labels = labels.clamp_min(0).reshape([batch, len, 1]);
     let log_probs = log_softmax(logits, 2);

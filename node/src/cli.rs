@@ -1,12 +1,10 @@
 //! Command-line interface of `meshtune`. Parsing only; each command lives in `commands/`.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 
 use crate::commands;
-use crate::device::DeviceChoice;
 use crate::logging::{self, LogFormat};
 
 #[derive(Debug, Parser)]
@@ -32,9 +30,9 @@ pub enum Command {
     /// Fine-tune locally (full or LoRA), with checkpoints, eval and curves.
     Train(Box<commands::train::TrainArgs>),
     /// Teacher-forced loss of every example (mean token cross-entropy over the summary).
-    Score(ScoreArgs),
+    Score(commands::score::ScoreArgs),
     /// Generate summaries with greedy or beam search.
-    Generate(GenerateArgs),
+    Generate(commands::generate::GenerateArgs),
     /// Generate and score: loss and ROUGE of a model on a Samsum file.
     Eval(commands::eval::EvalArgs),
     /// Mean ROUGE F-measures (rouge-score with stemming) of predictions vs references.
@@ -53,20 +51,9 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
     /// Parameter counts of a preset or a model folder.
-    Info(ModelInfoArgs),
+    Info(commands::model_info::ModelInfoArgs),
     /// Load a HF T5 folder and write it back (HF key names) in another precision.
-    Export(ModelExportArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct ModelExportArgs {
-    #[arg(long)]
-    pub model: PathBuf,
-    #[arg(long)]
-    pub out: PathBuf,
-    /// On-disk precision: f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    Export(commands::model_info::ModelExportArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,73 +67,6 @@ pub enum BenchCommand {
     Codec(commands::bench::CodecBenchArgs),
     /// Link shaping (`--link` profiles): measured vs expected throughput and round trip.
     Link(commands::bench::LinkBenchArgs),
-}
-
-/// Where the model and the examples come from.
-#[derive(Debug, Args, Clone)]
-pub struct DataArgs {
-    /// HF T5 folder: config.json, model.safetensors (or sharded index), tokenizer.json.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// Samsum examples: JSONL or a JSON array with `id`, `dialogue`, `summary`.
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Text put before each dialogue.
-    #[arg(long, default_value = "summarize: ")]
-    pub prefix: String,
-    /// tokenizer.json to use instead of MODEL/tokenizer.json.
-    #[arg(long)]
-    pub tokenizer: Option<PathBuf>,
-    /// Truncate sources to this many tokens (including `</s>`); no truncation by default.
-    #[arg(long)]
-    pub max_source_len: Option<usize>,
-    /// Examples per forward pass.
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: DeviceChoice,
-    /// One JSON object per line on stdout.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct ScoreArgs {
-    #[command(flatten)]
-    pub data: DataArgs,
-    /// Truncate targets to this many tokens (including `</s>`); no truncation by default.
-    #[arg(long)]
-    pub max_target_len: Option<usize>,
-}
-
-#[derive(Debug, Args)]
-pub struct GenerateArgs {
-    #[command(flatten)]
-    pub data: DataArgs,
-    #[arg(long, default_value_t = 64)]
-    pub max_new_tokens: usize,
-    /// 1 = greedy.
-    #[arg(long, default_value_t = 1)]
-    pub num_beams: usize,
-    /// Beam score = log-prob / length^length_penalty.
-    #[arg(long, default_value_t = 1.0)]
-    pub length_penalty: f32,
-    /// false (HF default heuristic), true, or never.
-    #[arg(long, default_value = "false")]
-    pub early_stopping: commands::generate::EarlyStoppingArg,
-}
-
-#[derive(Debug, Args)]
-pub struct ModelInfoArgs {
-    /// flan-t5-small, flan-t5-base, flan-t5-large, flan-t5-xl.
-    #[arg(long, conflicts_with = "model")]
-    pub preset: Option<String>,
-    /// A HF T5 folder (reads config.json only).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    #[command(flatten)]
-    pub memory: commands::model_info::MemoryArgs,
 }
 
 pub fn main() -> ExitCode {

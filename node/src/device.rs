@@ -120,47 +120,10 @@ pub fn jetson_compute_capability(model: &str) -> Option<(u32, u32)> {
 /// Name and compute capability of GPU `index` through NVML; `None` without the library, a
 /// driver or the GPU.
 fn nvml_compute_capability(index: usize) -> Option<(String, (u32, u32))> {
-    type Device = *mut std::ffi::c_void;
-    let index = u32::try_from(index).ok()?;
-    // SAFETY: loading NVML runs its initialisers, which have no preconditions; every symbol is
-    // looked up with the signature of NVML's public header (nvml.h), and the name buffer is
-    // as long as we say it is.
-    unsafe {
-        let library = libloading::Library::new("libnvidia-ml.so.1").ok()?;
-        let init: libloading::Symbol<unsafe extern "C" fn() -> i32> =
-            library.get(b"nvmlInit_v2").ok()?;
-        if init() != 0 {
-            return None;
-        }
-        let handle: libloading::Symbol<unsafe extern "C" fn(u32, *mut Device) -> i32> =
-            library.get(b"nvmlDeviceGetHandleByIndex_v2").ok()?;
-        let capability: libloading::Symbol<
-            unsafe extern "C" fn(Device, *mut i32, *mut i32) -> i32,
-        > = library.get(b"nvmlDeviceGetCudaComputeCapability").ok()?;
-        let name_fn: libloading::Symbol<
-            unsafe extern "C" fn(Device, *mut std::ffi::c_char, u32) -> i32,
-        > = library.get(b"nvmlDeviceGetName").ok()?;
-        let mut device = std::ptr::null_mut();
-        if handle(index, &mut device) != 0 {
-            return None;
-        }
-        let (mut major, mut minor) = (0i32, 0i32);
-        if capability(device, &mut major, &mut minor) != 0 {
-            return None;
-        }
-        let mut buffer = [0 as std::ffi::c_char; 96];
-        let name = if name_fn(device, buffer.as_mut_ptr(), buffer.len() as u32) == 0 {
-            std::ffi::CStr::from_ptr(buffer.as_ptr())
-                .to_string_lossy()
-                .into_owned()
-        } else {
-            format!("cuda:{index}")
-        };
-        Some((
-            name,
-            (u32::try_from(major).ok()?, u32::try_from(minor).ok()?),
-        ))
-    }
+    let nvml = crate::nvml::Nvml::load()?;
+    let capability = nvml.compute_capability(index)?;
+    let name = nvml.name(index).unwrap_or_else(|| format!("cuda:{index}"));
+    Some((name, capability))
 }
 
 #[cfg(test)]

@@ -225,77 +225,23 @@ impl PowerReader for JetsonIna3221 {
     }
 }
 
-/// NVIDIA GPUs through NVML, loaded at run time.
-pub struct Nvml {
-    // Kept alive: the function pointers below point into it.
-    _library: libloading::Library,
-    devices: Vec<NvmlDevice>,
-    total_energy: Option<NvmlTotalEnergy>,
-    power_usage: NvmlPowerUsage,
-}
-
-type NvmlDevice = *mut std::ffi::c_void;
-type NvmlReturn = i32;
-type NvmlTotalEnergy = unsafe extern "C" fn(NvmlDevice, *mut u64) -> NvmlReturn;
-type NvmlPowerUsage = unsafe extern "C" fn(NvmlDevice, *mut u32) -> NvmlReturn;
-
-// SAFETY: NVML is thread-safe (documented), and the handles are plain identifiers.
-unsafe impl Send for Nvml {}
+/// NVIDIA GPUs through NVML ([`crate::nvml`]).
+pub struct Nvml(crate::nvml::Nvml);
 
 impl Nvml {
     /// Every GPU NVML reports; `None` without the library, a driver or a GPU.
     pub fn discover() -> Option<Self> {
-        // SAFETY: loading NVML runs its initialisers, which have no preconditions; every
-        // symbol is looked up with the signature of NVML's public header (nvml.h).
-        unsafe {
-            let library = libloading::Library::new("libnvidia-ml.so.1").ok()?;
-            let init: libloading::Symbol<unsafe extern "C" fn() -> NvmlReturn> =
-                library.get(b"nvmlInit_v2").ok()?;
-            if init() != 0 {
-                return None;
-            }
-            let count_fn: libloading::Symbol<unsafe extern "C" fn(*mut u32) -> NvmlReturn> =
-                library.get(b"nvmlDeviceGetCount_v2").ok()?;
-            let handle_fn: libloading::Symbol<
-                unsafe extern "C" fn(u32, *mut NvmlDevice) -> NvmlReturn,
-            > = library.get(b"nvmlDeviceGetHandleByIndex_v2").ok()?;
-            let mut count = 0u32;
-            if count_fn(&mut count) != 0 || count == 0 {
-                return None;
-            }
-            let mut devices = Vec::new();
-            for index in 0..count {
-                let mut device = std::ptr::null_mut();
-                if handle_fn(index, &mut device) == 0 {
-                    devices.push(device);
-                }
-            }
-            let power_usage: NvmlPowerUsage = *library.get(b"nvmlDeviceGetPowerUsage").ok()?;
-            let total_energy: Option<NvmlTotalEnergy> = library
-                .get::<NvmlTotalEnergy>(b"nvmlDeviceGetTotalEnergyConsumption")
-                .ok()
-                .map(|s| *s)
-                .filter(|f| {
-                    let mut mj = 0u64;
-                    devices.iter().all(|d| f(*d, &mut mj) == 0)
-                });
-            (!devices.is_empty()).then_some(Self {
-                _library: library,
-                devices,
-                total_energy,
-                power_usage,
-            })
-        }
+        crate::nvml::Nvml::load().map(Self)
     }
 }
 
 impl PowerReader for Nvml {
     fn name(&self) -> String {
+        let count = self.0.device_count();
         format!(
-            "nvml ({} GPU{}, {})",
-            self.devices.len(),
-            if self.devices.len() == 1 { "" } else { "s" },
-            if self.total_energy.is_some() {
+            "nvml ({count} GPU{}, {})",
+            if count == 1 { "" } else { "s" },
+            if self.0.has_energy_counter() {
                 "energy counter"
             } else {
                 "power usage"
@@ -304,32 +250,10 @@ impl PowerReader for Nvml {
     }
 
     fn read(&mut self) -> Result<Reading, String> {
-        if let Some(total) = self.total_energy {
-            let mut joules = 0.0;
-            for device in &self.devices {
-                let mut mj = 0u64;
-                // SAFETY: a valid handle from discover() and an out-pointer to a u64.
-                let status = unsafe { total(*device, &mut mj) };
-                if status != 0 {
-                    return Err(format!(
-                        "nvmlDeviceGetTotalEnergyConsumption returned {status}"
-                    ));
-                }
-                joules += mj as f64 / 1e3;
-            }
-            return Ok(Reading::Energy(joules));
+        match self.0.total_energy_j() {
+            Some(joules) => joules.map(Reading::Energy),
+            None => self.0.power_w().map(Reading::Power),
         }
-        let mut watts = 0.0;
-        for device in &self.devices {
-            let mut mw = 0u32;
-            // SAFETY: as above, with a u32 out-pointer.
-            let status = unsafe { (self.power_usage)(*device, &mut mw) };
-            if status != 0 {
-                return Err(format!("nvmlDeviceGetPowerUsage returned {status}"));
-            }
-            watts += f64::from(mw) / 1e3;
-        }
-        Ok(Reading::Power(watts))
     }
 }
 
@@ -420,6 +344,14 @@ pub struct EnergyMeter {
     inner: Arc<Mutex<MeterState>>,
 }
 
+/// A sampler that panicked mid-sample leaves a consistent state (each field is written whole),
+/// so a poisoned lock is used, not skipped.
+fn lock_state(inner: &Mutex<MeterState>) -> std::sync::MutexGuard<'_, MeterState> {
+    inner
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 struct MeterState {
     reader: Box<dyn PowerReader>,
     /// Energy counter value at start (counter readers).
@@ -479,19 +411,17 @@ impl EnergyMeter {
             last: None,
             failed: false,
         }));
-        let first = inner
-            .lock()
-            .ok()
-            .and_then(|mut state| state.sample(Instant::now()).map(|_| state.last.is_some()));
+        let first = {
+            let mut state = lock_state(&inner);
+            state.sample(Instant::now()).map(|_| state.last.is_some())
+        };
         if first == Some(true) {
             let weak = Arc::downgrade(&inner);
             std::thread::Builder::new()
                 .name("power-sampler".into())
                 .spawn(move || {
                     while let Some(inner) = weak.upgrade() {
-                        if let Ok(mut state) = inner.lock()
-                            && state.sample(Instant::now()).is_none()
-                        {
+                        if lock_state(&inner).sample(Instant::now()).is_none() {
                             break;
                         }
                         drop(inner);
@@ -509,8 +439,7 @@ impl EnergyMeter {
 
     /// Joules since the meter started, `None` when unavailable.
     pub fn joules(&self) -> Option<f64> {
-        let mut state = self.inner.lock().ok()?;
-        state.sample(Instant::now())
+        lock_state(&self.inner).sample(Instant::now())
     }
 }
 

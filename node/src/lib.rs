@@ -1,6 +1,7 @@
 //! The meshtune node: command line, model commands, and the mesh: network actor
-//! ([`network`]), pure round state machine ([`averaging`]), trainer thread ([`trainer`]) and
-//! the round loop that joins them ([`coordinator`]).
+//! ([`network`]), pure round state machines ([`averaging`]), trainer thread ([`trainer`]), the
+//! round loop that joins them ([`coordinator`]), and [`Node::spawn`], the one way to start a
+//! node.
 
 pub mod averaging;
 pub mod cli;
@@ -10,5 +11,9 @@ pub mod device;
 pub mod energy;
 pub mod logging;
 pub mod network;
+pub mod node;
+pub mod nvml;
 pub mod plot;
 pub mod trainer;
+
+pub use node::{Node, NodeConfig, NodeError, NodeHandle};

@@ -133,7 +133,10 @@ async fn a_large_state_syncs_through_files_with_bounded_memory() {
                 break;
             }
             // Until the connection is up.
-            Err(err) if err.contains("not connected") || err.contains("dial") => {
+            Err(err)
+                if err.to_string().contains("not connected")
+                    || err.to_string().contains("dial") =>
+            {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(err) => panic!("sync failed: {err}"),

@@ -476,7 +476,6 @@ async fn a_node_without_the_mesh_key_cannot_join() {
         .map(|i| {
             start_node_with_psk(
                 Some(psk),
-                None,
                 6_001 + i as u64,
                 &boot_addr,
                 &data[i],

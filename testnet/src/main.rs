@@ -8,6 +8,11 @@
 
 use std::process::ExitCode;
 
+/// The allocator the `meshtune` binary ships with, so the testnet's re-executed nodes (and the
+/// soak's) train and measure memory as a `meshtune node` does (see `meshtune_model::alloc`).
+#[global_allocator]
+static ALLOCATOR: meshtune_model::alloc::CachingAllocator = meshtune_model::alloc::CachingAllocator;
+
 use clap::{Parser, Subcommand};
 use meshtune_testnet::local::{TestnetArgs, run_testnet};
 

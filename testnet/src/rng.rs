@@ -1,35 +1,50 @@
-//! xorshift64*: the simulator's synthetic data and the soak's kill schedule are reproducible
-//! from `--seed` with no dependency.
+//! The seeded generator of the simulator's synthetic data and the soak's kill schedule:
+//! `rand_xoshiro`'s splitmix64 (value-stable across versions, the stream the trainer shuffles
+//! with), and `rand_distr`'s normal distribution, so a run is reproducible from `--seed`.
+
+use rand::{Rng as _, SeedableRng};
+use rand_distr::StandardNormal;
+use rand_xoshiro::SplitMix64;
 
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct Rng(SplitMix64);
 
 impl Rng {
-    /// A generator seeded with `seed` (any value: the state is made odd, never zero).
     pub fn new(seed: u64) -> Self {
-        Self(seed | 1)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        Self(SplitMix64::seed_from_u64(seed))
     }
 
     /// Uniform in `lo..=hi`.
     pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next_u64() % (hi - lo + 1)
+        self.0.random_range(lo..=hi)
     }
 
-    /// Uniform in [0, 1).
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Standard normal (Box-Muller).
+    /// Standard normal.
     pub fn gaussian(&mut self) -> f32 {
-        let (u, v) = (self.unit().max(1e-12), self.unit());
-        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+        self.0.sample(StandardNormal)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draws_are_reproducible_and_in_range() {
+        let (mut a, mut b) = (Rng::new(7), Rng::new(7));
+        let draws: Vec<u64> = (0..100).map(|_| a.range(2, 9)).collect();
+        assert_eq!(draws, (0..100).map(|_| b.range(2, 9)).collect::<Vec<_>>());
+        assert!(draws.iter().all(|d| (2..=9).contains(d)));
+        assert!(
+            (2..=9).all(|v| draws.contains(&v)),
+            "every value drawn: {draws:?}"
+        );
+        let normal: Vec<f32> = (0..10_000).map(|_| a.gaussian()).collect();
+        let mean = normal.iter().sum::<f32>() / normal.len() as f32;
+        let var = normal.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / normal.len() as f32;
+        assert!(
+            mean.abs() < 0.05 && (var - 1.0).abs() < 0.05,
+            "mean {mean}, var {var}"
+        );
     }
 }

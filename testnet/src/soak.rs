@@ -31,7 +31,7 @@ use meshtune_node::plot::{Series, line_chart_svg};
 use meshtune_protocol::{ModelHash, TensorSet};
 
 use crate::local::{
-    NodeLaunch, Process, TestnetArgs, node_args, prepare, read_records, role_command,
+    NodeLaunch, Prepared, Process, TestnetArgs, node_args, prepare, read_records, role_command,
     start_bootstrap,
 };
 use crate::rng::Rng;
@@ -241,7 +241,7 @@ fn load_and_verify(checkpoint: &Path, data: &Path) -> anyhow::Result<TensorSet> 
     let config = meshtune_model::T5Config::from_file(&data.join("config.json"))?;
     let device = Default::default();
     let model: T5<Cpu> =
-        meshtune_node::commands::train::initial_model(&config, Some(data), true, 0, &device)?;
+        meshtune_node::trainer::model::initial_model(&config, Some(data), true, 0, &device)?;
     let mut optimizer = AdamW::<Cpu>::new(AdamWConfig::default());
     let (model, state) = load_checkpoint(checkpoint, model, &mut optimizer, &device)
         .with_context(|| format!("loading {}", checkpoint.display()))?;
@@ -328,7 +328,55 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
     });
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let out = out.canonicalize()?;
-    let testnet = TestnetArgs {
+    let testnet = soak_testnet_args(&args, &out);
+    let prepared = prepare(&testnet, &out)?;
+    let dir = out.join("soak");
+    std::fs::create_dir_all(&dir)?;
+    let started = Instant::now();
+    let (_bootstrap, address) = start_bootstrap(&dir, None)?;
+    let mut soak = Soak::start(&args, &testnet, &prepared, &dir, &address, started)?;
+    println!(
+        "{:>5} | {:>40} | {:>6} | {:>7}",
+        "round", "RSS MiB per node", "deltas", "time"
+    );
+    let deadline = started + Duration::from_secs(args.timeout_min * 60);
+    while !soak.step()? {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the soak did not finish in {} minutes",
+            args.timeout_min
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let records = soak.records();
+    while soak.printed < args.rounds {
+        print_row(soak.printed, &records);
+        soak.printed += 1;
+    }
+    let lifetimes: Vec<Vec<u64>> = soak.slots.iter().map(|s| s.lifetimes.clone()).collect();
+    let report = verify(
+        &args,
+        &prepared.data,
+        &dir,
+        &records,
+        &lifetimes,
+        soak.events,
+        seconds,
+    )?;
+    write_report(&dir, &report, &records)?;
+    println!("\nsoak report: {}", dir.join("summary.md").display());
+    if report.failures.is_empty() {
+        println!("soak passed: {}", summary_line(&report));
+        Ok(())
+    } else {
+        anyhow::bail!("soak failed:\n- {}", report.failures.join("\n- "))
+    }
+}
+
+/// The testnet settings of a soak's nodes.
+fn soak_testnet_args(args: &SoakArgs, out: &Path) -> TestnetArgs {
+    TestnetArgs {
         nodes: args.nodes,
         rounds: args.rounds,
         local_steps: args.local_steps,
@@ -350,31 +398,97 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
         batch_size: args.batch_size,
         lr: 3e-3,
         seed: args.seed,
-        out: Some(out.clone()),
-    };
-    let prepared = prepare(&testnet, &out)?;
-    let dir = out.join("soak");
-    std::fs::create_dir_all(&dir)?;
-    let started = Instant::now();
-    let (_bootstrap, address) = start_bootstrap(&dir, None)?;
-    let last = args.nodes - 1;
-    let late_round = args
-        .late_join_round
-        .unwrap_or((args.rounds / 5).max(1))
-        .min(args.rounds - 2);
-    println!(
-        "meshtune soak: {} node processes, {} rounds, {} kills, node-{last} joins after round {late_round}; run in {}",
-        args.nodes,
-        args.rounds,
-        args.kills,
-        dir.display()
-    );
-    let spawn = |i: usize, wait_for: usize| -> anyhow::Result<Process> {
+        out: Some(out.to_path_buf()),
+    }
+}
+
+/// A soak in progress: the node processes, the kill schedule, what happened so far.
+struct Soak<'a> {
+    args: &'a SoakArgs,
+    testnet: &'a TestnetArgs,
+    prepared: &'a Prepared,
+    dir: &'a Path,
+    address: &'a str,
+    started: Instant,
+    rng: Rng,
+    /// Rounds after which a node is killed, soonest first.
+    kill_at: Vec<u64>,
+    slots: Vec<Slot>,
+    events: Vec<SoakEvent>,
+    /// The round the late joiner starts after.
+    late_round: u64,
+    /// Rounds printed so far.
+    printed: u64,
+}
+
+impl<'a> Soak<'a> {
+    /// Starts every node but the late joiner and draws the kill schedule.
+    fn start(
+        args: &'a SoakArgs,
+        testnet: &'a TestnetArgs,
+        prepared: &'a Prepared,
+        dir: &'a Path,
+        address: &'a str,
+        started: Instant,
+    ) -> anyhow::Result<Self> {
+        let last = args.nodes - 1;
+        let late_round = args
+            .late_join_round
+            .unwrap_or((args.rounds / 5).max(1))
+            .min(args.rounds - 2);
+        println!(
+            "meshtune soak: {} node processes, {} rounds, {} kills, node-{last} joins after round {late_round}; run in {}",
+            args.nodes,
+            args.rounds,
+            args.kills,
+            dir.display()
+        );
+        let mut rng = Rng::new(args.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        // Kills land in rounds 2..=rounds-6, so each restarted node has rounds left to rejoin.
+        let mut kill_at: Vec<u64> = (0..args.kills)
+            .map(|_| rng.range(2, args.rounds.saturating_sub(6).max(2)))
+            .collect();
+        kill_at.sort_unstable();
+        let mut soak = Self {
+            args,
+            testnet,
+            prepared,
+            dir,
+            address,
+            started,
+            rng,
+            kill_at,
+            slots: Vec::new(),
+            events: Vec::new(),
+            late_round,
+            printed: 0,
+        };
+        for i in 0..args.nodes {
+            let process = if i == last {
+                None
+            } else {
+                Some(soak.spawn(i, args.nodes - 2)?)
+            };
+            soak.slots.push(Slot {
+                lifetimes: if process.is_some() {
+                    vec![0]
+                } else {
+                    Vec::new()
+                },
+                process,
+                down_until: None,
+            });
+        }
+        Ok(soak)
+    }
+
+    /// Starts node `i`, waiting for `wait_for` peers before its first round.
+    fn spawn(&self, i: usize, wait_for: usize) -> anyhow::Result<Process> {
         let launch = NodeLaunch {
             index: i,
-            bootstrap: &address,
+            bootstrap: self.address,
             ip: "127.0.0.1",
-            codec: &args.codec,
+            codec: &self.args.codec,
             outer: "average",
             wait_for,
         };
@@ -382,113 +496,127 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.join(format!("{name}.log")))?;
+            .open(self.dir.join(format!("{name}.log")))?;
         let child = role_command(None, Some(i), "__node")?
-            .args(node_args(&testnet, &prepared, &dir, launch))
+            .args(node_args(self.testnet, self.prepared, self.dir, launch))
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()
             .with_context(|| format!("starting node {i}"))?;
         Ok(Process { name, child })
-    };
-    let mut rng = Rng::new(args.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    // Kills land in rounds 2..=rounds-6, so each restarted node has rounds left to rejoin.
-    let mut kill_at: Vec<u64> = (0..args.kills)
-        .map(|_| rng.range(2, args.rounds.saturating_sub(6).max(2)))
-        .collect();
-    kill_at.sort_unstable();
-    let mut slots: Vec<Slot> = Vec::new();
-    for i in 0..args.nodes {
-        slots.push(Slot {
-            process: if i == last {
-                None
-            } else {
-                Some(spawn(i, args.nodes - 2)?)
-            },
-            lifetimes: if i == last { Vec::new() } else { vec![0] },
-            down_until: None,
-        });
     }
-    let mut events: Vec<SoakEvent> = Vec::new();
-    let mut event = |node: usize, what: String| {
-        tracing::info!(node, seconds = started.elapsed().as_secs_f64(), "{what}");
-        events.push(SoakEvent {
-            seconds: started.elapsed().as_secs_f64(),
+
+    fn event(&mut self, node: usize, what: String) {
+        let seconds = self.started.elapsed().as_secs_f64();
+        tracing::info!(node, seconds, "{what}");
+        self.events.push(SoakEvent {
+            seconds,
             node,
             what,
         });
-    };
-    let node_dir = |i: usize| dir.join(format!("node-{i}"));
-    let deadline = started + Duration::from_secs(args.timeout_min * 60);
-    let mut printed = 0u64;
-    println!(
-        "{:>5} | {:>40} | {:>6} | {:>7}",
-        "round", "RSS MiB per node", "deltas", "time"
-    );
-    loop {
-        let records: Vec<Vec<RoundRecord>> = (0..args.nodes)
-            .map(|i| read_records(&node_dir(i).join("rounds.jsonl")))
-            .collect();
+    }
+
+    fn node_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("node-{i}"))
+    }
+
+    /// Every node's records so far.
+    fn records(&self) -> Vec<Vec<RoundRecord>> {
+        (0..self.args.nodes)
+            .map(|i| read_records(&self.node_dir(i).join("rounds.jsonl")))
+            .collect()
+    }
+
+    /// One look at the mesh: start the late joiner, kill, restart, print finished rounds.
+    /// True when every node finished and none is still to start.
+    fn step(&mut self) -> anyhow::Result<bool> {
+        let records = self.records();
         let progress = records
             .iter()
             .filter_map(|r| r.iter().map(|x| x.round + 1).max())
             .max()
             .unwrap_or(0);
-        if slots[last].lifetimes.is_empty() && progress >= late_round {
-            slots[last].process = Some(spawn(last, 1)?);
-            slots[last].lifetimes.push(0);
-            event(
+        let last = self.args.nodes - 1;
+        if self.slots[last].lifetimes.is_empty() && progress >= self.late_round {
+            self.slots[last].process = Some(self.spawn(last, 1)?);
+            self.slots[last].lifetimes.push(0);
+            self.event(
                 last,
                 format!("late join after the mesh applied {progress} rounds"),
             );
         }
-        let someone_down = slots.iter().any(|s| s.down_until.is_some());
-        if !someone_down && kill_at.first().is_some_and(|&k| progress >= k) {
-            kill_at.remove(0);
-            let running: Vec<usize> = (0..args.nodes)
-                .filter(|&i| slots[i].process.is_some())
-                .collect();
-            if !running.is_empty() {
-                let victim = running[rng.range(0, running.len() as u64 - 1) as usize];
-                // A random moment inside the round (training, exchange or checkpoint).
-                std::thread::sleep(Duration::from_millis(rng.range(0, 1500)));
-                let applied = read_records(&node_dir(victim).join("rounds.jsonl"))
-                    .iter()
-                    .map(|r| r.round + 1)
-                    .max()
-                    .unwrap_or(0);
-                if let Some(mut process) = slots[victim].process.take() {
-                    let _ = process.child.kill();
-                    let _ = process.child.wait();
-                }
-                let down = rng.range(1, args.max_down_s);
-                slots[victim].down_until = Some(Instant::now() + Duration::from_secs(down));
-                slots[victim].lifetimes.push(applied);
-                event(
-                    victim,
-                    format!("SIGKILL after it applied {applied} rounds; down {down} s"),
-                );
+        let someone_down = self.slots.iter().any(|s| s.down_until.is_some());
+        if !someone_down && self.kill_at.first().is_some_and(|&k| progress >= k) {
+            self.kill_at.remove(0);
+            self.kill_one();
+        }
+        for i in 0..self.slots.len() {
+            if self.slots[i]
+                .down_until
+                .is_some_and(|t| Instant::now() >= t)
+            {
+                self.slots[i].down_until = None;
+                self.slots[i].process = Some(self.spawn(i, 1)?);
+                self.event(i, "restarted on its checkpoint directory".into());
             }
         }
-        for (i, slot) in slots.iter_mut().enumerate() {
-            if slot.down_until.is_some_and(|t| Instant::now() >= t) {
-                slot.down_until = None;
-                slot.process = Some(spawn(i, 1)?);
-                event(i, "restarted on its checkpoint directory".into());
-            }
+        self.print_finished_rounds(&records);
+        let running = self.running()?;
+        let pending = self
+            .slots
+            .iter()
+            .any(|s| s.down_until.is_some() || s.lifetimes.is_empty());
+        Ok(running == 0 && !pending)
+    }
+
+    /// SIGKILLs a random running node at a random moment inside the round (training,
+    /// exchange or checkpoint); it stays down for a random while.
+    fn kill_one(&mut self) {
+        let running: Vec<usize> = (0..self.args.nodes)
+            .filter(|&i| self.slots[i].process.is_some())
+            .collect();
+        if running.is_empty() {
+            return;
         }
-        while printed < args.rounds
+        let victim = running[self.rng.range(0, running.len() as u64 - 1) as usize];
+        std::thread::sleep(Duration::from_millis(self.rng.range(0, 1500)));
+        let applied = read_records(&self.node_dir(victim).join("rounds.jsonl"))
+            .iter()
+            .map(|r| r.round + 1)
+            .max()
+            .unwrap_or(0);
+        if let Some(mut process) = self.slots[victim].process.take() {
+            let _ = process.child.kill();
+            let _ = process.child.wait();
+        }
+        let down = self.rng.range(1, self.args.max_down_s);
+        self.slots[victim].down_until = Some(Instant::now() + Duration::from_secs(down));
+        self.slots[victim].lifetimes.push(applied);
+        self.event(
+            victim,
+            format!("SIGKILL after it applied {applied} rounds; down {down} s"),
+        );
+    }
+
+    /// Prints each round once every running node has passed it.
+    fn print_finished_rounds(&mut self, records: &[Vec<RoundRecord>]) {
+        while self.printed < self.args.rounds
+            && records.iter().enumerate().all(|(i, r)| {
+                self.slots[i].process.is_none() || r.iter().any(|x| x.round >= self.printed)
+            })
             && records
                 .iter()
-                .enumerate()
-                .all(|(i, r)| slots[i].process.is_none() || r.iter().any(|x| x.round >= printed))
-            && records.iter().any(|r| r.iter().any(|x| x.round == printed))
+                .any(|r| r.iter().any(|x| x.round == self.printed))
         {
-            print_row(printed, &records);
-            printed += 1;
+            print_row(self.printed, records);
+            self.printed += 1;
         }
+    }
+
+    /// Node processes still running; a process that failed ends the soak with its log.
+    fn running(&mut self) -> anyhow::Result<usize> {
         let mut running = 0;
-        for slot in &mut slots {
+        for slot in &mut self.slots {
             let Some(process) = slot.process.as_mut() else {
                 continue;
             };
@@ -497,49 +625,12 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
                 Some(status) => anyhow::bail!(
                     "{} failed ({status}); see {}",
                     process.name,
-                    dir.join(format!("{}.log", process.name)).display()
+                    self.dir.join(format!("{}.log", process.name)).display()
                 ),
                 None => running += 1,
             }
         }
-        let pending = slots
-            .iter()
-            .any(|s| s.down_until.is_some() || s.lifetimes.is_empty());
-        if running == 0 && !pending {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the soak did not finish in {} minutes",
-            args.timeout_min
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    let records: Vec<Vec<RoundRecord>> = (0..args.nodes)
-        .map(|i| read_records(&node_dir(i).join("rounds.jsonl")))
-        .collect();
-    while printed < args.rounds {
-        print_row(printed, &records);
-        printed += 1;
-    }
-    let lifetimes: Vec<Vec<u64>> = slots.iter().map(|s| s.lifetimes.clone()).collect();
-    let report = verify(
-        &args,
-        &prepared.data,
-        &dir,
-        &records,
-        &lifetimes,
-        events,
-        seconds,
-    )?;
-    write_report(&dir, &report, &records)?;
-    println!("\nsoak report: {}", dir.join("summary.md").display());
-    if report.failures.is_empty() {
-        println!("soak passed: {}", summary_line(&report));
-        Ok(())
-    } else {
-        anyhow::bail!("soak failed:\n- {}", report.failures.join("\n- "))
+        Ok(running)
     }
 }
 

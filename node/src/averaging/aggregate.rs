@@ -331,6 +331,70 @@ pub fn norm_outliers(norms: &[f64], factor: f64) -> Vec<usize> {
         .collect()
 }
 
+/// One sender's delta offered to a round's aggregate, with the sample count it reported.
+#[derive(Debug, Clone, Copy)]
+pub struct Contribution<'a, S> {
+    pub sender: S,
+    pub samples: u64,
+    pub delta: &'a TensorSet,
+}
+
+/// What [`screen`] keeps of a round's contributions.
+#[derive(Debug)]
+pub struct Screened<'a, S> {
+    /// The kept deltas with their weights, in the order they were offered.
+    pub used: Vec<WeightedDelta<'a>>,
+    /// Who the kept deltas came from, in the order they were offered.
+    pub contributors: Vec<S>,
+    /// Who was left out as a norm outlier, with the delta's norm.
+    pub outliers: Vec<(S, f64)>,
+}
+
+/// The weighting and screening policy of a round, before [`aggregate`]:
+/// - a delta weighs its reported sample count (at least 1), capped at twice the median of the
+///   round's counts, so one peer cannot claim the whole average by reporting a huge count;
+/// - a delta whose L2 norm is above `outlier_factor` times the round's median norm is left out
+///   ([`norm_outliers`]: needs at least three deltas), so a scaled-up byzantine delta never
+///   reaches a mean.
+///
+/// The order of `contributions` is kept: every node must combine the same deltas in the same
+/// order to end on the same bits.
+pub fn screen<'a, S: Clone>(
+    contributions: &[Contribution<'a, S>],
+    outlier_factor: f64,
+) -> Screened<'a, S> {
+    let mut weights: Vec<f64> = contributions
+        .iter()
+        .map(|c| (c.samples as f64).max(1.0))
+        .collect();
+    let mut sorted = weights.clone();
+    sorted.sort_by(f64::total_cmp);
+    if let Some(median) = sorted.get(sorted.len() / 2).copied() {
+        for w in &mut weights {
+            *w = w.min(2.0 * median);
+        }
+    }
+    let norms: Vec<f64> = contributions.iter().map(|c| l2_norm(c.delta)).collect();
+    let outliers = norm_outliers(&norms, outlier_factor);
+    let mut screened = Screened {
+        used: Vec::with_capacity(contributions.len()),
+        contributors: Vec::with_capacity(contributions.len()),
+        outliers: Vec::with_capacity(outliers.len()),
+    };
+    for (i, (c, weight)) in contributions.iter().zip(weights).enumerate() {
+        if outliers.contains(&i) {
+            screened.outliers.push((c.sender.clone(), norms[i]));
+        } else {
+            screened.used.push(WeightedDelta {
+                weight,
+                delta: c.delta,
+            });
+            screened.contributors.push(c.sender.clone());
+        }
+    }
+    screened
+}
+
 /// Combines `deltas` (same layout) with `method`.
 pub fn aggregate(
     deltas: &[WeightedDelta<'_>],
@@ -720,6 +784,88 @@ pub fn relative_disagreement(models: &[TensorSet]) -> f64 {
 
 #[cfg(test)]
 mod tests {
+
+    fn constant(value: f32) -> TensorSet {
+        TensorSet::new(vec![
+            meshtune_protocol::Tensor::new("w", vec![4], vec![value; 4]).expect("tensor"),
+        ])
+        .expect("set")
+    }
+
+    #[test]
+    fn screening_caps_claimed_samples_at_twice_the_median() {
+        let (a, b, c) = (constant(1.0), constant(1.0), constant(1.0));
+        let offered = [
+            Contribution {
+                sender: "a",
+                samples: 100,
+                delta: &a,
+            },
+            Contribution {
+                sender: "b",
+                samples: 120,
+                delta: &b,
+            },
+            Contribution {
+                sender: "c",
+                samples: 1_000_000,
+                delta: &c,
+            },
+        ];
+        let screened = screen(&offered, 10.0);
+        let weights: Vec<f64> = screened.used.iter().map(|u| u.weight).collect();
+        assert_eq!(weights, [100.0, 120.0, 240.0]);
+        assert_eq!(screened.contributors, ["a", "b", "c"]);
+        assert!(screened.outliers.is_empty());
+        // A zero count still weighs one sample.
+        let zero = [Contribution {
+            sender: "z",
+            samples: 0,
+            delta: &a,
+        }];
+        assert_eq!(screen(&zero, 10.0).used[0].weight, 1.0);
+    }
+
+    #[test]
+    fn screening_leaves_out_norm_outliers_and_keeps_the_order() {
+        let (small, other, huge, last) =
+            (constant(1.0), constant(1.5), constant(100.0), constant(0.5));
+        let offered = [
+            Contribution {
+                sender: "small",
+                samples: 10,
+                delta: &small,
+            },
+            Contribution {
+                sender: "huge",
+                samples: 10,
+                delta: &huge,
+            },
+            Contribution {
+                sender: "other",
+                samples: 10,
+                delta: &other,
+            },
+            Contribution {
+                sender: "last",
+                samples: 10,
+                delta: &last,
+            },
+        ];
+        let screened = screen(&offered, 10.0);
+        assert_eq!(screened.contributors, ["small", "other", "last"]);
+        assert_eq!(screened.outliers.len(), 1);
+        assert_eq!(screened.outliers[0].0, "huge");
+        assert!(
+            (screened.outliers[0].1 - 200.0).abs() < 1e-9,
+            "{}",
+            screened.outliers[0].1
+        );
+        // Two deltas have no meaningful median: neither is screened.
+        let two = [offered[0], offered[1]];
+        assert_eq!(screen(&two, 10.0).contributors, ["small", "huge"]);
+    }
+
     use super::*;
 
     fn set(values: &[f32]) -> TensorSet {

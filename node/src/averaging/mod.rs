@@ -1,5 +1,14 @@
-//! Gossip averaging without I/O: the round state machine ([`round`]) and the arithmetic of
-//! combining deltas and applying them ([`aggregate`]).
+//! Gossip averaging without I/O: the all-to-all round state machine ([`round`]), the sparse
+//! gossip state machine ([`gossip`]) and the arithmetic of combining deltas and applying them
+//! ([`aggregate`]). Nothing here touches tokio, libp2p or burn: inputs are events and time,
+//! outputs are actions, tested on simulated time.
 
 pub mod aggregate;
+pub mod gossip;
 pub mod round;
+
+/// A peer's identity as the state machines see it: anything small, copyable and totally
+/// ordered (the node uses libp2p's `PeerId`; the tests use integers).
+pub trait PeerKey: Copy + Ord + std::hash::Hash + std::fmt::Debug + std::fmt::Display {}
+
+impl<T: Copy + Ord + std::hash::Hash + std::fmt::Debug + std::fmt::Display> PeerKey for T {}

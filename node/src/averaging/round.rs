@@ -38,8 +38,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use libp2p::PeerId;
 use meshtune_protocol::{BlobHash, ModelHash};
+
+use super::PeerKey;
 
 /// How a round decides it has heard enough.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,7 +111,7 @@ pub enum Phase {
 
 /// What happened.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Input {
+pub enum Input<P> {
     /// The coordinator published this node's delta for `round`, trained from `base`.
     LocalDeltaPublished { round: u64, base: ModelHash },
     /// Local training of `round` failed; the round completes on peers' deltas alone.
@@ -121,17 +122,17 @@ pub enum Input {
     LocalDeltaWithheld { round: u64 },
     /// A peer's manifest passed gossip validation.
     ManifestReceived {
-        sender: PeerId,
+        sender: P,
         round: u64,
         base: ModelHash,
         blob: BlobHash,
     },
     /// The delta of `sender` for `round` was fetched, verified and decoded.
-    DeltaReady { sender: PeerId, round: u64 },
+    DeltaReady { sender: P, round: u64 },
     /// Fetching or decoding it failed; `bad_data` when the peer sent invalid bytes (as
     /// opposed to timing out).
     DeltaFailed {
-        sender: PeerId,
+        sender: P,
         round: u64,
         bad_data: bool,
     },
@@ -140,37 +141,37 @@ pub enum Input {
     /// The connected peers of this mesh, by id: the round then knows whether a sender that
     /// was heard from is still among them (a blacklisted or departed sender is not counted
     /// twice when judging the quorum).
-    Peers(Vec<PeerId>),
+    Peers(Vec<P>),
     /// The aggregate of `round` was applied; the new base hashes to `new_base`.
     RoundApplied { round: u64, new_base: ModelHash },
     /// A verified state was adopted: the node is now at the start of `round` on `base`.
     StateSynced { round: u64, base: ModelHash },
     /// The state fetch failed.
-    SyncFailed { from: PeerId },
+    SyncFailed { from: P },
     /// Time passed.
     Tick,
 }
 
 /// What to do.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Action {
+pub enum Action<P> {
     /// Train round `round` from the model hashing to `base`.
     Train { round: u64, base: ModelHash },
     /// Fetch and decode `sender`'s delta for `round`.
-    Fetch { sender: PeerId, round: u64 },
+    Fetch { sender: P, round: u64 },
     /// Combine these deltas (`own` first if present, then peers sorted) and apply them.
     Aggregate {
         round: u64,
         own: bool,
-        peers: Vec<PeerId>,
+        peers: Vec<P>,
     },
     /// Fetch the latest state from `from`, expected at `round` or later.
-    SyncState { from: PeerId, round: u64 },
+    SyncState { from: P, round: u64 },
     /// Forget the stored deltas of rounds before `round`.
     Forget { before_round: u64 },
     /// Tell the network how to treat the peer's manifest.
     Judge {
-        sender: PeerId,
+        sender: P,
         round: u64,
         verdict: Verdict,
     },
@@ -222,8 +223,8 @@ struct Announced {
 
 /// The round state machine of one node.
 #[derive(Debug)]
-pub struct RoundMachine {
-    me: PeerId,
+pub struct RoundMachine<P> {
+    me: P,
     config: RoundConfig,
     round: u64,
     base: ModelHash,
@@ -233,23 +234,18 @@ pub struct RoundMachine {
     withheld: bool,
     peers: usize,
     /// The connected peers when known ([`Input::Peers`]); empty when only a count is known.
-    peer_set: std::collections::BTreeSet<PeerId>,
+    peer_set: std::collections::BTreeSet<P>,
     /// Manifests by round, then sender.
-    announced: BTreeMap<u64, BTreeMap<PeerId, Announced>>,
+    announced: BTreeMap<u64, BTreeMap<P, Announced>>,
     /// Recent arrival delays (seconds after collecting started), newest last.
     arrivals: std::collections::VecDeque<f64>,
     /// When the previous round started collecting (late manifests are timed from it).
     previous_since: Option<Instant>,
 }
 
-impl RoundMachine {
+impl<P: PeerKey> RoundMachine<P> {
     /// A node at the start of `round` on `base`; the first action trains it.
-    pub fn new(
-        me: PeerId,
-        round: u64,
-        base: ModelHash,
-        config: RoundConfig,
-    ) -> (Self, Vec<Action>) {
+    pub fn new(me: P, round: u64, base: ModelHash, config: RoundConfig) -> (Self, Vec<Action<P>>) {
         let machine = Self {
             me,
             config,
@@ -312,7 +308,7 @@ impl RoundMachine {
     }
 
     /// Processes one input.
-    pub fn handle(&mut self, now: Instant, input: Input) -> Vec<Action> {
+    pub fn handle(&mut self, now: Instant, input: Input<P>) -> Vec<Action<P>> {
         let mut actions = Vec::new();
         match input {
             Input::LocalDeltaPublished { round, base } => {
@@ -432,11 +428,11 @@ impl RoundMachine {
 
     fn on_manifest(
         &mut self,
-        sender: PeerId,
+        sender: P,
         round: u64,
         base: ModelHash,
         blob: BlobHash,
-        actions: &mut Vec<Action>,
+        actions: &mut Vec<Action<P>>,
     ) {
         if sender == self.me {
             return;
@@ -541,12 +537,12 @@ impl RoundMachine {
     /// the most nodes wins, ties to the smaller hash, so every node picks the same one and the
     /// mesh ends on one model. That fallback is where a liar can win: only when the honest
     /// nodes are themselves split with no majority (and always in a mesh of two).
-    fn check_base_majority(&mut self, actions: &mut Vec<Action>) {
+    fn check_base_majority(&mut self, actions: &mut Vec<Action<P>>) {
         let Some(manifests) = self.announced.get(&self.round) else {
             return;
         };
         let mesh = self.mesh_size(self.round);
-        let mut counts: BTreeMap<ModelHash, (usize, PeerId)> = BTreeMap::new();
+        let mut counts: BTreeMap<ModelHash, (usize, P)> = BTreeMap::new();
         for (peer, a) in manifests {
             counts.entry(a.base).or_insert((0, *peer)).0 += 1;
         }
@@ -578,7 +574,7 @@ impl RoundMachine {
         }
     }
 
-    fn set_fetch(&mut self, sender: PeerId, round: u64, state: Fetch) {
+    fn set_fetch(&mut self, sender: P, round: u64, state: Fetch) {
         if let Some(a) = self
             .announced
             .get_mut(&round)
@@ -589,7 +585,7 @@ impl RoundMachine {
         }
     }
 
-    fn start_round(&mut self, round: u64, base: ModelHash, actions: &mut Vec<Action>) {
+    fn start_round(&mut self, round: u64, base: ModelHash, actions: &mut Vec<Action<P>>) {
         self.round = round;
         self.base = base;
         self.phase = Phase::Training;
@@ -616,12 +612,12 @@ impl RoundMachine {
         self.check_base_majority(actions);
     }
 
-    fn check_complete(&mut self, now: Instant, actions: &mut Vec<Action>) {
+    fn check_complete(&mut self, now: Instant, actions: &mut Vec<Action<P>>) {
         let Phase::Collecting { since } = self.phase else {
             return;
         };
         let manifests = self.announced.get(&self.round);
-        let ready: Vec<PeerId> = manifests
+        let ready: Vec<P> = manifests
             .map(|m| {
                 m.iter()
                     .filter(|(_, a)| a.fetch == Fetch::Ready)
@@ -682,11 +678,11 @@ impl RoundMachine {
 /// the last round (a delta it could not fetch before its sender left) and must adopt that
 /// state, since no later round exists to bring it back.
 #[must_use]
-pub fn final_state_winner(
+pub fn final_state_winner<P: PeerKey>(
     own: ModelHash,
-    peers: &[(PeerId, ModelHash)],
-) -> Option<(PeerId, ModelHash, usize)> {
-    let mut counts: BTreeMap<ModelHash, (usize, Option<PeerId>)> = BTreeMap::new();
+    peers: &[(P, ModelHash)],
+) -> Option<(P, ModelHash, usize)> {
+    let mut counts: BTreeMap<ModelHash, (usize, Option<P>)> = BTreeMap::new();
     counts.insert(own, (1, None));
     for (peer, hash) in peers {
         let entry = counts.entry(*hash).or_insert((0, Some(*peer)));
@@ -708,13 +704,12 @@ pub fn final_state_winner(
 /// to the later round, then the smaller hash). A minority ahead is not followed (it may be
 /// lying about its round), the same rule as for manifests beyond the window.
 #[must_use]
-pub fn ahead_majority(round: u64, states: &[(PeerId, u64, ModelHash)]) -> Option<(PeerId, u64)> {
-    let ahead: Vec<&(PeerId, u64, ModelHash)> =
-        states.iter().filter(|(_, r, _)| *r > round).collect();
+pub fn ahead_majority<P: PeerKey>(round: u64, states: &[(P, u64, ModelHash)]) -> Option<(P, u64)> {
+    let ahead: Vec<&(P, u64, ModelHash)> = states.iter().filter(|(_, r, _)| *r > round).collect();
     if ahead.len() * 2 <= states.len() {
         return None;
     }
-    let mut counts: BTreeMap<(u64, ModelHash), (usize, PeerId)> = BTreeMap::new();
+    let mut counts: BTreeMap<(u64, ModelHash), (usize, P)> = BTreeMap::new();
     for (peer, r, hash) in ahead {
         counts.entry((*r, *hash)).or_insert((0, *peer)).0 += 1;
     }
@@ -728,12 +723,33 @@ pub fn ahead_majority(round: u64, states: &[(PeerId, u64, ModelHash)]) -> Option
 mod tests {
     use super::*;
 
+    /// Test peers: distinct, ordered integers (the machine needs nothing more of an id).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+    struct PeerId(u64);
+
+    impl std::fmt::Display for PeerId {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "peer-{}", self.0)
+        }
+    }
+
+    impl PeerId {
+        fn random() -> Self {
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+            PeerId(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+        }
+    }
+
+    type Input = super::Input<PeerId>;
+    type Action = super::Action<PeerId>;
+    type RoundMachine = super::RoundMachine<PeerId>;
+
     #[test]
     fn a_node_catches_up_only_when_most_peers_are_ahead() {
         let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
         // Everyone where this node is, or behind: nothing to do.
         assert_eq!(ahead_majority(2, &[(a, 2, hash(1)), (b, 1, hash(2))]), None);
-        assert_eq!(ahead_majority(2, &[]), None);
+        assert_eq!(ahead_majority::<PeerId>(2, &[]), None);
         // One of three ahead (maybe lying): not followed; half is not a majority either.
         assert_eq!(
             ahead_majority(2, &[(a, 9, hash(1)), (b, 2, hash(2)), (c, 2, hash(2))]),
@@ -1532,7 +1548,7 @@ mod tests {
             None
         );
         // Nobody reported: stay.
-        assert_eq!(final_state_winner(hash(5), &[]), None);
+        assert_eq!(final_state_winner::<PeerId>(hash(5), &[]), None);
         // A tie goes to the smaller hash, from either side.
         assert_eq!(
             final_state_winner(hash(9), &[(a, hash(5))]),

@@ -7,8 +7,8 @@ use meshtune_model::generate::{GenerationConfig, generate};
 use meshtune_model::rouge::mean_f_scores;
 use meshtune_model::score::{Seq2SeqBatch, score_batch};
 
-use crate::cli::DataArgs;
 use crate::commands::examples;
+use crate::commands::examples::DataArgs;
 use crate::dispatch;
 
 #[derive(Debug, Args)]

@@ -1,13 +1,14 @@
 //! Shared by `score` and `generate`: load the model folder and the examples, tokenize, and
 //! report progress.
 
+use crate::device::DeviceChoice;
 use anyhow::Context;
 use burn::tensor::backend::Backend;
+use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use meshtune_model::data::{SamsumRecord, load_samsum};
 use meshtune_model::pretrained::Pretrained;
-
-use crate::cli::DataArgs;
+use std::path::PathBuf;
 
 /// A model folder plus tokenized examples.
 pub struct LoadedExamples<B: Backend> {
@@ -54,4 +55,33 @@ pub fn progress(len: usize, what: &str) -> ProgressBar {
     bar.set_style(style);
     bar.set_message(what.to_string());
     bar
+}
+
+/// Where the model and the examples come from.
+#[derive(Debug, Args, Clone)]
+pub struct DataArgs {
+    /// HF T5 folder: config.json, model.safetensors (or sharded index), tokenizer.json.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Samsum examples: JSONL or a JSON array with `id`, `dialogue`, `summary`.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Text put before each dialogue.
+    #[arg(long, default_value = "summarize: ")]
+    pub prefix: String,
+    /// tokenizer.json to use instead of MODEL/tokenizer.json.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Truncate sources to this many tokens (including `</s>`); no truncation by default.
+    #[arg(long)]
+    pub max_source_len: Option<usize>,
+    /// Examples per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceChoice,
+    /// One JSON object per line on stdout.
+    #[arg(long)]
+    pub json: bool,
 }

@@ -3,9 +3,10 @@
 use burn::tensor::backend::Backend;
 use meshtune_model::generate::{EarlyStopping, GenerationConfig, generate};
 
-use crate::cli::GenerateArgs;
 use crate::commands::examples;
+use crate::commands::examples::DataArgs;
 use crate::dispatch;
+use clap::Args;
 
 /// `--early-stopping false|true|never`, as HF's `early_stopping`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -66,4 +67,21 @@ fn generate_on<B: Backend>(device: B::Device, args: &GenerateArgs) -> anyhow::Re
     }
     bar.finish_and_clear();
     Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// 1 = greedy.
+    #[arg(long, default_value_t = 1)]
+    pub num_beams: usize,
+    /// Beam score = log-prob / length^length_penalty.
+    #[arg(long, default_value_t = 1.0)]
+    pub length_penalty: f32,
+    /// false (HF default heuristic), true, or never.
+    #[arg(long, default_value = "false")]
+    pub early_stopping: EarlyStoppingArg,
 }

@@ -6,7 +6,7 @@
 //! The memory figures come from `meshtune_model::flops::training_memory` only; this module
 //! chooses the shapes and budgets and prints, it does not model memory itself.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
@@ -18,8 +18,7 @@ use meshtune_model::backend::Cpu;
 use meshtune_model::pretrained::Pretrained;
 use meshtune_model::weights::{ExportDtype, export_hf_folder};
 
-use crate::cli::{ModelExportArgs, ModelInfoArgs};
-use crate::commands::train::TrainConfig;
+use crate::trainer::TrainConfig;
 
 /// `meshtune model export`: read a folder, write config.json, model.safetensors, tokenizer.json.
 pub fn export(args: ModelExportArgs) -> anyhow::Result<()> {
@@ -408,4 +407,27 @@ mod tests {
             .collect();
         assert!(totals.windows(2).all(|w| w[0] < w[1]), "{totals:?}");
     }
+}
+
+#[derive(Debug, Args)]
+pub struct ModelExportArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// On-disk precision: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ModelInfoArgs {
+    /// flan-t5-small, flan-t5-base, flan-t5-large, flan-t5-xl.
+    #[arg(long, conflicts_with = "model")]
+    pub preset: Option<String>,
+    /// A HF T5 folder (reads config.json only).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub memory: MemoryArgs,
 }

@@ -7,12 +7,13 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
+use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use meshtune_bootstrap::PeerAddr;
 use meshtune_bootstrap::behaviour::MeshId;
@@ -23,17 +24,17 @@ use meshtune_bootstrap::transport::{self, TransportConfig, is_quic};
 use meshtune_model::data::load_samsum;
 use meshtune_model::t5::T5;
 use meshtune_protocol::{CodecParams, Limits};
-use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::averaging::aggregate::{Aggregation, OuterOptimizer};
 use crate::averaging::round::RoundConfig;
-use crate::commands::train::{TrainConfig, initial_model, model_config_and_tokenizer};
-use crate::coordinator::metrics::NodeMetrics;
-use crate::coordinator::{self, CoordinatorConfig, Misbehaviour, RunSummary, Topology};
+use crate::coordinator::{CoordinatorConfig, Misbehaviour, RunSummary, Topology};
 use crate::device::DeviceChoice;
-use crate::network::{self, NetworkConfig, store::BlobStore};
+use crate::network::{self, NetworkConfig};
+use crate::node::{Node, NodeConfig};
+use crate::trainer::TrainConfig;
+use crate::trainer::model::{initial_model, model_config_and_tokenizer};
 use crate::trainer::{T5Trainer, TrainerHandle};
 
 #[derive(Debug, Args)]
@@ -372,18 +373,57 @@ async fn run_async(args: NodeArgs) -> anyhow::Result<RunSummary> {
     let (settings, train_config) = resolve(&args)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
+    let keypair = load_identity(&args)?;
+    let (transport_config, listen) = transport_settings(&args)?;
+    let trainer = start_trainer(&args, &train_config)?;
+    let topology: Topology = settings.topology.parse()?;
+    let transport = transport::network_transport(&keypair, &transport_config)?;
+    let node = Node::spawn(NodeConfig {
+        keypair,
+        transport,
+        network: network_config(&args, &settings, listen, topology)?,
+        coordinator: coordinator_config(&args, &settings, topology)?,
+        trainer,
+        max_state_uploads: Some(settings.max_state_uploads),
+        shutdown: CancellationToken::new(),
+    })?;
+    if let Some(addr) = args.metrics {
+        let server = MetricsServer::bind(addr, Arc::clone(&node.registry)).await?;
+        tracing::info!(addr = %format!("http://{}/metrics", server.local_addr()), "serving metrics");
+        tokio::spawn(server.serve(node.shutdown.child_token()));
+    }
+    let shutdown = node.shutdown.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::info!("interrupted: stopping after the current step");
+            shutdown.cancel();
+        }
+    });
+    if let Some(path) = args.deny_file.clone() {
+        let (client, shutdown) = (node.client.clone(), node.shutdown.child_token());
+        tokio::spawn(watch_deny_file(path, client, shutdown));
+    }
+    Ok(node.join().await?)
+}
+
+/// The node's key pair from `--key-file` (default `OUT/node.key`), created on first use.
+fn load_identity(args: &NodeArgs) -> anyhow::Result<Keypair> {
     let key_file = args
         .key_file
         .clone()
         .unwrap_or_else(|| args.out.join("node.key"));
     let (keypair, origin) = identity::load_or_create(&key_file)?;
-    let peer_id = keypair.public().to_peer_id();
     tracing::info!(
-        peer = %peer_id,
+        peer = %keypair.public().to_peer_id(),
         path = %key_file.display(),
         created = origin == KeyOrigin::Created,
         "identity"
     );
+    Ok(keypair)
+}
+
+/// The transport (private key, QUIC, link shaping) and the addresses to listen on.
+fn transport_settings(args: &NodeArgs) -> anyhow::Result<(TransportConfig, Vec<Multiaddr>)> {
     let psk = args
         .psk_file
         .as_deref()
@@ -402,12 +442,6 @@ async fn run_async(args: NodeArgs) -> anyhow::Result<RunSummary> {
     if !link.is_unlimited() {
         tracing::info!(link = %link, "shaping every TCP connection (QUIC is off)");
     }
-    let misbehave = args
-        .byzantine
-        .as_deref()
-        .map(str::parse::<Misbehaviour>)
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("invalid --byzantine: {e}"))?;
     let transport_config = TransportConfig {
         psk,
         quic: !args.no_quic,
@@ -433,52 +467,55 @@ async fn run_async(args: NodeArgs) -> anyhow::Result<RunSummary> {
         });
         anyhow::ensure!(!listen.is_empty(), "no TCP listen address left");
     }
+    Ok((transport_config, listen))
+}
 
-    let trainer = match (args.device, train_config.activation_checkpointing) {
-        (DeviceChoice::Cpu, false) => build_trainer::<meshtune_model::backend::CpuTrain>(
-            Default::default(),
-            &args,
-            &train_config,
-        )?,
+/// The trainer thread on the chosen device and backend.
+fn start_trainer(args: &NodeArgs, config: &TrainConfig) -> anyhow::Result<TrainerHandle> {
+    match (args.device, config.activation_checkpointing) {
+        (DeviceChoice::Cpu, false) => {
+            build_trainer::<meshtune_model::backend::CpuTrain>(Default::default(), args, config)
+        }
         (DeviceChoice::Cpu, true) => {
             build_trainer::<meshtune_model::backend::CpuTrainCheckpointed>(
                 Default::default(),
-                &args,
-                &train_config,
-            )?
+                args,
+                config,
+            )
         }
         #[cfg(feature = "cuda")]
         (DeviceChoice::Cuda(index), false) => build_trainer::<meshtune_model::backend::CudaTrain>(
             burn::backend::cuda::CudaDevice::new(index),
-            &args,
-            &train_config,
-        )?,
+            args,
+            config,
+        ),
         #[cfg(feature = "cuda")]
         (DeviceChoice::Cuda(index), true) => {
             build_trainer::<meshtune_model::backend::CudaTrainCheckpointed>(
                 burn::backend::cuda::CudaDevice::new(index),
-                &args,
-                &train_config,
-            )?
+                args,
+                config,
+            )
         }
         #[cfg(not(feature = "cuda"))]
         (DeviceChoice::Cuda(_), _) => anyhow::bail!(
             "this meshtune was built without CUDA: rebuild with `cargo build --release --features cuda`"
         ),
-    };
-    let layout = Arc::new(trainer.weights().await?.layout());
+    }
+}
 
-    let mesh = MeshId::new(&settings.mesh)?;
-    let topology: Topology = settings
-        .topology
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!(e))?;
-    let limits = Limits::default();
-    let mut network_config = NetworkConfig::new(mesh);
+/// The network settings: mesh, addresses, bootstrap peers, timeouts, NAT traversal.
+fn network_config(
+    args: &NodeArgs,
+    settings: &MeshSettings,
+    listen: Vec<Multiaddr>,
+    topology: Topology,
+) -> anyhow::Result<NetworkConfig> {
+    let mut network_config = NetworkConfig::new(MeshId::new(&settings.mesh)?);
     network_config.listen = listen;
     network_config.bootstrap = args.bootstrap.clone();
     network_config.external = args.external.clone();
-    network_config.limits = limits.clone();
+    network_config.limits = Limits::default();
     network_config.request_timeout = Duration::from_secs_f64(settings.request_timeout_s);
     network_config.max_requests_per_peer_per_s = settings.max_requests_per_peer_per_s;
     network_config.relay_client = args.relay_client || !args.relay.is_empty();
@@ -488,48 +525,22 @@ async fn run_async(args: NodeArgs) -> anyhow::Result<RunSummary> {
     network_config.autonat = args.autonat;
     network_config.mdns = args.mdns;
     network_config.dial_discovered_below = topology.dial_discovered_below();
+    Ok(network_config)
+}
 
-    let mut registry = Registry::default();
-    let metrics = NodeMetrics::new(&mut registry);
-    let store = Arc::new(Mutex::new(BlobStore::with_max_state_uploads(
-        settings.max_state_uploads,
-    )));
-    let shutdown = CancellationToken::new();
-    let net_transport = transport::network_transport(&keypair, &transport_config)?;
-    let running = network::start(
-        &keypair,
-        net_transport,
-        network_config,
-        layout,
-        Arc::clone(&store),
-        &mut registry,
-        shutdown.child_token(),
-    )?;
-    let registry = Arc::new(registry);
-    metrics.attach_registry(Arc::clone(&registry));
-    if let Some(addr) = args.metrics {
-        let server = MetricsServer::bind(addr, Arc::clone(&registry)).await?;
-        tracing::info!(addr = %format!("http://{}/metrics", server.local_addr()), "serving metrics");
-        tokio::spawn(server.serve(shutdown.child_token()));
-    }
-    {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                tracing::info!("interrupted: stopping after the current step");
-                shutdown.cancel();
-            }
-        });
-    }
-    if let Some(path) = args.deny_file.clone() {
-        tokio::spawn(watch_deny_file(
-            path,
-            running.client.clone(),
-            shutdown.child_token(),
-        ));
-    }
+/// The round settings: codec, aggregation, outer step, deadlines, energy reader.
+fn coordinator_config(
+    args: &NodeArgs,
+    settings: &MeshSettings,
+    topology: Topology,
+) -> anyhow::Result<CoordinatorConfig> {
     let mut config = CoordinatorConfig::new(&settings.mesh, args.out.clone());
-    config.misbehave = misbehave;
+    config.misbehave = args
+        .byzantine
+        .as_deref()
+        .map(str::parse::<Misbehaviour>)
+        .transpose()
+        .context("invalid --byzantine")?;
     let reader = crate::energy::detect(args.power).map_err(|e| anyhow::anyhow!(e))?;
     tracing::info!(reader = reader.name(), "power reader");
     config.energy = Some(crate::energy::EnergyMeter::start(
@@ -562,25 +573,11 @@ async fn run_async(args: NodeArgs) -> anyhow::Result<RunSummary> {
     } else {
         0
     };
-    config.limits = limits;
     config.wait_for_peers = settings.wait_for_peers;
     config.wait_timeout = Duration::from_secs_f64(settings.wait_timeout_s);
     config.linger_quiet = Duration::from_secs_f64(settings.linger_quiet_s);
     config.stream_state_bytes = settings.stream_state_mib.saturating_mul(1 << 20);
-    let summary = coordinator::run(
-        config,
-        peer_id,
-        trainer,
-        running.client,
-        running.events,
-        store,
-        metrics,
-        shutdown.clone(),
-    )
-    .await;
-    shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(5), running.task).await;
-    summary
+    Ok(config)
 }
 
 /// Peer ids in a deny file: one per line, blank lines and `#` comments ignored.

@@ -3,9 +3,10 @@
 use burn::tensor::backend::Backend;
 use meshtune_model::score::{Seq2SeqBatch, score_batch};
 
-use crate::cli::ScoreArgs;
 use crate::commands::examples;
+use crate::commands::examples::DataArgs;
 use crate::dispatch;
+use clap::Args;
 
 pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
     dispatch!(args.data.device, score_on(&args))
@@ -64,4 +65,13 @@ fn score_on<B: Backend>(device: B::Device, args: &ScoreArgs) -> anyhow::Result<(
         println!("mean token loss {mean:.5} over {total_tokens} tokens");
     }
     Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Truncate targets to this many tokens (including `</s>`); no truncation by default.
+    #[arg(long)]
+    pub max_target_len: Option<usize>,
 }

@@ -9,27 +9,25 @@ use std::time::Instant;
 
 use anyhow::Context;
 use burn::module::AutodiffModule;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use meshtune_model::checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint};
-use meshtune_model::config::{Preset, T5Config};
-use meshtune_model::data::{SamsumRecord, load_samsum};
+use meshtune_model::data::load_samsum;
 use meshtune_model::flops::{device_peak, mfu, train_flops_per_step, training_memory};
-use meshtune_model::generate::{GenerationConfig, generate};
-use meshtune_model::lora::{LoraConfig, PeftInit, attach_lora, merge_lora};
-use meshtune_model::optim::{AdafactorConfig, AdamWConfig, OptimizerKind, ScheduleKind};
-use meshtune_model::precision::{Precision, PrecisionChoice};
-use meshtune_model::rouge::mean_f_scores;
-use meshtune_model::score::{Seq2SeqBatch, score_batch};
+use meshtune_model::lora::{PeftInit, attach_lora, merge_lora};
+use meshtune_model::precision::PrecisionChoice;
 use meshtune_model::t5::T5;
-use meshtune_model::tokenizer::T5Tokenizer;
-use meshtune_model::train::{StepConfig, TrainState};
-use meshtune_model::weights::{ExportDtype, RandomInit, SafetensorsSource, export_hf_folder};
+use meshtune_model::train::TrainState;
+use meshtune_model::weights::{ExportDtype, export_hf_folder};
 use serde::{Deserialize, Serialize};
 
-use crate::device::{DeviceChoice, device_info};
+use crate::device::DeviceChoice;
 use crate::plot::{Series, write_line_chart};
+use crate::trainer::TrainConfig;
+use crate::trainer::data::{epoch_batches, to_batch, tokenize};
+use crate::trainer::eval::evaluate;
+use crate::trainer::model::{initial_model, model_config_and_tokenizer};
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -84,227 +82,6 @@ pub struct TrainArgs {
     /// jetson-agx-orin-64gb, jetson-agx-orin-32gb, jetson-orin-nx-16gb, a100-sxm, h100-sxm, h200-sxm.
     #[arg(long)]
     pub device_peak: Option<String>,
-}
-
-/// Everything that shapes a run; `train.toml` sets any subset of it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct TrainConfig {
-    pub steps: usize,
-    pub batch_size: usize,
-    pub grad_accum: usize,
-    pub lr: f64,
-    pub weight_decay: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub warmup_steps: usize,
-    pub schedule: ScheduleKind,
-    pub max_grad_norm: Option<f64>,
-    pub seed: u64,
-    pub prefix: String,
-    pub source_max_len: usize,
-    pub target_max_len: usize,
-    pub eval_every: usize,
-    pub eval_examples: usize,
-    pub eval_max_new_tokens: usize,
-    pub checkpoint_every: usize,
-    pub keep_checkpoints: usize,
-    pub lora: LoraConfig,
-    /// Compute dtype of the matrix products: `auto` (from the device: bf16 on compute
-    /// capability >= 8.0, fp16 with loss scaling on 5.3-7.x, f32 on CPU), `f32`, `bf16`,
-    /// `fp16`. Master weights and optimizer state are f32 in every case.
-    pub precision: PrecisionChoice,
-    /// Recompute element-wise activations in the backward pass instead of keeping them
-    /// (burn's balanced checkpointing): -16% peak memory, +6% step time on flan-t5-small.
-    pub activation_checkpointing: bool,
-    /// `adamw` (the `beta1`, `beta2`, `eps`, `weight_decay` above) or `adafactor` (the
-    /// `[adafactor]` table: HF's Adafactor, factored second moments, what T5 was trained with).
-    pub optimizer: OptimizerName,
-    pub adafactor: AdafactorConfig,
-}
-
-/// `optimizer = "adamw" | "adafactor"` in train.toml.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum OptimizerName {
-    #[default]
-    AdamW,
-    Adafactor,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        Self {
-            steps: 1000,
-            batch_size: 16,
-            grad_accum: 1,
-            lr: 1e-3,
-            weight_decay: 0.01,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            warmup_steps: 50,
-            schedule: ScheduleKind::Linear,
-            max_grad_norm: Some(1.0),
-            seed: 42,
-            prefix: "summarize: ".into(),
-            source_max_len: 512,
-            target_max_len: 128,
-            eval_every: 100,
-            eval_examples: 100,
-            eval_max_new_tokens: 48,
-            checkpoint_every: 100,
-            keep_checkpoints: 2,
-            lora: LoraConfig::default(),
-            precision: PrecisionChoice::Auto,
-            activation_checkpointing: false,
-            optimizer: OptimizerName::AdamW,
-            adafactor: AdafactorConfig::default(),
-        }
-    }
-}
-
-impl TrainConfig {
-    pub fn validate(&self) -> anyhow::Result<()> {
-        for (name, value) in [
-            ("steps", self.steps),
-            ("batch_size", self.batch_size),
-            ("grad_accum", self.grad_accum),
-            ("eval_every", self.eval_every),
-            ("checkpoint_every", self.checkpoint_every),
-            ("source_max_len", self.source_max_len),
-            ("target_max_len", self.target_max_len),
-        ] {
-            if value == 0 {
-                anyhow::bail!("train config: `{name}` must be at least 1");
-            }
-        }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            anyhow::bail!(
-                "train config: `lr` must be a positive number, got {}",
-                self.lr
-            );
-        }
-        Ok(())
-    }
-
-    /// Replaces `auto` with the precision `device` calls for, and logs the choice and why.
-    pub fn resolve_precision(&mut self, device: DeviceChoice) -> Precision {
-        let (precision, reason) =
-            meshtune_model::precision::resolve_precision(self.precision, &device_info(device));
-        tracing::info!(%precision, reason, "training precision");
-        self.precision = PrecisionChoice::Fixed(precision);
-        precision
-    }
-
-    /// The step arithmetic; an unresolved `auto` precision is f32 (the CPU choice).
-    pub fn step_config(&self) -> StepConfig {
-        StepConfig {
-            lr: self.lr,
-            adamw: AdamWConfig {
-                beta1: self.beta1,
-                beta2: self.beta2,
-                eps: self.eps,
-                weight_decay: self.weight_decay,
-            },
-            schedule: self.schedule,
-            warmup_steps: self.warmup_steps,
-            total_steps: self.steps,
-            max_grad_norm: self.max_grad_norm,
-            precision: match self.precision {
-                PrecisionChoice::Auto => Precision::F32,
-                PrecisionChoice::Fixed(p) => p,
-            },
-            optimizer: match self.optimizer {
-                OptimizerName::AdamW => OptimizerKind::AdamW,
-                OptimizerName::Adafactor => OptimizerKind::Adafactor(self.adafactor),
-            },
-        }
-    }
-}
-
-/// A tokenized example.
-#[derive(Debug, Clone)]
-pub struct TokenizedExample {
-    pub source: Vec<u32>,
-    pub target: Vec<u32>,
-}
-
-/// Deterministic order of the batches of epoch `epoch`: shuffle by `seed + epoch`, sort windows
-/// of 50 batches' worth of examples by source length (length bucketing keeps padding small),
-/// cut into batches, shuffle the batches.
-pub fn epoch_batches(
-    examples: &[TokenizedExample],
-    batch_size: usize,
-    seed: u64,
-    epoch: u64,
-) -> Vec<Vec<usize>> {
-    let mut rng = SplitMix64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let mut order: Vec<usize> = (0..examples.len()).collect();
-    shuffle(&mut order, &mut rng);
-    let window = batch_size * 50;
-    let mut batches = Vec::new();
-    for chunk in order.chunks_mut(window) {
-        chunk.sort_by_key(|&i| (examples[i].source.len(), i));
-        batches.extend(chunk.chunks(batch_size).map(<[usize]>::to_vec));
-    }
-    shuffle(&mut batches, &mut rng);
-    batches
-}
-
-/// splitmix64: tiny, seedable, identical everywhere.
-pub struct SplitMix64(pub u64);
-
-impl SplitMix64 {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
-
-fn shuffle<T>(items: &mut [T], rng: &mut SplitMix64) {
-    for i in (1..items.len()).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        items.swap(i, j);
-    }
-}
-
-pub fn tokenize(
-    records: &[SamsumRecord],
-    tokenizer: &T5Tokenizer,
-    config: &TrainConfig,
-) -> anyhow::Result<Vec<TokenizedExample>> {
-    records
-        .iter()
-        .map(|r| {
-            Ok(TokenizedExample {
-                source: tokenizer.encode(
-                    &format!("{}{}", config.prefix, r.dialogue),
-                    Some(config.source_max_len),
-                )?,
-                target: tokenizer.encode(&r.summary, Some(config.target_max_len))?,
-            })
-        })
-        .collect()
-}
-
-pub fn to_batch(
-    examples: &[TokenizedExample],
-    rows: &[usize],
-    model: &T5Config,
-) -> anyhow::Result<Seq2SeqBatch> {
-    let sources: Vec<Vec<u32>> = rows.iter().map(|&i| examples[i].source.clone()).collect();
-    let targets: Vec<Vec<u32>> = rows.iter().map(|&i| examples[i].target.clone()).collect();
-    Ok(Seq2SeqBatch::new(
-        &sources,
-        &targets,
-        model.pad_token_id,
-        model.decoder_start_id(),
-    )?)
 }
 
 /// One row of metrics.csv.
@@ -384,50 +161,6 @@ fn load_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     config.resolve_precision(args.device);
     config.validate()?;
     Ok(config)
-}
-
-/// The model's config and tokenizer from `--model DIR` (its `config.json`, and
-/// `DIR/tokenizer.json` unless `--tokenizer` is given) or `--preset NAME` (needs `--tokenizer`),
-/// checked against each other. Shared by `meshtune train` and `meshtune node`.
-pub fn model_config_and_tokenizer(
-    model: Option<&Path>,
-    preset: Option<&str>,
-    tokenizer: Option<&Path>,
-) -> anyhow::Result<(T5Config, T5Tokenizer)> {
-    let (config, tokenizer_path) = match (model, preset) {
-        (Some(dir), _) => (
-            T5Config::from_file(&dir.join("config.json"))?,
-            tokenizer.map_or_else(|| dir.join("tokenizer.json"), Path::to_path_buf),
-        ),
-        (None, Some(preset)) => (
-            preset.parse::<Preset>()?.config(),
-            tokenizer
-                .context("--preset needs --tokenizer FILE")?
-                .to_path_buf(),
-        ),
-        (None, None) => anyhow::bail!("give --model DIR or --preset NAME"),
-    };
-    let tokenizer = T5Tokenizer::from_file(&tokenizer_path)?;
-    tokenizer.check_fits_model(config.vocab_size)?;
-    Ok((config, tokenizer))
-}
-
-/// The starting model: the weights in `model_dir`, or random weights from `seed` (with
-/// `random_init` or a preset). Also seeds the backend generator (dropout) with `seed`.
-pub fn initial_model<B: Backend>(
-    config: &T5Config,
-    model_dir: Option<&Path>,
-    random_init: bool,
-    seed: u64,
-    device: &B::Device,
-) -> anyhow::Result<T5<B>> {
-    B::seed(device, seed);
-    Ok(match (model_dir, random_init) {
-        (Some(dir), false) => {
-            T5::from_source(config, &mut SafetensorsSource::<B>::open(dir, device)?)?
-        }
-        _ => T5::from_source(config, &mut RandomInit::<B>::new(config, device, seed))?,
-    })
 }
 
 pub fn mem_available_gib() -> Option<f64> {
@@ -715,44 +448,6 @@ fn train_on<B: AutodiffBackend>(
     Ok(())
 }
 
-/// Eval loss (token mean) and mean ROUGE F (1, 2, L) of greedy summaries.
-pub fn evaluate<B: Backend>(
-    model: &T5<B>,
-    config: &T5Config,
-    tokenizer: &T5Tokenizer,
-    eval: &[TokenizedExample],
-    records: &[SamsumRecord],
-    train: &TrainConfig,
-) -> anyhow::Result<(f64, (f64, f64, f64))> {
-    let count = eval.len().min(train.eval_examples.max(1));
-    let mut nll = 0.0;
-    let mut tokens = 0usize;
-    let mut predictions = Vec::with_capacity(count);
-    let generation = GenerationConfig::for_model(config, train.eval_max_new_tokens, 1);
-    let rows: Vec<usize> = (0..count).collect();
-    for chunk in rows.chunks(train.batch_size.max(1)) {
-        let batch = to_batch(eval, chunk, config)?;
-        for loss in score_batch(model, &batch)? {
-            nll += loss.loss * loss.tokens as f64;
-            tokens += loss.tokens;
-        }
-        let sources: Vec<Vec<u32>> = chunk.iter().map(|&i| eval[i].source.clone()).collect();
-        for out in generate(model, &sources, &generation)? {
-            predictions.push(tokenizer.decode(&out.token_ids)?);
-        }
-    }
-    let scores = mean_f_scores(
-        predictions
-            .iter()
-            .map(String::as_str)
-            .zip(records.iter().take(count).map(|r| r.summary.as_str())),
-    );
-    Ok((
-        nll / tokens.max(1) as f64,
-        (scores.rouge1, scores.rouge2, scores.rouge_l),
-    ))
-}
-
 fn append_metric(path: &Path, row: &MetricRow) -> anyhow::Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .create(true)
@@ -817,97 +512,4 @@ fn write_reports(out: &Path, rows: &[MetricRow]) -> anyhow::Result<()> {
         ],
     )?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_optimizer_is_chosen_in_train_toml() {
-        let config: TrainConfig =
-            toml::from_str("optimizer = \"adafactor\"\n[adafactor]\nbeta1 = 0.9\n").expect("toml");
-        match config.step_config().optimizer {
-            OptimizerKind::Adafactor(a) => {
-                assert_eq!(a.beta1, Some(0.9));
-                assert!(a.scale_parameter && !a.relative_step);
-            }
-            other => panic!("{other:?}"),
-        }
-        assert_eq!(
-            TrainConfig::default().step_config().optimizer,
-            OptimizerKind::AdamW
-        );
-        let err = toml::from_str::<TrainConfig>("optimizer = \"sgd\"").expect_err("unknown");
-        assert!(err.to_string().contains("sgd"), "{err}");
-        let err = toml::from_str::<TrainConfig>("[adafactor]\nbeta = 0.9").expect_err("typo");
-        assert!(err.to_string().contains("beta"), "{err}");
-    }
-
-    fn examples(n: usize) -> Vec<TokenizedExample> {
-        (0..n)
-            .map(|i| TokenizedExample {
-                source: vec![5; 1 + (i * 7) % 23],
-                target: vec![6; 2],
-            })
-            .collect()
-    }
-
-    #[test]
-    fn batches_are_deterministic_and_cover_every_example_once() {
-        let ex = examples(103);
-        let a = epoch_batches(&ex, 8, 7, 0);
-        assert_eq!(a, epoch_batches(&ex, 8, 7, 0));
-        assert_ne!(a, epoch_batches(&ex, 8, 7, 1));
-        let mut seen: Vec<usize> = a.concat();
-        seen.sort_unstable();
-        assert_eq!(seen, (0..103).collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn bucketing_reduces_padding() {
-        let ex = examples(400);
-        let padded = |batches: &[Vec<usize>]| -> usize {
-            batches
-                .iter()
-                .map(|b| {
-                    let max = b.iter().map(|&i| ex[i].source.len()).max().unwrap_or(0);
-                    b.iter().map(|&i| max - ex[i].source.len()).sum::<usize>()
-                })
-                .sum()
-        };
-        let bucketed = epoch_batches(&ex, 8, 1, 0);
-        let mut rng = SplitMix64(1);
-        let mut order: Vec<usize> = (0..400).collect();
-        shuffle(&mut order, &mut rng);
-        let plain: Vec<Vec<usize>> = order.chunks(8).map(<[usize]>::to_vec).collect();
-        assert!(
-            padded(&bucketed) * 3 < padded(&plain),
-            "{} vs {}",
-            padded(&bucketed),
-            padded(&plain)
-        );
-    }
-
-    #[test]
-    fn config_file_errors_name_the_key() {
-        let err = toml::from_str::<TrainConfig>("stepz = 3").expect_err("unknown key");
-        assert!(err.to_string().contains("stepz"), "{err}");
-        let config: TrainConfig = toml::from_str(
-            "steps = 7\n[lora]\nrank = 4\nalpha = 8.0\ndropout = 0.0\ntargets = [\"q\", \"v\"]",
-        )
-        .expect("valid");
-        assert_eq!(config.steps, 7);
-        assert_eq!(config.lora.rank, 4);
-        let bad = TrainConfig {
-            batch_size: 0,
-            ..TrainConfig::default()
-        };
-        assert!(
-            bad.validate()
-                .expect_err("zero")
-                .to_string()
-                .contains("batch_size")
-        );
-    }
 }

@@ -1,6 +1,22 @@
 //! The node's Prometheus metrics (served at `/metrics` with libp2p's swarm metrics), and the
 //! wire byte counters read back for per-round records.
 //!
+//! **Metrics** (`--metrics ADDR`): `meshtune_round`, `…_train_loss`, `…_eval_loss`,
+//! `…_eval_rouge_l`, `…_round_seconds`, `…_mesh_peers`, `…_deltas_used`,
+//! `…_payload_bytes_total{kind=delta_in|delta_out|state_in}`, `…_served_bytes_total{kind}`,
+//! `…_rejected_total{reason}` (deltas), `…_gossip_rejected_total{reason}` (manifests),
+//! `…_peer_strikes_total{reason}`, `…_blacklisted_peers`, `…_round_energy_joules{kind}`,
+//! `…_tokens_per_s_per_w`, `…_granularity`, `…_final_state_adopted_total`,
+//! `…_lineage_merges_total`, `…_wire_bytes_total{protocol,direction}` (substream bytes by
+//! application protocol: blobs, kad, identify, ping, gossipsub, ...; `rounds.jsonl` has the
+//! round's inbound split as `wire_in_by_protocol`), plus libp2p's swarm metrics and
+//! `libp2p_bandwidth_bytes_total`.
+//!
+//! **Energy**: `--power` picks a reader (`node/src/energy.rs`: Jetson INA3221, NVML, RAPL, or
+//! unavailable, logged at start); the coordinator reads joules around training and evaluation, so
+//! each round records compute and communication energy, tokens/s/W and G = T_comp / T_comm (T_comm
+//! = round time - training - evaluation).
+//!
 //! Owns: metric names and labels. Must not touch: anything but counters.
 
 use std::collections::BTreeMap;
@@ -137,9 +153,11 @@ impl NodeMetrics {
 
     /// Gives the metrics read access to the finished registry (for [`Self::wire_bytes`]).
     pub fn attach_registry(&self, registry: Arc<Registry>) {
-        if let Ok(mut slot) = self.registry.lock() {
-            *slot = Some(registry);
-        }
+        // The slot holds one pointer, written whole: a poisoned lock still holds a valid one.
+        *self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(registry);
     }
 
     /// Sets the energy gauges from a finished round (unmeasured values are left out).
@@ -177,8 +195,11 @@ impl NodeMetrics {
     /// [`Self::attach_registry`].
     pub fn text(&self) -> String {
         let mut text = String::new();
-        if let Ok(slot) = self.registry.lock()
-            && let Some(registry) = slot.as_ref()
+        let slot = self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(registry) = slot.as_ref()
             && prometheus_client::encoding::text::encode(&mut text, registry).is_err()
         {
             text.clear();

@@ -24,9 +24,14 @@ use meshtune_model::train::TrainState;
 use meshtune_protocol::TensorSet;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::commands::train::{
-    TokenizedExample, TrainConfig, epoch_batches, evaluate, to_batch, tokenize,
-};
+pub mod config;
+pub mod data;
+pub mod eval;
+pub mod model;
+
+pub use self::config::{OptimizerName, TrainConfig, TrainConfigError};
+use self::data::{TokenizedExample, epoch_batches, to_batch, tokenize};
+use self::eval::evaluate;
 
 /// What a training call did.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -19,12 +19,13 @@ use meshtune_model::t5::T5;
 use meshtune_model::tokenizer::T5Tokenizer;
 use meshtune_model::weights::RandomInit;
 use meshtune_node::averaging::round::RoundConfig;
-use meshtune_node::commands::train::TrainConfig;
 use meshtune_node::coordinator::metrics::NodeMetrics;
-use meshtune_node::coordinator::{self, CoordinatorConfig, RunSummary};
+use meshtune_node::coordinator::{CoordinatorConfig, RunSummary};
 use meshtune_node::network::store::BlobStore;
 use meshtune_node::network::{self, NetworkConfig};
+use meshtune_node::trainer::TrainConfig;
 use meshtune_node::trainer::{T5Trainer, TrainerHandle};
+use meshtune_node::{Node, NodeConfig};
 use meshtune_protocol::TensorSet;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
@@ -134,23 +135,23 @@ pub fn start_node(
     peers_expected: usize,
     configure: impl FnOnce(&mut CoordinatorConfig),
 ) -> TestNode {
-    start_node_with_psk(
-        None,
-        keypair,
-        port,
-        bootstrap,
-        records,
-        out,
-        peers_expected,
+    spawn_test_node(
+        NodeSpec {
+            psk: None,
+            keypair,
+            port,
+            bootstrap,
+            records,
+            out,
+            peers_expected,
+        },
         configure,
     )
 }
 
 /// [`start_node`] on a transport that requires the pre-shared key `psk` (a private mesh).
-#[allow(clippy::too_many_arguments)]
 pub fn start_node_with_psk(
     psk: Option<PreSharedKey>,
-    keypair: Option<Keypair>,
     port: u64,
     bootstrap: &PeerAddr,
     records: &[SamsumRecord],
@@ -158,31 +159,51 @@ pub fn start_node_with_psk(
     peers_expected: usize,
     configure: impl FnOnce(&mut CoordinatorConfig),
 ) -> TestNode {
+    spawn_test_node(
+        NodeSpec {
+            psk,
+            keypair: None,
+            port,
+            bootstrap,
+            records,
+            out,
+            peers_expected,
+        },
+        configure,
+    )
+}
+
+/// Who a test node is and where it listens, trains and writes.
+struct NodeSpec<'a> {
+    psk: Option<PreSharedKey>,
+    keypair: Option<Keypair>,
+    port: u64,
+    bootstrap: &'a PeerAddr,
+    records: &'a [SamsumRecord],
+    out: &'a Path,
+    peers_expected: usize,
+}
+
+/// A tiny-T5 node on the memory transport, through [`Node::spawn`] as the binary starts one:
+/// 4 rounds of 3 steps, int8 deltas, a final exchange, no evaluation, unless `configure`
+/// changes them.
+fn spawn_test_node(spec: NodeSpec<'_>, configure: impl FnOnce(&mut CoordinatorConfig)) -> TestNode {
+    let NodeSpec {
+        psk,
+        keypair,
+        port,
+        bootstrap,
+        records,
+        out,
+        peers_expected,
+    } = spec;
     let keypair = keypair.unwrap_or_else(Keypair::generate_ed25519);
-    let peer_id = keypair.public().to_peer_id();
     let trainer = trainer(records, &train_config());
-    let weights: TensorSet = futures::executor::block_on(trainer.weights()).expect("weights");
-    let layout = Arc::new(weights.layout());
     let mut net = NetworkConfig::new("test".parse().expect("mesh"));
     net.listen = vec![format!("/memory/{port}").parse().expect("addr")];
     net.bootstrap = vec![bootstrap.clone()];
     net.random_walk_interval = Duration::from_secs(2);
     net.request_timeout = Duration::from_secs(10);
-    let mut registry = Registry::default();
-    let metrics = NodeMetrics::new(&mut registry);
-    let store = Arc::new(Mutex::new(BlobStore::default()));
-    let shutdown = CancellationToken::new();
-    let running = network::start(
-        &keypair,
-        memory_transport(&keypair, psk).expect("transport"),
-        net,
-        layout,
-        Arc::clone(&store),
-        &mut registry,
-        shutdown.child_token(),
-    )
-    .expect("network");
-    metrics.attach_registry(Arc::new(registry));
     let mut config = CoordinatorConfig::new("test", out.to_path_buf());
     config.local_steps = 3;
     config.rounds = Some(4);
@@ -199,24 +220,23 @@ pub fn start_node_with_psk(
     config.wait_for_peers = peers_expected;
     config.wait_timeout = Duration::from_secs(30);
     configure(&mut config);
-    let client = running.client.clone();
-    let handle = tokio::spawn(coordinator::run(
-        config,
-        peer_id,
-        trainer.clone(),
-        running.client,
-        running.events,
-        store,
-        metrics.clone(),
-        shutdown.clone(),
-    ));
-    TestNode {
-        peer_id,
+    let node = Node::spawn(NodeConfig {
+        transport: memory_transport(&keypair, psk).expect("transport"),
+        keypair,
+        network: net,
+        coordinator: config,
         trainer,
-        handle,
-        shutdown,
-        metrics,
-        client,
+        max_state_uploads: None,
+        shutdown: CancellationToken::new(),
+    })
+    .expect("node");
+    TestNode {
+        peer_id: node.peer_id,
+        trainer: node.trainer,
+        handle: node.rounds,
+        shutdown: node.shutdown,
+        metrics: node.metrics,
+        client: node.client,
     }
 }
 

@@ -1,0 +1,499 @@
+//! The all-to-all coordinator's spawned work: train and publish this node's delta, fetch a
+//! peer's delta, apply an aggregate, take a peer's state. Each task reports back once, as a
+//! [`Done`], on the coordinator's bounded channel.
+//!
+//! Owns: nothing between calls. Must not touch: the round machine (only the coordinator
+//! feeds it) or the current base (the coordinator swaps it when a task reports).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use meshtune_protocol::{
+    ChunkList, CodecParams, DecodeError, DeltaManifest, ErrorFeedback, ModelHash, ModelLayout,
+    TensorSet, VerifiedBlob, chunk_blob, decode_delta, encode_delta,
+};
+use tokio::sync::mpsc;
+
+use super::config::CoordinatorConfig;
+use super::ledger::lock_store;
+use super::metrics::NodeMetrics;
+use super::sync::{SyncError, SyncedState, fetch_state};
+use crate::averaging::aggregate::{difference, l2_norm};
+use crate::energy::EnergyMeter;
+use crate::network::Client;
+use crate::network::fetch::{FetchError, fetch_blob};
+use crate::network::store::BlobStore;
+use crate::trainer::{EvalReport, TrainReport, TrainerHandle};
+
+/// How long a publish is retried while the gossip mesh forms.
+const PUBLISH_RETRY: Duration = Duration::from_secs(10);
+
+/// Work finished by a spawned task.
+pub enum Done {
+    Published {
+        round: u64,
+        /// False when the node had left the round (syncing) and withheld the manifest.
+        announced: bool,
+        base: ModelHash,
+        own: Box<TensorSet>,
+        report: TrainReport,
+        feedback: ErrorFeedback,
+        delta_bytes: u64,
+        raw_bytes: u64,
+    },
+    TrainFailed {
+        round: u64,
+        error: String,
+        feedback: ErrorFeedback,
+    },
+    Fetched {
+        sender: PeerId,
+        round: u64,
+        result: Result<(TensorSet, u64), DeltaError>,
+    },
+    Applied {
+        round: u64,
+        base: Box<TensorSet>,
+        hash: ModelHash,
+        eval: Option<EvalReport>,
+    },
+    Synced {
+        from: PeerId,
+        result: Result<SyncedState, SyncError>,
+    },
+}
+
+/// Why a peer's delta is not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum DeltaError {
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error("decoding: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("delta norm {norm:.3e} exceeds the bound {max:.3e}")]
+    Norm { norm: f64, max: f64 },
+    #[error("decoder task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl DeltaError {
+    /// Whether `sender` itself sent invalid data (as opposed to the delta being unavailable,
+    /// or another provider serving bad chunks).
+    pub fn sender_at_fault(&self, sender: PeerId) -> bool {
+        match self {
+            DeltaError::Fetch(FetchError::BadData { bad_peers, .. }) => bad_peers.contains(&sender),
+            DeltaError::Fetch(FetchError::Unavailable { .. }) | DeltaError::Task(_) => false,
+            DeltaError::Decode(_) | DeltaError::Norm { .. } => true,
+        }
+    }
+
+    /// Providers other than the sender that served chunks not matching their hashes.
+    pub fn bad_providers(&self, sender: PeerId) -> Vec<PeerId> {
+        match self {
+            DeltaError::Fetch(FetchError::BadData { bad_peers, .. }) => {
+                bad_peers.iter().copied().filter(|p| *p != sender).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Where the coordinator is, as a training task sees it when it finishes: a node that synced
+/// or moved on meanwhile must not announce a stale round (peers would count it as
+/// equivocation or staleness against this node).
+#[derive(Clone)]
+pub struct Position {
+    /// The round the machine is collecting for (`u64::MAX` while syncing).
+    pub round: Arc<AtomicU64>,
+    pub base: Arc<Mutex<ModelHash>>,
+}
+
+impl Position {
+    pub fn new(round: u64, base: ModelHash) -> Self {
+        Self {
+            round: Arc::new(AtomicU64::new(round)),
+            base: Arc::new(Mutex::new(base)),
+        }
+    }
+
+    pub fn set(&self, round: u64, base: ModelHash) {
+        self.round.store(round, Ordering::SeqCst);
+        match self.base.lock() {
+            Ok(mut current) => *current = base,
+            Err(poisoned) => *poisoned.into_inner() = base,
+        }
+    }
+
+    fn is(&self, round: u64, base: ModelHash) -> bool {
+        let current = match self.base.lock() {
+            Ok(current) => *current,
+            Err(poisoned) => *poisoned.into_inner(),
+        };
+        self.round.load(Ordering::SeqCst) == round && current == base
+    }
+}
+
+/// What a training task needs besides the shared handles.
+pub struct TrainJob {
+    pub round: u64,
+    pub base_hash: ModelHash,
+    pub base: TensorSet,
+    pub steps: usize,
+    pub feedback: ErrorFeedback,
+    pub me: PeerId,
+    pub position: Position,
+}
+
+/// The handles every task uses.
+#[derive(Clone)]
+pub struct Shared {
+    pub config: CoordinatorConfig,
+    pub trainer: TrainerHandle,
+    pub client: Client,
+    pub store: Arc<Mutex<BlobStore>>,
+    pub metrics: NodeMetrics,
+    pub done: mpsc::Sender<Done>,
+}
+
+/// This node's delta as peers will see it.
+struct OwnDelta {
+    manifest_bytes: Vec<u8>,
+    manifest: DeltaManifest,
+    /// Decoded exactly as peers decode it, so every node aggregates identical values.
+    decoded: TensorSet,
+    chunks: ChunkList,
+    blob: VerifiedBlob,
+    raw_bytes: u64,
+}
+
+/// Trains `job.steps` from `job.base`, encodes and stores the delta, and announces it unless
+/// the node left the round meanwhile.
+pub async fn train_and_publish(job: TrainJob, shared: Shared) {
+    let TrainJob {
+        round,
+        base_hash,
+        base,
+        steps,
+        feedback,
+        me,
+        position,
+    } = job;
+    let fail = |error: String, feedback| Done::TrainFailed {
+        round,
+        error,
+        feedback,
+    };
+    let (report, after) = match train_local(&shared, base.clone(), steps).await {
+        Ok(trained) => trained,
+        Err(err) => {
+            let _ = shared.done.send(fail(format!("{err:#}"), feedback)).await;
+            return;
+        }
+    };
+    let misbehave = shared.config.misbehave.map(|m| m.in_round(round));
+    let config = shared.config.clone();
+    let samples = report.samples.max(1);
+    let steps_done = report.steps as u64;
+    // Encoding a large model takes a while: off the async threads. The residuals come back on
+    // error too, so a failed encode does not lose what earlier rounds left out (encode_delta
+    // checks every tensor before it touches a residual).
+    let encoded = tokio::task::spawn_blocking(move || {
+        let mut feedback = feedback;
+        let head = DeltaHead {
+            round,
+            base_hash,
+            me,
+            samples,
+            steps: steps_done,
+        };
+        let result = encode_own_delta(&config, head, &after, &base, misbehave, &mut feedback);
+        (feedback, result)
+    })
+    .await;
+    let (feedback, own) = match encoded {
+        Ok((feedback, Ok(own))) => (feedback, own),
+        Ok((feedback, Err(err))) => {
+            let error = format!("encoding the delta: {err:#}");
+            let _ = shared.done.send(fail(error, feedback)).await;
+            return;
+        }
+        // The encoder panicked: its residuals are gone with it.
+        Err(err) => {
+            let error = format!("encoder task: {err}");
+            let _ = shared.done.send(fail(error, ErrorFeedback::new())).await;
+            return;
+        }
+    };
+    let delta_bytes = own.blob.as_bytes().len() as u64;
+    let raw_bytes = own.raw_bytes;
+    let announced = position.is(round, base_hash);
+    let decoded = announce(&shared, own, round, announced).await;
+    tracing::debug!(round, bytes = delta_bytes, raw_bytes, "published delta");
+    let _ = shared
+        .done
+        .send(Done::Published {
+            round,
+            announced,
+            base: base_hash,
+            own: Box::new(decoded),
+            report,
+            feedback,
+            delta_bytes,
+            raw_bytes,
+        })
+        .await;
+}
+
+/// Local training from `base`: the report (with the joules the power reader measured) and the
+/// weights after it.
+async fn train_local(
+    shared: &Shared,
+    base: TensorSet,
+    steps: usize,
+) -> anyhow::Result<(TrainReport, TensorSet)> {
+    // The trainer may hold weights from before a sync or a restore: start from the base.
+    shared.trainer.set_weights(base).await?;
+    let energy = shared.config.energy.as_ref();
+    let before = energy.and_then(EnergyMeter::joules);
+    let mut report = shared.trainer.train(steps).await?;
+    let after = energy.and_then(EnergyMeter::joules);
+    report.energy_j = before.zip(after).map(|(b, a)| a - b);
+    Ok((report, shared.trainer.weights().await?))
+}
+
+/// The manifest fields of this node's delta that are not about its bytes.
+struct DeltaHead {
+    round: u64,
+    base_hash: ModelHash,
+    me: PeerId,
+    samples: u64,
+    steps: u64,
+}
+
+/// Encodes `after - base` with the node's codec (and its error feedback), or the deliberately
+/// bad delta of a byzantine test node (`misbehave`: `Some(Some(k))` scales by k, `Some(None)`
+/// sends NaN).
+fn encode_own_delta(
+    config: &CoordinatorConfig,
+    head: DeltaHead,
+    after: &TensorSet,
+    base: &TensorSet,
+    misbehave: Option<Option<f32>>,
+    feedback: &mut ErrorFeedback,
+) -> anyhow::Result<OwnDelta> {
+    let mut delta = difference(after, base)?;
+    let raw_bytes = delta.total_elements() * 4;
+    let codec = match misbehave {
+        Some(Some(factor)) => {
+            tracing::warn!(
+                round = head.round,
+                factor,
+                "byzantine: publishing a scaled delta on purpose"
+            );
+            for (_, values) in delta.values_mut() {
+                values.iter_mut().for_each(|v| *v *= factor);
+            }
+            config.codec
+        }
+        Some(None) => "f32".parse::<CodecParams>()?,
+        None => config.codec,
+    };
+    let lossy = !codec.is_lossless();
+    let mut encoded = encode_delta(&delta, &codec, lossy.then_some(feedback))?;
+    if misbehave == Some(None) {
+        tracing::warn!(
+            round = head.round,
+            "byzantine: publishing a NaN delta on purpose"
+        );
+        let first = &encoded.tensors[0];
+        let (start, end) = (
+            first.offset as usize,
+            (first.offset + first.length) as usize,
+        );
+        for value in encoded.blob[start..end].chunks_exact_mut(4) {
+            value.copy_from_slice(&f32::NAN.to_le_bytes());
+        }
+    }
+    let chunks = chunk_blob(&encoded.blob, config.chunk_size)?;
+    let manifest = DeltaManifest {
+        mesh_id: config.mesh_id.clone(),
+        round: head.round,
+        base_model: head.base_hash,
+        sender: head.me.to_bytes(),
+        sample_count: head.samples,
+        training_steps: head.steps,
+        blob: chunks.descriptor(),
+        tensors: encoded.tensors,
+    };
+    let manifest_bytes = manifest.encode(&config.limits)?;
+    let blob = VerifiedBlob::verify(encoded.blob, &manifest.blob)?;
+    let decoded = if misbehave == Some(None) {
+        delta
+    } else {
+        decode_delta(&manifest, &blob, &delta.layout(), &config.limits)?
+    };
+    Ok(OwnDelta {
+        manifest_bytes,
+        manifest,
+        decoded,
+        chunks,
+        blob,
+        raw_bytes,
+    })
+}
+
+/// Stores the delta's blob for peers to pull and, when `announced`, gossips its manifest
+/// (retried briefly while the gossip mesh forms; a node with no peer at all does not wait).
+/// Returns the decoded delta.
+async fn announce(shared: &Shared, own: OwnDelta, round: u64, announced: bool) -> TensorSet {
+    let OwnDelta {
+        manifest_bytes,
+        manifest,
+        decoded,
+        chunks,
+        blob,
+        ..
+    } = own;
+    match lock_store(&shared.store) {
+        Ok(mut store) => {
+            store.insert(round, Arc::new(blob.into_bytes()), chunks);
+            if announced {
+                // Served to peers that connect after the gossip went out.
+                store.set_current_manifest(manifest);
+            }
+        }
+        Err(err) => tracing::error!(round, error = %err, "the delta cannot be served"),
+    }
+    if !announced {
+        tracing::info!(round, "not announcing a round this node has left");
+        return decoded;
+    }
+    let started = Instant::now();
+    loop {
+        let Err(err) = shared.client.publish(manifest_bytes.clone()).await else {
+            break;
+        };
+        let alone = shared
+            .client
+            .mesh_peers()
+            .await
+            .map_or(true, |p| p.is_empty());
+        if alone || started.elapsed() > PUBLISH_RETRY {
+            tracing::warn!(round, error = %err, alone, "delta manifest not published");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    decoded
+}
+
+/// Fetches `manifest`'s delta from `providers` (the sender first), decodes and bounds it, and
+/// keeps its blob servable for peers that pull from this node.
+pub async fn fetch_delta(
+    manifest: Arc<DeltaManifest>,
+    providers: Vec<PeerId>,
+    layout: ModelLayout,
+    shared: Shared,
+) {
+    let sender = providers[0];
+    let round = manifest.round;
+    let result = fetch_and_decode(&manifest, &providers, layout, &shared).await;
+    let _ = shared
+        .done
+        .send(Done::Fetched {
+            sender,
+            round,
+            result,
+        })
+        .await;
+}
+
+async fn fetch_and_decode(
+    manifest: &Arc<DeltaManifest>,
+    providers: &[PeerId],
+    layout: ModelLayout,
+    shared: &Shared,
+) -> Result<(TensorSet, u64), DeltaError> {
+    let config = &shared.config;
+    let fetched = fetch_blob(
+        &shared.client,
+        &manifest.blob,
+        providers,
+        &config.limits,
+        config.fetch,
+    )
+    .await?;
+    let payload = fetched.payload_bytes;
+    let limits = config.limits.clone();
+    let to_decode = Arc::clone(manifest);
+    let (delta, blob, chunks) = tokio::task::spawn_blocking(move || {
+        decode_delta(&to_decode, &fetched.blob, &layout, &limits)
+            .map(|d| (d, fetched.blob, fetched.chunks))
+    })
+    .await??;
+    let norm = l2_norm(&delta);
+    if let Some(max) = config.max_delta_norm
+        && norm > max
+    {
+        return Err(DeltaError::Norm { norm, max });
+    }
+    match lock_store(&shared.store) {
+        Ok(mut store) => store.insert(manifest.round, Arc::new(blob.into_bytes()), chunks),
+        Err(err) => {
+            tracing::error!(round = manifest.round, error = %err, "a fetched delta cannot be served on")
+        }
+    }
+    Ok((delta, payload))
+}
+
+/// Gives the trainer the round's new base and evaluates it when asked.
+pub async fn apply_round(
+    round: u64,
+    next: TensorSet,
+    hash: ModelHash,
+    evaluate: bool,
+    shared: Shared,
+) {
+    let result = async {
+        shared.trainer.set_weights(next.clone()).await?;
+        if !evaluate {
+            return anyhow::Ok(None);
+        }
+        let energy = shared.config.energy.as_ref();
+        let before = energy.and_then(EnergyMeter::joules);
+        let mut report = shared.trainer.evaluate().await?;
+        let after = energy.and_then(EnergyMeter::joules);
+        report.energy_j = before.zip(after).map(|(b, a)| a - b);
+        Ok(Some(report))
+    }
+    .await;
+    let eval = result.unwrap_or_else(|err| {
+        tracing::error!(round, error = %format!("{err:#}"), "applying the round failed");
+        None
+    });
+    let _ = shared
+        .done
+        .send(Done::Applied {
+            round,
+            base: Box::new(next),
+            hash,
+            eval,
+        })
+        .await;
+}
+
+/// Takes `from`'s state (of `round` or later) and reports it.
+pub async fn sync_state(from: PeerId, round: u64, layout: ModelLayout, shared: Shared) {
+    let result = fetch_state(
+        &shared.client,
+        from,
+        round,
+        layout,
+        &shared.config,
+        Some(&shared.metrics),
+    )
+    .await;
+    let _ = shared.done.send(Done::Synced { from, result }).await;
+}

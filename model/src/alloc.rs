@@ -1,13 +1,14 @@
 //! A global allocator that keeps large freed blocks for reuse.
 //!
 //! Owns: the process's large allocations (the binaries install it with `#[global_allocator]`).
+//! Must not allocate itself or know what the blocks hold.
 //!
 //! Why: a forward pass allocates and frees tensors of the same few sizes every step, many of
 //! them tens of MiB (flan-t5-small at batch 8 x 512 tokens: 50 MiB of attention scores per
 //! layer). glibc's malloc serves blocks above 32 MiB (its largest `mmap` threshold) with a
-//! fresh `mmap` and unmaps them on free, so every step page-faults them in again: 2.4 million
-//! page faults in four forward passes, about a sixth of the time (`perf stat -e page-faults`
-//! on `meshtune bench forward`). This allocator keeps up to [`DEFAULT_CACHE_BYTES`] of freed
+//! fresh `mmap` and unmaps them on free, so every step page-faults them in again (the counts
+//! are in docs/BENCHMARKS.md, `perf stat -e page-faults` on `meshtune bench forward`). This
+//! allocator keeps up to [`DEFAULT_CACHE_BYTES`] of freed
 //! blocks of at least [`MIN_CACHED`] bytes in a few slots and hands a block back out to the
 //! next allocation of exactly the same size and alignment; everything else goes to the system
 //! allocator unchanged. `MESHTUNE_ALLOC_CACHE_MB` sets the cap (0 turns the cache off).

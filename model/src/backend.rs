@@ -1,9 +1,10 @@
 //! Backend selection. One code path: every function is generic over `burn::Backend`; these
 //! aliases name the concrete backends the binaries instantiate.
 //!
-//! CPU: burn-flex with rayon, SIMD and AVX-512 kernels picked at run time (fastest offline
-//! CPU backend measured on burn 0.21, see shared/FACTS.md and docs/BENCHMARKS.md).
+//! CPU: burn-flex with rayon, SIMD and AVX-512 kernels picked at run time.
 //! CUDA: behind the `cuda` feature.
+//!
+//! Owns: the backend aliases and the CPU's floating-point mode. Must not hold model code.
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
@@ -34,8 +35,8 @@ pub type CudaTrainCheckpointed = Autodiff<Cuda, BalancedCheckpointing>;
 /// Why: a randomly initialized LM head (the HF init draws it with std 1) puts most softmax
 /// probabilities below f32's normal range, so the gradient of the logits is full of
 /// subnormals, and x86 cores take a microcode assist on every multiply that touches one. That
-/// made a flan-t5-small training step about 4x slower (`meshtune bench train`), all of it in
-/// the LM head's two backward products. Values below 1.2e-38 become 0, far under every
+/// slowed a flan-t5-small training step down many times over (`meshtune bench train`; the
+/// figures are in docs/BENCHMARKS.md), all of it in the LM head's two backward products. Values below 1.2e-38 become 0, far under every
 /// tolerance the HF parity tests check.
 ///
 /// Cheap: called on every forward pass ([`crate::t5::T5::encode`]); the pool is visited once.

@@ -6,6 +6,9 @@
 //! `state.json`; `DIR/latest` names the newest complete one. A checkpoint directory is built
 //! under a temporary name, every file fsynced, then renamed into place, then `latest` is
 //! replaced by rename.
+//!
+//! Owns: the checkpoint layout and its atomic writes and reads. Must not decide when to
+//! checkpoint or what the optimizer does with its moments: the training loops do.
 
 use std::collections::HashMap;
 use std::fs::File;

@@ -1,4 +1,6 @@
 //! Errors of the model crate. Every variant names the file, key or shape at fault.
+//!
+//! Owns: [`ModelError`]. Must not hold recovery logic: callers decide what an error means.
 
 use std::path::PathBuf;
 

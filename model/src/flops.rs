@@ -13,6 +13,9 @@
 //! - LM head:              2*T*d*V
 //!
 //! training FLOPs/step = 3 * b * (L_enc*enc + L_dec*dec + head); MFU = that / time / peak.
+//!
+//! Owns: the FLOP and memory arithmetic and the device peak table. Must not time anything or
+//! run a model: the bench commands measure and divide.
 
 use crate::config::T5Config;
 

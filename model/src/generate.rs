@@ -207,6 +207,176 @@ fn length_divisor(length: usize, penalty: f32) -> f32 {
     (length as f64).powf(penalty as f64) as f32
 }
 
+/// The settings of one beam-search step shared by every example of the batch.
+struct BeamStep<'a> {
+    config: &'a GenerationConfig,
+    beams: usize,
+    /// Candidates kept per example: `max(2, 1 + n_eos) * num_beams` with one eos id.
+    keep: usize,
+    vocab: usize,
+    /// Length so far, counting the start token (as HF's `cur_len`).
+    cur_len: usize,
+    hits_max_length: bool,
+}
+
+impl BeamState {
+    fn new(beams: usize) -> Self {
+        Self {
+            running_tokens: vec![Vec::new(); beams],
+            running_scores: (0..beams)
+                .map(|j| if j == 0 { 0.0 } else { NEG_LARGE })
+                .collect(),
+            finished_tokens: vec![Vec::new(); beams],
+            finished_scores: vec![NEG_LARGE; beams],
+            is_finished: vec![false; beams],
+            improvement_possible: true,
+        }
+    }
+
+    /// The top `keep` continuations over all beams of this example, from its rows of
+    /// log-probabilities (`beams * vocab` values).
+    fn candidates(&self, log_probs: &[f32], step: &BeamStep) -> Vec<Candidate> {
+        let mut candidates: Vec<Candidate> = Vec::with_capacity(step.beams * step.keep);
+        for beam in 0..step.beams {
+            let row = &log_probs[beam * step.vocab..(beam + 1) * step.vocab];
+            let base = self.running_scores[beam];
+            let scores: Vec<f32> = row.iter().map(|&lp| lp + base).collect();
+            for token in top_k_indices(&scores, step.keep) {
+                candidates.push(Candidate {
+                    score: scores[token],
+                    beam,
+                    token: token as u32,
+                });
+            }
+        }
+        // Flattened index order (beam * vocab + token) breaks ties, as in torch.topk.
+        candidates.sort_by(|x, y| {
+            y.score
+                .total_cmp(&x.score)
+                .then(x.beam.cmp(&y.beam))
+                .then(x.token.cmp(&y.token))
+        });
+        candidates.truncate(step.keep);
+        candidates
+    }
+
+    /// One step of this example. Returns whether every candidate stopped, and for each new
+    /// running beam the beam it continues and the token it appended.
+    fn advance(&mut self, log_probs: &[f32], step: &BeamStep) -> (bool, Vec<(usize, u32)>) {
+        let (config, beams) = (step.config, step.beams);
+        let candidates = self.candidates(log_probs, step);
+        let hits: Vec<bool> = candidates
+            .iter()
+            .map(|c| c.token == config.eos_token_id || step.hits_max_length)
+            .collect();
+        let all_hit = hits.iter().all(|&h| h);
+
+        // Running beams for the next step: the best candidates that did not stop.
+        let adjusted: Vec<f32> = candidates
+            .iter()
+            .zip(&hits)
+            .map(|(c, &hit)| c.score + if hit { NEG_LARGE } else { 0.0 })
+            .collect();
+        let next = top_k_indices(&adjusted, beams);
+        self.finish_candidates(&candidates, &hits, step);
+        let mut running_tokens = Vec::with_capacity(beams);
+        let mut running_scores = Vec::with_capacity(beams);
+        let mut sources = Vec::with_capacity(beams);
+        for &k in &next {
+            let c = &candidates[k];
+            let mut tokens = self.running_tokens[c.beam].clone();
+            tokens.push(c.token);
+            running_tokens.push(tokens);
+            running_scores.push(adjusted[k]);
+            sources.push((c.beam, c.token));
+        }
+        self.running_tokens = running_tokens;
+        self.running_scores = running_scores;
+        (all_hit, sources)
+    }
+
+    /// Merges the candidates that stopped into the finished hypotheses: only the top
+    /// `num_beams` candidates may finish.
+    fn finish_candidates(&mut self, candidates: &[Candidate], hits: &[bool], step: &BeamStep) {
+        let (config, beams) = (step.config, step.beams);
+        let beams_full =
+            config.early_stopping == EarlyStopping::Stop && self.is_finished.iter().all(|&f| f);
+        let divisor = length_divisor(step.cur_len, config.length_penalty);
+        let mut merged_scores = self.finished_scores.clone();
+        let mut merged_finished = self.is_finished.clone();
+        for (k, c) in candidates.iter().enumerate() {
+            let just_finished = hits[k] && k < beams;
+            let mut score = c.score / divisor;
+            score += if beams_full { NEG_LARGE } else { 0.0 };
+            score += if self.improvement_possible {
+                0.0
+            } else {
+                NEG_LARGE
+            };
+            score += if just_finished { 0.0 } else { NEG_LARGE };
+            merged_scores.push(score);
+            merged_finished.push(just_finished);
+        }
+        let chosen = top_k_indices(&merged_scores, beams);
+        let mut finished_tokens = Vec::with_capacity(beams);
+        let mut finished_scores = Vec::with_capacity(beams);
+        let mut is_finished = Vec::with_capacity(beams);
+        for &m in &chosen {
+            finished_scores.push(merged_scores[m]);
+            is_finished.push(merged_finished[m]);
+            if m < beams {
+                finished_tokens.push(self.finished_tokens[m].clone());
+            } else {
+                let c = &candidates[m - beams];
+                let mut tokens = self.running_tokens[c.beam].clone();
+                tokens.push(c.token);
+                finished_tokens.push(tokens);
+            }
+        }
+        self.finished_tokens = finished_tokens;
+        self.finished_scores = finished_scores;
+        self.is_finished = is_finished;
+    }
+
+    /// Whether a running beam can still beat the worst finished hypothesis (HF's early-stopping
+    /// heuristic), after `cur_len` was advanced.
+    fn update_improvement(&mut self, config: &GenerationConfig, cur_len: usize, max_length: usize) {
+        let best_length =
+            if config.early_stopping == EarlyStopping::Never && config.length_penalty > 0.0 {
+                max_length - 1
+            } else {
+                cur_len - 1
+            };
+        let best_possible =
+            self.running_scores[0] / length_divisor(best_length, config.length_penalty);
+        let worst = self
+            .finished_scores
+            .iter()
+            .copied()
+            .fold(f32::INFINITY, f32::min);
+        let can_improve = self
+            .is_finished
+            .iter()
+            .any(|&f| best_possible > if f { worst } else { NEG_LARGE });
+        self.improvement_possible &= can_improve;
+    }
+
+    /// The best finished hypothesis, cut at its `</s>`.
+    fn into_generated(self, eos_token_id: u32) -> Generated {
+        let tokens = &self.finished_tokens[0];
+        match tokens.iter().position(|&t| t == eos_token_id) {
+            Some(end) => Generated {
+                token_ids: tokens[..end].to_vec(),
+                finished: true,
+            },
+            None => Generated {
+                token_ids: tokens.clone(),
+                finished: false,
+            },
+        }
+    }
+}
+
 fn beam_search<B: Backend>(
     model: &T5<B>,
     encoded: &EncoderOutput<B>,
@@ -216,7 +386,6 @@ fn beam_search<B: Backend>(
     let device = model.device();
     let vocab = model.vocab_size();
     let beams = config.num_beams;
-    let keep = 2 * beams; // max(2, 1 + n_eos) * num_beams with one eos id
     // HF: max_length = prompt (the start token) + max_new_tokens.
     let max_length = 1 + config.max_new_tokens;
 
@@ -228,18 +397,7 @@ fn beam_search<B: Backend>(
     };
     let mut caches = model.init_caches(&expanded);
 
-    let mut states: Vec<BeamState> = (0..batch)
-        .map(|_| BeamState {
-            running_tokens: vec![Vec::new(); beams],
-            running_scores: (0..beams)
-                .map(|j| if j == 0 { 0.0 } else { NEG_LARGE })
-                .collect(),
-            finished_tokens: vec![Vec::new(); beams],
-            finished_scores: vec![NEG_LARGE; beams],
-            is_finished: vec![false; beams],
-            improvement_possible: true,
-        })
-        .collect();
+    let mut states: Vec<BeamState> = (0..batch).map(|_| BeamState::new(beams)).collect();
     let mut last_tokens = vec![config.decoder_start_token_id; batch * beams];
     // cur_len counts the start token, as HF's does.
     let mut cur_len = 1usize;
@@ -251,118 +409,28 @@ fn beam_search<B: Backend>(
             &expanded.mask_bias,
         );
         let log_probs = host_values(log_softmax(logits, 1));
-        let hits_max_length = cur_len + 1 >= max_length;
+        let step = BeamStep {
+            config,
+            beams,
+            keep: 2 * beams,
+            vocab,
+            cur_len,
+            hits_max_length: cur_len + 1 >= max_length,
+        };
         let mut all_hit = true;
         let mut reorder: Vec<i64> = Vec::with_capacity(batch * beams);
         for (b, state) in states.iter_mut().enumerate() {
-            // Top `keep` continuations over all beams of this example.
-            let mut candidates: Vec<Candidate> = Vec::with_capacity(beams * keep);
-            for beam in 0..beams {
-                let row = &log_probs[(b * beams + beam) * vocab..(b * beams + beam + 1) * vocab];
-                let base = state.running_scores[beam];
-                let scores: Vec<f32> = row.iter().map(|&lp| lp + base).collect();
-                for token in top_k_indices(&scores, keep) {
-                    candidates.push(Candidate {
-                        score: scores[token],
-                        beam,
-                        token: token as u32,
-                    });
-                }
+            let rows = &log_probs[b * beams * vocab..(b + 1) * beams * vocab];
+            let (hit, sources) = state.advance(rows, &step);
+            all_hit &= hit;
+            for (i, (beam, token)) in sources.into_iter().enumerate() {
+                reorder.push((b * beams + beam) as i64);
+                last_tokens[b * beams + i] = token;
             }
-            // Flattened index order (beam * vocab + token) breaks ties, as in torch.topk.
-            candidates.sort_by(|x, y| {
-                y.score
-                    .total_cmp(&x.score)
-                    .then(x.beam.cmp(&y.beam))
-                    .then(x.token.cmp(&y.token))
-            });
-            candidates.truncate(keep);
-            let hits: Vec<bool> = candidates
-                .iter()
-                .map(|c| c.token == config.eos_token_id || hits_max_length)
-                .collect();
-            all_hit &= hits.iter().all(|&h| h);
-
-            // Running beams for the next step: the best candidates that did not stop.
-            let adjusted: Vec<f32> = candidates
-                .iter()
-                .zip(&hits)
-                .map(|(c, &hit)| c.score + if hit { NEG_LARGE } else { 0.0 })
-                .collect();
-            let next = top_k_indices(&adjusted, beams);
-
-            // Finished hypotheses: only the top `num_beams` candidates may finish.
-            let beams_full = config.early_stopping == EarlyStopping::Stop
-                && state.is_finished.iter().all(|&f| f);
-            let divisor = length_divisor(cur_len, config.length_penalty);
-            let mut merged_scores = state.finished_scores.clone();
-            let mut merged_finished = state.is_finished.clone();
-            for (k, c) in candidates.iter().enumerate() {
-                let just_finished = hits[k] && k < beams;
-                let mut score = c.score / divisor;
-                score += if beams_full { NEG_LARGE } else { 0.0 };
-                score += if state.improvement_possible {
-                    0.0
-                } else {
-                    NEG_LARGE
-                };
-                score += if just_finished { 0.0 } else { NEG_LARGE };
-                merged_scores.push(score);
-                merged_finished.push(just_finished);
-            }
-            let chosen = top_k_indices(&merged_scores, beams);
-            let mut finished_tokens = Vec::with_capacity(beams);
-            let mut finished_scores = Vec::with_capacity(beams);
-            let mut is_finished = Vec::with_capacity(beams);
-            for &m in &chosen {
-                finished_scores.push(merged_scores[m]);
-                is_finished.push(merged_finished[m]);
-                if m < beams {
-                    finished_tokens.push(state.finished_tokens[m].clone());
-                } else {
-                    let c = &candidates[m - beams];
-                    let mut tokens = state.running_tokens[c.beam].clone();
-                    tokens.push(c.token);
-                    finished_tokens.push(tokens);
-                }
-            }
-            let mut running_tokens = Vec::with_capacity(beams);
-            let mut running_scores = Vec::with_capacity(beams);
-            for &k in &next {
-                let c = &candidates[k];
-                let mut tokens = state.running_tokens[c.beam].clone();
-                tokens.push(c.token);
-                running_tokens.push(tokens);
-                running_scores.push(adjusted[k]);
-                reorder.push((b * beams + c.beam) as i64);
-                last_tokens[b * beams + running_tokens.len() - 1] = c.token;
-            }
-            state.running_tokens = running_tokens;
-            state.running_scores = running_scores;
-            state.finished_tokens = finished_tokens;
-            state.finished_scores = finished_scores;
-            state.is_finished = is_finished;
         }
         cur_len += 1;
         for state in &mut states {
-            let best_length =
-                if config.early_stopping == EarlyStopping::Never && config.length_penalty > 0.0 {
-                    max_length - 1
-                } else {
-                    cur_len - 1
-                };
-            let best_possible =
-                state.running_scores[0] / length_divisor(best_length, config.length_penalty);
-            let worst = state
-                .finished_scores
-                .iter()
-                .copied()
-                .fold(f32::INFINITY, f32::min);
-            let can_improve = state
-                .is_finished
-                .iter()
-                .any(|&f| best_possible > if f { worst } else { NEG_LARGE });
-            state.improvement_possible &= can_improve;
+            state.update_improvement(config, cur_len, max_length);
         }
         let any_improvable = states.iter().any(|s| s.improvement_possible);
         let all_finished = states.iter().all(|s| s.is_finished.iter().all(|&f| f));
@@ -376,19 +444,7 @@ fn beam_search<B: Backend>(
     }
     states
         .into_iter()
-        .map(|state| {
-            let tokens = &state.finished_tokens[0];
-            match tokens.iter().position(|&t| t == config.eos_token_id) {
-                Some(end) => Generated {
-                    token_ids: tokens[..end].to_vec(),
-                    finished: true,
-                },
-                None => Generated {
-                    token_ids: tokens.clone(),
-                    finished: false,
-                },
-            }
-        })
+        .map(|state| state.into_generated(config.eos_token_id))
         .collect()
 }
 

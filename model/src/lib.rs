@@ -18,11 +18,13 @@ pub mod precision;
 pub mod pretrained;
 pub mod rouge;
 pub mod score;
+mod seeded_rng;
 pub mod split;
 pub mod synthetic;
 pub mod t5;
 pub mod tokenizer;
 pub mod train;
+pub mod weight_key;
 pub mod weights;
 
 pub use config::{Preset, T5Config};

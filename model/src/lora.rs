@@ -2,7 +2,8 @@
 //! with `kaiming_uniform_(a=sqrt(5))` (bound `1/sqrt(in)`), B with zeros, base weights frozen.
 //! Merge folds the adapters into the weights so the result exports as a plain HF folder.
 //!
-//! Owns: attaching, initialising, merging adapters. The forward pass lives in `t5.rs`.
+//! Owns: attaching, initialising, merging adapters. Must not touch the forward pass: it lives
+//! in `t5.rs`.
 
 use std::path::Path;
 
@@ -14,7 +15,7 @@ use safetensors::SafeTensors;
 
 use crate::error::ModelError;
 use crate::t5::{Attention, LoraAdapter, T5};
-use crate::weights::WeightKey;
+use crate::weight_key::WeightKey;
 
 /// Which attention projections get adapters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -228,27 +228,37 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for AdamWMapper<'_, AB> {
             eps: config.eps,
             step_size,
         };
-        let (value, exp_avg, exp_avg_sq) =
-            match crate::kernels::adamw(value, grad, exp_avg, exp_avg_sq, &scalars) {
-                Ok(updated) => updated,
-                Err((mut value, grad, exp_avg, exp_avg_sq)) => {
-                    // The generic composition (every backend but the CPU one).
-                    let grad = grad.mul_scalar(self.grad_scale);
-                    if decays {
-                        value = value.mul_scalar(scalars.decay);
-                    }
-                    let exp_avg = lerp(exp_avg, grad.clone(), scalars.lerp_weight);
-                    let exp_avg_sq = exp_avg_sq.mul_scalar(config.beta2)
-                        + grad.clone().mul(grad).mul_scalar(1.0 - config.beta2);
-                    let denom = exp_avg_sq
-                        .clone()
-                        .sqrt()
-                        .div_scalar(scalars.bias_correction2_sqrt)
-                        .add_scalar(config.eps);
-                    let value = value - exp_avg.clone().div(denom).mul_scalar(step_size);
-                    (value, exp_avg, exp_avg_sq)
+        let input = crate::kernels::AdamWInput {
+            value,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+        };
+        let [value, exp_avg, exp_avg_sq] = match crate::kernels::adamw(input, &scalars) {
+            Ok(updated) => updated,
+            Err(crate::kernels::AdamWInput {
+                mut value,
+                grad,
+                exp_avg,
+                exp_avg_sq,
+            }) => {
+                // The generic composition (every backend but the CPU one).
+                let grad = grad.mul_scalar(self.grad_scale);
+                if decays {
+                    value = value.mul_scalar(scalars.decay);
                 }
-            };
+                let exp_avg = lerp(exp_avg, grad.clone(), scalars.lerp_weight);
+                let exp_avg_sq = exp_avg_sq.mul_scalar(config.beta2)
+                    + grad.clone().mul(grad).mul_scalar(1.0 - config.beta2);
+                let denom = exp_avg_sq
+                    .clone()
+                    .sqrt()
+                    .div_scalar(scalars.bias_correction2_sqrt)
+                    .add_scalar(config.eps);
+                let value = value - exp_avg.clone().div(denom).mul_scalar(step_size);
+                [value, exp_avg, exp_avg_sq]
+            }
+        };
         self.optimizer.state.insert(
             id,
             Moments {

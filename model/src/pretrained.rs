@@ -1,5 +1,8 @@
 //! A HF model folder as one unit: `config.json`, weights and `tokenizer.json`, checked
 //! against each other.
+//!
+//! Owns: finding and cross-checking the three files of a folder. Must not parse weights or
+//! tokenize itself: [`crate::weights`] and [`crate::tokenizer`] do.
 
 use std::path::{Path, PathBuf};
 

@@ -2,8 +2,8 @@
 //! package as evaluation scripts usually call it:
 //! `RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)`.
 //!
-//! This module owns tokenization, stemming and scoring of text pairs. It does
-//! no I/O; reading prediction/reference files is the caller's business.
+//! This module owns tokenization, stemming and scoring of text pairs. It must not do
+//! I/O; reading prediction/reference files is the caller's business.
 //! Parity with the Python package is checked by `tests/rouge_parity.rs`
 //! against fixtures written by `scripts/make_rouge_fixture.py`; anything that
 //! looks odd here (which LCS the backtrack picks, the `max(count, 1)`

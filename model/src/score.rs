@@ -1,7 +1,8 @@
 //! Teacher-forced scoring: the per-example mean token cross-entropy HF reports as `loss`
 //! for `model(input_ids, labels=...)`.
 //!
-//! Owns: building decoder inputs from labels (HF `_shift_right`) and the masked loss.
+//! Owns: building decoder inputs from labels (HF `_shift_right`) and the masked loss. Must
+//! not batch or tokenize data: callers hand it tensors.
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;

@@ -1,13 +1,14 @@
 //! Partitioning a Samsum-format corpus into one shard per node for federated experiments.
 //!
 //! Owns: the split strategies ([`SplitStrategy`]), the label that the Dirichlet strategy skews
-//! ([`label_of`]) and the small seeded generator the data code shares ([`SeededRng`]). Must not
-//! read or write files, tokenize or touch tensors.
+//! ([`label_of`]). Must not read or write files, tokenize or touch tensors; its random draws
+//! come from [`crate::seeded_rng`].
 //!
 //! Every strategy puts each record in exactly one shard, leaves no shard empty, keeps the
 //! corpus order inside a shard and gives the same shards for the same seed.
 
 use crate::data::SamsumRecord;
+use crate::seeded_rng::SeededRng;
 
 /// Number of label buckets the Dirichlet strategy draws proportions for.
 pub const DIRICHLET_LABELS: usize = 10;
@@ -215,94 +216,6 @@ fn fill_empty_nodes(assignment: &mut [usize], nodes: usize) {
     }
 }
 
-/// SplitMix64 (Steele, Lea, Flood 2014): small, fast and reproducible on every platform,
-/// enough for shuffling and synthetic data (not for cryptography).
-#[derive(Debug, Clone)]
-pub(crate) struct SeededRng {
-    state: u64,
-}
-
-impl SeededRng {
-    pub(crate) fn new(seed: u64) -> Self {
-        Self { state: seed }
-    }
-
-    pub(crate) fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub(crate) fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-
-    /// Uniform in `0..n` (`n > 0`); the bias of the multiply-shift is below 2^-40 for the
-    /// sizes used here.
-    pub(crate) fn below(&mut self, n: usize) -> usize {
-        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
-    }
-
-    pub(crate) fn chance(&mut self, probability: f64) -> bool {
-        self.next_f64() < probability
-    }
-
-    pub(crate) fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-
-    /// Fisher–Yates.
-    pub(crate) fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            let j = self.below(i + 1);
-            items.swap(i, j);
-        }
-    }
-
-    /// Standard normal (Box–Muller, one of the pair).
-    fn normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.next_f64(); // (0, 1]: ln is finite
-        let u2 = self.next_f64();
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-    }
-
-    /// ln of a Gamma(shape, 1) sample. Marsaglia & Tsang (2000) for shape >= 1; for
-    /// shape < 1 the boost Gamma(shape) = Gamma(shape + 1) * U^(1/shape), kept in log space
-    /// because U^(1/shape) underflows to 0 for shapes like 0.01.
-    fn ln_gamma_sample(&mut self, shape: f64) -> f64 {
-        if shape < 1.0 {
-            let u = 1.0 - self.next_f64();
-            return self.ln_gamma_sample(shape + 1.0) + u.ln() / shape;
-        }
-        let d = shape - 1.0 / 3.0;
-        let c = 1.0 / (9.0 * d).sqrt();
-        loop {
-            let x = self.normal();
-            let v = 1.0 + c * x;
-            if v <= 0.0 {
-                continue;
-            }
-            let v = v * v * v;
-            let u = 1.0 - self.next_f64();
-            if u < 1.0 - 0.0331 * x.powi(4) || u.ln() < 0.5 * x * x + d * (1.0 - v + v.ln()) {
-                return (d * v).ln();
-            }
-        }
-    }
-
-    /// A draw from the symmetric Dirichlet(alpha, ..., alpha) over `n` outcomes.
-    pub(crate) fn dirichlet(&mut self, alpha: f64, n: usize) -> Vec<f64> {
-        let logs: Vec<f64> = (0..n).map(|_| self.ln_gamma_sample(alpha)).collect();
-        let max = logs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let weights: Vec<f64> = logs.iter().map(|l| (l - max).exp()).collect();
-        let sum: f64 = weights.iter().sum();
-        weights.iter().map(|w| w / sum).collect()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -507,46 +420,5 @@ mod tests {
             let shards = split_records(&records, 40, &strategy, seed).expect("split");
             assert!(shards.iter().all(|s| s.len() == 1));
         }
-    }
-
-    #[test]
-    fn gamma_and_dirichlet_have_the_right_moments() {
-        let mut rng = SeededRng::new(1);
-        for shape in [0.1, 0.5, 1.0, 2.5, 10.0] {
-            let n = 20_000;
-            let samples: Vec<f64> = (0..n).map(|_| rng.ln_gamma_sample(shape).exp()).collect();
-            let mean = samples.iter().sum::<f64>() / n as f64;
-            let var = samples.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
-            // Gamma(k, 1): mean k, variance k.
-            assert!(
-                (mean - shape).abs() < 0.05 * shape.max(1.0),
-                "{shape}: mean {mean}"
-            );
-            assert!(
-                (var - shape).abs() < 0.15 * shape.max(1.0),
-                "{shape}: var {var}"
-            );
-        }
-        let p = rng.dirichlet(0.01, 5);
-        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-12);
-        assert!(p.iter().all(|x| x.is_finite() && *x >= 0.0));
-    }
-
-    #[test]
-    fn below_and_shuffle_cover_their_range() {
-        let mut rng = SeededRng::new(7);
-        let mut counts = [0usize; 5];
-        for _ in 0..5000 {
-            counts[rng.below(5)] += 1;
-        }
-        assert!(
-            counts.iter().all(|&c| (900..1100).contains(&c)),
-            "{counts:?}"
-        );
-        let mut items: Vec<u32> = (0..50).collect();
-        rng.shuffle(&mut items);
-        assert_ne!(items, (0..50).collect::<Vec<_>>());
-        items.sort_unstable();
-        assert_eq!(items, (0..50).collect::<Vec<_>>());
     }
 }

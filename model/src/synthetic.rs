@@ -32,7 +32,7 @@ use tokenizers::{
 };
 
 use crate::data::{SamsumRecord, parse_samsum};
-use crate::split::SeededRng;
+use crate::seeded_rng::SeededRng;
 
 /// Participants and people mentioned in distractor turns.
 pub const NAMES: [&str; 40] = [
@@ -284,6 +284,31 @@ struct Roles {
     objector: &'static str,
 }
 
+/// The plan's choices drawn before the first turn is written ([`DialogueBuilder::draft`]).
+struct Draft {
+    speakers: Vec<&'static str>,
+    /// The opener, the replier and an optional third speaker.
+    a: &'static str,
+    b: &'static str,
+    c: Option<&'static str>,
+    c_joins: bool,
+    activity: &'static str,
+    /// The first proposals and what was agreed (the same unless `change` says otherwise).
+    first_day: &'static str,
+    day: &'static str,
+    first_time: &'static str,
+    time: &'static str,
+    first_place: &'static str,
+    place: &'static str,
+    change: PlanChange,
+    /// The opener already proposes day, time and place.
+    compact: bool,
+    roles: Roles,
+    host: Option<&'static str>,
+    /// How the opener addresses the others.
+    address: String,
+}
+
 /// Builds one dialogue: the opener, the agreement on day/time/place with at most one change,
 /// the third speaker's answer, small talk and a closing, within 3 to 9 turns.
 struct DialogueBuilder<'r> {
@@ -339,6 +364,65 @@ impl<'r> DialogueBuilder<'r> {
     }
 
     fn build(mut self) -> (String, MeetingPlan) {
+        let draft = self.draft();
+        self.opener(&draft);
+        let where_first = self.replies(&draft);
+        if where_first {
+            self.place_block(&draft, false, false);
+            self.when_block(&draft, false);
+        } else {
+            self.when_block(&draft, draft.compact);
+            self.place_block(&draft, draft.compact, true);
+        }
+        if let (Some(c), false) = (draft.c, draft.c_joins) {
+            self.decline(c);
+        }
+        let participants: Vec<&'static str> = match draft.c {
+            Some(c) if draft.c_joins => vec![draft.a, draft.b, c],
+            _ => vec![draft.a, draft.b],
+        };
+        if self.turns.len() < 9 && self.rng.chance(0.7) {
+            let closer = self.pick(&participants);
+            let closing = self.pick(&[
+                "See you then!",
+                "Great, see you!",
+                "Perfect :)",
+                "Deal.",
+                "Can't wait!",
+                "Ok, see you there.",
+            ]);
+            self.say(closer, closing.into());
+        }
+        self.add_small_talk(&draft.speakers, &[draft.first_place, draft.place]);
+
+        let turns = self.turns.len();
+        let dialogue = self
+            .turns
+            .iter()
+            .map(|turn| format!("{}: {}", turn.speaker, turn.text))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let plan = MeetingPlan {
+            participants,
+            absent: if draft.c_joins { None } else { draft.c },
+            place: match draft.host {
+                Some(host) => format!("{host}'s place"),
+                None => draft.place.to_string(),
+            },
+            host: draft.host,
+            day: draft.day,
+            time: draft.time,
+            activity: draft.activity,
+            change: draft.change,
+            turns,
+        };
+        (dialogue, plan)
+    }
+
+    /// Every choice of the plan that precedes the dialogue, drawn in this order (the corpus
+    /// depends on it): speakers, activity, day, place and time, the change, the opener's form,
+    /// the roles, the host and how the opener addresses the others.
+    fn draft(&mut self) -> Draft {
         let three = self.rng.chance(0.3);
         let speakers = self.pick_distinct(&NAMES, if three { 3 } else { 2 });
         let (a, b) = (speakers[0], speakers[1]);
@@ -385,40 +469,74 @@ impl<'r> DialogueBuilder<'r> {
             _ => other,
         };
         let at_home = change == PlanChange::None && self.rng.chance(0.12);
-        let host = at_home.then_some(proposer);
         let address = if c.is_some() {
             self.pick(&["guys", "everyone", "all"]).to_string()
         } else {
             b.to_string()
         };
+        Draft {
+            a,
+            b,
+            c,
+            c_joins,
+            activity,
+            first_day: days[0],
+            day,
+            first_time,
+            time,
+            first_place: places[0],
+            place,
+            change,
+            compact,
+            roles: Roles {
+                proposer,
+                other,
+                objector,
+            },
+            host: at_home.then_some(proposer),
+            address,
+            speakers,
+        }
+    }
 
-        let (first_day, first_place) = (days[0], places[0]);
-        if compact {
-            let place_text = if at_home { "my place" } else { first_place };
-            let when_where = format!("at {place_text} on {first_day} at {first_time}");
+    /// The first turn: an invitation, with day, time and place when the draft is compact.
+    fn opener(&mut self, d: &Draft) {
+        let (address, activity) = (&d.address, d.activity);
+        if d.compact {
+            let place_text = if d.host.is_some() {
+                "my place"
+            } else {
+                d.first_place
+            };
+            let when_where = format!("at {place_text} on {} at {}", d.first_day, d.first_time);
             let opener = match self.rng.below(4) {
                 0 => format!("Hi {address}! Want to {activity} {when_where}?"),
                 1 => format!("Hey {address}, shall we {activity} {when_where}?"),
-                2 => format!("{}, let's {activity} {when_where}.", capitalize(&address)),
+                2 => format!("{}, let's {activity} {when_where}.", capitalize(address)),
                 _ => format!("Would you like to {activity} {when_where}?"),
             };
-            self.say(a, opener);
+            self.say(d.a, opener);
         } else {
             let opener = match self.rng.below(5) {
                 0 => format!("Hi {address}! Do you want to {activity} this week?"),
                 1 => format!("Hey {address}, shall we {activity} together?"),
                 2 => format!(
                     "{}, are you free to {activity} sometime this week?",
-                    capitalize(&address)
+                    capitalize(address)
                 ),
-                3 if c.is_some() => format!("I need to {activity}. Anyone up for it?"),
+                3 if d.c.is_some() => format!("I need to {activity}. Anyone up for it?"),
                 3 => format!("I need to {activity}. Want to join me?"),
                 _ => format!("Would you like to {activity} with me?"),
             };
-            self.say(a, opener);
+            self.say(d.a, opener);
         }
-        let where_first = !compact && self.rng.chance(0.3);
-        let reply = if compact {
+    }
+
+    /// The second speaker's reply and the third speaker's joining; returns whether the place
+    /// is settled before the day and time.
+    fn replies(&mut self, d: &Draft) -> bool {
+        let where_first = !d.compact && self.rng.chance(0.3);
+        let reply = if d.compact {
             self.pick(&[
                 "Sure!",
                 "Sounds good.",
@@ -438,92 +556,33 @@ impl<'r> DialogueBuilder<'r> {
                 "Yes! When are you free?",
             ])
         };
-        self.answer(b, reply.into());
-        if let (Some(c), true) = (c, c_joins) {
+        self.answer(d.b, reply.into());
+        if let (Some(c), true) = (d.c, d.c_joins) {
             let joined = self.pick(&["Count me in!", "I'm in too.", "Me too!", "Can I join?"]);
             self.say(c, joined.into());
         }
-        let roles = Roles {
-            proposer,
-            other,
-            objector,
-        };
-        if where_first {
-            self.place_block(roles, first_place, place, &change, false, host, false);
-            self.when_block(roles, first_day, day, first_time, time, &change, false);
-        } else {
-            self.when_block(roles, first_day, day, first_time, time, &change, compact);
-            self.place_block(roles, first_place, place, &change, compact, host, true);
-        }
+        where_first
+    }
 
-        if let (Some(c), false) = (c, c_joins) {
-            let excuse = self.pick(&EXCUSES);
-            let declined = match self.rng.below(4) {
-                0 => "Sorry, I can't make it. Have fun!".to_string(),
-                1 => format!("I can't come, I have {excuse}. Have fun!"),
-                2 => "Count me out this time, sorry.".to_string(),
-                _ => format!("I have {excuse} then, so I'll skip it."),
-            };
-            self.say(c, declined);
-        }
-
-        let participants: Vec<&'static str> = match c {
-            Some(c) if c_joins => vec![a, b, c],
-            _ => vec![a, b],
+    /// The third speaker declines, maybe with an excuse.
+    fn decline(&mut self, c: &'static str) {
+        let excuse = self.pick(&EXCUSES);
+        let declined = match self.rng.below(4) {
+            0 => "Sorry, I can't make it. Have fun!".to_string(),
+            1 => format!("I can't come, I have {excuse}. Have fun!"),
+            2 => "Count me out this time, sorry.".to_string(),
+            _ => format!("I have {excuse} then, so I'll skip it."),
         };
-        if self.turns.len() < 9 && self.rng.chance(0.7) {
-            let closer = self.pick(&participants);
-            let closing = self.pick(&[
-                "See you then!",
-                "Great, see you!",
-                "Perfect :)",
-                "Deal.",
-                "Can't wait!",
-                "Ok, see you there.",
-            ]);
-            self.say(closer, closing.into());
-        }
-        self.add_small_talk(&speakers, &[first_place, place]);
-
-        let turns = self.turns.len();
-        let dialogue = self
-            .turns
-            .iter()
-            .map(|turn| format!("{}: {}", turn.speaker, turn.text))
-            .collect::<Vec<_>>()
-            .join("\n");
-        let plan = MeetingPlan {
-            participants,
-            absent: if c_joins { None } else { c },
-            place: match host {
-                Some(host) => format!("{host}'s place"),
-                None => place.to_string(),
-            },
-            host,
-            day,
-            time,
-            activity,
-            change,
-            turns,
-        };
-        (dialogue, plan)
+        self.say(c, declined);
     }
 
     /// Day and time: the proposal (unless the compact opener made it), then an objection and
     /// its acceptance if the day or time changes.
-    #[allow(clippy::too_many_arguments)]
-    fn when_block(
-        &mut self,
-        Roles {
+    fn when_block(&mut self, d: &Draft, already_proposed: bool) {
+        let Roles {
             proposer, objector, ..
-        }: Roles,
-        first_day: &'static str,
-        day: &'static str,
-        first_time: &'static str,
-        time: &'static str,
-        change: &PlanChange,
-        already_proposed: bool,
-    ) {
+        } = d.roles;
+        let (first_day, day, first_time, time) = (d.first_day, d.day, d.first_time, d.time);
         if !already_proposed {
             let proposal = match self.rng.below(5) {
                 0 => format!("How about {first_day} at {first_time}?"),
@@ -534,7 +593,7 @@ impl<'r> DialogueBuilder<'r> {
             };
             self.say(proposer, proposal);
         }
-        match change {
+        match d.change {
             PlanChange::Day { .. } => {
                 let excuse = self.pick(&EXCUSES);
                 let objection = match self.rng.below(4) {
@@ -577,28 +636,20 @@ impl<'r> DialogueBuilder<'r> {
 
     /// The place: an optional question, the proposal (unless the compact opener made it),
     /// then an objection and its acceptance if the place changes.
-    #[allow(clippy::too_many_arguments)]
-    fn place_block(
-        &mut self,
-        Roles {
+    fn place_block(&mut self, d: &Draft, already_proposed: bool, day_known: bool) {
+        let Roles {
             proposer,
             other,
             objector,
-        }: Roles,
-        first_place: &'static str,
-        place: &'static str,
-        change: &PlanChange,
-        already_proposed: bool,
-        host: Option<&'static str>,
-        day_known: bool,
-    ) {
+        } = d.roles;
+        let (first_place, place) = (d.first_place, d.place);
         if !already_proposed {
             let asked = self.rng.chance(0.5);
             if asked {
                 let question = self.pick(&["Where?", "Where shall we meet?", "Where do we meet?"]);
                 self.say(other, question.into());
             }
-            let proposal = match host {
+            let proposal = match d.host {
                 Some(_) => self
                     .pick(&[
                         "Let's meet at my place.",
@@ -619,7 +670,7 @@ impl<'r> DialogueBuilder<'r> {
                 self.say(proposer, proposal);
             }
         }
-        if let PlanChange::Place { .. } = change {
+        if let PlanChange::Place { .. } = d.change {
             let objection = match self.rng.below(4) {
                 0 if day_known => {
                     format!(
@@ -811,13 +862,14 @@ pub fn train_tokenizer(
 /// Why not `Tokenizer::train`: it hands the trainer each distinct word once with its count,
 /// and the trainer seeds candidate pieces from substring counts over that list, blind to the
 /// word counts. On a narrow corpus a whole word is then a candidate only if another word
-/// contains it (FACTS.md), and even with the "w ww" line of FACTS.md frequent short words
+/// contains it (the trainer seeds pieces only from substrings seen in several distinct words),
+/// and even with an extra training line listing every word twice ("w ww") frequent short words
 /// lose to single characters, whose seeds *are* count-weighted: asked for 1500 pieces it
 /// split "and" into "▁an" + "d" and "Hey" into three pieces, while spending pieces on
 /// "▁Monday?" and "▁coffee.". Here:
 /// - one entry per occurrence gives SentencePiece's count-weighted seeds (the EM result is
 ///   the same as with `(word, count)` entries);
-/// - the doubled entry is the FACTS.md workaround: a seed must be a substring that continues
+/// - the doubled entry is the workaround for that seeding: a seed must be a substring that continues
 ///   differently in two places, which a word alone (always followed by the end of the
 ///   entry) is not; with count 0 it does not change the EM;
 /// - cutting at punctuation keeps "▁Monday", "▁pm" and "▁Tom" the same piece in "Tom:",

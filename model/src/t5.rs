@@ -2,8 +2,8 @@
 //! [`Backend`].
 //!
 //! Owns: the layers, the forward pass for teacher forcing, and the incremental decoder with a
-//! KV cache. Weights come in through [`WeightSource`](crate::weights::WeightSource); nothing here
-//! reads files.
+//! KV cache. Weights come in through [`WeightSource`](crate::weight_key::WeightSource);
+//! nothing here reads files.
 //!
 //! Faithful details (checked against transformers' `modeling_t5.py`):
 //! - RMS layer norm without mean subtraction or bias;
@@ -24,7 +24,7 @@ use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 use crate::config::{DenseActivation, T5Config};
 use crate::error::ModelError;
 use crate::precision::Precision;
-use crate::weights::{WeightKey, WeightSource};
+use crate::weight_key::{WeightKey, WeightSource};
 
 /// Additive bias for masked positions. Finite so that bf16/f16 compute does not produce
 /// `inf - inf`; `exp(-1e9 - max)` is exactly 0 in f32 just like HF's `finfo.min`.
@@ -100,7 +100,7 @@ impl<B: Backend> LoraAdapter<B> {
 /// [in, out]` matrix product rather than a batch of them against a broadcast weight: the
 /// weight's gradient is then one product over all rows, instead of one `[in, out]` product per
 /// batch element (with an inner dimension of one sequence) summed afterwards, which made
-/// training several times slower on CPU.
+/// training much slower on CPU.
 pub fn mixed_linear<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 2>,
@@ -235,7 +235,7 @@ fn apply_dropout<B: Backend, const D: usize>(dropout: &Dropout, x: Tensor<B, D>)
 }
 
 /// HF `gelu_new` (tanh approximation) with the cube as two products: burn's
-/// `gelu_approximate` computes `x^3` with `powf`, several times slower on CPU.
+/// `gelu_approximate` computes `x^3` with `powf`, much slower on CPU.
 pub fn gelu_new<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
     let cube = x.clone() * x.clone() * x.clone();

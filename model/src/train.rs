@@ -1,8 +1,8 @@
 //! One optimizer step of local fine-tuning: gradient accumulation over micro-batches, global
 //! gradient-norm clipping, the learning-rate schedule, and torch-semantics AdamW.
 //!
-//! Owns: the step arithmetic. Data order, checkpoints and progress reporting belong to callers
-//! (the `meshtune train` command and the node's trainer thread).
+//! Owns: the step arithmetic. Must not touch data order, checkpoints or progress reporting:
+//! they belong to callers (the `meshtune train` command and the node's trainer thread).
 
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};

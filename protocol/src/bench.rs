@@ -16,6 +16,9 @@
 
 use std::time::Instant;
 
+use rand_xoshiro::SplitMix64;
+use rand_xoshiro::rand_core::{RngCore, SeedableRng};
+
 use crate::codec::{
     CodecParams, DecodeError, EncodeError, ErrorFeedback, Sparsity, ValueFormat, decode_entries,
     encode_delta,
@@ -337,7 +340,7 @@ fn error_against_feedback(decoded: &TensorSet, feedback: &ErrorFeedback) -> (f64
 #[must_use]
 pub fn synthetic_delta(params: usize, seed: u64) -> TensorSet {
     let layout = flan_t5_layout(&T5Dims::FLAN_T5_BASE);
-    let mut random = SplitMix64(seed);
+    let mut random = DeltaValues::new(seed);
     let mut tensors = Vec::new();
     let mut remaining = params;
     'passes: for pass in 0.. {
@@ -370,27 +373,24 @@ pub fn synthetic_delta(params: usize, seed: u64) -> TensorSet {
     TensorSet::from_sorted_unchecked(tensors)
 }
 
-/// Small, fast, reproducible generator (Steele et al.), enough for synthetic data.
-struct SplitMix64(u64);
+/// The synthetic delta's random values, from a seeded SplitMix64 stream (the same stream for
+/// the same seed in every version of `rand_xoshiro`).
+struct DeltaValues(SplitMix64);
 
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+impl DeltaValues {
+    fn new(seed: u64) -> Self {
+        Self(SplitMix64::seed_from_u64(seed))
     }
 
     /// Uniform in `[-1, 1)`.
     fn uniform_symmetric(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 * (1.0 / (1u64 << 23) as f32) - 1.0
+        (self.0.next_u64() >> 40) as f32 * (1.0 / (1u64 << 23) as f32) - 1.0
     }
 
     /// Student-t with 4 degrees of freedom, by Bailey's polar method.
     fn student_t4(&mut self) -> f32 {
         loop {
-            let bits = self.next_u64();
+            let bits = self.0.next_u64();
             let u = (bits >> 40) as f32 * (1.0 / (1u64 << 23) as f32) - 1.0;
             let v = ((bits >> 8) & 0xff_ffff) as f32 * (1.0 / (1u64 << 23) as f32) - 1.0;
             let w = u * u + v * v;

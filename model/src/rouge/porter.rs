@@ -8,6 +8,8 @@
 //! first-matching-suffix-decides behaviour of `_apply_rule_list`. Do not
 //! "fix" anything here without regenerating the fixture: parity with NLTK is
 //! the whole point.
+//!
+//! Owns: the stemmer alone. Must not tokenize or score: [`crate::rouge`] does.
 
 /// Stems one word exactly as NLTK's default `PorterStemmer().stem(word)`.
 pub fn stem(word: &str) -> String {

@@ -1,5 +1,8 @@
 //! Decoding: a verified blob and its tensor index in, a complete and validated
 //! [`TensorSet`] out, or a typed error and nothing.
+//!
+//! Owns: the decoder and its validation. Must not hand out a tensor that failed validation,
+//! nor part of a delta.
 
 use super::sparse::{IndexSectionError, unpack_indices};
 use super::values::{ValueScratch, ValueSectionError, decode_values};

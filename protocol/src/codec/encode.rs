@@ -3,6 +3,9 @@
 //! Every check that can fail runs before the first residual is updated (with feedback) or
 //! before each tensor is encoded (without). zstd is an optimization: where it fails or
 //! does not shrink a segment, the segment is stored raw.
+//!
+//! Owns: the encoder and the update of error-feedback residuals. Must not define chunk lists
+//! or hashes: it feeds [`crate::chunk`]'s builder, which does.
 
 use super::sparse::{kept_count, max_index_section_len, pack_indices, select_top_k};
 use super::values::{ValueScratch, decode_values, encode_values, fits_format, value_section_len};

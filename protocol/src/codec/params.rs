@@ -1,6 +1,9 @@
 //! Codec parameters: what a sender asks for ([`CodecParams`], with a compact text form
 //! for configuration and the command line) and what one tensor's segment actually is
 //! ([`TensorEncoding`], recorded in the manifest).
+//!
+//! Owns: the parameter types and their text form. Must not encode values: `encode` and
+//! `values` do.
 
 use std::fmt;
 use std::str::FromStr;
@@ -72,7 +75,8 @@ pub struct CodecParams {
 }
 
 impl Default for CodecParams {
-    /// `int8/64+zstd:1`: 4x+ smaller than f32, fast, no sender state.
+    /// `int8/64+zstd:1`: much smaller than f32 (ratios in docs/BENCHMARKS.md), fast, no sender
+    /// state.
     fn default() -> Self {
         Self::int8_zstd()
     }

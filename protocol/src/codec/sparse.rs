@@ -10,6 +10,8 @@
 //! by its gaps packed LSB-first in `ceil(len * w / 8)` bytes.
 //!
 //! Hot loops are index loops, see `values.rs` for why.
+//!
+//! Owns: top-k selection and the index section. Must not touch value formats: `values` does.
 #![allow(clippy::needless_range_loop)]
 
 /// Gaps per bit-packed group.

@@ -16,7 +16,10 @@
 //! they auto-vectorize. They are plain index loops over slices cut to equal length (bounds
 //! checks disappear): iterator adapters (`zip`, `chunks_exact`) call core helpers that are
 //! not inlined across codegen units when the release profile disables LTO, which made
-//! these loops ~3x slower.
+//! these loops much slower (docs/BENCHMARKS.md, "Delta codec").
+//!
+//! Owns: the value formats, quantization and byte shuffle. Must not choose which values to
+//! send: `sparse` does.
 #![allow(clippy::needless_range_loop)]
 
 use half::f16;

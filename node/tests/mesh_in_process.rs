@@ -474,13 +474,16 @@ async fn a_node_without_the_mesh_key_cannot_join() {
     let data = shards(3, 32);
     let members: Vec<TestNode> = (0..2)
         .map(|i| {
-            start_node_with_psk(
-                Some(psk),
-                6_001 + i as u64,
-                &boot_addr,
-                &data[i],
-                &dir.path().join(format!("node{i}")),
-                1,
+            spawn_test_node(
+                NodeSpec {
+                    psk: Some(psk),
+                    keypair: None,
+                    port: 6_001 + i as u64,
+                    bootstrap: &boot_addr,
+                    records: &data[i],
+                    out: &dir.path().join(format!("node{i}")),
+                    peers_expected: 1,
+                },
                 |c| c.rounds = Some(3),
             )
         })

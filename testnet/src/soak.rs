@@ -334,7 +334,14 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let started = Instant::now();
     let (_bootstrap, address) = start_bootstrap(&dir, None)?;
-    let mut soak = Soak::start(&args, &testnet, &prepared, &dir, &address, started)?;
+    let mut soak = Soak::start(SoakRun {
+        args: &args,
+        testnet: &testnet,
+        prepared: &prepared,
+        dir: &dir,
+        address: &address,
+        started,
+    })?;
     println!(
         "{:>5} | {:>40} | {:>6} | {:>7}",
         "round", "RSS MiB per node", "deltas", "time"
@@ -402,14 +409,21 @@ fn soak_testnet_args(args: &SoakArgs, out: &Path) -> TestnetArgs {
     }
 }
 
-/// A soak in progress: the node processes, the kill schedule, what happened so far.
-struct Soak<'a> {
+/// What a soak runs with.
+struct SoakRun<'a> {
     args: &'a SoakArgs,
     testnet: &'a TestnetArgs,
     prepared: &'a Prepared,
     dir: &'a Path,
     address: &'a str,
     started: Instant,
+}
+
+/// A soak in progress: the node processes, the kill schedule, what happened so far.
+struct Soak<'a> {
+    run: SoakRun<'a>,
+    args: &'a SoakArgs,
+    dir: &'a Path,
     rng: Rng,
     /// Rounds after which a node is killed, soonest first.
     kill_at: Vec<u64>,
@@ -423,14 +437,8 @@ struct Soak<'a> {
 
 impl<'a> Soak<'a> {
     /// Starts every node but the late joiner and draws the kill schedule.
-    fn start(
-        args: &'a SoakArgs,
-        testnet: &'a TestnetArgs,
-        prepared: &'a Prepared,
-        dir: &'a Path,
-        address: &'a str,
-        started: Instant,
-    ) -> anyhow::Result<Self> {
+    fn start(run: SoakRun<'a>) -> anyhow::Result<Self> {
+        let (args, dir) = (run.args, run.dir);
         let last = args.nodes - 1;
         let late_round = args
             .late_join_round
@@ -450,12 +458,9 @@ impl<'a> Soak<'a> {
             .collect();
         kill_at.sort_unstable();
         let mut soak = Self {
+            run,
             args,
-            testnet,
-            prepared,
             dir,
-            address,
-            started,
             rng,
             kill_at,
             slots: Vec::new(),
@@ -486,7 +491,7 @@ impl<'a> Soak<'a> {
     fn spawn(&self, i: usize, wait_for: usize) -> anyhow::Result<Process> {
         let launch = NodeLaunch {
             index: i,
-            bootstrap: self.address,
+            bootstrap: self.run.address,
             ip: "127.0.0.1",
             codec: &self.args.codec,
             outer: "average",
@@ -498,7 +503,12 @@ impl<'a> Soak<'a> {
             .append(true)
             .open(self.dir.join(format!("{name}.log")))?;
         let child = role_command(None, Some(i), "__node")?
-            .args(node_args(self.testnet, self.prepared, self.dir, launch))
+            .args(node_args(
+                self.run.testnet,
+                self.run.prepared,
+                self.dir,
+                launch,
+            ))
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()
@@ -507,7 +517,7 @@ impl<'a> Soak<'a> {
     }
 
     fn event(&mut self, node: usize, what: String) {
-        let seconds = self.started.elapsed().as_secs_f64();
+        let seconds = self.run.started.elapsed().as_secs_f64();
         tracing::info!(node, seconds, "{what}");
         self.events.push(SoakEvent {
             seconds,

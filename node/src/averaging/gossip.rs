@@ -555,22 +555,7 @@ mod tests {
     use super::*;
     use meshtune_protocol::Tensor;
 
-    /// Test peers: ordered integers whose bytes rank links.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-    struct PeerId(u64);
-
-    impl std::fmt::Display for PeerId {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "peer-{}", self.0)
-        }
-    }
-
-    impl PeerId {
-        fn random() -> Self {
-            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-            PeerId(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
-        }
-    }
+    use crate::averaging::test_peer::PeerId;
 
     impl PeerBytes for PeerId {
         fn peer_bytes(&self) -> Vec<u8> {

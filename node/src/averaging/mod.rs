@@ -12,3 +12,24 @@ pub mod round;
 pub trait PeerKey: Copy + Ord + std::hash::Hash + std::fmt::Debug + std::fmt::Display {}
 
 impl<T: Copy + Ord + std::hash::Hash + std::fmt::Debug + std::fmt::Display> PeerKey for T {}
+
+/// Test peers of the state machines' unit tests: distinct, ordered integers.
+#[cfg(test)]
+pub(crate) mod test_peer {
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+    pub struct PeerId(pub u64);
+
+    impl std::fmt::Display for PeerId {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "peer-{}", self.0)
+        }
+    }
+
+    impl PeerId {
+        /// A peer never handed out before.
+        pub fn random() -> Self {
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+            PeerId(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+        }
+    }
+}

@@ -723,22 +723,7 @@ pub fn ahead_majority<P: PeerKey>(round: u64, states: &[(P, u64, ModelHash)]) ->
 mod tests {
     use super::*;
 
-    /// Test peers: distinct, ordered integers (the machine needs nothing more of an id).
-    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-    struct PeerId(u64);
-
-    impl std::fmt::Display for PeerId {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "peer-{}", self.0)
-        }
-    }
-
-    impl PeerId {
-        fn random() -> Self {
-            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-            PeerId(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
-        }
-    }
+    use crate::averaging::test_peer::PeerId;
 
     type Input = super::Input<PeerId>;
     type Action = super::Action<PeerId>;

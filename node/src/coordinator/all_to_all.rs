@@ -59,7 +59,7 @@ use crate::averaging::round::{
     self, Phase, RejectReason, RoundMachine, Verdict, final_state_winner,
 };
 use crate::energy::{EnergyMeter, RoundEnergy};
-use crate::network::{Client, NetworkEvent};
+use crate::network::NetworkEvent;
 use crate::trainer::{EvalReport, TrainReport};
 
 type Input = round::Input<PeerId>;
@@ -135,15 +135,8 @@ impl Coordinator {
         inbox: &mut Inbox,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<(Self, mpsc::Receiver<Done>)> {
-        let Start {
-            config,
-            me,
-            trainer,
-            client,
-            store,
-            metrics,
-        } = start;
-        let mut ledger = Ledger::open(&config, me, &trainer, &store)?;
+        let (config, me) = (start.config.clone(), start.me);
+        let mut ledger = Ledger::open(&config, me, &start.trainer, &start.store)?;
         let (mut round, mut feedback, mut outer_state) =
             (0, ErrorFeedback::new(), OuterState::default());
         if let Some((next_round, restored)) = ledger.restore().await? {
@@ -151,7 +144,7 @@ impl Coordinator {
             (feedback, outer_state) = restore_extras(restored.extras)?;
             tracing::info!(round, "resumed from checkpoint");
         }
-        let mut base = trainer.weights().await?;
+        let mut base = start.trainer.weights().await?;
         let layout = base.layout();
         let mut base_hash = ModelHash::of_tensors(&base);
         ledger.serve(round, &base, &outer_state)?;
@@ -160,23 +153,14 @@ impl Coordinator {
                 .wait_for_peers(config.wait_for_peers, config.wait_timeout, shutdown)
                 .await;
         }
-        metrics.mesh_peers.set(inbox.mesh_peers as i64);
+        start.metrics.mesh_peers.set(inbox.mesh_peers as i64);
         // Back from a restart (or new) while the mesh already moved on: adopt its state
         // before the first round rather than training a round nobody else is in. Waiting for
         // manifests instead can miss the whole rest of a short run, and training alone
         // meanwhile makes the others wait for it.
-        let shared_config = config.clone();
         if inbox.mesh_peers > 0
-            && let Some(((synced, peer), weights, outer)) = catch_up(
-                &client,
-                &shared_config,
-                &layout,
-                &metrics,
-                round,
-                inbox,
-                shutdown,
-            )
-            .await
+            && let Some(((synced, peer), weights, outer)) =
+                catch_up(&start, &layout, round, inbox, shutdown).await
         {
             feedback.clear();
             (base, base_hash) = ledger
@@ -194,17 +178,10 @@ impl Coordinator {
             )
             .await;
         let (done, done_rx) = mpsc::channel(64);
-        let wire = metrics.wire_bytes();
+        let wire = start.metrics.wire_bytes();
         let mut coordinator = Self {
             open: OpenRound::new(&config, wire, base_hash),
-            shared: Shared {
-                config,
-                trainer,
-                client,
-                store,
-                metrics,
-                done,
-            },
+            shared: Shared::new(start, done),
             me,
             ledger,
             machine,
@@ -866,14 +843,13 @@ fn restore_extras(
 /// Asks the mesh whether most of it is past `round` and, if so, takes the state of the peer
 /// to follow: `((round, peer), weights, outer state)`. Events that arrive meanwhile are kept.
 async fn catch_up(
-    client: &Client,
-    config: &CoordinatorConfig,
+    start: &Start,
     layout: &ModelLayout,
-    metrics: &super::metrics::NodeMetrics,
     round: u64,
     inbox: &mut Inbox,
     shutdown: &CancellationToken,
 ) -> Option<((u64, PeerId), TensorSet, OuterState)> {
+    let (client, config, metrics) = (&start.client, &start.config, &start.metrics);
     let ahead = mesh_ahead(client, &config.mesh_id, round);
     let (peer, their_round) = inbox.drain_while(ahead, Keep::All, shutdown).await??;
     tracing::info!(peer = %peer, their_round, our_round = round, "the mesh is ahead of this node: adopting its state before the first round");

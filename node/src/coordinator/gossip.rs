@@ -384,6 +384,19 @@ struct RoundLog {
     published: Option<Published>,
 }
 
+impl RoundLog {
+    /// A round starting now from `model`.
+    fn new(metrics: &super::metrics::NodeMetrics, model: &TensorSet) -> Self {
+        Self {
+            started: Instant::now(),
+            wire_at_start: metrics.wire_bytes(),
+            base_hash: ModelHash::of_tensors(model),
+            report: None,
+            published: None,
+        }
+    }
+}
+
 /// What performing an action led to.
 enum Performed {
     /// The machine's next input.
@@ -396,12 +409,8 @@ enum Performed {
 
 /// The gossip round loop of one node (see the module docs).
 struct GossipShell {
-    config: CoordinatorConfig,
-    me: PeerId,
-    trainer: crate::trainer::TrainerHandle,
-    client: Client,
-    store: Arc<Mutex<BlobStore>>,
-    metrics: super::metrics::NodeMetrics,
+    /// Settings and handles.
+    start: Start,
     ledger: Ledger,
     machine: GossipMachine<PeerId>,
     model: TensorSet,
@@ -473,22 +482,16 @@ impl GossipShell {
         inbox: &mut Inbox,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<(Self, mpsc::Receiver<(PeerId, u64, Heard)>)> {
-        let Start {
-            config,
-            me,
-            trainer,
-            client,
-            store,
-            metrics,
-        } = start;
+        let (config, me) = (&start.config, start.me);
+        let (trainer, client, store) = (&start.trainer, &start.client, &start.store);
         let Topology::Gossip { degree, step } = config.topology else {
             anyhow::bail!("the gossip shell needs a gossip topology");
         };
-        let mut ledger = Ledger::open(&config, me, &trainer, &store)?;
+        let mut ledger = Ledger::open(config, me, trainer, store)?;
         let (mut round, mut restored_anchor) = (0, None);
         if let Some((next_round, restored)) = ledger.restore().await? {
             round = next_round;
-            restored_anchor = Some(anchor_from_extras(restored.extras, &config)?);
+            restored_anchor = Some(anchor_from_extras(restored.extras, config)?);
             tracing::info!(round, "resumed from checkpoint");
         }
         let mut model = trainer.weights().await?;
@@ -523,7 +526,7 @@ impl GossipShell {
         // as that peer's q from the anchor (one delta's bytes), and from its round.
         if fresh_start {
             let joining = async {
-                let ahead = peers_ahead(&client, &config).await;
+                let ahead = peers_ahead(client, config).await;
                 if ahead.is_empty() {
                     return Ok(None);
                 }
@@ -559,21 +562,10 @@ impl GossipShell {
             })
             .collect();
         let (heard_tx, heard_rx) = mpsc::channel(64);
-        let log = RoundLog {
-            started: Instant::now(),
-            wire_at_start: metrics.wire_bytes(),
-            base_hash: ModelHash::of_tensors(&model),
-            report: None,
-            published: None,
-        };
+        let log = RoundLog::new(&start.metrics, &model);
         let shell = Self {
-            own: OwnCopies::new(me, &anchor, &config, &store),
-            config,
-            me,
-            trainer,
-            client,
-            store,
-            metrics,
+            own: OwnCopies::new(me, &anchor, config, store),
+            start,
             ledger,
             machine,
             model,
@@ -601,11 +593,11 @@ impl GossipShell {
                     return Ok(Performed::Stopped);
                 };
                 self.log.report = Some(report?);
-                let candidates = self.client.mesh_peers().await.unwrap_or_default();
+                let candidates = self.start.client.mesh_peers().await.unwrap_or_default();
                 Performed::Input(GossipInput::Trained { round, candidates })
             }
             GossipAction::Publish { round, candidates } => {
-                lock_store(&self.store)?.retain_link_holders(|p| candidates.contains(p));
+                lock_store(&self.start.store)?.retain_link_holders(|p| candidates.contains(p));
                 let (samples, steps) = self
                     .log
                     .report
@@ -649,17 +641,15 @@ impl GossipShell {
 
     /// Local training of `round` from the current model.
     async fn train(&mut self, round: u64) -> anyhow::Result<TrainReport> {
-        self.log = RoundLog {
-            started: Instant::now(),
-            wire_at_start: self.metrics.wire_bytes(),
-            base_hash: ModelHash::of_tensors(&self.model),
-            report: None,
-            published: None,
-        };
-        self.metrics.round.set(round as i64);
-        self.trainer.set_weights(self.model.clone()).await?;
-        let report = self.trainer.train(self.config.local_steps).await?;
-        self.model = self.trainer.weights().await?;
+        self.log = RoundLog::new(&self.start.metrics, &self.model);
+        self.start.metrics.round.set(round as i64);
+        self.start.trainer.set_weights(self.model.clone()).await?;
+        let report = self
+            .start
+            .trainer
+            .train(self.start.config.local_steps)
+            .await?;
+        self.model = self.start.trainer.weights().await?;
         Ok(report)
     }
 
@@ -671,20 +661,20 @@ impl GossipShell {
         fresh: usize,
         payload: u64,
     ) -> anyhow::Result<()> {
-        self.trainer.set_weights(self.model.clone()).await?;
-        let config = &self.config;
+        self.start.trainer.set_weights(self.model.clone()).await?;
+        let config = &self.start.config;
         let last = config.rounds.is_some_and(|n| round + 1 == n);
         let eval = if config.eval_every > 0 && (round.is_multiple_of(config.eval_every) || last) {
-            Some(self.trainer.evaluate().await?)
+            Some(self.start.trainer.evaluate().await?)
         } else {
             None
         };
         if let Some(e) = &eval {
-            self.metrics.eval_loss.set(e.loss);
-            self.metrics.eval_rouge_l.set(e.rouge_l);
+            self.start.metrics.eval_loss.set(e.loss);
+            self.start.metrics.eval_rouge_l.set(e.rouge_l);
         }
         let hash = ModelHash::of_tensors(&self.model);
-        let mesh_peers = self.client.mesh_peers().await.map_or(0, |p| p.len());
+        let mesh_peers = self.start.client.mesh_peers().await.map_or(0, |p| p.len());
         let record = self.record(round, hash, eval, heard, payload, mesh_peers);
         let published = self.log.published.as_ref();
         tracing::info!(
@@ -699,8 +689,8 @@ impl GossipShell {
             seconds = record.seconds_total,
             "gossip round applied"
         );
-        self.metrics.deltas_used.set(heard.len() as i64 + 1);
-        self.metrics.round_seconds.set(record.seconds_total);
+        self.start.metrics.deltas_used.set(heard.len() as i64 + 1);
+        self.start.metrics.round_seconds.set(record.seconds_total);
         self.ledger
             .checkpoint(round + 1, hash, self.anchor_extras.clone())
             .await?;
@@ -725,11 +715,15 @@ impl GossipShell {
             tokens: 0,
             energy_j: None,
         });
-        let wire = self.metrics.wire_bytes().since(&self.log.wire_at_start);
+        let wire = self
+            .start
+            .metrics
+            .wire_bytes()
+            .since(&self.log.wire_at_start);
         let seconds_total = self.log.started.elapsed().as_secs_f64();
         let seconds_eval = eval.as_ref().map_or(0.0, |e| e.seconds);
         let mut contributors: Vec<String> = heard.iter().map(ToString::to_string).collect();
-        contributors.push(self.me.to_string());
+        contributors.push(self.start.me.to_string());
         contributors.sort();
         let published = self.log.published.as_ref();
         RoundRecord {
@@ -749,7 +743,7 @@ impl GossipShell {
             seconds_train: report.seconds,
             seconds_total,
             seconds_eval,
-            deadline_s: self.config.round.collect_timeout.as_secs_f64(),
+            deadline_s: self.start.config.round.collect_timeout.as_secs_f64(),
             tokens: report.tokens,
             energy: RoundEnergy::new(
                 report.tokens,
@@ -760,7 +754,7 @@ impl GossipShell {
             ),
             base_hash: self.log.base_hash.to_string(),
             contributors,
-            ..RoundRecord::empty(round, self.me, hash)
+            ..RoundRecord::empty(round, self.start.me, hash)
         }
     }
 
@@ -770,9 +764,9 @@ impl GossipShell {
         mut inbox: Inbox,
         shutdown: CancellationToken,
     ) -> anyhow::Result<RunSummary> {
-        let config = &self.config;
+        let config = &self.start.config;
         linger(
-            &self.store,
+            &self.start.store,
             &mut inbox,
             &shutdown,
             config.linger_quiet,

@@ -13,8 +13,8 @@ use anyhow::Context;
 use libp2p::PeerId;
 use meshtune_model::checkpoint::HostParam;
 use meshtune_protocol::{
-    ErrorFeedback, ModelHash, StateCodecParams, StateManifest, TensorSet, VerifiedFile, chunk_blob,
-    encode_state, encode_state_to,
+    BlobDescriptor, EncodedStateIndex, ErrorFeedback, ModelHash, StateCodecParams, StateManifest,
+    TensorSet, VerifiedFile, chunk_blob, encode_state, encode_state_to,
 };
 
 use super::config::CoordinatorConfig;
@@ -196,19 +196,45 @@ pub fn serve_state(
     }
     let encoded = encode_state(base, &outer, &StateCodecParams::default())?;
     let chunks = chunk_blob(&encoded.blob, config.chunk_size)?;
-    let manifest = StateManifest {
-        mesh_id: config.mesh_id.clone(),
-        round,
+    let index = EncodedStateIndex {
         model_hash: encoded.model_hash,
-        sender: me.to_bytes(),
-        // Local optimizer steps each node took to reach this model.
-        training_steps: round * config.local_steps as u64,
-        blob: chunks.descriptor(),
         model: encoded.model,
         optimizer: encoded.optimizer,
     };
+    let manifest = state_manifest(config, me, round, chunks.descriptor(), index);
     lock_store(store)?.set_state(manifest, Arc::new(encoded.blob), chunks);
     Ok(())
+}
+
+/// A new (or emptied) file for a state blob, open for writing and reading back.
+pub fn create_scratch_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+}
+
+/// The manifest of this node's state of `round`.
+fn state_manifest(
+    config: &CoordinatorConfig,
+    me: PeerId,
+    round: u64,
+    blob: BlobDescriptor,
+    index: EncodedStateIndex,
+) -> StateManifest {
+    StateManifest {
+        mesh_id: config.mesh_id.clone(),
+        round,
+        model_hash: index.model_hash,
+        sender: me.to_bytes(),
+        // Local optimizer steps each node took to reach this model.
+        training_steps: round * config.local_steps as u64,
+        blob,
+        model: index.model,
+        optimizer: index.optimizer,
+    }
 }
 
 /// Runs `work` (encoding a state: seconds to minutes for a large model) without stalling the
@@ -241,13 +267,8 @@ fn serve_state_file(
         std::process::id(),
         SERIAL.fetch_add(1, Ordering::Relaxed)
     ));
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .with_context(|| format!("creating {}", path.display()))?;
+    let file =
+        create_scratch_file(&path).with_context(|| format!("creating {}", path.display()))?;
     let mut writer = std::io::BufWriter::with_capacity(4 << 20, file);
     let (index, chunks) = encode_state_to(
         base,
@@ -262,16 +283,7 @@ fn serve_state_file(
         .map_err(|err| anyhow::anyhow!("writing {}: {}", path.display(), err.error()))?;
     let verified = VerifiedFile::written(file, &chunks)
         .with_context(|| format!("reading back {}", path.display()))?;
-    let manifest = StateManifest {
-        mesh_id: config.mesh_id.clone(),
-        round,
-        model_hash: index.model_hash,
-        sender: me.to_bytes(),
-        training_steps: round * config.local_steps as u64,
-        blob: chunks.descriptor(),
-        model: index.model,
-        optimizer: index.optimizer,
-    };
+    let manifest = state_manifest(config, me, round, chunks.descriptor(), index);
     let bytes = BlobBytes::File(Arc::new(BlobFile {
         file: verified,
         path,

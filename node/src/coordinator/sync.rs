@@ -30,11 +30,12 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use meshtune_protocol::{
-    ChunkRequest, ChunkResponse, DecodeError, ModelHash, ModelLayout, ModelState, StateManifest,
-    TensorSet, decode_state, decode_state_file,
+    ChunkRequest, ChunkResponse, DecodeError, Limits, ModelHash, ModelLayout, ModelState,
+    StateManifest, TensorSet, decode_state, decode_state_file,
 };
 
 use super::config::CoordinatorConfig;
+use super::ledger::create_scratch_file;
 use super::metrics::NodeMetrics;
 use crate::averaging::aggregate::{AggregateError, OuterState};
 use crate::network::Client;
@@ -232,6 +233,24 @@ fn verify_error(config: &CoordinatorConfig) -> impl FnOnce(DecodeError) -> SyncE
     }
 }
 
+/// Counts `bytes` of state received and runs `decode` (with the limits and the outer
+/// optimizer's layout) on a blocking thread.
+async fn decode_off_thread(
+    config: &CoordinatorConfig,
+    metrics: Option<&NodeMetrics>,
+    bytes: u64,
+    outer_layout: ModelLayout,
+    decode: impl FnOnce(Limits, ModelLayout) -> Result<ModelState, DecodeError> + Send + 'static,
+) -> Result<ModelState, SyncError> {
+    if let Some(metrics) = metrics {
+        metrics.bytes("state_in", bytes);
+    }
+    let limits = config.limits.clone();
+    tokio::task::spawn_blocking(move || decode(limits, outer_layout))
+        .await?
+        .map_err(verify_error(config))
+}
+
 /// A small state: fetched into memory and decoded there.
 async fn fetch_state_in_memory(
     client: &Client,
@@ -242,16 +261,18 @@ async fn fetch_state_in_memory(
     metrics: Option<&NodeMetrics>,
 ) -> Result<ModelState, SyncError> {
     let fetched = fetch_blob(client, &manifest.blob, donors, &config.limits, config.fetch).await?;
-    if let Some(metrics) = metrics {
-        metrics.bytes("state_in", fetched.blob.as_bytes().len() as u64);
-    }
-    let limits = config.limits.clone();
+    let bytes = fetched.blob.as_bytes().len() as u64;
     let outer_layout = OuterState::layout(config.outer, &layout);
-    tokio::task::spawn_blocking(move || {
-        decode_state(&manifest, &fetched.blob, &layout, &outer_layout, &limits)
-    })
-    .await?
-    .map_err(verify_error(config))
+    decode_off_thread(
+        config,
+        metrics,
+        bytes,
+        outer_layout,
+        move |limits, outer_layout| {
+            decode_state(&manifest, &fetched.blob, &layout, &outer_layout, &limits)
+        },
+    )
+    .await
 }
 
 /// A large state: streamed to a file and decoded from it tensor by tensor, so memory holds the
@@ -271,13 +292,7 @@ async fn fetch_state_to_file(
     };
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let path = dir.join(format!("incoming-{}.part", manifest.blob.blob_hash));
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .map_err(io(&path))?;
+    let file = create_scratch_file(&path).map_err(io(&path))?;
     let fetched = fetch_blob_to_file(
         client,
         &manifest.blob,
@@ -289,17 +304,17 @@ async fn fetch_state_to_file(
     .await;
     let decoded = match fetched {
         Ok((verified, _)) => {
-            if let Some(metrics) = metrics {
-                metrics.bytes("state_in", verified.size());
-            }
-            let limits = config.limits.clone();
             let outer_layout = OuterState::layout(config.outer, &layout);
-            tokio::task::spawn_blocking(move || {
-                decode_state_file(&manifest, &verified, &layout, &outer_layout, &limits)
-            })
+            decode_off_thread(
+                config,
+                metrics,
+                verified.size(),
+                outer_layout,
+                move |limits, outer_layout| {
+                    decode_state_file(&manifest, &verified, &layout, &outer_layout, &limits)
+                },
+            )
             .await
-            .map_err(SyncError::from)
-            .and_then(|decoded| decoded.map_err(verify_error(config)))
         }
         Err(err) => Err(err.into()),
     };

@@ -157,6 +157,19 @@ pub struct Shared {
     pub done: mpsc::Sender<Done>,
 }
 
+impl Shared {
+    pub fn new(start: super::config::Start, done: mpsc::Sender<Done>) -> Self {
+        Self {
+            config: start.config,
+            trainer: start.trainer,
+            client: start.client,
+            store: start.store,
+            metrics: start.metrics,
+            done,
+        }
+    }
+}
+
 /// This node's delta as peers will see it.
 struct OwnDelta {
     manifest_bytes: Vec<u8>,

@@ -149,62 +149,33 @@ pub fn start_node(
     )
 }
 
-/// [`start_node`] on a transport that requires the pre-shared key `psk` (a private mesh).
-pub fn start_node_with_psk(
-    psk: Option<PreSharedKey>,
-    port: u64,
-    bootstrap: &PeerAddr,
-    records: &[SamsumRecord],
-    out: &Path,
-    peers_expected: usize,
-    configure: impl FnOnce(&mut CoordinatorConfig),
-) -> TestNode {
-    spawn_test_node(
-        NodeSpec {
-            psk,
-            keypair: None,
-            port,
-            bootstrap,
-            records,
-            out,
-            peers_expected,
-        },
-        configure,
-    )
-}
-
 /// Who a test node is and where it listens, trains and writes.
-struct NodeSpec<'a> {
-    psk: Option<PreSharedKey>,
-    keypair: Option<Keypair>,
-    port: u64,
-    bootstrap: &'a PeerAddr,
-    records: &'a [SamsumRecord],
-    out: &'a Path,
-    peers_expected: usize,
+pub struct NodeSpec<'a> {
+    /// The mesh's pre-shared key (a private mesh), if any.
+    pub psk: Option<PreSharedKey>,
+    pub keypair: Option<Keypair>,
+    pub port: u64,
+    pub bootstrap: &'a PeerAddr,
+    pub records: &'a [SamsumRecord],
+    pub out: &'a Path,
+    pub peers_expected: usize,
 }
 
 /// A tiny-T5 node on the memory transport, through [`Node::spawn`] as the binary starts one:
 /// 4 rounds of 3 steps, int8 deltas, a final exchange, no evaluation, unless `configure`
 /// changes them.
-fn spawn_test_node(spec: NodeSpec<'_>, configure: impl FnOnce(&mut CoordinatorConfig)) -> TestNode {
-    let NodeSpec {
-        psk,
-        keypair,
-        port,
-        bootstrap,
-        records,
-        out,
-        peers_expected,
-    } = spec;
-    let keypair = keypair.unwrap_or_else(Keypair::generate_ed25519);
-    let trainer = trainer(records, &train_config());
+pub fn spawn_test_node(
+    spec: NodeSpec<'_>,
+    configure: impl FnOnce(&mut CoordinatorConfig),
+) -> TestNode {
+    let keypair = spec.keypair.unwrap_or_else(Keypair::generate_ed25519);
+    let trainer = trainer(spec.records, &train_config());
     let mut net = NetworkConfig::new("test".parse().expect("mesh"));
-    net.listen = vec![format!("/memory/{port}").parse().expect("addr")];
-    net.bootstrap = vec![bootstrap.clone()];
+    net.listen = vec![format!("/memory/{}", spec.port).parse().expect("addr")];
+    net.bootstrap = vec![spec.bootstrap.clone()];
     net.random_walk_interval = Duration::from_secs(2);
     net.request_timeout = Duration::from_secs(10);
-    let mut config = CoordinatorConfig::new("test", out.to_path_buf());
+    let mut config = CoordinatorConfig::new("test", spec.out.to_path_buf());
     config.local_steps = 3;
     config.rounds = Some(4);
     config.final_exchange = true;
@@ -217,11 +188,11 @@ fn spawn_test_node(spec: NodeSpec<'_>, configure: impl FnOnce(&mut CoordinatorCo
         future_window: 1,
         adaptive: Some(Default::default()),
     };
-    config.wait_for_peers = peers_expected;
+    config.wait_for_peers = spec.peers_expected;
     config.wait_timeout = Duration::from_secs(30);
     configure(&mut config);
     let node = Node::spawn(NodeConfig {
-        transport: memory_transport(&keypair, psk).expect("transport"),
+        transport: memory_transport(&keypair, spec.psk).expect("transport"),
         keypair,
         network: net,
         coordinator: config,

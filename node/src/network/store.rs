@@ -3,18 +3,20 @@
 //! for late joiners.
 //!
 //! Owns: the in-memory blob table and the answers to [`ChunkRequest`]s. Must not touch:
-//! the network (the event loop calls [`BlobStore::answer`]) or validation of what goes in
-//! (callers insert only verified blobs).
+//! the network (the event loop calls [`BlobStore::serve`] and reads file chunks off its own
+//! task) or validation of what goes in (callers insert only verified blobs).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use libp2p::PeerId;
 
 use meshtune_protocol::{
-    BlobHash, ChunkList, ChunkListHash, ChunkRequest, ChunkResponse, DeltaManifest, ModelHash,
-    StateManifest,
+    BlobHash, ChunkHash, ChunkList, ChunkListHash, ChunkRequest, ChunkResponse, DeltaManifest,
+    ModelHash, StateManifest,
 };
 
 #[derive(Debug)]
@@ -53,6 +55,76 @@ impl Drop for BlobFile {
         if let Err(err) = std::fs::remove_file(&self.path) {
             tracing::debug!(file = %self.path.display(), error = %err, "could not remove a blob file");
         }
+    }
+}
+
+/// A panic while the store was locked left it poisoned: its tables may be half updated, so
+/// nothing is served from it any more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the blob store's lock is poisoned (a thread panicked while holding it)")]
+pub struct StorePoisoned;
+
+/// Locks the store; a poisoned lock is logged at error level and returned as [`StorePoisoned`].
+pub fn lock(store: &Mutex<BlobStore>) -> Result<MutexGuard<'_, BlobStore>, StorePoisoned> {
+    store.lock().map_err(|_| {
+        tracing::error!("the blob store's lock is poisoned: nothing more is served from it");
+        StorePoisoned
+    })
+}
+
+/// What answering a request takes: an answer at hand, a chunk sliced from a blob in memory
+/// (no copy), or a chunk still to be read from a file (a blocking read the event loop runs
+/// off the swarm task).
+#[derive(Debug, Clone)]
+pub enum Served {
+    Response(ChunkResponse),
+    Chunk(Bytes),
+    FileChunk(FileChunk),
+}
+
+impl Served {
+    /// The answer as a [`ChunkResponse`], reading a file chunk here (blocking).
+    pub fn into_response_blocking(self) -> ChunkResponse {
+        match self {
+            Served::Response(response) => response,
+            Served::Chunk(bytes) => ChunkResponse::Chunk(bytes.to_vec()),
+            Served::FileChunk(chunk) => chunk.read().map_or(ChunkResponse::NotFound, |bytes| {
+                ChunkResponse::Chunk(bytes.to_vec())
+            }),
+        }
+    }
+}
+
+/// A chunk of a blob kept in a file, not read yet.
+#[derive(Debug, Clone)]
+pub struct FileChunk {
+    file: Arc<BlobFile>,
+    range: Range<u64>,
+}
+
+impl FileChunk {
+    /// Reads the chunk (blocking); a failed read is logged and returned.
+    pub fn read(&self) -> std::io::Result<Bytes> {
+        let len =
+            usize::try_from(self.range.end - self.range.start).map_err(std::io::Error::other)?;
+        let mut chunk = vec![0u8; len];
+        self.file
+            .file
+            .read_at(&mut chunk, self.range.start)
+            .inspect_err(|err| {
+                tracing::warn!(file = %self.file.path.display(), error = %err, "cannot read a state chunk");
+            })?;
+        Ok(Bytes::from(chunk))
+    }
+}
+
+/// Lets a [`Bytes`] share a blob held in an `Arc<Vec<u8>>` (slices of it are then views,
+/// not copies).
+struct SharedBlob(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for SharedBlob {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_slice()
     }
 }
 
@@ -279,8 +351,15 @@ impl BlobStore {
             .count()
     }
 
-    /// The answer to `peer`'s request.
+    /// The answer to `peer`'s request, a file chunk read here (blocking; the event loop
+    /// uses [`BlobStore::serve`] and reads file chunks off the swarm task).
     pub fn answer(&mut self, peer: PeerId, request: &ChunkRequest, mesh: &str) -> ChunkResponse {
+        self.serve(peer, request, mesh).into_response_blocking()
+    }
+
+    /// What answering `peer`'s request takes (see [`Served`]). A file chunk counts as served
+    /// when it is handed out, before it is read.
+    pub fn serve(&mut self, peer: PeerId, request: &ChunkRequest, mesh: &str) -> Served {
         if let ChunkRequest::Chunk { blob_hash, .. } = request
             && (self.state.as_ref().is_some_and(|(_, h)| h == blob_hash)
                 || self.previous_state == Some(*blob_hash))
@@ -294,29 +373,32 @@ impl BlobStore {
                 && self.state_uploads.len() >= self.max_state_uploads
             {
                 self.busy_answers += 1;
-                return ChunkResponse::Busy;
+                return Served::Response(ChunkResponse::Busy);
             }
             self.state_uploads.insert(peer, now);
         }
-        let response = match request {
+        let served = match request {
             ChunkRequest::LinkDelta {
                 mesh_id,
                 round,
                 copy,
-            } => self.link_answer(peer, mesh_id, *round, *copy, mesh),
+            } => Served::Response(self.link_answer(peer, mesh_id, *round, *copy, mesh)),
             _ => self.lookup(request, mesh),
         };
-        if matches!(response, ChunkResponse::Chunk(_)) {
+        if matches!(served, Served::Chunk(_) | Served::FileChunk(_)) {
             self.served_chunks += 1;
         }
-        if !matches!(response, ChunkResponse::NotFound | ChunkResponse::Busy) {
+        if !matches!(
+            served,
+            Served::Response(ChunkResponse::NotFound | ChunkResponse::Busy)
+        ) {
             self.last_served = Some(Instant::now());
         }
-        response
+        served
     }
 
-    fn lookup(&self, request: &ChunkRequest, mesh: &str) -> ChunkResponse {
-        match request {
+    fn lookup(&self, request: &ChunkRequest, mesh: &str) -> Served {
+        let response = match request {
             ChunkRequest::CurrentManifest { mesh_id, round } => round
                 .and_then(|r| self.manifests.get(&r))
                 .or_else(|| self.manifests.values().next_back())
@@ -335,38 +417,7 @@ impl BlobStore {
                 blob_hash,
                 index,
                 chunk_hash,
-            } => {
-                let Some(blob) = self.blobs.get(blob_hash) else {
-                    return ChunkResponse::NotFound;
-                };
-                let expected = usize::try_from(*index)
-                    .ok()
-                    .and_then(|i| blob.chunks.chunk_hashes().get(i));
-                if expected != Some(chunk_hash) {
-                    return ChunkResponse::NotFound;
-                }
-                match &blob.bytes {
-                    BlobBytes::Memory(bytes) => blob
-                        .chunks
-                        .chunk(bytes, *index)
-                        .map_or(ChunkResponse::NotFound, |c| {
-                            ChunkResponse::Chunk(c.to_vec())
-                        }),
-                    BlobBytes::File(file) => {
-                        let Some(range) = blob.chunks.chunk_range(*index) else {
-                            return ChunkResponse::NotFound;
-                        };
-                        let mut chunk = vec![0u8; (range.end - range.start) as usize];
-                        match file.file.read_at(&mut chunk, range.start) {
-                            Ok(()) => ChunkResponse::Chunk(chunk),
-                            Err(err) => {
-                                tracing::warn!(file = %file.path.display(), error = %err, "cannot read a state chunk");
-                                ChunkResponse::NotFound
-                            }
-                        }
-                    }
-                }
-            }
+            } => return self.chunk(blob_hash, *index, chunk_hash),
             ChunkRequest::LatestState { mesh_id } => match &self.state {
                 Some((manifest, _)) if manifest.mesh_id == *mesh_id && mesh_id == mesh => {
                     ChunkResponse::State(manifest.clone())
@@ -375,6 +426,42 @@ impl BlobStore {
             },
             // Answered by `link_answer` (it records the requester's copy).
             ChunkRequest::LinkDelta { .. } => ChunkResponse::NotFound,
+        };
+        Served::Response(response)
+    }
+
+    /// Chunk `index` of a held blob whose list names `chunk_hash` there: a slice of the blob
+    /// in memory, or a range of its file still to read.
+    fn chunk(&self, blob_hash: &BlobHash, index: u64, chunk_hash: &ChunkHash) -> Served {
+        let not_found = Served::Response(ChunkResponse::NotFound);
+        let Some(blob) = self.blobs.get(blob_hash) else {
+            return not_found;
+        };
+        let expected = usize::try_from(index)
+            .ok()
+            .and_then(|i| blob.chunks.chunk_hashes().get(i));
+        if expected != Some(chunk_hash) {
+            return not_found;
+        }
+        let Some(range) = blob.chunks.chunk_range(index) else {
+            return not_found;
+        };
+        match &blob.bytes {
+            BlobBytes::Memory(bytes) => {
+                let (Ok(start), Ok(end)) =
+                    (usize::try_from(range.start), usize::try_from(range.end))
+                else {
+                    return not_found;
+                };
+                if end > bytes.len() {
+                    return not_found;
+                }
+                Served::Chunk(Bytes::from_owner(SharedBlob(Arc::clone(bytes))).slice(start..end))
+            }
+            BlobBytes::File(file) => Served::FileChunk(FileChunk {
+                file: Arc::clone(file),
+                range,
+            }),
         }
     }
 }

@@ -120,6 +120,7 @@ fn bf16_export_rounds_each_value_once() {
     let exported = read_all(out.path());
     let (_, want) = &reference["shared.weight"];
     let (_, got) = &exported["shared.weight"];
+    assert_eq!(want.len(), got.len());
     for (w, g) in want.iter().zip(got) {
         assert_eq!(half::bf16::from_f32(*w).to_f32(), *g);
     }

@@ -130,7 +130,8 @@ fn per_example_loss_matches_transformers() {
         .expect("batch");
         let losses = score_batch(&model, &batch).expect("score");
         let reference = expected.json["score"].as_array().expect("score");
-        assert_eq!(reference.len(), records.len());
+        assert_eq!(reference.len(), records.len(), "{name}: reference rows");
+        assert_eq!(losses.len(), records.len(), "{name}: one loss per example");
         for ((record, got), want) in records.iter().zip(&losses).zip(reference) {
             assert_eq!(want["id"].as_str(), Some(record.id.as_str()));
             let want_loss = want["loss"].as_f64().expect("loss");
@@ -182,6 +183,17 @@ fn greedy_and_beam_ids_match_transformers() {
             };
             let outputs = generate(&model, &sources, &generation).expect("generate");
             let results = entry["results"].as_array().expect("results");
+            // zip stops at the shorter side: a missing output must fail, not pass.
+            assert_eq!(
+                results.len(),
+                records.len(),
+                "{name} {mode}: reference rows"
+            );
+            assert_eq!(
+                outputs.len(),
+                records.len(),
+                "{name} {mode}: one output per example"
+            );
             for ((record, got), want) in records.iter().zip(&outputs).zip(results) {
                 let want_ids: Vec<u32> = want["token_ids"]
                     .as_array()

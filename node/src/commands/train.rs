@@ -91,7 +91,11 @@ struct MetricRow {
     loss: f64,
     lr: f64,
     grad_norm: f64,
+    /// Non-padding tokens (source + target) per second, as PyTorch scripts count them.
     tokens_per_s: f64,
+    /// Tokens of the padded shapes (batch x (source_len + target_len)) per second.
+    #[serde(default)]
+    padded_tokens_per_s: f64,
     eval_loss: Option<f64>,
     rouge1: Option<f64>,
     rouge2: Option<f64>,
@@ -310,7 +314,7 @@ fn train_on<B: AutodiffBackend>(
     let mut batches = epoch_batches(&train, config.batch_size, config.seed, epoch);
     while state.step < config.steps {
         let mut micro = Vec::with_capacity(config.grad_accum);
-        let mut shape_tokens = 0usize;
+        let (mut shape_tokens, mut real_tokens) = (0usize, 0usize);
         for _ in 0..config.grad_accum {
             if position >= batches.len() {
                 epoch += 1;
@@ -319,6 +323,8 @@ fn train_on<B: AutodiffBackend>(
             }
             let batch = to_batch(&train, &batches[position], &model_config)?;
             shape_tokens += batch.batch * (batch.source_len + batch.target_len);
+            real_tokens +=
+                batch.attention_mask.iter().filter(|&&m| m != 0).count() + batch.target_tokens();
             micro.push(batch);
             position += 1;
         }
@@ -350,7 +356,7 @@ fn train_on<B: AutodiffBackend>(
             continue;
         }
         let seconds = started.elapsed().as_secs_f64();
-        let tokens_per_s = shape_tokens as f64 / seconds;
+        let tokens_per_s = real_tokens as f64 / seconds;
         let flops = micro
             .iter()
             .map(|b| train_flops_per_step(&model_config, b.batch, b.source_len, b.target_len))
@@ -362,6 +368,7 @@ fn train_on<B: AutodiffBackend>(
             lr: stats.lr,
             grad_norm: stats.grad_norm,
             tokens_per_s,
+            padded_tokens_per_s: shape_tokens as f64 / seconds,
             eval_loss: None,
             rouge1: None,
             rouge2: None,
@@ -473,12 +480,13 @@ fn curve(rows: &[MetricRow], value: impl Fn(&MetricRow) -> Option<f64>) -> Vec<(
 }
 
 fn write_reports(out: &Path, rows: &[MetricRow]) -> anyhow::Result<()> {
-    let mut csv =
-        String::from("step,loss,lr,grad_norm,tokens_per_s,eval_loss,rouge1,rouge2,rougeL\n");
+    let mut csv = String::from(
+        "step,loss,lr,grad_norm,tokens_per_s,eval_loss,rouge1,rouge2,rougeL,padded_tokens_per_s\n",
+    );
     let opt = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x}"));
     for r in rows {
         csv.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{}\n",
             r.step,
             r.loss,
             r.lr,
@@ -487,7 +495,8 @@ fn write_reports(out: &Path, rows: &[MetricRow]) -> anyhow::Result<()> {
             opt(r.eval_loss),
             opt(r.rouge1),
             opt(r.rouge2),
-            opt(r.rouge_l)
+            opt(r.rouge_l),
+            r.padded_tokens_per_s
         ));
     }
     std::fs::write(out.join("metrics.csv"), csv)?;

@@ -17,6 +17,7 @@ use meshtune_model::data::load_samsum;
 use meshtune_model::flops::{device_peak, mfu, train_flops_per_step, training_memory};
 use meshtune_model::lora::{PeftInit, attach_lora, merge_lora};
 use meshtune_model::precision::PrecisionChoice;
+use meshtune_model::score::Seq2SeqBatch;
 use meshtune_model::t5::T5;
 use meshtune_model::train::TrainState;
 use meshtune_model::weights::{ExportDtype, export_hf_folder};
@@ -188,18 +189,87 @@ fn train_on<B: AutodiffBackend>(
     let eval_records = load_samsum(&args.eval)?;
     let train = tokenize(&train_records, &tokenizer, &config)?;
     let eval = tokenize(&eval_records, &tokenizer, &config)?;
-
     // Memory check before anything big is allocated.
+    check_memory(args, &config, &model_config, &train)?;
+    let mut model: T5<B> = initial_model(
+        &model_config,
+        args.model.as_deref(),
+        args.random_init,
+        config.seed,
+        &device,
+    )?;
+    if args.lora {
+        model = attach_lora(
+            model,
+            &config.lora,
+            &mut PeftInit::<B> {
+                device: device.clone(),
+            },
+        )?;
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut run = Run {
+        state: TrainState::new(model, config.step_config()),
+        device,
+        checkpoints: args.out.join("checkpoints"),
+        epoch: 0,
+        position: 0,
+        batches: Vec::new(),
+        rows: Vec::new(),
+        bar: ProgressBar::hidden(),
+        peak: args.peak_tflops.or_else(|| {
+            args.device_peak
+                .as_deref()
+                .and_then(device_peak)
+                .map(|p| p.fp32)
+        }),
+        data: RunData {
+            args,
+            config: &config,
+            model_config: &model_config,
+            tokenizer: &tokenizer,
+            train: &train,
+            eval: &eval,
+            eval_records: &eval_records,
+        },
+    };
+    run.resume()?;
+    std::fs::write(
+        args.out.join("train_config.toml"),
+        toml::to_string_pretty(&config)?,
+    )?;
+    run.rows = kept_metrics(&args.out, run.state.step)?;
+    run.bar = progress_bar(config.steps, run.state.step);
+    if run.state.step == 0 {
+        run.initial_eval()?;
+    }
+    run.batches = epoch_batches(&train, config.batch_size, config.seed, run.epoch);
+    while run.state.step < config.steps {
+        run.step()?;
+    }
+    run.bar.finish_and_clear();
+    run.finish()
+}
+
+/// Refuses a run whose estimated peak memory exceeds the budget (`--memory-budget-gib`, or
+/// the memory available now).
+fn check_memory(
+    args: &TrainArgs,
+    config: &TrainConfig,
+    model_config: &meshtune_model::config::T5Config,
+    train: &[crate::trainer::data::TokenizedExample],
+) -> anyhow::Result<()> {
     let total_params = model_config.num_parameters().total();
     let trainable_estimate = if args.lora {
-        crate::commands::model_info::lora_trainable_estimate(&model_config, &config.lora)
+        crate::commands::model_info::lora_trainable_estimate(model_config, &config.lora)
     } else {
         total_params
     };
     let longest_source = train.iter().map(|e| e.source.len()).max().unwrap_or(1);
     let longest_target = train.iter().map(|e| e.target.len()).max().unwrap_or(1);
     let estimate = training_memory(
-        &model_config,
+        model_config,
         config.batch_size,
         longest_source,
         longest_target,
@@ -226,79 +296,96 @@ fn train_on<B: AutodiffBackend>(
             estimate.activations / 1024f64.powi(3)
         );
     }
+    Ok(())
+}
 
-    let mut model: T5<B> = initial_model(
-        &model_config,
-        args.model.as_deref(),
-        args.random_init,
-        config.seed,
-        &device,
-    )?;
-    if args.lora {
-        model = attach_lora(
-            model,
-            &config.lora,
-            &mut PeftInit::<B> {
-                device: device.clone(),
-            },
-        )?;
-    }
-    let mut state = TrainState::new(model, config.step_config());
-
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let checkpoints = args.out.join("checkpoints");
-    let mut epoch: u64 = 0;
-    let mut position: usize = 0;
-    if let Some(latest) = latest_checkpoint(&checkpoints)? {
-        let (restored, saved) =
-            load_checkpoint(&latest, state.model, &mut state.optimizer, &device)
-                .with_context(|| format!("resuming from {}", latest.display()))?;
-        state.model = restored;
-        state.step = saved["step"].as_u64().unwrap_or(0) as usize;
-        epoch = saved["epoch"].as_u64().unwrap_or(0);
-        position = saved["position"].as_u64().unwrap_or(0) as usize;
-        tracing::info!(checkpoint = %latest.display(), step = state.step, epoch, position, "resumed");
-    }
-    std::fs::write(
-        args.out.join("train_config.toml"),
-        toml::to_string_pretty(&config)?,
-    )?;
-
-    let peak = args.peak_tflops.or_else(|| {
-        args.device_peak
-            .as_deref()
-            .and_then(device_peak)
-            .map(|p| p.fp32)
-    });
-    let mut rows: Vec<MetricRow> = read_existing_metrics(&args.out.join("metrics.jsonl"));
-    // Rows written after the checkpoint we resumed from (a crash between the two) are dropped,
-    // keeping one row per step; the file is rewritten so later resumes see no duplicates.
-    rows.retain(|r| r.step <= state.step);
+/// The rows of `OUT/metrics.jsonl` up to `step`: rows written after the checkpoint a run
+/// resumed from (a crash between the two) are dropped, keeping one row per step, and the file
+/// is rewritten so later resumes see no duplicates.
+fn kept_metrics(out: &Path, step: usize) -> anyhow::Result<Vec<MetricRow>> {
+    let mut rows: Vec<MetricRow> = read_existing_metrics(&out.join("metrics.jsonl"));
+    rows.retain(|r| r.step <= step);
     rows.dedup_by_key(|r| r.step);
     let mut kept = String::new();
     for row in &rows {
         kept.push_str(&serde_json::to_string(row)?);
         kept.push('\n');
     }
-    std::fs::write(args.out.join("metrics.jsonl"), kept)?;
-    let bar = ProgressBar::new(config.steps as u64);
+    std::fs::write(out.join("metrics.jsonl"), kept)?;
+    Ok(rows)
+}
+
+fn progress_bar(steps: usize, step: usize) -> ProgressBar {
+    let bar = ProgressBar::new(steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    bar.set_position(state.step as u64);
-    if state.step == 0 {
-        // The starting point of the curves: eval before any update.
-        let (eval_loss, rouge) = evaluate(
-            &state.model.valid(),
-            &model_config,
-            &tokenizer,
-            &eval,
-            &eval_records,
-            &config,
-        )?;
+    bar.set_position(step as u64);
+    bar
+}
+
+/// What a run reads and never changes.
+struct RunData<'a> {
+    args: &'a TrainArgs,
+    config: &'a TrainConfig,
+    model_config: &'a meshtune_model::config::T5Config,
+    tokenizer: &'a meshtune_model::tokenizer::T5Tokenizer,
+    train: &'a [crate::trainer::data::TokenizedExample],
+    eval: &'a [crate::trainer::data::TokenizedExample],
+    eval_records: &'a [meshtune_model::data::SamsumRecord],
+}
+
+/// A training run in progress: the model and optimizer, the data position, the metrics.
+struct Run<'a, B: AutodiffBackend> {
+    data: RunData<'a>,
+    state: TrainState<B>,
+    device: B::Device,
+    checkpoints: std::path::PathBuf,
+    epoch: u64,
+    position: usize,
+    batches: Vec<Vec<usize>>,
+    rows: Vec<MetricRow>,
+    bar: ProgressBar,
+    /// Peak TFLOP/s for MFU, when known.
+    peak: Option<f64>,
+}
+
+impl<B: AutodiffBackend> Run<'_, B> {
+    /// Resumes from the newest checkpoint, if any.
+    fn resume(&mut self) -> anyhow::Result<()> {
+        let Some(latest) = latest_checkpoint(&self.checkpoints)? else {
+            return Ok(());
+        };
+        let state = &mut self.state;
+        let model = state.model.clone();
+        let (restored, saved) = load_checkpoint(&latest, model, &mut state.optimizer, &self.device)
+            .with_context(|| format!("resuming from {}", latest.display()))?;
+        state.model = restored;
+        state.step = saved["step"].as_u64().unwrap_or(0) as usize;
+        self.epoch = saved["epoch"].as_u64().unwrap_or(0);
+        self.position = saved["position"].as_u64().unwrap_or(0) as usize;
+        tracing::info!(checkpoint = %latest.display(), step = state.step, epoch = self.epoch, position = self.position, "resumed");
+        Ok(())
+    }
+
+    /// Eval loss and ROUGE of the current model.
+    fn evaluate(&self) -> anyhow::Result<(f64, (f64, f64, f64))> {
+        let d = &self.data;
+        Ok(evaluate(
+            &self.state.model.valid(),
+            d.model_config,
+            d.tokenizer,
+            d.eval,
+            d.eval_records,
+            d.config,
+        )?)
+    }
+
+    /// The starting point of the curves: eval before any update.
+    fn initial_eval(&self) -> anyhow::Result<()> {
+        let (eval_loss, rouge) = self.evaluate()?;
         tracing::info!(
             step = 0,
             eval_loss,
@@ -306,37 +393,56 @@ fn train_on<B: AutodiffBackend>(
             "eval before training"
         );
         std::fs::write(
-            args.out.join("initial_eval.json"),
+            self.data.args.out.join("initial_eval.json"),
             serde_json::json!({"eval_loss": eval_loss, "rouge1": rouge.0, "rouge2": rouge.1, "rougeL": rouge.2})
                 .to_string(),
         )?;
+        Ok(())
     }
-    let mut batches = epoch_batches(&train, config.batch_size, config.seed, epoch);
-    while state.step < config.steps {
+
+    /// The next `grad_accum` batches (a new epoch's order when one ends), with their padded
+    /// and non-padding token counts.
+    fn next_micro_batches(&mut self) -> anyhow::Result<(Vec<Seq2SeqBatch>, usize, usize)> {
+        let config = self.data.config;
         let mut micro = Vec::with_capacity(config.grad_accum);
         let (mut shape_tokens, mut real_tokens) = (0usize, 0usize);
         for _ in 0..config.grad_accum {
-            if position >= batches.len() {
-                epoch += 1;
-                position = 0;
-                batches = epoch_batches(&train, config.batch_size, config.seed, epoch);
+            if self.position >= self.batches.len() {
+                self.epoch += 1;
+                self.position = 0;
+                self.batches =
+                    epoch_batches(self.data.train, config.batch_size, config.seed, self.epoch);
             }
-            let batch = to_batch(&train, &batches[position], &model_config)?;
+            let batch = to_batch(
+                self.data.train,
+                &self.batches[self.position],
+                self.data.model_config,
+            )?;
             shape_tokens += batch.batch * (batch.source_len + batch.target_len);
             real_tokens +=
                 batch.attention_mask.iter().filter(|&&m| m != 0).count() + batch.target_tokens();
             micro.push(batch);
-            position += 1;
+            self.position += 1;
         }
+        Ok((micro, shape_tokens, real_tokens))
+    }
+
+    /// One optimizer step, its metrics row, and the eval and checkpoint when due.
+    fn step(&mut self) -> anyhow::Result<()> {
+        let config = self.data.config;
+        let (micro, shape_tokens, real_tokens) = self.next_micro_batches()?;
         // Dropout (when enabled) draws from the backend generator: reseeding per step makes a
         // resumed run repeat the same masks.
-        B::seed(&device, config.seed.wrapping_add(state.step as u64));
+        B::seed(
+            &self.device,
+            config.seed.wrapping_add(self.state.step as u64),
+        );
         let started = Instant::now();
-        let stats = match state.step(&micro) {
+        let stats = match self.state.step(&micro) {
             Ok(stats) => stats,
             Err(err) => {
-                bar.abandon();
-                let last = latest_checkpoint(&checkpoints)?;
+                self.bar.abandon();
+                let last = latest_checkpoint(&self.checkpoints)?;
                 anyhow::bail!(
                     "{err}; the last good checkpoint is {}",
                     last.map_or("none (no step completed yet)".into(), |p| p
@@ -346,22 +452,24 @@ fn train_on<B: AutodiffBackend>(
             }
         };
         if stats.skipped {
-            bar.suspend(|| {
+            self.bar.suspend(|| {
                 tracing::warn!(
                     step = stats.step + 1,
                     loss_scale = stats.loss_scale,
                     "fp16 gradients overflowed: step skipped, loss scale halved"
                 );
             });
-            continue;
+            return Ok(());
         }
         let seconds = started.elapsed().as_secs_f64();
         let tokens_per_s = real_tokens as f64 / seconds;
         let flops = micro
             .iter()
-            .map(|b| train_flops_per_step(&model_config, b.batch, b.source_len, b.target_len))
+            .map(|b| {
+                train_flops_per_step(self.data.model_config, b.batch, b.source_len, b.target_len)
+            })
             .sum::<f64>();
-        let step_mfu = peak.map(|p| mfu(flops, seconds, p));
+        let step_mfu = self.peak.map(|p| mfu(flops, seconds, p));
         let mut row = MetricRow {
             step: stats.step + 1,
             loss: stats.loss,
@@ -374,8 +482,8 @@ fn train_on<B: AutodiffBackend>(
             rouge2: None,
             rouge_l: None,
         };
-        bar.set_position(state.step as u64);
-        bar.set_message(format!(
+        self.bar.set_position(self.state.step as u64);
+        self.bar.set_message(format!(
             "loss {:.4} lr {:.2e} {:.0} tok/s{}",
             stats.loss,
             stats.lr,
@@ -390,22 +498,12 @@ fn train_on<B: AutodiffBackend>(
             tokens_per_s,
             "step"
         );
-        let last_step = state.step == config.steps;
-        if state.step.is_multiple_of(config.eval_every) || last_step {
-            let inference = state.model.valid();
-            let (eval_loss, rouge) = evaluate(
-                &inference,
-                &model_config,
-                &tokenizer,
-                &eval,
-                &eval_records,
-                &config,
-            )?;
-            row.eval_loss = Some(eval_loss);
-            row.rouge1 = Some(rouge.0);
-            row.rouge2 = Some(rouge.1);
-            row.rouge_l = Some(rouge.2);
-            bar.suspend(|| {
+        let last_step = self.state.step == config.steps;
+        if self.state.step.is_multiple_of(config.eval_every) || last_step {
+            let (eval_loss, rouge) = self.evaluate()?;
+            (row.eval_loss, row.rouge1, row.rouge2, row.rouge_l) =
+                (Some(eval_loss), Some(rouge.0), Some(rouge.1), Some(rouge.2));
+            self.bar.suspend(|| {
                 tracing::info!(
                     step = row.step,
                     train_loss = stats.loss,
@@ -415,44 +513,49 @@ fn train_on<B: AutodiffBackend>(
                 );
             });
         }
-        append_metric(&args.out.join("metrics.jsonl"), &row)?;
-        rows.push(row);
-        if state.step.is_multiple_of(config.checkpoint_every) || last_step {
+        append_metric(&self.data.args.out.join("metrics.jsonl"), &row)?;
+        self.rows.push(row);
+        if self.state.step.is_multiple_of(config.checkpoint_every) || last_step {
             save_checkpoint(
-                &checkpoints,
-                state.step,
-                &state.model,
-                &state.optimizer,
-                &serde_json::json!({"epoch": epoch, "position": position, "seed": config.seed}),
+                &self.checkpoints,
+                self.state.step,
+                &self.state.model,
+                &self.state.optimizer,
+                &serde_json::json!({"epoch": self.epoch, "position": self.position, "seed": config.seed}),
                 config.keep_checkpoints,
             )?;
         }
+        Ok(())
     }
-    bar.finish_and_clear();
-    write_reports(&args.out, &rows)?;
-    let final_model = state.model.valid();
-    let final_model = if args.lora {
-        merge_lora(final_model)
-    } else {
-        final_model
-    };
-    export_hf_folder(
-        &final_model,
-        &model_config,
-        Some(tokenizer.path()),
-        &args.out.join("final"),
-        ExportDtype::F32,
-    )?;
-    let last = rows.iter().rev().find(|r| r.rouge_l.is_some());
-    println!(
-        "trained {} steps; final eval loss {:.4}, ROUGE-L {:.4}; model in {}, curves in {}",
-        config.steps,
-        last.and_then(|r| r.eval_loss).unwrap_or(f64::NAN),
-        last.and_then(|r| r.rouge_l).unwrap_or(f64::NAN),
-        args.out.join("final").display(),
-        args.out.display()
-    );
-    Ok(())
+
+    /// Curves, the final HF export (adapters merged), and the closing line.
+    fn finish(self) -> anyhow::Result<()> {
+        let (args, config) = (self.data.args, self.data.config);
+        write_reports(&args.out, &self.rows)?;
+        let final_model = self.state.model.valid();
+        let final_model = if args.lora {
+            merge_lora(final_model)
+        } else {
+            final_model
+        };
+        export_hf_folder(
+            &final_model,
+            self.data.model_config,
+            Some(self.data.tokenizer.path()),
+            &args.out.join("final"),
+            ExportDtype::F32,
+        )?;
+        let last = self.rows.iter().rev().find(|r| r.rouge_l.is_some());
+        println!(
+            "trained {} steps; final eval loss {:.4}, ROUGE-L {:.4}; model in {}, curves in {}",
+            config.steps,
+            last.and_then(|r| r.eval_loss).unwrap_or(f64::NAN),
+            last.and_then(|r| r.rouge_l).unwrap_or(f64::NAN),
+            args.out.join("final").display(),
+            args.out.display()
+        );
+        Ok(())
+    }
 }
 
 fn append_metric(path: &Path, row: &MetricRow) -> anyhow::Result<()> {

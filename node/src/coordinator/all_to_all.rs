@@ -49,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{CoordinatorConfig, RunSummary, Start};
 use super::inbox::{Inbox, Keep, linger, sleep_until};
-use super::ledger::{Ledger, checkpoint_extras, lock_store};
+use super::ledger::{Ledger, checkpoint_extras};
 use super::metrics::WireBytes;
 use super::record::RoundRecord;
 use super::sync::{fetch_state, final_states, mesh_ahead};
@@ -60,6 +60,7 @@ use crate::averaging::round::{
 };
 use crate::energy::{EnergyMeter, RoundEnergy};
 use crate::network::NetworkEvent;
+use crate::network::store::lock as lock_store;
 use crate::trainer::{EvalReport, TrainReport};
 
 type Input = round::Input<PeerId>;

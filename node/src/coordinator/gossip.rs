@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{CoordinatorConfig, RunSummary, Start};
 use super::inbox::{Inbox, Keep, linger, sleep_until};
-use super::ledger::{Ledger, blocking, lock_store};
+use super::ledger::{Ledger, blocking};
 use super::metrics::WireBytes;
 use super::record::RoundRecord;
 use crate::averaging::aggregate::{difference, l2_norm};
@@ -30,6 +30,7 @@ use crate::averaging::gossip::{
 };
 use crate::energy::RoundEnergy;
 use crate::network::fetch::fetch_blob;
+use crate::network::store::lock as lock_store;
 use crate::network::store::{BlobStore, LinkOffers};
 use crate::network::{Client, check_manifest};
 use crate::trainer::{EvalReport, TrainReport};

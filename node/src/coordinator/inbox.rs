@@ -14,8 +14,8 @@ use libp2p::gossipsub::MessageAcceptance;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::ledger::lock_store;
 use crate::network::store::BlobStore;
+use crate::network::store::lock as lock_store;
 use crate::network::{Client, NetworkEvent};
 
 /// What a wait does with the events that arrive meanwhile.

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use libp2p::PeerId;
@@ -20,22 +20,8 @@ use meshtune_protocol::{
 use super::config::CoordinatorConfig;
 use super::record::{RoundRecord, append_record, read_records, rewrite_records};
 use crate::averaging::aggregate::OuterState;
-use crate::network::store::{BlobBytes, BlobFile, BlobStore};
+use crate::network::store::{BlobBytes, BlobFile, BlobStore, lock as lock_store};
 use crate::trainer::{Restored, TrainerHandle};
-
-/// The blob store's lock was poisoned: a task panicked while holding it. Reported, never
-/// skipped: what that task was storing is lost.
-#[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("the blob store's lock is poisoned (a task panicked while holding it)")]
-pub struct StorePoisoned;
-
-/// Locks the blob store, or says why it cannot.
-pub fn lock_store(store: &Mutex<BlobStore>) -> Result<MutexGuard<'_, BlobStore>, StorePoisoned> {
-    store.lock().map_err(|_| {
-        tracing::error!("the blob store's lock is poisoned: a task panicked while holding it");
-        StorePoisoned
-    })
-}
 
 /// Where a node's history goes (see the module docs).
 pub struct Ledger {

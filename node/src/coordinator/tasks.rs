@@ -17,7 +17,6 @@ use meshtune_protocol::{
 use tokio::sync::mpsc;
 
 use super::config::CoordinatorConfig;
-use super::ledger::lock_store;
 use super::metrics::NodeMetrics;
 use super::sync::{SyncError, SyncedState, fetch_state};
 use crate::averaging::aggregate::{difference, l2_norm};
@@ -25,6 +24,7 @@ use crate::energy::EnergyMeter;
 use crate::network::Client;
 use crate::network::fetch::{FetchError, fetch_blob};
 use crate::network::store::BlobStore;
+use crate::network::store::lock as lock_store;
 use crate::trainer::{EvalReport, TrainReport, TrainerHandle};
 
 /// How long a publish is retried while the gossip mesh forms.

@@ -409,7 +409,8 @@ impl Coordinator {
         self.open.round_base = self.base_hash;
         let config = &self.shared.config;
         let evaluate = config.eval_every > 0
-            && (round % config.eval_every == 0 || config.rounds.is_some_and(|n| round + 1 == n));
+            && (round.is_multiple_of(config.eval_every)
+                || config.rounds.is_some_and(|n| round + 1 == n));
         let hash = ModelHash::of_tensors(&next);
         tokio::spawn(tasks::apply_round(
             round,

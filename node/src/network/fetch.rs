@@ -5,7 +5,7 @@
 //! Owns: the schedule of chunk requests. Must not touch: decoding (the caller decodes the
 //! [`VerifiedBlob`]) or peer scoring (bad senders are returned; the caller strikes them).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -212,6 +212,188 @@ async fn fetch_chunk_list(
     Ok(list)
 }
 
+/// A chunk still to fetch: its index, hash, and the failed attempts so far.
+type Pending = (u64, meshtune_protocol::ChunkHash, usize);
+
+/// The bookkeeping of one blob's chunk pulls: who to ask, who to avoid, what is left.
+struct ChunkPuller<'a> {
+    providers: &'a [PeerId],
+    config: FetchConfig,
+    blob_name: String,
+    queue: VecDeque<Pending>,
+    in_flight: HashMap<PeerId, usize>,
+    /// Peers that sent bytes not matching the hashes.
+    bad_peers: Vec<PeerId>,
+    /// Peers that said they do not hold the blob, or stopped answering.
+    lacking: Vec<PeerId>,
+    /// Relay circuits are slow and capped: used for chunks only when no direct holder is left.
+    relayed: HashSet<PeerId>,
+    /// Donors at their upload cap, until when not to ask them again.
+    busy: HashMap<PeerId, Instant>,
+    busy_waited: Duration,
+    /// Failed requests in a row per peer: a donor that left mid-transfer is dropped after two.
+    failures: HashMap<PeerId, usize>,
+    last_error: String,
+    payload_bytes: u64,
+}
+
+impl ChunkPuller<'_> {
+    fn unavailable(&self, reason: String) -> FetchError {
+        FetchError::Unavailable {
+            blob: self.blob_name.clone(),
+            reason,
+        }
+    }
+
+    /// Peers to ask now: not bad, not lacking, not busy; direct links before relayed ones.
+    fn usable(&self) -> Vec<PeerId> {
+        let candidates = self
+            .providers
+            .iter()
+            .filter(|p| {
+                !self.bad_peers.contains(*p)
+                    && !self.lacking.contains(*p)
+                    && !self.busy.contains_key(*p)
+            })
+            .copied()
+            .collect();
+        prefer_direct(candidates, &self.relayed)
+    }
+
+    /// The requests the per-peer limits allow now (the rest stay queued), or why the blob
+    /// cannot be had.
+    fn schedule(&mut self) -> Result<Vec<(Pending, PeerId)>, FetchError> {
+        let mut deferred = VecDeque::new();
+        let mut start = Vec::new();
+        let now = Instant::now();
+        self.busy.retain(|_, until| *until > now);
+        while let Some((index, hash, attempt)) = self.queue.pop_front() {
+            if attempt >= self.config.max_attempts {
+                let last = &self.last_error;
+                return Err(self.unavailable(format!(
+                    "chunk {index} failed {attempt} times; last: {last}"
+                )));
+            }
+            // Waiting for a busy holder beats asking one that has nothing.
+            let usable = self.usable();
+            if usable.is_empty() && !self.busy.is_empty() {
+                deferred.push_back((index, hash, attempt));
+                continue;
+            }
+            if usable.is_empty() && self.bad_peers.is_empty() {
+                let last = &self.last_error;
+                return Err(self.unavailable(format!("no peer holds it; last: {last}")));
+            }
+            if usable.is_empty() {
+                return Err(FetchError::BadData {
+                    blob: self.blob_name.clone(),
+                    reason: format!("every provider sent bad chunks; last: {}", self.last_error),
+                    bad_peers: self.bad_peers.clone(),
+                });
+            }
+            let first = (index as usize + attempt) % usable.len();
+            let choice = (0..usable.len())
+                .map(|k| usable[(first + k) % usable.len()])
+                .find(|p| {
+                    self.in_flight.get(p).copied().unwrap_or(0) < self.config.per_peer_concurrency
+                });
+            match choice {
+                Some(peer) => {
+                    *self.in_flight.entry(peer).or_insert(0) += 1;
+                    start.push(((index, hash, attempt), peer));
+                }
+                None => deferred.push_back((index, hash, attempt)),
+            }
+        }
+        self.queue = deferred;
+        Ok(start)
+    }
+
+    /// With nothing in flight and every holder left at its upload cap: waits for a slot,
+    /// within the patience.
+    async fn wait_for_a_slot(&mut self) -> Result<(), FetchError> {
+        let now = Instant::now();
+        let wake = self.busy.values().min().copied().unwrap_or(now);
+        let nap = wake
+            .saturating_duration_since(now)
+            .max(Duration::from_millis(10));
+        self.busy_waited += nap;
+        if self.busy_waited > self.config.busy_patience {
+            let waited = self.busy_waited.as_secs_f64();
+            return Err(self.unavailable(format!("every holder stayed busy for {waited:.0} s")));
+        }
+        tokio::time::sleep(nap).await;
+        Ok(())
+    }
+
+    /// Takes one answer: a chunk for the sink, or a reason to ask again (elsewhere).
+    fn on_answer<S: ChunkSink>(
+        &mut self,
+        (index, hash, attempt): Pending,
+        peer: PeerId,
+        result: Result<ChunkResponse, RequestError>,
+        sink: &mut S,
+    ) -> Result<(), FetchError> {
+        if let Some(n) = self.in_flight.get_mut(&peer) {
+            *n = n.saturating_sub(1);
+        }
+        if matches!(result, Err(RequestError::Failed { .. })) {
+            let failed = self.failures.entry(peer).or_insert(0);
+            *failed += 1;
+            if *failed >= 2 && !self.lacking.contains(&peer) {
+                tracing::info!(peer = %peer, "a holder stopped answering; fetching from the others");
+                self.lacking.push(peer);
+            }
+        } else {
+            self.failures.remove(&peer);
+        }
+        let retry = match result {
+            Ok(ChunkResponse::Busy) => {
+                self.busy.insert(peer, Instant::now() + BUSY_BACKOFF);
+                Some(attempt)
+            }
+            Ok(ChunkResponse::Chunk(bytes)) => {
+                self.payload_bytes += bytes.len() as u64;
+                sink.accept(index, &bytes).err().map(|err| {
+                    tracing::debug!(peer = %peer, index, error = %err, "chunk refused");
+                    self.last_error = err.to_string();
+                    if !self.bad_peers.contains(&peer) {
+                        self.bad_peers.push(peer);
+                    }
+                    attempt + 1
+                })
+            }
+            Ok(ChunkResponse::NotFound) => {
+                self.last_error = format!("{peer} does not have chunk {index}");
+                if peer == self.providers[0] {
+                    // The announcer itself no longer has it: a real failed attempt.
+                    Some(attempt + 1)
+                } else {
+                    if !self.lacking.contains(&peer) {
+                        self.lacking.push(peer);
+                    }
+                    Some(attempt)
+                }
+            }
+            Ok(_) => {
+                self.last_error = format!("{peer} answered a chunk request with another kind");
+                self.bad_peers.push(peer);
+                Some(attempt + 1)
+            }
+            Err(err @ (RequestError::Timeout { .. } | RequestError::Failed { .. })) => {
+                tracing::debug!(peer = %peer, index, error = %err, "chunk request failed");
+                self.last_error = err.to_string();
+                Some(attempt + 1)
+            }
+            Err(err) => return Err(self.unavailable(err.to_string())),
+        };
+        if let Some(attempt) = retry {
+            self.queue.push_back((index, hash, attempt));
+        }
+        Ok(())
+    }
+}
+
 /// Pulls every chunk `sink` is missing from `providers` (a few in flight per peer, retries
 /// elsewhere); the sink checks each one. Returns the filled sink, the peers that sent bad
 /// bytes, and the payload bytes received.
@@ -222,171 +404,53 @@ async fn fetch_chunks<S: ChunkSink>(
     mut assembler: S,
     config: FetchConfig,
 ) -> Result<(S, Vec<PeerId>, u64), FetchError> {
-    let blob_name = descriptor.blob_hash.to_string();
-    let unavailable = |reason: String| FetchError::Unavailable {
-        blob: blob_name.clone(),
-        reason,
-    };
-    let mut bad_peers: Vec<PeerId> = Vec::new();
-    let mut last_error = String::new();
     let blob_hash = descriptor.blob_hash;
-    let mut queue: VecDeque<(u64, meshtune_protocol::ChunkHash, usize)> = assembler
-        .missing()
-        .into_iter()
-        .map(|(index, hash)| (index, hash, 0))
-        .collect();
-    let mut in_flight: HashMap<PeerId, usize> = HashMap::new();
+    let mut puller = ChunkPuller {
+        providers,
+        config,
+        blob_name: blob_hash.to_string(),
+        queue: assembler
+            .missing()
+            .into_iter()
+            .map(|(index, hash)| (index, hash, 0))
+            .collect(),
+        in_flight: HashMap::new(),
+        bad_peers: Vec::new(),
+        lacking: Vec::new(),
+        relayed: client.relayed_only_peers().await.unwrap_or_default(),
+        busy: HashMap::new(),
+        busy_waited: Duration::ZERO,
+        failures: HashMap::new(),
+        last_error: String::new(),
+        payload_bytes: 0,
+    };
     let mut running = FuturesUnordered::new();
-    let mut payload_bytes = 0u64;
-    let mut lacking: Vec<PeerId> = Vec::new();
-    // Relay circuits are slow and capped: used for chunks only when no direct holder is left.
-    let relayed = client.relayed_only_peers().await.unwrap_or_default();
-    // Donors at their upload cap, until when not to ask them again.
-    let mut busy: HashMap<PeerId, Instant> = HashMap::new();
-    let mut busy_waited = Duration::ZERO;
-    // Failed requests in a row per peer: a donor that left mid-transfer is dropped after two.
-    let mut failures: HashMap<PeerId, usize> = HashMap::new();
     loop {
-        // Start what the per-peer limits allow.
-        let mut deferred = VecDeque::new();
-        let now = Instant::now();
-        busy.retain(|_, until| *until > now);
-        while let Some((index, hash, attempt)) = queue.pop_front() {
-            if attempt >= config.max_attempts {
-                return Err(unavailable(format!(
-                    "chunk {index} failed {attempt} times; last: {last_error}"
-                )));
-            }
-            // Peers that sent bad bytes, said they do not hold this blob, or stopped
-            // answering are not asked again; waiting for a busy holder beats asking one that
-            // has nothing.
-            let usable = prefer_direct(
-                providers
-                    .iter()
-                    .filter(|p| {
-                        !bad_peers.contains(*p) && !lacking.contains(*p) && !busy.contains_key(*p)
-                    })
-                    .copied()
-                    .collect(),
-                &relayed,
-            );
-            if usable.is_empty() && !busy.is_empty() {
-                deferred.push_back((index, hash, attempt));
-                continue;
-            }
-            if usable.is_empty() && bad_peers.is_empty() {
-                return Err(unavailable(format!("no peer holds it; last: {last_error}")));
-            }
-            if usable.is_empty() {
-                return Err(FetchError::BadData {
-                    blob: blob_name,
-                    reason: format!("every provider sent bad chunks; last: {last_error}"),
-                    bad_peers,
-                });
-            }
-            let start = (index as usize + attempt) % usable.len();
-            let choice = (0..usable.len())
-                .map(|k| usable[(start + k) % usable.len()])
-                .find(|p| in_flight.get(p).copied().unwrap_or(0) < config.per_peer_concurrency);
-            match choice {
-                Some(peer) => {
-                    *in_flight.entry(peer).or_insert(0) += 1;
-                    let client = client.clone();
-                    running.push(async move {
-                        let result = client
-                            .request(
-                                peer,
-                                ChunkRequest::Chunk {
-                                    blob_hash,
-                                    index,
-                                    chunk_hash: hash,
-                                },
-                            )
-                            .await;
-                        (index, hash, attempt, peer, result)
-                    });
-                }
-                None => deferred.push_back((index, hash, attempt)),
-            }
+        for (pending, peer) in puller.schedule()? {
+            let client = client.clone();
+            running.push(async move {
+                let (index, chunk_hash, _) = pending;
+                let request = ChunkRequest::Chunk {
+                    blob_hash,
+                    index,
+                    chunk_hash,
+                };
+                (pending, peer, client.request(peer, request).await)
+            });
         }
-        queue = deferred;
-        if running.is_empty() && !queue.is_empty() {
-            // Every holder left is at its upload cap: wait for a slot, within patience.
-            let wake = busy.values().min().copied().unwrap_or(now);
-            let nap = wake
-                .saturating_duration_since(now)
-                .max(Duration::from_millis(10));
-            busy_waited += nap;
-            if busy_waited > config.busy_patience {
-                return Err(unavailable(format!(
-                    "every holder stayed busy for {:.0} s",
-                    busy_waited.as_secs_f64()
-                )));
-            }
-            tokio::time::sleep(nap).await;
+        if running.is_empty() && !puller.queue.is_empty() {
+            puller.wait_for_a_slot().await?;
             continue;
         }
-        let Some((index, hash, attempt, peer, result)) = running.next().await else {
+        let Some((pending, peer, result)) = running.next().await else {
             break;
         };
-        if let Some(n) = in_flight.get_mut(&peer) {
-            *n = n.saturating_sub(1);
-        }
-        if matches!(result, Err(RequestError::Failed { .. })) {
-            let failed = failures.entry(peer).or_insert(0);
-            *failed += 1;
-            if *failed >= 2 && !lacking.contains(&peer) {
-                tracing::info!(peer = %peer, "a holder stopped answering; fetching from the others");
-                lacking.push(peer);
-            }
-        } else {
-            failures.remove(&peer);
-        }
-        match result {
-            Ok(ChunkResponse::Busy) => {
-                busy.insert(peer, Instant::now() + BUSY_BACKOFF);
-                queue.push_back((index, hash, attempt));
-            }
-            Ok(ChunkResponse::Chunk(bytes)) => {
-                payload_bytes += bytes.len() as u64;
-                if let Err(err) = assembler.accept(index, &bytes) {
-                    tracing::debug!(peer = %peer, index, error = %err, "chunk refused");
-                    last_error = err.to_string();
-                    if !bad_peers.contains(&peer) {
-                        bad_peers.push(peer);
-                    }
-                    queue.push_back((index, hash, attempt + 1));
-                }
-            }
-            Ok(ChunkResponse::NotFound) => {
-                last_error = format!("{peer} does not have chunk {index}");
-                if peer == providers[0] {
-                    // The announcer itself no longer has it: a real failed attempt.
-                    queue.push_back((index, hash, attempt + 1));
-                } else {
-                    if !lacking.contains(&peer) {
-                        lacking.push(peer);
-                    }
-                    queue.push_back((index, hash, attempt));
-                }
-            }
-            Ok(_) => {
-                last_error = format!("{peer} answered a chunk request with another kind");
-                bad_peers.push(peer);
-                queue.push_back((index, hash, attempt + 1));
-            }
-            Err(err @ (RequestError::Timeout { .. } | RequestError::Failed { .. })) => {
-                tracing::debug!(peer = %peer, index, error = %err, "chunk request failed");
-                last_error = err.to_string();
-                queue.push_back((index, hash, attempt + 1));
-            }
-            Err(err) => return Err(unavailable(err.to_string())),
-        }
+        puller.on_answer(pending, peer, result, &mut assembler)?;
         if assembler.complete() && running.is_empty() {
             break;
         }
     }
-    Ok((assembler, bad_peers, payload_bytes))
+    Ok((assembler, puller.bad_peers, puller.payload_bytes))
 }
 
 /// `usable` without the peers reached only through a relay, unless nothing else is left: bulk

@@ -15,7 +15,7 @@
 //!
 //! Soundness of the conversions: a [`Primitives`] value exists only after [`cpu`] has checked
 //! that `B` is one of the three CPU backends, whose float primitive is exactly `T`; converting
-//! through [`Any`] therefore cannot fail, and the one `unreachable!` below states it.
+//! through [`Any`] therefore cannot fail, and the `unreachable!`s of [`Primitives`] state it.
 
 use std::any::{Any, TypeId};
 use std::marker::PhantomData;

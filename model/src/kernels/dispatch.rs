@@ -15,7 +15,7 @@
 //!
 //! Soundness of the conversions: a [`Primitives`] value exists only after [`cpu`] has checked
 //! that `B` is one of the three CPU backends, whose float primitive is exactly `T`; converting
-//! through [`Any`] therefore cannot fail, and the one `unreachable!` below states it.
+//! through [`Any`] therefore cannot fail, and the `unreachable!`s of [`Primitives`] state it.
 
 use std::any::{Any, TypeId};
 use std::marker::PhantomData;
@@ -172,6 +172,29 @@ impl<B: Backend> Training<B> {
             }
         };
         self.primitives.wrap(recorded)
+    }
+}
+
+/// Runs a two-input kernel whose backward keeps both inputs: `forward` on the inputs' f32
+/// burn-flex tensors, and when training, `op` recorded with them. `None` where the generic
+/// path must run (another backend or dtype, or `forward` refusing the shapes).
+pub(super) fn binary<B, O, const DA: usize, const DB: usize, const DO: usize>(
+    a: &Tensor<B, DA>,
+    b: &Tensor<B, DB>,
+    op: O,
+    forward: impl FnOnce(&FlexTensor, &FlexTensor) -> Option<FlexTensor>,
+) -> Option<Tensor<B, DO>>
+where
+    B: Backend,
+    O: Backward<Flex, 2, State = (FlexTensor, FlexTensor)>,
+{
+    match cpu::<B>()? {
+        Cpu::Inference(flex) => Some(flex.wrap(forward(&flex.f32(a)?, &flex.f32(b)?)?)),
+        Cpu::Training(ad) => {
+            let (a, b) = (ad.f32(a)?, ad.f32(b)?);
+            let out = forward(&a.primitive, &b.primitive)?;
+            Some(ad.record(op, [a, b], |[a, b]| (a, b), out))
+        }
     }
 }
 

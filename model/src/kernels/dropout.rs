@@ -15,7 +15,7 @@ use rand_xoshiro::SplitMix64;
 use rayon::prelude::*;
 
 use super::dispatch::{self, Cpu};
-use super::{CHUNK, new_flex, shape_of};
+use super::{CHUNK, map_pair, new_flex, shape_of};
 
 /// Separates the seeds of the chunks' streams (the golden-ratio increment of SplitMix64).
 const CHUNK_SEED_STEP: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -50,19 +50,11 @@ fn forward(x: &FlexTensor, prob: f64, seed: u64) -> (FlexTensor, FlexTensor) {
 }
 
 fn multiply(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
-    let a = a.to_contiguous();
-    let b = b.to_contiguous();
-    let x: &[f32] = a.storage();
-    let y: &[f32] = b.storage();
-    let mut out = vec![0.0f32; x.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-        .for_each(|(o, (x, y))| {
-            o.iter_mut()
-                .zip(x.iter().zip(y))
-                .for_each(|(o, (x, y))| *o = x * y)
-        });
-    new_flex(out, shape_of(&a))
+    map_pair(a, b, |x, y, out| {
+        out.iter_mut()
+            .zip(x.iter().zip(y))
+            .for_each(|(o, (x, y))| *o = x * y)
+    })
 }
 
 #[derive(Debug)]

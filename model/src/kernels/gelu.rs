@@ -11,23 +11,15 @@ use burn::tensor::backend::Backend;
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-use super::dispatch::{self, Cpu};
-use super::{CHUNK, new_flex, shape_of, simd};
+use super::dispatch;
+use super::{CHUNK, backward_pair, map_pair, new_flex, shape_of, simd};
 
 /// `gelu_new(a) * gate`.
 fn forward(a: &FlexTensor, gate: &FlexTensor) -> Option<FlexTensor> {
     if a.layout().shape() != gate.layout().shape() {
         return None;
     }
-    let a = a.to_contiguous();
-    let gate = gate.to_contiguous();
-    let src: &[f32] = a.storage();
-    let g: &[f32] = gate.storage();
-    let mut out = vec![0.0f32; src.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(src.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-        .for_each(|(o, (a, g))| simd::gelu_gated(a, g, o));
-    Some(new_flex(out, shape_of(&a)))
+    Some(map_pair(a, gate, simd::gelu_gated))
 }
 
 /// Gradients of [`forward`] with respect to `a` and `gate`.
@@ -59,16 +51,7 @@ impl Backward<Flex, 2> for GeluGatedOp {
     type State = (FlexTensor, FlexTensor);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (a, gate) = ops.state;
-        let [node_a, node_gate] = ops.parents;
-        let grad = grads.consume::<Flex>(&ops.node);
-        let (grad_a, grad_gate) = backward(&a, &gate, &grad);
-        if let Some(node) = node_a {
-            grads.register::<Flex>(node.id, grad_a);
-        }
-        if let Some(node) = node_gate {
-            grads.register::<Flex>(node.id, grad_gate);
-        }
+        backward_pair(ops, grads, backward);
     }
 }
 
@@ -77,14 +60,7 @@ pub(crate) fn gelu_new_gated<B: Backend>(
     a: &Tensor<B, 3>,
     gate: &Tensor<B, 3>,
 ) -> Option<Tensor<B, 3>> {
-    match dispatch::cpu::<B>()? {
-        Cpu::Inference(flex) => Some(flex.wrap(forward(&flex.f32(a)?, &flex.f32(gate)?)?)),
-        Cpu::Training(ad) => {
-            let (a, gate) = (ad.f32(a)?, ad.f32(gate)?);
-            let out = forward(&a.primitive, &gate.primitive)?;
-            Some(ad.record(GeluGatedOp, [a, gate], |[a, g]| (a, g), out))
-        }
-    }
+    dispatch::binary(a, gate, GeluGatedOp, forward)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use burn::tensor::{DType, Shape, Tensor};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-use super::dispatch::{self, Cpu};
+use super::dispatch;
 use super::{new_flex, shape_of};
 
 /// burn-flex's size from which one product is split over threads.
@@ -243,17 +243,9 @@ pub(crate) fn matmul<B: Backend, const D: usize>(
     a: &Tensor<B, D>,
     b: &Tensor<B, D>,
 ) -> Option<Tensor<B, D>> {
-    match dispatch::cpu::<B>()? {
-        Cpu::Inference(flex) => Some(flex.wrap(product(
-            &Operand::of(&flex.f32(a)?)?,
-            &Operand::of(&flex.f32(b)?)?,
-        )?)),
-        Cpu::Training(ad) => {
-            let (a, b) = (ad.f32(a)?, ad.f32(b)?);
-            let out = product(&Operand::of(&a.primitive)?, &Operand::of(&b.primitive)?)?;
-            Some(ad.record(ProductOp, [a, b], |[a, b]| (a, b), out))
-        }
-    }
+    dispatch::binary(a, b, ProductOp, |a, b| {
+        product(&Operand::of(a)?, &Operand::of(b)?)
+    })
 }
 
 #[cfg(test)]

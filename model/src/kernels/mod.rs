@@ -47,9 +47,12 @@ pub(crate) use sum_of_squares::sum_of_squares;
 pub(crate) use swap_heads::swap_heads;
 pub(crate) use token_nll::token_nll;
 
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::Ops;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bytes, DType, Int, Shape, Tensor};
-use burn_flex::{FlexTensor, Layout};
+use burn_flex::{Flex, FlexTensor, Layout};
+use rayon::prelude::*;
 
 fn new_flex(data: Vec<f32>, shape: Shape) -> FlexTensor {
     FlexTensor::new(
@@ -79,6 +82,43 @@ fn rows_per_task(row_len: usize) -> usize {
 
 /// Elements per rayon task of an element-wise kernel.
 const CHUNK: usize = 16 * 1024;
+
+/// `f` over matching chunks of `a` and `b` (of one shape) into a new tensor of that shape, the
+/// chunks in parallel.
+fn map_pair(
+    a: &FlexTensor,
+    b: &FlexTensor,
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Send + Sync,
+) -> FlexTensor {
+    let a = a.to_contiguous();
+    let b = b.to_contiguous();
+    let x: &[f32] = a.storage();
+    let y: &[f32] = b.storage();
+    let mut out = vec![0.0f32; x.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
+        .for_each(|(o, (x, y))| f(x, y, o));
+    new_flex(out, shape_of(&a))
+}
+
+/// The backward pass of a two-input op that keeps its inputs: `gradients(a, b, grad)` gives
+/// both inputs' gradients, and each is registered where its parent requires one.
+fn backward_pair(
+    ops: Ops<(FlexTensor, FlexTensor), 2>,
+    grads: &mut Gradients,
+    gradients: impl FnOnce(&FlexTensor, &FlexTensor, &FlexTensor) -> (FlexTensor, FlexTensor),
+) {
+    let (a, b) = ops.state;
+    let grad = grads.consume::<Flex>(&ops.node);
+    let (grad_a, grad_b) = gradients(&a, &b, &grad);
+    let [node_a, node_b] = ops.parents;
+    if let Some(node) = node_a {
+        grads.register::<Flex>(node.id, grad_a);
+    }
+    if let Some(node) = node_b {
+        grads.register::<Flex>(node.id, grad_b);
+    }
+}
 
 /// The values of an id or label tensor on the host, row-major (called only for the CPU
 /// backends, where this is a read of their own memory rather than a device sync).

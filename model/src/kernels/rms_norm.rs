@@ -12,8 +12,8 @@ use burn::tensor::backend::Backend;
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-use super::dispatch::{self, Cpu};
-use super::{new_flex, rows_per_task, shape_of, simd};
+use super::dispatch;
+use super::{backward_pair, new_flex, rows_per_task, shape_of, simd};
 
 /// `weight * x / sqrt(mean(x^2) + eps)` over the last dimension of `x`.
 fn forward(x: &FlexTensor, weight: &FlexTensor, eps: f32) -> Option<FlexTensor> {
@@ -79,16 +79,9 @@ impl Backward<Flex, 2> for RmsNormOp {
     type State = (FlexTensor, FlexTensor);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (x, weight) = ops.state;
-        let [node_x, node_w] = ops.parents;
-        let grad = grads.consume::<Flex>(&ops.node);
-        let (grad_x, grad_w) = backward(&x, &weight, self.eps, &grad);
-        if let Some(node) = node_x {
-            grads.register::<Flex>(node.id, grad_x);
-        }
-        if let Some(node) = node_w {
-            grads.register::<Flex>(node.id, grad_w);
-        }
+        backward_pair(ops, grads, |x, weight, grad| {
+            backward(x, weight, self.eps, grad)
+        });
     }
 }
 
@@ -100,14 +93,9 @@ pub(crate) fn rms_norm<B: Backend>(
     eps: f64,
 ) -> Option<Tensor<B, 3>> {
     let eps = eps as f32;
-    match dispatch::cpu::<B>()? {
-        Cpu::Inference(flex) => Some(flex.wrap(forward(&flex.f32(x)?, &flex.f32(weight)?, eps)?)),
-        Cpu::Training(ad) => {
-            let (x, weight) = (ad.f32(x)?, ad.f32(weight)?);
-            let out = forward(&x.primitive, &weight.primitive, eps)?;
-            Some(ad.record(RmsNormOp { eps }, [x, weight], |[x, w]| (x, w), out))
-        }
-    }
+    dispatch::binary(x, weight, RmsNormOp { eps }, |x, weight| {
+        forward(x, weight, eps)
+    })
 }
 
 #[cfg(test)]

@@ -5,15 +5,15 @@
 //! Owns: the schedule of chunk requests. Must not touch: decoding (the caller decodes the
 //! [`VerifiedBlob`]) or peer scoring (bad senders are returned; the caller strikes them).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use libp2p::PeerId;
 use meshtune_protocol::{
-    BlobAssembler, BlobDescriptor, ChunkError, ChunkList, ChunkRequest, ChunkResponse, ChunkSink,
-    FileAssembler, Limits, VerifiedBlob, VerifiedFile,
+    BlobAssembler, BlobDescriptor, ChunkError, ChunkHash, ChunkList, ChunkRequest, ChunkResponse,
+    ChunkSink, FileAssembler, Limits, VerifiedBlob, VerifiedFile,
 };
 
 use super::{Client, RequestError};
@@ -222,176 +222,253 @@ async fn fetch_chunks<S: ChunkSink>(
     mut assembler: S,
     config: FetchConfig,
 ) -> Result<(S, Vec<PeerId>, u64), FetchError> {
-    let blob_name = descriptor.blob_hash.to_string();
-    let unavailable = |reason: String| FetchError::Unavailable {
-        blob: blob_name.clone(),
-        reason,
-    };
-    let mut bad_peers: Vec<PeerId> = Vec::new();
-    let mut last_error = String::new();
     let blob_hash = descriptor.blob_hash;
-    let mut queue: VecDeque<(u64, meshtune_protocol::ChunkHash, usize)> = assembler
-        .missing()
-        .into_iter()
-        .map(|(index, hash)| (index, hash, 0))
-        .collect();
-    let mut in_flight: HashMap<PeerId, usize> = HashMap::new();
-    let mut running = FuturesUnordered::new();
-    let mut payload_bytes = 0u64;
-    let mut lacking: Vec<PeerId> = Vec::new();
     // Relay circuits are slow and capped: used for chunks only when no direct holder is left.
     let relayed = client.relayed_only_peers().await.unwrap_or_default();
-    // Donors at their upload cap, until when not to ask them again.
-    let mut busy: HashMap<PeerId, Instant> = HashMap::new();
-    let mut busy_waited = Duration::ZERO;
-    // Failed requests in a row per peer: a donor that left mid-transfer is dropped after two.
-    let mut failures: HashMap<PeerId, usize> = HashMap::new();
+    let mut schedule = ChunkSchedule::new(descriptor, providers, relayed, config, &assembler);
+    let mut running = FuturesUnordered::new();
     loop {
-        // Start what the per-peer limits allow.
-        let mut deferred = VecDeque::new();
         let now = Instant::now();
-        busy.retain(|_, until| *until > now);
-        while let Some((index, hash, attempt)) = queue.pop_front() {
-            if attempt >= config.max_attempts {
-                return Err(unavailable(format!(
-                    "chunk {index} failed {attempt} times; last: {last_error}"
+        for (pending, peer) in schedule.assign(now)? {
+            let client = client.clone();
+            running.push(async move {
+                let (index, chunk_hash, _) = pending;
+                let request = ChunkRequest::Chunk {
+                    blob_hash,
+                    index,
+                    chunk_hash,
+                };
+                (pending, peer, client.request(peer, request).await)
+            });
+        }
+        if running.is_empty() && !schedule.queue.is_empty() {
+            // Every holder left is at its upload cap: wait for a slot, within patience.
+            tokio::time::sleep(schedule.busy_nap(now)?).await;
+            continue;
+        }
+        let Some((pending, peer, result)) = running.next().await else {
+            break;
+        };
+        schedule.on_answer(&mut assembler, pending, peer, result)?;
+        if assembler.complete() && running.is_empty() {
+            break;
+        }
+    }
+    Ok((assembler, schedule.bad_peers, schedule.payload_bytes))
+}
+
+/// A chunk still to fetch: index, expected hash, failed attempts so far.
+type PendingChunk = (u64, ChunkHash, usize);
+
+/// The schedule of one blob's chunk pulls: what is queued, who is asked, who is left out.
+struct ChunkSchedule<'a> {
+    providers: &'a [PeerId],
+    relayed: HashSet<PeerId>,
+    config: FetchConfig,
+    blob_name: String,
+    queue: VecDeque<PendingChunk>,
+    in_flight: HashMap<PeerId, usize>,
+    /// Peers that sent bytes not matching the hashes.
+    bad_peers: Vec<PeerId>,
+    /// Peers that said they do not hold the blob, or stopped answering.
+    lacking: Vec<PeerId>,
+    /// Donors at their upload cap, until when not to ask them again.
+    busy: HashMap<PeerId, Instant>,
+    busy_waited: Duration,
+    /// Failed requests in a row per peer: a donor that left mid-transfer is dropped after two.
+    failures: HashMap<PeerId, usize>,
+    last_error: String,
+    payload_bytes: u64,
+}
+
+impl<'a> ChunkSchedule<'a> {
+    fn new<S: ChunkSink>(
+        descriptor: &BlobDescriptor,
+        providers: &'a [PeerId],
+        relayed: HashSet<PeerId>,
+        config: FetchConfig,
+        sink: &S,
+    ) -> Self {
+        Self {
+            providers,
+            relayed,
+            config,
+            blob_name: descriptor.blob_hash.to_string(),
+            queue: sink
+                .missing()
+                .into_iter()
+                .map(|(index, hash)| (index, hash, 0))
+                .collect(),
+            in_flight: HashMap::new(),
+            bad_peers: Vec::new(),
+            lacking: Vec::new(),
+            busy: HashMap::new(),
+            busy_waited: Duration::ZERO,
+            failures: HashMap::new(),
+            last_error: String::new(),
+            payload_bytes: 0,
+        }
+    }
+
+    fn unavailable(&self, reason: String) -> FetchError {
+        FetchError::Unavailable {
+            blob: self.blob_name.clone(),
+            reason,
+        }
+    }
+
+    /// Peers to ask: not bad, not lacking, not busy; direct ones first (see
+    /// [`prefer_direct`]). Waiting for a busy holder beats asking one that has nothing.
+    fn usable(&self) -> Vec<PeerId> {
+        prefer_direct(
+            self.providers
+                .iter()
+                .filter(|p| {
+                    !self.bad_peers.contains(*p)
+                        && !self.lacking.contains(*p)
+                        && !self.busy.contains_key(*p)
+                })
+                .copied()
+                .collect(),
+            &self.relayed,
+        )
+    }
+
+    /// Takes the queued chunks that the per-peer limits let start now, each with the peer to
+    /// ask; the rest stay queued. Fails when a chunk has used its attempts or nobody is left.
+    fn assign(&mut self, now: Instant) -> Result<Vec<(PendingChunk, PeerId)>, FetchError> {
+        let mut deferred = VecDeque::new();
+        let mut started = Vec::new();
+        self.busy.retain(|_, until| *until > now);
+        while let Some((index, hash, attempt)) = self.queue.pop_front() {
+            if attempt >= self.config.max_attempts {
+                return Err(self.unavailable(format!(
+                    "chunk {index} failed {attempt} times; last: {}",
+                    self.last_error
                 )));
             }
-            // Peers that sent bad bytes, said they do not hold this blob, or stopped
-            // answering are not asked again; waiting for a busy holder beats asking one that
-            // has nothing.
-            let usable = prefer_direct(
-                providers
-                    .iter()
-                    .filter(|p| {
-                        !bad_peers.contains(*p) && !lacking.contains(*p) && !busy.contains_key(*p)
-                    })
-                    .copied()
-                    .collect(),
-                &relayed,
-            );
-            if usable.is_empty() && !busy.is_empty() {
+            let usable = self.usable();
+            if usable.is_empty() && !self.busy.is_empty() {
                 deferred.push_back((index, hash, attempt));
                 continue;
             }
-            if usable.is_empty() && bad_peers.is_empty() {
-                return Err(unavailable(format!("no peer holds it; last: {last_error}")));
+            if usable.is_empty() && self.bad_peers.is_empty() {
+                return Err(
+                    self.unavailable(format!("no peer holds it; last: {}", self.last_error))
+                );
             }
             if usable.is_empty() {
                 return Err(FetchError::BadData {
-                    blob: blob_name,
-                    reason: format!("every provider sent bad chunks; last: {last_error}"),
-                    bad_peers,
+                    blob: self.blob_name.clone(),
+                    reason: format!("every provider sent bad chunks; last: {}", self.last_error),
+                    bad_peers: self.bad_peers.clone(),
                 });
             }
             let start = (index as usize + attempt) % usable.len();
             let choice = (0..usable.len())
                 .map(|k| usable[(start + k) % usable.len()])
-                .find(|p| in_flight.get(p).copied().unwrap_or(0) < config.per_peer_concurrency);
+                .find(|p| {
+                    self.in_flight.get(p).copied().unwrap_or(0) < self.config.per_peer_concurrency
+                });
             match choice {
                 Some(peer) => {
-                    *in_flight.entry(peer).or_insert(0) += 1;
-                    let client = client.clone();
-                    running.push(async move {
-                        let result = client
-                            .request(
-                                peer,
-                                ChunkRequest::Chunk {
-                                    blob_hash,
-                                    index,
-                                    chunk_hash: hash,
-                                },
-                            )
-                            .await;
-                        (index, hash, attempt, peer, result)
-                    });
+                    *self.in_flight.entry(peer).or_insert(0) += 1;
+                    started.push(((index, hash, attempt), peer));
                 }
                 None => deferred.push_back((index, hash, attempt)),
             }
         }
-        queue = deferred;
-        if running.is_empty() && !queue.is_empty() {
-            // Every holder left is at its upload cap: wait for a slot, within patience.
-            let wake = busy.values().min().copied().unwrap_or(now);
-            let nap = wake
-                .saturating_duration_since(now)
-                .max(Duration::from_millis(10));
-            busy_waited += nap;
-            if busy_waited > config.busy_patience {
-                return Err(unavailable(format!(
-                    "every holder stayed busy for {:.0} s",
-                    busy_waited.as_secs_f64()
-                )));
-            }
-            tokio::time::sleep(nap).await;
-            continue;
+        self.queue = deferred;
+        Ok(started)
+    }
+
+    /// How long to wait for a busy holder's slot (it fails once the waits exceed
+    /// `busy_patience`).
+    fn busy_nap(&mut self, now: Instant) -> Result<Duration, FetchError> {
+        let wake = self.busy.values().min().copied().unwrap_or(now);
+        let nap = wake
+            .saturating_duration_since(now)
+            .max(Duration::from_millis(10));
+        self.busy_waited += nap;
+        if self.busy_waited > self.config.busy_patience {
+            return Err(self.unavailable(format!(
+                "every holder stayed busy for {:.0} s",
+                self.busy_waited.as_secs_f64()
+            )));
         }
-        let Some((index, hash, attempt, peer, result)) = running.next().await else {
-            break;
-        };
-        if let Some(n) = in_flight.get_mut(&peer) {
+        Ok(nap)
+    }
+
+    /// `peer`'s answer for `pending`: a chunk goes to `sink` (bad bytes mark the peer bad),
+    /// anything else requeues the chunk, as a failed attempt where it was one.
+    fn on_answer<S: ChunkSink>(
+        &mut self,
+        sink: &mut S,
+        pending: PendingChunk,
+        peer: PeerId,
+        result: Result<ChunkResponse, RequestError>,
+    ) -> Result<(), FetchError> {
+        let (index, hash, attempt) = pending;
+        if let Some(n) = self.in_flight.get_mut(&peer) {
             *n = n.saturating_sub(1);
         }
         if matches!(result, Err(RequestError::Failed { .. })) {
-            let failed = failures.entry(peer).or_insert(0);
+            let failed = self.failures.entry(peer).or_insert(0);
             *failed += 1;
-            if *failed >= 2 && !lacking.contains(&peer) {
+            if *failed >= 2 && !self.lacking.contains(&peer) {
                 tracing::info!(peer = %peer, "a holder stopped answering; fetching from the others");
-                lacking.push(peer);
+                self.lacking.push(peer);
             }
         } else {
-            failures.remove(&peer);
+            self.failures.remove(&peer);
         }
         match result {
             Ok(ChunkResponse::Busy) => {
-                busy.insert(peer, Instant::now() + BUSY_BACKOFF);
-                queue.push_back((index, hash, attempt));
+                self.busy.insert(peer, Instant::now() + BUSY_BACKOFF);
+                self.queue.push_back((index, hash, attempt));
             }
             Ok(ChunkResponse::Chunk(bytes)) => {
-                payload_bytes += bytes.len() as u64;
-                if let Err(err) = assembler.accept(index, &bytes) {
+                self.payload_bytes += bytes.len() as u64;
+                if let Err(err) = sink.accept(index, &bytes) {
                     tracing::debug!(peer = %peer, index, error = %err, "chunk refused");
-                    last_error = err.to_string();
-                    if !bad_peers.contains(&peer) {
-                        bad_peers.push(peer);
+                    self.last_error = err.to_string();
+                    if !self.bad_peers.contains(&peer) {
+                        self.bad_peers.push(peer);
                     }
-                    queue.push_back((index, hash, attempt + 1));
+                    self.queue.push_back((index, hash, attempt + 1));
                 }
             }
             Ok(ChunkResponse::NotFound) => {
-                last_error = format!("{peer} does not have chunk {index}");
-                if peer == providers[0] {
+                self.last_error = format!("{peer} does not have chunk {index}");
+                if peer == self.providers[0] {
                     // The announcer itself no longer has it: a real failed attempt.
-                    queue.push_back((index, hash, attempt + 1));
+                    self.queue.push_back((index, hash, attempt + 1));
                 } else {
-                    if !lacking.contains(&peer) {
-                        lacking.push(peer);
+                    if !self.lacking.contains(&peer) {
+                        self.lacking.push(peer);
                     }
-                    queue.push_back((index, hash, attempt));
+                    self.queue.push_back((index, hash, attempt));
                 }
             }
             Ok(_) => {
-                last_error = format!("{peer} answered a chunk request with another kind");
-                bad_peers.push(peer);
-                queue.push_back((index, hash, attempt + 1));
+                self.last_error = format!("{peer} answered a chunk request with another kind");
+                self.bad_peers.push(peer);
+                self.queue.push_back((index, hash, attempt + 1));
             }
             Err(err @ (RequestError::Timeout { .. } | RequestError::Failed { .. })) => {
                 tracing::debug!(peer = %peer, index, error = %err, "chunk request failed");
-                last_error = err.to_string();
-                queue.push_back((index, hash, attempt + 1));
+                self.last_error = err.to_string();
+                self.queue.push_back((index, hash, attempt + 1));
             }
-            Err(err) => return Err(unavailable(err.to_string())),
+            Err(err) => return Err(self.unavailable(err.to_string())),
         }
-        if assembler.complete() && running.is_empty() {
-            break;
-        }
+        Ok(())
     }
-    Ok((assembler, bad_peers, payload_bytes))
 }
 
 /// `usable` without the peers reached only through a relay, unless nothing else is left: bulk
 /// chunk transfer stays off relayed links while a direct path to a holder exists.
-fn prefer_direct(usable: Vec<PeerId>, relayed: &std::collections::HashSet<PeerId>) -> Vec<PeerId> {
+fn prefer_direct(usable: Vec<PeerId>, relayed: &HashSet<PeerId>) -> Vec<PeerId> {
     if usable.iter().any(|p| !relayed.contains(p)) {
         usable
             .into_iter()

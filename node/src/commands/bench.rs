@@ -646,7 +646,7 @@ pub struct LinkBenchArgs {
 /// and prints measured / expected for upload time, download time and round trip, so the
 /// profiles the testnet uses are checked to be what they claim (within 10%).
 pub fn link(args: LinkBenchArgs) -> anyhow::Result<()> {
-    use meshtune_bootstrap::shaping::{LinkProfile, measure};
+    use meshtune_net::shaping::{LinkProfile, measure};
     let profiles: Vec<(String, LinkProfile)> = if args.profiles.is_empty() {
         LinkProfile::PRESETS
             .iter()

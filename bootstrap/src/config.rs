@@ -14,10 +14,12 @@ use clap::{Parser, ValueEnum};
 use libp2p::Multiaddr;
 use serde::Deserialize;
 
-use crate::{
-    behaviour::{BehaviourConfig, DEFAULT_IDLE_CONNECTION_TIMEOUT, MeshId},
-    peer_addr::PeerAddr,
+use meshtune_net::{
+    PeerAddr,
+    discovery::{DEFAULT_IDLE_CONNECTION_TIMEOUT, MeshId},
 };
+
+use crate::behaviour::BehaviourConfig;
 
 /// A config file bigger than this is refused unread.
 const MAX_CONFIG_FILE_BYTES: u64 = 1024 * 1024;

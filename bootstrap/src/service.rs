@@ -24,13 +24,18 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    behaviour::{BootstrapBehaviour, BootstrapBehaviourEvent, add_identified_addresses},
-    config::BootstrapConfig,
+use meshtune_net::{
+    discovery::add_identified_addresses,
     identity::{self, IdentityError, KeyOrigin},
-    metrics::{BootstrapMetrics, MetricsError, MetricsServer},
+    metrics::{MetricsError, MetricsServer},
     peer_addr::{PeerAddr, with_peer_id},
     transport::{self, BoxedTransport, PskError, TransportBuildError, TransportConfig, is_quic},
+};
+
+use crate::{
+    behaviour::{BootstrapBehaviour, BootstrapBehaviourEvent},
+    config::BootstrapConfig,
+    metrics::BootstrapMetrics,
 };
 
 const COMMAND_CHANNEL_CAPACITY: usize = 32;

@@ -7,8 +7,8 @@ use std::{collections::HashSet, time::Duration};
 
 use futures::StreamExt;
 use meshtune_bootstrap::{
-    BootstrapBehaviour, Client, PeerAddr,
-    behaviour::{BootstrapBehaviourEvent, MeshId, add_identified_addresses},
+    BootstrapBehaviour, Client, MeshId, PeerAddr,
+    behaviour::BootstrapBehaviourEvent,
     libp2p::{
         Multiaddr, PeerId, Swarm, identify,
         identity::Keypair,
@@ -19,6 +19,7 @@ use meshtune_bootstrap::{
         },
     },
 };
+use meshtune_net::discovery::add_identified_addresses;
 use support::{
     client_swarm, join, listen_on_memory, memory_bootstrap, memory_bootstrap_with, peer_id_of,
     within,

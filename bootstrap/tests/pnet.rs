@@ -12,8 +12,8 @@ use meshtune_bootstrap::{
     libp2p::{
         Multiaddr, Swarm, identify, identity::Keypair, pnet::PreSharedKey, swarm::SwarmEvent,
     },
-    transport::{self, TransportConfig},
 };
+use meshtune_net::transport::{self, TransportConfig};
 use support::within;
 
 /// With another key (or none) both sides read noise: multistream-select may wait for a

@@ -14,14 +14,14 @@ use std::{
 
 use futures::StreamExt;
 use meshtune_bootstrap::{
-    BootstrapBehaviour, PeerAddr,
-    behaviour::{BehaviourConfig, BootstrapBehaviourEvent, MeshId},
+    BootstrapBehaviour, MeshId, PeerAddr,
+    behaviour::{BehaviourConfig, BootstrapBehaviourEvent},
     libp2p::{
         Multiaddr, identify, identity::Keypair, multiaddr::Protocol, pnet::PreSharedKey,
         swarm::SwarmEvent,
     },
-    transport::{self, TransportConfig},
 };
+use meshtune_net::transport::{self, TransportConfig};
 use support::{DEADLINE, within};
 
 const BIN: &str = env!("CARGO_BIN_EXE_meshtune-bootstrap");
@@ -248,7 +248,7 @@ async fn binary_prints_its_addresses_identifies_and_stops_on_sigterm() {
 
     // The key file was created private, and it is the identity being served.
     assert_eq!(key_mode(&key), 0o600);
-    let on_disk = meshtune_bootstrap::identity::load(&key).expect("key loads");
+    let on_disk = meshtune_net::identity::load(&key).expect("key loads");
     assert_eq!(on_disk.public().to_peer_id(), peer_id);
 
     // Identify over TCP and over QUIC.
@@ -318,7 +318,7 @@ fn insecure_or_corrupt_key_files_are_refused_naming_the_file() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("tempdir");
     let key = dir.path().join("open.key");
-    meshtune_bootstrap::identity::create(&key).expect("create");
+    meshtune_net::identity::create(&key).expect("create");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let key_arg = key.display().to_string();
     let args = ["--listen", "/ip4/127.0.0.1/tcp/0", "--key-file", &key_arg];

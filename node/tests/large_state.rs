@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::bare_network_with_store;
 use libp2p::PeerId;
-use meshtune_bootstrap::PeerAddr;
+use meshtune_net::PeerAddr;
 use meshtune_node::averaging::aggregate::OuterState;
 use meshtune_node::coordinator::{CoordinatorConfig, fetch_state, serve_state};
 use meshtune_node::network::NetworkConfig;

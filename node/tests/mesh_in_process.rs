@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use libp2p::identity::Keypair;
-use meshtune_bootstrap::transport::memory_transport;
+use meshtune_net::transport::memory_transport;
 use meshtune_node::averaging::aggregate::relative_disagreement;
 use meshtune_node::network::store::BlobStore;
 use meshtune_node::network::{self, NetworkConfig};

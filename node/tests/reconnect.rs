@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::{bare_network, bare_network_with_store};
 use libp2p::PeerId;
-use meshtune_bootstrap::PeerAddr;
+use meshtune_net::PeerAddr;
 use meshtune_node::network::store::BlobStore;
 use meshtune_node::network::{self, NetworkConfig, NetworkEvent};
 use meshtune_protocol::{ChunkRequest, ChunkResponse, DeltaManifest, ModelHash, chunk_blob};

@@ -114,7 +114,7 @@ impl TestnetArgs {
 #[derive(Debug, Clone, Args)]
 pub struct BootstrapArgs {
     #[arg(long)]
-    pub listen: Vec<meshtune_bootstrap::libp2p::Multiaddr>,
+    pub listen: Vec<meshtune_net::libp2p::Multiaddr>,
     #[arg(long)]
     pub key_file: PathBuf,
     #[arg(long)]
@@ -236,7 +236,7 @@ pub(crate) fn prepare(args: &TestnetArgs, out: &Path) -> anyhow::Result<Prepared
         .parse::<meshtune_node::coordinator::Topology>()
         .map_err(|e| anyhow::anyhow!(e))?;
     if let Some(link) = &args.link {
-        link.parse::<meshtune_bootstrap::shaping::LinkProfile>()
+        link.parse::<meshtune_net::shaping::LinkProfile>()
             .with_context(|| format!("invalid --link `{link}`"))?;
     }
     anyhow::ensure!(
@@ -488,7 +488,7 @@ fn run_federated(
     let (_bootstrap, address) = match &docker {
         Some(docker) => {
             let key = dir.join("bootstrap.key");
-            let (keypair, _) = meshtune_bootstrap::identity::load_or_create(&key)?;
+            let (keypair, _) = meshtune_net::identity::load_or_create(&key)?;
             let ip = docker.bootstrap_ip();
             docker.start(
                 "bootstrap",

@@ -10,8 +10,9 @@ use meshtune_bootstrap::{
     BootstrapBehaviour, BootstrapConfig, Event, PeerAddr, RunningBootstrap,
     behaviour::BehaviourConfig,
     libp2p::{Multiaddr, PeerId, Swarm, identity::Keypair, kad, swarm::SwarmEvent},
-    start_with_transport, transport,
+    start_with_transport,
 };
+use meshtune_net::transport;
 
 /// Generous: the tests finish in well under a second on an idle machine, but CI boxes
 /// share their cores with other builds.

@@ -652,7 +652,7 @@ pub struct LinkBenchArgs {
 /// profiles the testnet uses are checked to be what they claim (within 10%). Fails (exits
 /// non-zero) when a figure is off by more; a round trip without added delay is not checked.
 pub fn link(args: LinkBenchArgs) -> anyhow::Result<()> {
-    use meshtune_bootstrap::shaping::{LinkProfile, measure};
+    use meshtune_net::shaping::{LinkProfile, measure};
     let profiles: Vec<(String, LinkProfile)> = if args.profiles.is_empty() {
         LinkProfile::PRESETS
             .iter()

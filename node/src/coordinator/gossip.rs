@@ -835,7 +835,7 @@ mod tests {
     ) -> (PeerId, Client) {
         use crate::network::{self, NetworkConfig};
         use libp2p::identity::Keypair;
-        use meshtune_bootstrap::transport::memory_transport;
+        use meshtune_net::transport::memory_transport;
         use prometheus_client::registry::Registry;
 
         let keypair = Keypair::generate_ed25519();

@@ -17,7 +17,7 @@ use libp2p::swarm::{NetworkBehaviour, behaviour::toggle::Toggle};
 use libp2p::{
     PeerId, allow_block_list, autonat, connection_limits, dcutr, identify, kad, mdns, ping, relay,
 };
-use meshtune_bootstrap::behaviour::{identify_config, kademlia};
+use meshtune_net::discovery::{identify_config, kademlia};
 
 use super::NetworkError;
 use super::codec::{BlobCodec, blob_protocol};
@@ -51,7 +51,7 @@ impl NodeBehaviour {
         relay_client: Option<relay::client::Behaviour>,
     ) -> Result<Self, NetworkError> {
         let peer_id = keypair.public().to_peer_id();
-        let protocol = blob_protocol(config.mesh.as_str()).map_err(NetworkError::Protocol)?;
+        let protocol = blob_protocol(config.mesh.as_str())?;
         let blobs = request_response::Behaviour::with_codec(
             BlobCodec {
                 limits: config.limits.clone(),
@@ -117,8 +117,7 @@ fn gossipsub_behaviour(
         })
         .max_transmit_size(config.limits.max_manifest_bytes + GOSSIP_FRAMING_ALLOWANCE)
         .heartbeat_interval(config.gossip_heartbeat)
-        .build()
-        .map_err(|err| NetworkError::Gossipsub(err.to_string()))?;
+        .build()?;
     let mut behaviour = gossipsub::Behaviour::new(
         gossipsub::MessageAuthenticity::Signed(keypair.clone()),
         gossip_config,
@@ -147,9 +146,7 @@ fn gossipsub_behaviour(
     behaviour
         .with_peer_score(params, gossipsub::PeerScoreThresholds::default())
         .map_err(|err| NetworkError::Gossipsub(err.to_string()))?;
-    behaviour
-        .subscribe(&config.delta_topic())
-        .map_err(|err| NetworkError::Gossipsub(err.to_string()))?;
+    behaviour.subscribe(&config.delta_topic())?;
     Ok(behaviour)
 }
 

@@ -14,10 +14,22 @@ use libp2p::StreamProtocol;
 use libp2p::request_response;
 use meshtune_protocol::{ChunkRequest, ChunkResponse, Limits};
 
+/// A mesh id that cannot name a stream protocol.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid mesh id `{mesh}` for a protocol name: {source}")]
+pub struct BlobProtocolError {
+    pub mesh: String,
+    pub source: libp2p::swarm::InvalidProtocol,
+}
+
 /// `/meshtune/<mesh>/blobs/1.0.0`.
-pub fn blob_protocol(mesh: &str) -> Result<StreamProtocol, String> {
-    StreamProtocol::try_from_owned(format!("/meshtune/{mesh}/blobs/1.0.0"))
-        .map_err(|err| format!("invalid mesh id `{mesh}` for a protocol name: {err}"))
+pub fn blob_protocol(mesh: &str) -> Result<StreamProtocol, BlobProtocolError> {
+    StreamProtocol::try_from_owned(format!("/meshtune/{mesh}/blobs/1.0.0")).map_err(|source| {
+        BlobProtocolError {
+            mesh: mesh.to_owned(),
+            source,
+        }
+    })
 }
 
 /// Reads at most `cap` bytes; a longer stream is an error, not a truncation.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use libp2p::Multiaddr;
 use libp2p::gossipsub::IdentTopic;
-use meshtune_bootstrap::{MeshId, PeerAddr};
+use meshtune_net::{MeshId, PeerAddr};
 use meshtune_protocol::Limits;
 
 /// How the node's network behaves.

@@ -12,8 +12,8 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use libp2p::PeerId;
 use meshtune_protocol::{
-    BlobAssembler, BlobDescriptor, ChunkError, ChunkList, ChunkRequest, ChunkResponse, ChunkSink,
-    FileAssembler, Limits, VerifiedBlob, VerifiedFile,
+    BlobAssembler, BlobDescriptor, ChunkError, ChunkHash, ChunkList, ChunkRequest, ChunkResponse,
+    ChunkSink, FileAssembler, Limits, VerifiedBlob, VerifiedFile,
 };
 
 use super::{Client, RequestError};
@@ -212,22 +212,66 @@ async fn fetch_chunk_list(
     Ok(list)
 }
 
-/// A chunk still to fetch: its index, hash, and the failed attempts so far.
-type Pending = (u64, meshtune_protocol::ChunkHash, usize);
+/// Pulls every chunk `sink` is missing from `providers` (a few in flight per peer, retries
+/// elsewhere); the sink checks each one. Returns the filled sink, the peers that sent bad
+/// bytes, and the payload bytes received.
+async fn fetch_chunks<S: ChunkSink>(
+    client: &Client,
+    descriptor: &BlobDescriptor,
+    providers: &[PeerId],
+    mut assembler: S,
+    config: FetchConfig,
+) -> Result<(S, Vec<PeerId>, u64), FetchError> {
+    let blob_hash = descriptor.blob_hash;
+    // Relay circuits are slow and capped: used for chunks only when no direct holder is left.
+    let relayed = client.relayed_only_peers().await.unwrap_or_default();
+    let mut schedule = ChunkSchedule::new(descriptor, providers, relayed, config, &assembler);
+    let mut running = FuturesUnordered::new();
+    loop {
+        let now = Instant::now();
+        for (pending, peer) in schedule.assign(now)? {
+            let client = client.clone();
+            running.push(async move {
+                let (index, chunk_hash, _) = pending;
+                let request = ChunkRequest::Chunk {
+                    blob_hash,
+                    index,
+                    chunk_hash,
+                };
+                (pending, peer, client.request(peer, request).await)
+            });
+        }
+        if running.is_empty() && !schedule.queue.is_empty() {
+            // Every holder left is at its upload cap: wait for a slot, within patience.
+            tokio::time::sleep(schedule.busy_nap(now)?).await;
+            continue;
+        }
+        let Some((pending, peer, result)) = running.next().await else {
+            break;
+        };
+        schedule.on_answer(&mut assembler, pending, peer, result)?;
+        if assembler.complete() && running.is_empty() {
+            break;
+        }
+    }
+    Ok((assembler, schedule.bad_peers, schedule.payload_bytes))
+}
 
-/// The bookkeeping of one blob's chunk pulls: who to ask, who to avoid, what is left.
-struct ChunkPuller<'a> {
+/// A chunk still to fetch: index, expected hash, failed attempts so far.
+type PendingChunk = (u64, ChunkHash, usize);
+
+/// The schedule of one blob's chunk pulls: what is queued, who is asked, who is left out.
+struct ChunkSchedule<'a> {
     providers: &'a [PeerId],
+    relayed: HashSet<PeerId>,
     config: FetchConfig,
     blob_name: String,
-    queue: VecDeque<Pending>,
+    queue: VecDeque<PendingChunk>,
     in_flight: HashMap<PeerId, usize>,
     /// Peers that sent bytes not matching the hashes.
     bad_peers: Vec<PeerId>,
     /// Peers that said they do not hold the blob, or stopped answering.
     lacking: Vec<PeerId>,
-    /// Relay circuits are slow and capped: used for chunks only when no direct holder is left.
-    relayed: HashSet<PeerId>,
     /// Donors at their upload cap, until when not to ask them again.
     busy: HashMap<PeerId, Instant>,
     busy_waited: Duration,
@@ -237,7 +281,35 @@ struct ChunkPuller<'a> {
     payload_bytes: u64,
 }
 
-impl ChunkPuller<'_> {
+impl<'a> ChunkSchedule<'a> {
+    fn new<S: ChunkSink>(
+        descriptor: &BlobDescriptor,
+        providers: &'a [PeerId],
+        relayed: HashSet<PeerId>,
+        config: FetchConfig,
+        sink: &S,
+    ) -> Self {
+        Self {
+            providers,
+            relayed,
+            config,
+            blob_name: descriptor.blob_hash.to_string(),
+            queue: sink
+                .missing()
+                .into_iter()
+                .map(|(index, hash)| (index, hash, 0))
+                .collect(),
+            in_flight: HashMap::new(),
+            bad_peers: Vec::new(),
+            lacking: Vec::new(),
+            busy: HashMap::new(),
+            busy_waited: Duration::ZERO,
+            failures: HashMap::new(),
+            last_error: String::new(),
+            payload_bytes: 0,
+        }
+    }
+
     fn unavailable(&self, reason: String) -> FetchError {
         FetchError::Unavailable {
             blob: self.blob_name.clone(),
@@ -245,44 +317,45 @@ impl ChunkPuller<'_> {
         }
     }
 
-    /// Peers to ask now: not bad, not lacking, not busy; direct links before relayed ones.
+    /// Peers to ask: not bad, not lacking, not busy; direct ones first (see
+    /// [`prefer_direct`]). Waiting for a busy holder beats asking one that has nothing.
     fn usable(&self) -> Vec<PeerId> {
-        let candidates = self
-            .providers
-            .iter()
-            .filter(|p| {
-                !self.bad_peers.contains(*p)
-                    && !self.lacking.contains(*p)
-                    && !self.busy.contains_key(*p)
-            })
-            .copied()
-            .collect();
-        prefer_direct(candidates, &self.relayed)
+        prefer_direct(
+            self.providers
+                .iter()
+                .filter(|p| {
+                    !self.bad_peers.contains(*p)
+                        && !self.lacking.contains(*p)
+                        && !self.busy.contains_key(*p)
+                })
+                .copied()
+                .collect(),
+            &self.relayed,
+        )
     }
 
-    /// The requests the per-peer limits allow now (the rest stay queued), or why the blob
-    /// cannot be had.
-    fn schedule(&mut self) -> Result<Vec<(Pending, PeerId)>, FetchError> {
+    /// Takes the queued chunks that the per-peer limits let start now, each with the peer to
+    /// ask; the rest stay queued. Fails when a chunk has used its attempts or nobody is left.
+    fn assign(&mut self, now: Instant) -> Result<Vec<(PendingChunk, PeerId)>, FetchError> {
         let mut deferred = VecDeque::new();
-        let mut start = Vec::new();
-        let now = Instant::now();
+        let mut started = Vec::new();
         self.busy.retain(|_, until| *until > now);
         while let Some((index, hash, attempt)) = self.queue.pop_front() {
             if attempt >= self.config.max_attempts {
-                let last = &self.last_error;
                 return Err(self.unavailable(format!(
-                    "chunk {index} failed {attempt} times; last: {last}"
+                    "chunk {index} failed {attempt} times; last: {}",
+                    self.last_error
                 )));
             }
-            // Waiting for a busy holder beats asking one that has nothing.
             let usable = self.usable();
             if usable.is_empty() && !self.busy.is_empty() {
                 deferred.push_back((index, hash, attempt));
                 continue;
             }
             if usable.is_empty() && self.bad_peers.is_empty() {
-                let last = &self.last_error;
-                return Err(self.unavailable(format!("no peer holds it; last: {last}")));
+                return Err(
+                    self.unavailable(format!("no peer holds it; last: {}", self.last_error))
+                );
             }
             if usable.is_empty() {
                 return Err(FetchError::BadData {
@@ -291,49 +364,51 @@ impl ChunkPuller<'_> {
                     bad_peers: self.bad_peers.clone(),
                 });
             }
-            let first = (index as usize + attempt) % usable.len();
+            let start = (index as usize + attempt) % usable.len();
             let choice = (0..usable.len())
-                .map(|k| usable[(first + k) % usable.len()])
+                .map(|k| usable[(start + k) % usable.len()])
                 .find(|p| {
                     self.in_flight.get(p).copied().unwrap_or(0) < self.config.per_peer_concurrency
                 });
             match choice {
                 Some(peer) => {
                     *self.in_flight.entry(peer).or_insert(0) += 1;
-                    start.push(((index, hash, attempt), peer));
+                    started.push(((index, hash, attempt), peer));
                 }
                 None => deferred.push_back((index, hash, attempt)),
             }
         }
         self.queue = deferred;
-        Ok(start)
+        Ok(started)
     }
 
-    /// With nothing in flight and every holder left at its upload cap: waits for a slot,
-    /// within the patience.
-    async fn wait_for_a_slot(&mut self) -> Result<(), FetchError> {
-        let now = Instant::now();
+    /// How long to wait for a busy holder's slot (it fails once the waits exceed
+    /// `busy_patience`).
+    fn busy_nap(&mut self, now: Instant) -> Result<Duration, FetchError> {
         let wake = self.busy.values().min().copied().unwrap_or(now);
         let nap = wake
             .saturating_duration_since(now)
             .max(Duration::from_millis(10));
         self.busy_waited += nap;
         if self.busy_waited > self.config.busy_patience {
-            let waited = self.busy_waited.as_secs_f64();
-            return Err(self.unavailable(format!("every holder stayed busy for {waited:.0} s")));
+            return Err(self.unavailable(format!(
+                "every holder stayed busy for {:.0} s",
+                self.busy_waited.as_secs_f64()
+            )));
         }
-        tokio::time::sleep(nap).await;
-        Ok(())
+        Ok(nap)
     }
 
-    /// Takes one answer: a chunk for the sink, or a reason to ask again (elsewhere).
+    /// `peer`'s answer for `pending`: a chunk goes to `sink` (bad bytes mark the peer bad),
+    /// anything else requeues the chunk, as a failed attempt where it was one.
     fn on_answer<S: ChunkSink>(
         &mut self,
-        (index, hash, attempt): Pending,
+        sink: &mut S,
+        pending: PendingChunk,
         peer: PeerId,
         result: Result<ChunkResponse, RequestError>,
-        sink: &mut S,
     ) -> Result<(), FetchError> {
+        let (index, hash, attempt) = pending;
         if let Some(n) = self.in_flight.get_mut(&peer) {
             *n = n.saturating_sub(1);
         }
@@ -347,115 +422,53 @@ impl ChunkPuller<'_> {
         } else {
             self.failures.remove(&peer);
         }
-        let retry = match result {
+        match result {
             Ok(ChunkResponse::Busy) => {
                 self.busy.insert(peer, Instant::now() + BUSY_BACKOFF);
-                Some(attempt)
+                self.queue.push_back((index, hash, attempt));
             }
             Ok(ChunkResponse::Chunk(bytes)) => {
                 self.payload_bytes += bytes.len() as u64;
-                sink.accept(index, &bytes).err().map(|err| {
+                if let Err(err) = sink.accept(index, &bytes) {
                     tracing::debug!(peer = %peer, index, error = %err, "chunk refused");
                     self.last_error = err.to_string();
                     if !self.bad_peers.contains(&peer) {
                         self.bad_peers.push(peer);
                     }
-                    attempt + 1
-                })
+                    self.queue.push_back((index, hash, attempt + 1));
+                }
             }
             Ok(ChunkResponse::NotFound) => {
                 self.last_error = format!("{peer} does not have chunk {index}");
                 if peer == self.providers[0] {
                     // The announcer itself no longer has it: a real failed attempt.
-                    Some(attempt + 1)
+                    self.queue.push_back((index, hash, attempt + 1));
                 } else {
                     if !self.lacking.contains(&peer) {
                         self.lacking.push(peer);
                     }
-                    Some(attempt)
+                    self.queue.push_back((index, hash, attempt));
                 }
             }
             Ok(_) => {
                 self.last_error = format!("{peer} answered a chunk request with another kind");
                 self.bad_peers.push(peer);
-                Some(attempt + 1)
+                self.queue.push_back((index, hash, attempt + 1));
             }
             Err(err @ (RequestError::Timeout { .. } | RequestError::Failed { .. })) => {
                 tracing::debug!(peer = %peer, index, error = %err, "chunk request failed");
                 self.last_error = err.to_string();
-                Some(attempt + 1)
+                self.queue.push_back((index, hash, attempt + 1));
             }
             Err(err) => return Err(self.unavailable(err.to_string())),
-        };
-        if let Some(attempt) = retry {
-            self.queue.push_back((index, hash, attempt));
         }
         Ok(())
     }
 }
 
-/// Pulls every chunk `sink` is missing from `providers` (a few in flight per peer, retries
-/// elsewhere); the sink checks each one. Returns the filled sink, the peers that sent bad
-/// bytes, and the payload bytes received.
-async fn fetch_chunks<S: ChunkSink>(
-    client: &Client,
-    descriptor: &BlobDescriptor,
-    providers: &[PeerId],
-    mut assembler: S,
-    config: FetchConfig,
-) -> Result<(S, Vec<PeerId>, u64), FetchError> {
-    let blob_hash = descriptor.blob_hash;
-    let mut puller = ChunkPuller {
-        providers,
-        config,
-        blob_name: blob_hash.to_string(),
-        queue: assembler
-            .missing()
-            .into_iter()
-            .map(|(index, hash)| (index, hash, 0))
-            .collect(),
-        in_flight: HashMap::new(),
-        bad_peers: Vec::new(),
-        lacking: Vec::new(),
-        relayed: client.relayed_only_peers().await.unwrap_or_default(),
-        busy: HashMap::new(),
-        busy_waited: Duration::ZERO,
-        failures: HashMap::new(),
-        last_error: String::new(),
-        payload_bytes: 0,
-    };
-    let mut running = FuturesUnordered::new();
-    loop {
-        for (pending, peer) in puller.schedule()? {
-            let client = client.clone();
-            running.push(async move {
-                let (index, chunk_hash, _) = pending;
-                let request = ChunkRequest::Chunk {
-                    blob_hash,
-                    index,
-                    chunk_hash,
-                };
-                (pending, peer, client.request(peer, request).await)
-            });
-        }
-        if running.is_empty() && !puller.queue.is_empty() {
-            puller.wait_for_a_slot().await?;
-            continue;
-        }
-        let Some((pending, peer, result)) = running.next().await else {
-            break;
-        };
-        puller.on_answer(pending, peer, result, &mut assembler)?;
-        if assembler.complete() && running.is_empty() {
-            break;
-        }
-    }
-    Ok((assembler, puller.bad_peers, puller.payload_bytes))
-}
-
 /// `usable` without the peers reached only through a relay, unless nothing else is left: bulk
 /// chunk transfer stays off relayed links while a direct path to a holder exists.
-fn prefer_direct(usable: Vec<PeerId>, relayed: &std::collections::HashSet<PeerId>) -> Vec<PeerId> {
+fn prefer_direct(usable: Vec<PeerId>, relayed: &HashSet<PeerId>) -> Vec<PeerId> {
     if usable.iter().any(|p| !relayed.contains(p)) {
         usable
             .into_iter()

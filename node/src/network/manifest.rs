@@ -7,11 +7,14 @@ use libp2p::PeerId;
 use meshtune_protocol::{DeltaManifest, ModelLayout};
 
 /// Why a structurally decoded delta manifest is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ManifestFault {
+    #[error("manifest for another mesh")]
     Mesh,
     /// It does not name the peer that vouches for it (gossip signer or connection).
+    #[error("manifest names another sender than the peer")]
     Sender,
+    #[error("manifest does not match the model layout")]
     Layout,
 }
 

@@ -29,11 +29,11 @@ use std::time::Duration;
 
 use libp2p::core::Transport;
 use libp2p::core::muxing::StreamMuxerBox;
-use libp2p::core::transport::{OrTransport, upgrade::Version};
+use libp2p::core::transport::{OrTransport, TransportError, upgrade::Version};
 use libp2p::gossipsub::MessageId;
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId, Swarm, noise, relay, yamux};
-use meshtune_bootstrap::transport::{BoxedTransport, build_swarm, with_bandwidth_metrics};
+use meshtune_net::transport::{BoxedTransport, build_swarm, with_bandwidth_metrics};
 use meshtune_protocol::{DeltaManifest, ModelLayout};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -68,14 +68,23 @@ pub enum NetworkEvent {
     MeshPeers(usize),
 }
 
+/// Why [`start`] could not start the network.
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
-    #[error("cannot listen on {addr}: {reason}")]
-    Listen { addr: Multiaddr, reason: String },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: Multiaddr,
+        source: TransportError<std::io::Error>,
+    },
+    #[error("gossipsub configuration: {0}")]
+    GossipConfig(#[from] libp2p::gossipsub::ConfigBuilderError),
+    /// libp2p-gossipsub reports these as text.
     #[error("gossipsub setup: {0}")]
     Gossipsub(String),
-    #[error("invalid mesh id for the blob protocol: {0}")]
-    Protocol(String),
+    #[error("cannot subscribe to the delta topic: {0}")]
+    Subscribe(#[from] libp2p::gossipsub::SubscriptionError),
+    #[error(transparent)]
+    Protocol(#[from] codec::BlobProtocolError),
     #[error("cannot set up noise for the relay transport: {0}")]
     Noise(#[from] noise::Error),
 }
@@ -89,7 +98,7 @@ pub struct RunningNetwork {
 }
 
 /// Builds the swarm on `transport` (already secured and multiplexed; see
-/// [`meshtune_bootstrap::transport`]), listens, dials the bootstrap peers and spawns the
+/// [`meshtune_net::transport`]), listens, dials the bootstrap peers and spawns the
 /// event loop. `layout` is what every manifest must match; `store` is what this node serves.
 pub fn start(
     keypair: &Keypair,
@@ -165,10 +174,7 @@ fn listen(swarm: &mut Swarm<NodeBehaviour>, config: &NetworkConfig) -> Result<()
         swarm
             .listen_on(addr.clone())
             .map(|_| ())
-            .map_err(|err| NetworkError::Listen {
-                addr,
-                reason: err.to_string(),
-            })
+            .map_err(|source| NetworkError::Listen { addr, source })
     };
     for addr in &config.listen {
         listen_on(swarm, addr.clone())?;

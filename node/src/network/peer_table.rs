@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use meshtune_bootstrap::PeerAddr;
+use meshtune_net::PeerAddr;
 
 /// Wait before the `attempt`-th redial of an unreachable bootstrap node: 5 s doubling to 5 min.
 pub fn bootstrap_backoff(attempt: u32) -> Duration {

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use meshtune_bootstrap::PeerAddr;
+use meshtune_net::PeerAddr;
 
 use super::EventLoop;
 use crate::network::MAX_STRIKES;

@@ -7,8 +7,9 @@
 //! its own TLS handshake and has no place for a pre-shared key, so with a key QUIC is
 //! off: otherwise anyone could join the "private" mesh over UDP.
 //!
-//! TCP connections pass through [`Shaped`] first, which is a no-op unless a
-//! [`LinkProfile`] is configured (the testnet's slow and lossy links).
+//! With a [`LinkProfile`] set (the testnet's slow and lossy links, `--link`), TCP connections
+//! pass through [`Shaped`] first; without one they are never wrapped: shaping is a test
+//! tool, not part of the production path.
 //!
 //! This module builds transports and swarms; it never drives a swarm.
 
@@ -110,14 +111,18 @@ pub fn network_transport(
     keypair: &Keypair,
     config: &TransportConfig,
 ) -> Result<BoxedTransport, TransportBuildError> {
-    let link = config.link;
-    let connections = Arc::new(AtomicU64::new(0));
-    let tcp =
-        tcp::tokio::Transport::new(tcp::Config::default().nodelay(true)).map(move |stream, _| {
+    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    let tcp = if config.link.is_unlimited() {
+        secure_and_multiplex(tcp, keypair, config.psk, config.upgrade_timeout)?
+    } else {
+        let link = config.link;
+        let connections = Arc::new(AtomicU64::new(0));
+        let shaped = tcp.map(move |stream, _| {
             let seed = connections.fetch_add(1, Ordering::Relaxed);
             Shaped::new(stream, link, seed)
         });
-    let tcp = secure_and_multiplex(tcp, keypair, config.psk, config.upgrade_timeout)?;
+        secure_and_multiplex(shaped, keypair, config.psk, config.upgrade_timeout)?
+    };
     let transport = if config.quic_enabled() {
         let mut quic_config = quic::Config::new(keypair);
         quic_config.handshake_timeout = config.upgrade_timeout;

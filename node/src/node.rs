@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
-use meshtune_bootstrap::transport::BoxedTransport;
+use meshtune_net::transport::BoxedTransport;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +26,7 @@ use crate::trainer::TrainerHandle;
 /// Everything a node is made of.
 pub struct NodeConfig {
     pub keypair: Keypair,
-    /// Secured and multiplexed; see [`meshtune_bootstrap::transport`].
+    /// Secured and multiplexed; see [`meshtune_net::transport`].
     pub transport: BoxedTransport,
     pub network: NetworkConfig,
     pub coordinator: CoordinatorConfig,

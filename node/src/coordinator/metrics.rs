@@ -215,7 +215,7 @@ impl NodeMetrics {
 
 /// Bytes through the node's substreams so far (libp2p's transport counters), and the inbound
 /// ones by application protocol (`meshtune_wire_bytes_total`, see
-/// [`meshtune_bootstrap::wire`]).
+/// [`meshtune_net::wire`]).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct WireBytes {
     pub inbound: u64,

@@ -160,6 +160,51 @@ fn a_testnet_runs_on_your_own_model_folder_and_samsum_file() {
         let raw: u64 = cells[8].parse().expect("raw_delta_bytes");
         assert!(raw > 0 && raw < 1_000_000, "{row}");
     }
+    // The same with --lora and an eval file: the nodes exchange only the adapters.
+    let lora_out = dir.path().join("lora");
+    let output = Command::new(env!("CARGO_BIN_EXE_meshtune-testnet"))
+        .arg("--model")
+        .arg(&model)
+        .arg("--train")
+        .arg(&data)
+        .arg("--eval")
+        .arg(fixtures().join("samsum_tiny.jsonl"))
+        .args(["--lora", "--split", "iid", "--nodes", "2", "--rounds", "2"])
+        .args([
+            "--local-steps",
+            "2",
+            "--eval-examples",
+            "3",
+            "--batch-size",
+            "3",
+        ])
+        .arg("--no-compare")
+        .arg("--out")
+        .arg(&lora_out)
+        .output()
+        .expect("run");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let raw = |dir: &std::path::Path| -> u64 {
+        let csv = std::fs::read_to_string(dir.join("report/rounds.csv")).expect("csv");
+        let row = csv.lines().nth(1).expect("a row").to_owned();
+        row.split(',').nth(8).expect("raw").parse().expect("raw")
+    };
+    // All 12 records train (eval comes from its own file).
+    let summary = std::fs::read_to_string(lora_out.join("report/summary.md")).expect("summary");
+    assert!(
+        summary.contains("(12 training examples), eval"),
+        "{summary}"
+    );
+    assert!(
+        raw(&lora_out) * 5 < raw(&out),
+        "LoRA deltas {} vs full {}",
+        raw(&lora_out),
+        raw(&out)
+    );
 }
 
 /// Bad combinations fail before anything starts, naming the flag and what is wrong.

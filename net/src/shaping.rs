@@ -34,9 +34,9 @@ use tokio::time::{Instant, Sleep};
 pub const BACKLOG: Duration = Duration::from_millis(5);
 /// tokio's timers round deadlines up to 1 ms ticks and fire when the tick is processed (about
 /// 1 ms late on average, measured with `meshtune bench link`): a run is delivered when its
-/// time is less than this away, so deliveries are on time on average. Delays below it are
-/// not modelled (the `lan` preset's 0.25 ms shows as bandwidth only).
-const TIMER_SLACK: Duration = Duration::from_millis(1);
+/// time is less than this away, so deliveries are on time on average. Delays below it cannot
+/// be modelled: a delay is 0 or at least this (the parser refuses the rest).
+pub const TIMER_SLACK: Duration = Duration::from_millis(1);
 /// The segment size loss is drawn for (a TCP payload in a 1500-byte frame).
 pub const SEGMENT: usize = 1448;
 
@@ -66,7 +66,8 @@ impl LinkProfile {
             LinkProfile {
                 up_bps: Some(1_000_000_000),
                 down_bps: Some(1_000_000_000),
-                delay: Duration::from_micros(250),
+                // A LAN's ~0.25 ms is below the shaper's 1 ms timer: bandwidth only.
+                delay: Duration::ZERO,
                 loss: 0.0,
             },
         ),
@@ -195,7 +196,13 @@ fn parse_delay(value: &str) -> Result<Duration, LinkProfileError> {
     if !seconds.is_finite() || !(0.0..=10.0).contains(&seconds) {
         return Err(invalid("must be between 0 and 10 s"));
     }
-    Ok(Duration::from_secs_f64(seconds))
+    let delay = Duration::from_secs_f64(seconds);
+    if !delay.is_zero() && delay < TIMER_SLACK {
+        return Err(invalid(
+            "must be 0 or at least 1ms (shorter delays are below the shaper's timer granularity)",
+        ));
+    }
+    Ok(delay)
 }
 
 fn parse_loss(value: &str) -> Result<f64, LinkProfileError> {
@@ -673,6 +680,7 @@ mod tests {
             ("rate=10", "with a unit"),
             ("delay=5", "invalid delay"),
             ("delay=-5ms", "between 0 and 10 s"),
+            ("delay=250us", "0 or at least 1ms"),
             ("loss=60%", "below 50%"),
             ("loss=NaN", "invalid loss"),
             (

@@ -326,7 +326,61 @@ async fn honest_nodes_refuse_a_hostile_peer_and_keep_training() {
         tensors: encoded.tensors,
     };
     publish_until_accepted(&client, wrong_layout.encode(&limits).expect("manifest")).await;
-    // 4. A flood of chunk requests at one honest node.
+    // 4. A manifest in an honest node's name, signed by another peer (a fresh one: this
+    //    hostile peer is graylisted by now, and nothing it sends is heard). Its blob is valid;
+    //    the signer check must refuse it before anything is fetched.
+    let forger_key = Keypair::generate_ed25519();
+    let forger_store = Arc::new(Mutex::new(BlobStore::default()));
+    let mut forger_net = NetworkConfig::new("test".parse().expect("mesh"));
+    forger_net.listen = vec!["/memory/2101".parse().expect("addr")];
+    forger_net.bootstrap = vec![boot_addr.clone()];
+    forger_net.random_walk_interval = Duration::from_secs(2);
+    let mut forger = network::start(
+        &forger_key,
+        memory_transport(&forger_key, None).expect("transport"),
+        forger_net,
+        Arc::new(base.layout()),
+        Arc::clone(&forger_store),
+        &mut Registry::default(),
+        shutdown.child_token(),
+    )
+    .expect("forger network");
+    let forger_client = forger.client.clone();
+    let forger_drain = tokio::spawn(async move { while forger.events.recv().await.is_some() {} });
+    let honest_ids: Vec<_> = nodes.iter().map(|n| n.peer_id).collect();
+    for _ in 0..400 {
+        let peers = forger_client.mesh_peers().await.expect("peers");
+        if honest_ids.iter().all(|id| peers.contains(id)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let zeros = TensorSet::new(
+        base.tensors()
+            .iter()
+            .map(|t| Tensor::new(t.name.clone(), t.shape.clone(), vec![0.0; t.values.len()]))
+            .collect::<Result<Vec<_>, _>>()
+            .expect("tensors"),
+    )
+    .expect("set");
+    let encoded = encode_delta(&zeros, &f32_raw, None).expect("encode");
+    let chunks = chunk_blob(&encoded.blob, 1 << 16).expect("chunks");
+    let forged = DeltaManifest {
+        mesh_id: "test".into(),
+        round: 1,
+        base_model: base_hash,
+        sender: honest_ids[1].to_bytes(),
+        sample_count: 64,
+        training_steps: 3,
+        blob: chunks.descriptor(),
+        tensors: encoded.tensors,
+    };
+    forger_store
+        .lock()
+        .expect("store")
+        .insert(1, Arc::new(encoded.blob), chunks);
+    publish_until_accepted(&forger_client, forged.encode(&limits).expect("manifest")).await;
+    // 5. A flood of chunk requests at one honest node.
     let target = nodes[0].peer_id;
     let mut failed = 0usize;
     for _ in 0..2_500 {
@@ -387,6 +441,13 @@ async fn honest_nodes_refuse_a_hostile_peer_and_keep_training() {
             strikes >= 1.0,
             "node {i} never struck the hostile peer:\n{text}"
         );
+        // The forged manifest reached every honest node and was refused at the signer check.
+        assert!(
+            text.contains(
+                "meshtune_gossip_rejected_total{reason=\"manifest sender is not its signer\"}"
+            ),
+            "node {i} did not refuse the manifest signed by another peer:\n{text}"
+        );
         if i == 0 {
             // The flooded node scored the flood down (strikes lower the gossip score; five
             // blacklist the peer).
@@ -408,6 +469,7 @@ async fn honest_nodes_refuse_a_hostile_peer_and_keep_training() {
     );
     shutdown.cancel();
     drain.abort();
+    forger_drain.abort();
     drop(bootstrap);
 }
 

@@ -7,6 +7,7 @@
 //! with the node's own arguments) and reads what nodes write (`rounds.jsonl`,
 //! `metrics.jsonl`).
 
+pub mod chart;
 pub mod docker;
 pub mod local;
 pub mod netns;
@@ -15,3 +16,4 @@ pub mod report;
 pub mod rng;
 pub mod simulate;
 pub mod soak;
+pub mod task;

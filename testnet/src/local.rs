@@ -9,15 +9,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use meshtune_model::data::{SamsumRecord, load_samsum};
-use meshtune_model::split::{SplitStrategy, split_records};
-use meshtune_model::synthetic::{embedded, to_jsonl};
+use meshtune_model::split::SplitStrategy;
 use meshtune_node::averaging::aggregate::OuterOptimizer;
 use meshtune_node::coordinator::RoundRecord;
 
 use crate::docker::DockerMesh;
 use crate::netns::Netns;
-use crate::report::{self, Baselines, FederatedRun};
+use crate::report::{self, Baselines, FederatedRun, RunConfig};
+use crate::task::{Task, TaskArgs, TaskDefaults};
 
 /// Flags of `meshtune-testnet` (all optional: the defaults are the README's main job).
 #[derive(Debug, Clone, Args)]
@@ -58,7 +57,8 @@ pub struct TestnetArgs {
     /// iid, dirichlet:ALPHA (non-IID by topic) or by-length.
     #[arg(long, default_value = "dirichlet:0.5")]
     pub split: String,
-    /// Model: flan-t5-small|base|large|xl with random weights, or `tiny` (the bundled config).
+    /// Model: flan-t5-small|base|large|xl with random weights, or `tiny` (the bundled config);
+    /// `--model DIR` runs your own.
     #[arg(long, default_value = "tiny")]
     pub preset: String,
     /// Fault scenario of the main run: none, kill-node, restart, late-join, partition,
@@ -78,7 +78,8 @@ pub struct TestnetArgs {
     /// Skip the baselines (alone, centralized, other codecs): only the federated run.
     #[arg(long)]
     pub no_compare: bool,
-    /// Training examples per node (taken from the bundled corpus before splitting).
+    /// Training examples per node (taken from the bundled corpus before splitting; with
+    /// `--train`, every example of the file is used).
     #[arg(long, default_value_t = 400)]
     pub examples_per_node: usize,
     /// Held-out examples for ROUGE-L.
@@ -219,15 +220,17 @@ pub(crate) struct Prepared {
     eval: PathBuf,
     node_toml: PathBuf,
     /// `[train]` settings shared by nodes and baselines.
-    train_table: String,
+    train: toml::Table,
     model_args: Vec<String>,
+    /// The learning rate and batch size in force (the train config's, else the flags').
+    lr: f64,
+    batch_size: usize,
+    model_label: String,
+    data_label: String,
 }
 
-fn write_records(path: &Path, records: &[SamsumRecord]) -> anyhow::Result<()> {
-    std::fs::write(path, to_jsonl(records)?).with_context(|| format!("writing {}", path.display()))
-}
-
-pub(crate) fn prepare(args: &TestnetArgs, out: &Path) -> anyhow::Result<Prepared> {
+/// Checks the flags that do not depend on the task.
+fn check_args(args: &TestnetArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.nodes >= 2, "a mesh needs at least 2 nodes");
     anyhow::ensure!(args.rounds >= 1, "--rounds must be at least 1");
     Scenario::parse(&args.scenario)?;
@@ -244,29 +247,6 @@ pub(crate) fn prepare(args: &TestnetArgs, out: &Path) -> anyhow::Result<Prepared
         "scenario `{}` needs at least 3 nodes",
         args.scenario
     );
-    let data = out.join("data");
-    embedded::write_to(&data)?;
-    let all = embedded::train_records()?;
-    let wanted = (args.examples_per_node * args.nodes).min(all.len());
-    let strategy = parse_split(&args.split)?;
-    let shards = split_records(&all[..wanted], args.nodes, &strategy, args.seed)?;
-    let mut shard_paths = Vec::new();
-    for (i, shard) in shards.iter().enumerate() {
-        let path = data.join(format!("shard-{i}.jsonl"));
-        write_records(&path, shard)?;
-        shard_paths.push(path);
-    }
-    let union = data.join("union.jsonl");
-    write_records(&union, &all[..wanted])?;
-    let eval_all = load_samsum(&data.join("eval.jsonl"))?;
-    let eval = data.join("eval-subset.jsonl");
-    write_records(&eval, &eval_all[..args.eval_examples.min(eval_all.len())])?;
-    let train_table = format!(
-        "batch_size = {}\nlr = {}\nwarmup_steps = 0\nschedule = \"constant\"\nseed = {}\n\
-         source_max_len = 96\ntarget_max_len = 32\neval_examples = {}\neval_max_new_tokens = 32\n",
-        args.batch_size, args.lr, args.seed, args.eval_examples
-    );
-    let node_toml = out.join("node.toml");
     args.outer
         .parse::<OuterOptimizer>()
         .map_err(|e| anyhow::anyhow!(e))?;
@@ -282,35 +262,74 @@ pub(crate) fn prepare(args: &TestnetArgs, out: &Path) -> anyhow::Result<Prepared
             .parse::<meshtune_protocol::CodecParams>()
             .with_context(|| format!("invalid codec `{codec}`"))?;
     }
-    std::fs::write(
-        &node_toml,
-        format!(
-            "[node]\nmesh = \"testnet\"\ncollect_timeout_s = 30\nwait_timeout_s = 60\neval_every = {}\n\n[train]\n{train_table}",
-            args.eval_rounds()
-        ),
-    )?;
-    let model_args = if args.preset == "tiny" {
-        vec![
-            "--model".into(),
-            data.display().to_string(),
-            "--random-init".into(),
-        ]
-    } else {
-        vec![
-            "--preset".into(),
-            args.preset.clone(),
-            "--tokenizer".into(),
-            data.join("tokenizer.json").display().to_string(),
-        ]
+    Ok(())
+}
+
+/// The bundled task's files (what the soak runs).
+pub(crate) fn prepare(args: &TestnetArgs, out: &Path) -> anyhow::Result<Prepared> {
+    prepare_task(args, &TaskArgs::default(), out)
+}
+
+/// Writes the task's data and `node.toml` under `out`.
+pub(crate) fn prepare_task(
+    args: &TestnetArgs,
+    task: &TaskArgs,
+    out: &Path,
+) -> anyhow::Result<Prepared> {
+    check_args(args)?;
+    let data = out.join("data");
+    let defaults = TaskDefaults {
+        nodes: args.nodes,
+        split: parse_split(&args.split)?,
+        split_text: args.split.clone(),
+        seed: args.seed,
+        examples_per_node: args.examples_per_node,
+        eval_examples: args.eval_examples,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        preset: args.preset.clone(),
     };
+    let prepared = crate::task::prepare(task, &defaults, &data)?;
+    let (lr, batch_size) = (prepared.lr(), prepared.batch_size());
+    let Task {
+        shards,
+        union,
+        eval,
+        model_args,
+        train,
+        model_label,
+        data_label,
+    } = prepared;
+    let node_toml = out.join("node.toml");
+    let mut node = toml::Table::new();
+    for (key, value) in [
+        ("mesh", toml::Value::String("testnet".into())),
+        ("collect_timeout_s", toml::Value::Integer(30)),
+        ("wait_timeout_s", toml::Value::Integer(60)),
+        (
+            "eval_every",
+            toml::Value::Integer(args.eval_rounds() as i64),
+        ),
+    ] {
+        node.insert(key.into(), value);
+    }
+    let mut file = toml::Table::new();
+    file.insert("node".into(), toml::Value::Table(node));
+    file.insert("train".into(), toml::Value::Table(train.clone()));
+    std::fs::write(&node_toml, toml::to_string(&file)?)
+        .with_context(|| format!("writing {}", node_toml.display()))?;
     Ok(Prepared {
         data,
-        shards: shard_paths,
+        shards,
         union,
         eval,
         node_toml,
-        train_table,
+        train,
         model_args,
+        lr,
+        batch_size,
+        model_label,
+        data_label,
     })
 }
 
@@ -934,23 +953,17 @@ fn run_training(
     out: &Path,
 ) -> anyhow::Result<Process> {
     let config = out.with_extension("toml");
-    let table: String = prepared
-        .train_table
-        .lines()
-        .map(|l| {
-            if l.starts_with("lr = ") {
-                format!("lr = {lr}\n")
-            } else {
-                format!("{l}\n")
-            }
-        })
-        .collect();
-    std::fs::write(
-        &config,
-        format!(
-            "{table}eval_every = {eval_every}\ncheckpoint_every = 1000000\nkeep_checkpoints = 1\n"
-        ),
-    )?;
+    let mut table = prepared.train.clone();
+    for (key, value) in [
+        ("lr", toml::Value::Float(lr)),
+        ("eval_every", toml::Value::Integer(eval_every as i64)),
+        ("checkpoint_every", toml::Value::Integer(1_000_000)),
+        ("keep_checkpoints", toml::Value::Integer(1)),
+    ] {
+        table.insert(key.into(), value);
+    }
+    std::fs::write(&config, toml::to_string(&table)?)
+        .with_context(|| format!("writing {}", config.display()))?;
     let child = self_command("__train")?
         .args(&prepared.model_args)
         .arg("--train")
@@ -993,7 +1006,7 @@ fn run_baselines(args: &TestnetArgs, prepared: &Prepared, dir: &Path) -> anyhow:
             shard,
             steps,
             args.local_steps * args.eval_rounds() as usize,
-            args.lr,
+            prepared.lr,
             &dir.join(format!("alone-{i}")),
         )?);
     }
@@ -1001,7 +1014,7 @@ fn run_baselines(args: &TestnetArgs, prepared: &Prepared, dir: &Path) -> anyhow:
     // Centralized training is tuned a little, so the comparison is not against a baseline
     // handicapped by the mesh's learning rate: the mesh's lr and a third of it, best kept.
     let central_steps = steps * args.nodes;
-    let lrs = [args.lr, args.lr / 3.0];
+    let lrs = [prepared.lr, prepared.lr / 3.0];
     let mut central = Vec::new();
     for (k, lr) in lrs.iter().enumerate() {
         central.push(run_training(
@@ -1049,7 +1062,7 @@ fn run_baselines(args: &TestnetArgs, prepared: &Prepared, dir: &Path) -> anyhow:
 
 /// The whole job: federated run with a live table, then (unless `--no-compare`) the baselines
 /// and the other codecs, then the report. Returns the report directory.
-pub fn run_testnet(args: TestnetArgs) -> anyhow::Result<PathBuf> {
+pub fn run_testnet(args: TestnetArgs, task: TaskArgs) -> anyhow::Result<PathBuf> {
     let out = args.out.clone().unwrap_or_else(|| {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -1061,13 +1074,15 @@ pub fn run_testnet(args: TestnetArgs) -> anyhow::Result<PathBuf> {
     let out = out
         .canonicalize()
         .with_context(|| format!("resolving {}", out.display()))?;
-    let prepared = prepare(&args, &out)?;
+    let prepared = prepare_task(&args, &task, &out)?;
     println!(
-        "meshtune testnet: {} nodes, {} rounds x {} local steps, codec {}, split {}, data in {}",
+        "meshtune testnet: {} nodes, {} rounds x {} local steps, codec {}, model {}, data {}, split {}, files in {}",
         args.nodes,
         args.rounds,
         args.local_steps,
         args.codec,
+        prepared.model_label,
+        prepared.data_label,
         args.split,
         prepared.data.display()
     );
@@ -1132,10 +1147,30 @@ pub fn run_testnet(args: TestnetArgs) -> anyhow::Result<PathBuf> {
     let report_dir = out.join("report");
     report::write(
         &report_dir,
-        &args,
+        &run_config(&args, &prepared),
         &codecs,
         clean.as_ref(),
         baselines.as_ref(),
     )?;
     Ok(report_dir)
+}
+
+/// What the report states about the run.
+fn run_config(args: &TestnetArgs, prepared: &Prepared) -> RunConfig {
+    RunConfig {
+        nodes: args.nodes,
+        rounds: args.rounds,
+        local_steps: args.local_steps,
+        codec: args.codec.clone(),
+        aggregation: args.aggregation.clone(),
+        split: args.split.clone(),
+        model: prepared.model_label.clone(),
+        data: prepared.data_label.clone(),
+        batch_size: prepared.batch_size,
+        lr: prepared.lr,
+        seed: args.seed,
+        mode: args.mode.clone(),
+        link: args.link.clone(),
+        eval_examples: args.eval_examples,
+    }
 }

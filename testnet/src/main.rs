@@ -1,6 +1,7 @@
 //! `meshtune-testnet`: with no arguments, a local mesh of 1 bootstrap + 4 nodes as real
 //! processes on loopback, fine-tuning the bundled tiny FLAN-T5 on the bundled synthetic corpus
-//! split non-IID, with a live per-round table and a report directory.
+//! split non-IID, with a live per-round table and a report directory; `--model DIR --train
+//! FILE` runs the same on your own model and data.
 //!
 //! The processes are this same executable started with a hidden role (`__node`,
 //! `__bootstrap`, `__train`), so the one binary `cargo run -p meshtune-testnet` builds is all
@@ -27,6 +28,8 @@ struct Cli {
     role: Option<Role>,
     #[command(flatten)]
     testnet: TestnetArgs,
+    #[command(flatten)]
+    task: meshtune_testnet::task::TaskArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -75,7 +78,7 @@ fn main() -> ExitCode {
         }
         None => {
             meshtune_node::logging::init(meshtune_node::logging::LogFormat::Text);
-            run_testnet(cli.testnet).map(|report| {
+            run_testnet(cli.testnet, cli.task).map(|report| {
                 println!("\nreport: {}", report.display());
             })
         }

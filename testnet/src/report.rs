@@ -7,10 +7,31 @@ use std::path::Path;
 
 use anyhow::Context;
 use meshtune_node::coordinator::RoundRecord;
-use meshtune_node::plot::{Series, line_chart_svg};
 
-use crate::local::TestnetArgs;
+use crate::chart::{ChartText, Series, line_chart_svg};
 use crate::png::write_png;
+
+/// The settings of a testnet run that the report states (what `meshtune-testnet` was asked
+/// for, the model and data it ran on).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunConfig {
+    pub nodes: usize,
+    pub rounds: u64,
+    pub local_steps: usize,
+    pub codec: String,
+    pub aggregation: String,
+    pub split: String,
+    /// `tiny`, a preset name or the model folder.
+    pub model: String,
+    /// `bundled synthetic corpus` or the training file.
+    pub data: String,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub seed: u64,
+    pub mode: String,
+    pub link: Option<String>,
+    pub eval_examples: usize,
+}
 
 /// One federated run: the records of every node.
 #[derive(Debug, Clone)]
@@ -115,15 +136,8 @@ impl Baselines {
     }
 }
 
-fn chart(
-    dir: &Path,
-    name: &str,
-    title: &str,
-    x: &str,
-    y: &str,
-    series: &[Series],
-) -> anyhow::Result<()> {
-    let svg = line_chart_svg(title, x, y, series);
+fn chart(dir: &Path, name: &str, text: ChartText<'_>, series: &[Series]) -> anyhow::Result<()> {
+    let svg = line_chart_svg(text, series)?;
     std::fs::write(dir.join(format!("{name}.svg")), &svg)?;
     if let Err(err) = write_png(&svg, &dir.join(format!("{name}.png"))) {
         tracing::warn!(chart = name, error = %format!("{err:#}"), "PNG not written (the SVG is)");
@@ -202,15 +216,12 @@ fn scenario_verdict(
                 fmt_opt(honest),
                 fmt_opt(clean_rouge)
             )?;
-            if let (Some(h), Some(c)) = (honest, clean_rouge) {
-                let gap = (c - h) * 100.0;
-                writeln!(
-                    md,
-                    "- **robust aggregation {}**: {:.1} ROUGE-L points {} the clean run (goal: within 1 point)",
-                    if gap <= 1.0 { "held" } else { "did not hold" },
-                    gap.abs(),
-                    if gap >= 0.0 { "below" } else { "above" }
-                )?;
+            if let (Some(h), Some(c), Some(clean)) = (honest, clean_rouge, clean) {
+                let honest_run = FederatedRun {
+                    records: run.records[..last].to_vec(),
+                    ..run.clone()
+                };
+                writeln!(md, "- {}", robust_verdict(h, c, &honest_run, clean))?;
             }
         }
         "slow-link" => {
@@ -248,6 +259,44 @@ fn scenario_verdict(
     Ok(())
 }
 
+/// Whether robust aggregation kept the honest nodes' final ROUGE-L (`honest`) within 1 point
+/// of the clean run's (`clean`), with the noise of the comparison (each curve's spread over
+/// its last evaluations, combined): "held" when even gap + noise is within 1 point, "did not
+/// hold" when even gap - noise is beyond it, "within noise" otherwise.
+fn robust_verdict(
+    honest: f64,
+    clean: f64,
+    honest_run: &FederatedRun,
+    clean_run: &FederatedRun,
+) -> String {
+    let gap = (clean - honest) * 100.0;
+    let curve = |run: &FederatedRun| -> Vec<f64> {
+        run.mean_by_round(|r| r.rouge_l)
+            .iter()
+            .map(|p| p.1)
+            .collect()
+    };
+    let noise = tail_spread(&curve(honest_run))
+        .zip(tail_spread(&curve(clean_run)))
+        .map(|(h, c)| (h * h + c * c).sqrt() * 100.0);
+    let spread = noise.unwrap_or(0.0);
+    let outcome = if gap + spread <= 1.0 {
+        "held"
+    } else if gap - spread > 1.0 {
+        "did not hold"
+    } else {
+        "held within noise"
+    };
+    format!(
+        "**robust aggregation {outcome}**: {:.1} ROUGE-L points {} the clean run{} (goal: within 1 point)",
+        gap.abs(),
+        if gap >= 0.0 { "below" } else { "above" },
+        noise.map_or(" (noise not measured)".to_owned(), |n| format!(
+            " ± {n:.1} (the spread of each curve's last {NOISE_POINTS} evaluations, combined)"
+        ))
+    )
+}
+
 fn fmt_opt(value: Option<f64>) -> String {
     value.map_or("n/a".into(), |v| format!("{v:.3}"))
 }
@@ -264,21 +313,45 @@ fn human(bytes: f64) -> String {
 /// `dir`; `clean` is the same mesh without the scenario.
 pub fn write(
     dir: &Path,
-    args: &TestnetArgs,
+    config: &RunConfig,
     runs: &[FederatedRun],
     clean: Option<&FederatedRun>,
     baselines: Option<&Baselines>,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let main = runs.first().context("no federated run to report")?;
+    write_data(dir, config, runs, clean, baselines)?;
+    let energy = write_charts(dir, config, runs, clean, baselines)?;
+    let mut md = String::new();
+    summary_header(&mut md, config, main, clean)?;
+    quality_table(&mut md, config, runs, clean, baselines)?;
+    outer_table(&mut md, runs)?;
+    // The goal is about the mesh without faults.
+    let fault_free = clean.unwrap_or(main);
+    let f32_run = runs
+        .iter()
+        .find(|r| r.codec == "f32" && r.outer == fault_free.outer);
+    if let (Some(f32_run), Some(b)) = (f32_run, baselines)
+        && let Some(verdict) = goal_verdict(fault_free, f32_run, b)
+    {
+        writeln!(md, "{}\n", verdict.sentence())?;
+    }
+    energy_lines(&mut md, fault_free)?;
+    chart_list(&mut md, energy)?;
+    std::fs::write(dir.join("summary.md"), md)?;
+    Ok(())
+}
 
-    // Data: JSON (all runs) and CSV (main run).
+/// `metrics.json` (every record of every run) and `rounds.csv` (the main run).
+fn write_data(
+    dir: &Path,
+    config: &RunConfig,
+    runs: &[FederatedRun],
+    clean: Option<&FederatedRun>,
+    baselines: Option<&Baselines>,
+) -> anyhow::Result<()> {
     let json = serde_json::json!({
-        "config": {
-            "nodes": args.nodes, "rounds": args.rounds, "local_steps": args.local_steps,
-            "codec": args.codec, "aggregation": args.aggregation, "split": args.split,
-            "preset": args.preset, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-        },
+        "config": config,
         "runs": runs.iter().chain(clean).map(|r| serde_json::json!({
             "codec": r.codec, "outer": r.outer, "scenario": r.scenario, "faults": r.faults,
             "seconds": r.seconds, "nodes": r.records,
@@ -297,6 +370,7 @@ pub fn write(
         "node,round,train_loss,eval_loss,rouge_l,deltas,mesh_peers,delta_bytes,raw_delta_bytes,payload_in,wire_in,wire_out,amplification,seconds_train,seconds_total,seconds_eval,tokens,granularity,energy_compute_j,energy_comm_j,tokens_per_s_per_w,deadline_s\n",
     );
     let opt = |v: Option<f64>| v.map_or(String::new(), |x| x.to_string());
+    let main = runs.first().context("no federated run to report")?;
     for (node, records) in main.records.iter().enumerate() {
         for r in records {
             writeln!(
@@ -327,8 +401,55 @@ pub fn write(
         }
     }
     std::fs::write(dir.join("rounds.csv"), csv)?;
+    Ok(())
+}
 
-    // Charts.
+/// The baselines' ROUGE-L curves on the mesh's round axis: each node alone (mean over nodes;
+/// `local_steps` steps a round) and centralized (`local_steps x nodes` steps a round).
+fn baseline_series(config: &RunConfig, b: &Baselines) -> [Series; 2] {
+    let steps_per_round = config.local_steps as f64;
+    let mut alone_mean: Vec<(f64, f64)> = Vec::new();
+    if let Some(first) = b.alone.first() {
+        for (k, (step, _)) in first.iter().enumerate() {
+            let values: Vec<f64> = b
+                .alone
+                .iter()
+                .filter_map(|c| c.get(k).map(|p| p.1))
+                .collect();
+            alone_mean.push((
+                *step as f64 / steps_per_round,
+                values.iter().sum::<f64>() / values.len().max(1) as f64,
+            ));
+        }
+    }
+    let central_per_round = steps_per_round * config.nodes as f64;
+    [
+        Series::new("each node alone (mean)", alone_mean),
+        Series::new(
+            &format!("centralized (same total steps, lr {})", b.centralized_lr),
+            b.centralized
+                .iter()
+                .map(|(s, v)| (*s as f64 / central_per_round, *v))
+                .collect(),
+        ),
+    ]
+}
+
+/// Every chart of the report; returns whether the energy chart was drawn (a power reader
+/// was readable).
+fn write_charts(
+    dir: &Path,
+    config: &RunConfig,
+    runs: &[FederatedRun],
+    clean: Option<&FederatedRun>,
+    baselines: Option<&Baselines>,
+) -> anyhow::Result<bool> {
+    let main = runs.first().context("no federated run to report")?;
+    let text = |title, y| ChartText {
+        title,
+        x: "round",
+        y,
+    };
     let per_node = |value: &dyn Fn(&RoundRecord) -> Option<f64>| -> Vec<Series> {
         main.records
             .iter()
@@ -347,9 +468,7 @@ pub fn write(
     chart(
         dir,
         "loss",
-        "Local training loss per round",
-        "round",
-        "token cross-entropy",
+        text("Local training loss per round", "token cross-entropy"),
         &per_node(&|r| r.train_loss),
     )?;
     let mut rouge = vec![Series::new(
@@ -369,53 +488,27 @@ pub fn write(
         ));
     }
     if let Some(b) = baselines {
-        let steps_per_round = args.local_steps as f64;
-        let mut alone_mean: Vec<(f64, f64)> = Vec::new();
-        if let Some(first) = b.alone.first() {
-            for (k, (step, _)) in first.iter().enumerate() {
-                let values: Vec<f64> = b
-                    .alone
-                    .iter()
-                    .filter_map(|c| c.get(k).map(|p| p.1))
-                    .collect();
-                alone_mean.push((
-                    *step as f64 / steps_per_round,
-                    values.iter().sum::<f64>() / values.len().max(1) as f64,
-                ));
-            }
-        }
-        rouge.push(Series::new("each node alone (mean)", alone_mean));
-        let central_per_round = steps_per_round * args.nodes as f64;
-        rouge.push(Series::new(
-            &format!("centralized (same total steps, lr {})", b.centralized_lr),
-            b.centralized
-                .iter()
-                .map(|(s, v)| (*s as f64 / central_per_round, *v))
-                .collect(),
-        ));
+        rouge.extend(baseline_series(config, b));
     }
     chart(
         dir,
         "rouge",
-        "Eval ROUGE-L per round",
-        "round",
-        "ROUGE-L F",
+        text("Eval ROUGE-L per round", "ROUGE-L F"),
         &rouge,
     )?;
     chart(
         dir,
         "bytes",
-        "Bytes sent per node per round (wire)",
-        "round",
-        "bytes",
-        &per_node(&|r| Some(r.wire_out as f64)),
+        text("Bytes sent per node per round (wire)", "KiB"),
+        &per_node(&|r| Some(r.wire_out as f64 / 1024.0)),
     )?;
     chart(
         dir,
         "round_time",
-        "Round time: compute vs communication (mean over nodes)",
-        "round",
-        "seconds",
+        text(
+            "Round time: compute vs communication (mean over nodes)",
+            "seconds",
+        ),
         &[
             Series::new(
                 "compute (local training)",
@@ -433,9 +526,10 @@ pub fn write(
     chart(
         dir,
         "granularity",
-        "Granularity G = compute time / communication time (mean over nodes)",
-        "round",
-        "G",
+        text(
+            "Granularity G = compute time / communication time (mean over nodes)",
+            "G",
+        ),
         &[Series::new(
             &format!("federated ({})", main.codec),
             main.mean_by_round(|r| r.energy.granularity),
@@ -450,85 +544,107 @@ pub fn write(
         chart(
             dir,
             "energy",
-            "Energy per round: compute vs communication (mean over nodes)",
-            "round",
-            "joules",
+            text(
+                "Energy per round: compute vs communication (mean over nodes)",
+                "joules",
+            ),
             &[
                 Series::new("compute", main.mean_by_round(|r| r.energy.compute_j)),
                 Series::new("communication", main.mean_by_round(|r| r.energy.comm_j)),
             ],
         )?;
     }
+    Ok(measured)
+}
 
-    // Summary.
-    let mut md = String::new();
+/// The run's settings and, under a scenario, what the scenario did.
+fn summary_header(
+    md: &mut String,
+    config: &RunConfig,
+    main: &FederatedRun,
+    clean: Option<&FederatedRun>,
+) -> anyhow::Result<()> {
     writeln!(md, "# meshtune testnet report\n")?;
     writeln!(
         md,
-        "{} nodes ({}{}), {} rounds x {} local steps (batch {}, lr {}), model `{}`, data split `{}`, aggregation `{}`.\n",
-        args.nodes,
-        if args.mode == "netns" {
+        "{} nodes ({}{}), {} rounds x {} local steps (batch {}, lr {}), model `{}`, data {}, split `{}`, aggregation `{}`, {} eval examples.\n",
+        config.nodes,
+        if config.mode == "netns" {
             "each in its own network namespace"
         } else {
             "processes on loopback"
         },
-        args.link
+        config
+            .link
             .as_deref()
             .map_or(String::new(), |l| format!(", every link shaped as `{l}`")),
-        args.rounds,
-        args.local_steps,
-        args.batch_size,
-        args.lr,
-        args.preset,
-        args.split,
-        args.aggregation
+        config.rounds,
+        config.local_steps,
+        config.batch_size,
+        config.lr,
+        config.model,
+        config.data,
+        config.split,
+        config.aggregation,
+        config.eval_examples
     )?;
-    if main.scenario != "none" {
-        writeln!(md, "## Scenario `{}`\n", main.scenario)?;
-        for event in &main.faults {
-            writeln!(md, "- {event}")?;
-        }
-        let last_round = args.rounds.saturating_sub(1);
-        let finals: Vec<Option<&RoundRecord>> = main
-            .records
-            .iter()
-            .map(|r| r.iter().find(|x| x.round == last_round))
-            .collect();
-        let finished = finals.iter().flatten().count();
-        let mut hashes: Vec<&str> = finals
-            .iter()
-            .flatten()
-            .map(|r| r.model_hash.as_str())
-            .collect();
-        hashes.sort_unstable();
-        hashes.dedup();
-        writeln!(
-            md,
-            "- {finished} of {} nodes applied the last round ({last_round}); they hold {} distinct final model(s)",
-            main.records.len(),
-            hashes.len()
-        )?;
-        for (i, record) in finals.iter().enumerate() {
-            if let Some(peer) = record.and_then(|r| r.adopted_final_state.as_deref()) {
-                writeln!(
-                    md,
-                    "- node {i} missed part of the last round and adopted the final state most nodes held (from {peer})"
-                )?;
-            }
-        }
-        for (i, records) in main.records.iter().enumerate() {
-            let rounds: Vec<String> = records
-                .iter()
-                .map(|r| match &r.synced_from {
-                    Some(_) => format!("{} (caught up: adopted a peer's state)", r.round),
-                    None => r.round.to_string(),
-                })
-                .collect();
-            writeln!(md, "- node {i} applied rounds [{}]", rounds.join(", "))?;
-        }
-        scenario_verdict(&mut md, main, clean, hashes.len())?;
-        writeln!(md)?;
+    if main.scenario == "none" {
+        return Ok(());
     }
+    writeln!(md, "## Scenario `{}`\n", main.scenario)?;
+    for event in &main.faults {
+        writeln!(md, "- {event}")?;
+    }
+    let last_round = config.rounds.saturating_sub(1);
+    let finals: Vec<Option<&RoundRecord>> = main
+        .records
+        .iter()
+        .map(|r| r.iter().find(|x| x.round == last_round))
+        .collect();
+    let finished = finals.iter().flatten().count();
+    let mut hashes: Vec<&str> = finals
+        .iter()
+        .flatten()
+        .map(|r| r.model_hash.as_str())
+        .collect();
+    hashes.sort_unstable();
+    hashes.dedup();
+    writeln!(
+        md,
+        "- {finished} of {} nodes applied the last round ({last_round}); they hold {} distinct final model(s)",
+        main.records.len(),
+        hashes.len()
+    )?;
+    for (i, record) in finals.iter().enumerate() {
+        if let Some(peer) = record.and_then(|r| r.adopted_final_state.as_deref()) {
+            writeln!(
+                md,
+                "- node {i} missed part of the last round and adopted the final state most nodes held (from {peer})"
+            )?;
+        }
+    }
+    for (i, records) in main.records.iter().enumerate() {
+        let rounds: Vec<String> = records
+            .iter()
+            .map(|r| match &r.synced_from {
+                Some(_) => format!("{} (caught up: adopted a peer's state)", r.round),
+                None => r.round.to_string(),
+            })
+            .collect();
+        writeln!(md, "- node {i} applied rounds [{}]", rounds.join(", "))?;
+    }
+    scenario_verdict(md, main, clean, hashes.len())?;
+    writeln!(md)?;
+    Ok(())
+}
+
+fn quality_table(
+    md: &mut String,
+    config: &RunConfig,
+    runs: &[FederatedRun],
+    clean: Option<&FederatedRun>,
+    baselines: Option<&Baselines>,
+) -> anyhow::Result<()> {
     writeln!(md, "## Quality and bytes\n")?;
     writeln!(
         md,
@@ -568,7 +684,7 @@ pub fn write(
         writeln!(
             md,
             "| centralized on the union ({} steps, lr {}; best of {}) | {} | 0 | - | |",
-            b.steps_per_node * args.nodes,
+            b.steps_per_node * config.nodes,
             b.centralized_lr,
             b.centralized_tried
                 .iter()
@@ -579,65 +695,156 @@ pub fn write(
         )?;
     }
     writeln!(md)?;
+    Ok(())
+}
+
+/// The outer optimizers compared (same codec, no scenario), when there are several.
+fn outer_table(md: &mut String, runs: &[FederatedRun]) -> anyhow::Result<()> {
+    let Some(main) = runs.first() else {
+        return Ok(());
+    };
     let outers: Vec<&FederatedRun> = runs
         .iter()
         .filter(|r| r.codec == main.codec && r.scenario == "none")
         .collect();
-    if outers.len() > 1 {
-        writeln!(
-            md,
-            "## Outer optimizers (codec `{}`, same data and seeds)\n",
-            main.codec
-        )?;
-        writeln!(
-            md,
-            "| outer step | final ROUGE-L | wall time |\n|---|---|---|"
-        )?;
-        for run in &outers {
-            writeln!(
-                md,
-                "| `{}` | {} | {:.0} s |",
-                run.outer,
-                fmt_opt(run.final_rouge_l()),
-                run.seconds
-            )?;
-        }
-        if let Some(best) = outers.iter().max_by(|a, b| {
-            let key = |r: &FederatedRun| r.final_rouge_l().unwrap_or(f64::NEG_INFINITY);
-            key(a).total_cmp(&key(b))
-        }) {
-            writeln!(
-                md,
-                "\nHighest final ROUGE-L on this task: `{}`.\n",
-                best.outer
-            )?;
-        }
+    if outers.len() < 2 {
+        return Ok(());
     }
-    // The goal is about the mesh without faults.
-    let main = clean.unwrap_or(main);
-    let f32_run = runs
+    writeln!(
+        md,
+        "## Outer optimizers (codec `{}`, same data and seeds)\n",
+        main.codec
+    )?;
+    writeln!(
+        md,
+        "| outer step | final ROUGE-L | wall time |\n|---|---|---|"
+    )?;
+    for run in &outers {
+        writeln!(
+            md,
+            "| `{}` | {} | {:.0} s |",
+            run.outer,
+            fmt_opt(run.final_rouge_l()),
+            run.seconds
+        )?;
+    }
+    if let Some(best) = outers.iter().max_by(|a, b| {
+        let key = |r: &FederatedRun| r.final_rouge_l().unwrap_or(f64::NEG_INFINITY);
+        key(a).total_cmp(&key(b))
+    }) {
+        writeln!(
+            md,
+            "\nHighest final ROUGE-L on this task: `{}`.\n",
+            best.outer
+        )?;
+    }
+    Ok(())
+}
+
+/// Evaluations at the end of a curve whose spread estimates its noise.
+const NOISE_POINTS: usize = 3;
+
+/// Sample standard deviation of the last [`NOISE_POINTS`] of `values` (`None` with fewer
+/// than two).
+fn tail_spread(values: &[f64]) -> Option<f64> {
+    let tail = &values[values.len().saturating_sub(NOISE_POINTS)..];
+    if tail.len() < 2 {
+        return None;
+    }
+    let mean = tail.iter().sum::<f64>() / tail.len() as f64;
+    let var = tail.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (tail.len() - 1) as f64;
+    Some(var.sqrt())
+}
+
+/// The main job's goal: federated within 1 ROUGE-L point of centralized at >= 50x fewer bytes
+/// than f32 deltas.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GoalVerdict {
+    /// Federated minus centralized final ROUGE-L, in points.
+    pub gap: f64,
+    /// The comparison's noise in points: the spread (standard deviation) of each curve's last
+    /// evaluations, combined; `None` when a curve has a single evaluation.
+    pub noise: Option<f64>,
+    /// f32 run's bytes over the main run's.
+    pub ratio: f64,
+    pub outcome: GoalOutcome,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GoalOutcome {
+    /// Within 1 point even at the low end of the noise, and >= 50x fewer bytes.
+    Met,
+    /// More than 1 point below even at the high end of the noise, or < 50x fewer bytes.
+    NotMet,
+    /// The 1-point threshold lies inside gap +- noise: this run cannot tell.
+    WithinNoise,
+}
+
+/// The goal's verdict, `None` when the federated or centralized run has no evaluation.
+pub fn goal_verdict(
+    run: &FederatedRun,
+    f32_run: &FederatedRun,
+    baselines: &Baselines,
+) -> Option<GoalVerdict> {
+    let central = baselines.centralized_final()?;
+    let gap = (run.final_rouge_l()? - central) * 100.0;
+    let ratio = f32_run.bytes_sent_per_node() / run.bytes_sent_per_node().max(1.0);
+    let federated: Vec<f64> = run
+        .mean_by_round(|r| r.rouge_l)
         .iter()
-        .find(|r| r.codec == "f32" && r.outer == main.outer);
-    if let (Some(f32_run), Some(central)) =
-        (f32_run, baselines.and_then(Baselines::centralized_final))
-    {
-        let ratio = f32_run.bytes_sent_per_node() / main.bytes_sent_per_node().max(1.0);
-        let gap = main.final_rouge_l().map(|r| (r - central) * 100.0);
-        let position = gap.map_or("n/a".into(), |g| {
-            if g >= 0.0 {
-                format!("{g:.1} ROUGE-L points above centralized")
-            } else {
-                format!("{:.1} ROUGE-L points below centralized", -g)
-            }
-        });
-        let met = gap.is_some_and(|g| g >= -1.0) && ratio >= 50.0;
-        writeln!(
-            md,
-            "Goal: federated within 1 ROUGE-L point of centralized at >= 50x fewer bytes than f32 deltas. \
-             Measured: {position}, {ratio:.1}x fewer bytes on the wire than the f32 run: goal {}.\n",
-            if met { "met" } else { "not met" }
-        )?;
+        .map(|p| p.1)
+        .collect();
+    let centralized: Vec<f64> = baselines.centralized.iter().map(|p| p.1).collect();
+    let noise = tail_spread(&federated)
+        .zip(tail_spread(&centralized))
+        .map(|(f, c)| (f * f + c * c).sqrt() * 100.0);
+    let spread = noise.unwrap_or(0.0);
+    let outcome = if ratio < 50.0 || gap + spread < -1.0 {
+        GoalOutcome::NotMet
+    } else if gap - spread >= -1.0 {
+        GoalOutcome::Met
+    } else {
+        GoalOutcome::WithinNoise
+    };
+    Some(GoalVerdict {
+        gap,
+        noise,
+        ratio,
+        outcome,
+    })
+}
+
+impl GoalVerdict {
+    pub fn sentence(&self) -> String {
+        let position = if self.gap >= 0.0 {
+            format!("{:.1} ROUGE-L points above centralized", self.gap)
+        } else {
+            format!("{:.1} ROUGE-L points below centralized", -self.gap)
+        };
+        let noise = match self.noise {
+            Some(n) => format!(
+                " (± {n:.1} points: the spread of each curve's last {NOISE_POINTS} evaluations, combined)"
+            ),
+            None => " (noise not measured: a curve has a single evaluation)".to_owned(),
+        };
+        let outcome = match self.outcome {
+            GoalOutcome::Met => "goal met".to_owned(),
+            GoalOutcome::NotMet => "goal not met".to_owned(),
+            GoalOutcome::WithinNoise => "within noise: the 1-point threshold lies inside the \
+                 spread, so this run neither meets nor misses the goal (more --eval-examples or \
+                 several --seed runs narrow it)"
+                .to_owned(),
+        };
+        format!(
+            "Goal: federated within 1 ROUGE-L point of centralized at >= 50x fewer bytes than f32 \
+             deltas. Measured: {position}{noise}, {:.1}x fewer bytes on the wire than the f32 \
+             run: {outcome}.",
+            self.ratio
+        )
     }
+}
+
+fn energy_lines(md: &mut String, main: &FederatedRun) -> anyhow::Result<()> {
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied()
@@ -669,8 +876,12 @@ pub fn write(
                 "unavailable (no readable power reader here: see `meshtune node --power`)".into(),
         }
     )?;
+    Ok(())
+}
+
+fn chart_list(md: &mut String, energy: bool) -> anyhow::Result<()> {
     writeln!(md, "## Charts\n")?;
-    let energy_chart = measured.then_some(("energy", "energy per round, compute vs communication"));
+    let energy_chart = energy.then_some(("energy", "energy per round, compute vs communication"));
     for (name, what) in [
         (
             "rouge",
@@ -693,6 +904,278 @@ pub fn write(
         md,
         "\nData: `metrics.json` (every record of every run), `rounds.csv` (main run)."
     )?;
-    std::fs::write(dir.join("summary.md"), md)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chart::PLOT_HEIGHT as PLOT_HEIGHT_FOR_TESTS;
+
+    /// A made-up round record: `rouge` evaluated this round, `sent` bytes on the wire.
+    fn record(node: usize, round: u64, rouge: Option<f64>, sent: u64) -> RoundRecord {
+        serde_json::from_value(serde_json::json!({
+            "round": round, "peer_id": format!("p{node}"), "train_loss": 2.0 - 0.1 * round as f64,
+            "train_samples": 16, "eval_loss": null, "rouge_l": rouge, "deltas": 2,
+            "mesh_peers": 1, "delta_bytes": sent, "raw_delta_bytes": 4000, "payload_in": sent,
+            "wire_in": sent, "wire_out": sent, "amplification": 1.0, "seconds_train": 1.5,
+            "seconds_total": 2.0, "seconds_eval": 0.2, "tokens": 900, "granularity": 3.0,
+            "model_hash": format!("h{round}"), "rejected": {}
+        }))
+        .expect("record")
+    }
+
+    /// Two nodes, 10 rounds, evaluated every round along `rouge` (one value per round).
+    fn run(codec: &str, rouge: &[f64], sent: u64) -> FederatedRun {
+        FederatedRun {
+            codec: codec.into(),
+            outer: "average".into(),
+            records: (0..2)
+                .map(|node| {
+                    rouge
+                        .iter()
+                        .enumerate()
+                        .map(|(round, r)| record(node, round as u64, Some(*r), sent))
+                        .collect()
+                })
+                .collect(),
+            seconds: 40.0,
+            scenario: "none".into(),
+            faults: Vec::new(),
+        }
+    }
+
+    fn config() -> RunConfig {
+        RunConfig {
+            nodes: 2,
+            rounds: 10,
+            local_steps: 4,
+            codec: "top2%+int8/64+zstd:1".into(),
+            aggregation: "mean".into(),
+            split: "iid".into(),
+            model: "tiny".into(),
+            data: "made up".into(),
+            batch_size: 4,
+            lr: 3e-3,
+            seed: 1,
+            mode: "process".into(),
+            link: None,
+            eval_examples: 24,
+        }
+    }
+
+    fn baselines(central: &[f64]) -> Baselines {
+        let curve = |values: &[f64], per_round: usize| -> Vec<(usize, f64)> {
+            values
+                .iter()
+                .enumerate()
+                .map(|(k, v)| ((k + 1) * per_round, *v))
+                .collect()
+        };
+        Baselines {
+            alone: vec![curve(&[0.1, 0.2, 0.25], 12), curve(&[0.1, 0.15, 0.2], 12)],
+            centralized: curve(central, 8),
+            centralized_lr: 3e-3,
+            centralized_tried: vec![(3e-3, central.last().copied()), (1e-3, Some(0.1))],
+            steps_per_node: 40,
+            seconds: 30.0,
+        }
+    }
+
+    fn flat(end: f64) -> Vec<f64> {
+        (0..10).map(|r| end * (r + 1).min(7) as f64 / 7.0).collect()
+    }
+
+    fn summary(runs: &[FederatedRun], baselines: Option<&Baselines>) -> String {
+        let dir = tempfile::tempdir().expect("tmp");
+        write(dir.path(), &config(), runs, None, baselines).expect("report");
+        for name in ["loss", "rouge", "bytes", "round_time", "granularity"] {
+            let svg = std::fs::read_to_string(dir.path().join(format!("{name}.svg")))
+                .expect("svg written");
+            assert!(svg.starts_with("<svg"), "{name}");
+        }
+        std::fs::read_to_string(dir.path().join("summary.md")).expect("summary")
+    }
+
+    #[test]
+    fn the_goal_is_met_when_the_gap_and_its_noise_clear_one_point_at_50x_fewer_bytes() {
+        // Federated ends 0.3 points above centralized; both curves flat at the end.
+        let runs = [
+            run("top2%", &flat(0.303), 1_000),
+            run("f32", &flat(0.303), 90_000),
+        ];
+        let text = summary(&runs, Some(&baselines(&[0.2, 0.3, 0.3, 0.3, 0.3])));
+        assert!(
+            text.contains("0.3 ROUGE-L points above centralized (± 0.0 points"),
+            "{text}"
+        );
+        assert!(text.contains("90.0x fewer bytes"), "{text}");
+        assert!(text.contains(": goal met."), "{text}");
+    }
+
+    #[test]
+    fn the_goal_is_not_met_below_the_noise_or_under_50x_fewer_bytes() {
+        let below = [
+            run("top2%", &flat(0.25), 1_000),
+            run("f32", &flat(0.25), 90_000),
+        ];
+        let text = summary(&below, Some(&baselines(&[0.2, 0.3, 0.3, 0.3, 0.3])));
+        assert!(
+            text.contains("5.0 ROUGE-L points below centralized"),
+            "{text}"
+        );
+        assert!(text.contains(": goal not met."), "{text}");
+        // Quality fine, but only 10x fewer bytes.
+        let bytes = [
+            run("top2%", &flat(0.3), 9_000),
+            run("f32", &flat(0.3), 90_000),
+        ];
+        let text = summary(&bytes, Some(&baselines(&[0.2, 0.3, 0.3, 0.3, 0.3])));
+        assert!(text.contains("10.0x fewer bytes"), "{text}");
+        assert!(text.contains(": goal not met."), "{text}");
+    }
+
+    #[test]
+    fn a_gap_whose_noise_straddles_the_threshold_is_reported_as_within_noise() {
+        // Centralized ends on 0.30, 0.32, 0.28 (spread 2 points): federated 1.5 below its
+        // last value cannot be told apart from the 1-point threshold.
+        let runs = [
+            run("top2%", &flat(0.265), 1_000),
+            run("f32", &flat(0.265), 90_000),
+        ];
+        let b = baselines(&[0.2, 0.3, 0.3, 0.32, 0.28]);
+        let text = summary(&runs, Some(&b));
+        assert!(
+            text.contains("1.5 ROUGE-L points below centralized (± 2.0"),
+            "{text}"
+        );
+        assert!(text.contains("within noise"), "{text}");
+        let verdict = goal_verdict(&runs[0], &runs[1], &b).expect("verdict");
+        assert_eq!(verdict.outcome, GoalOutcome::WithinNoise);
+        assert!((verdict.noise.expect("noise") - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn missing_data_gives_no_verdict_and_says_so() {
+        let runs = [
+            run("top2%", &flat(0.3), 1_000),
+            run("f32", &flat(0.3), 90_000),
+        ];
+        // No baselines (--no-compare): no goal line at all, and the table has no baseline rows.
+        let text = summary(&runs, None);
+        assert!(!text.contains("Goal:"), "{text}");
+        assert!(!text.contains("centralized on the union"), "{text}");
+        // Baselines without any evaluation, and no f32 run: no verdict either.
+        let mut empty = baselines(&[]);
+        empty.alone = vec![Vec::new(), Vec::new()];
+        let text = summary(&runs, Some(&empty));
+        assert!(!text.contains("Goal:"), "{text}");
+        assert!(text.contains("| n/a |"), "{text}");
+        let text = summary(&runs[..1], Some(&baselines(&[0.3])));
+        assert!(!text.contains("Goal:"), "{text}");
+        // A single evaluation each: the verdict says the noise was not measured.
+        let single = [run("top2%", &[0.3], 1_000), run("f32", &[0.3], 90_000)];
+        let text = summary(&single, Some(&baselines(&[0.3])));
+        assert!(text.contains("noise not measured"), "{text}");
+        assert!(text.contains(": goal met."), "{text}");
+    }
+
+    /// Every `<text>` of an SVG: (x, y, content).
+    fn texts(svg: &str) -> Vec<(f64, f64, String)> {
+        let attr = |tag: &str, name: &str| -> f64 {
+            let start = tag.find(&format!(" {name}=\"")).expect(name) + name.len() + 3;
+            let end = start + tag[start..].find('"').expect("quote");
+            tag[start..end].parse().expect("number")
+        };
+        svg.split("<text")
+            .skip(1)
+            .map(|part| {
+                let (tag, rest) = part.split_once('>').expect("tag");
+                let content = rest.split("</text>").next().expect("content");
+                (attr(tag, "x"), attr(tag, "y"), content.trim().to_owned())
+            })
+            .collect()
+    }
+
+    /// Each chart rendered from made-up runs: rounds ticked in whole numbers from 0, values
+    /// ticked at round steps from 0, the legend under the plot area, and a PNG beside it.
+    #[test]
+    fn every_chart_has_whole_round_ticks_round_value_ticks_and_a_legend_below_the_plot() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let runs = [
+            run("top2%", &flat(0.303), 1_000),
+            run("f32", &flat(0.303), 90_000),
+        ];
+        let b = baselines(&[0.2, 0.3, 0.3, 0.3, 0.3]);
+        write(dir.path(), &config(), &runs, None, Some(&b)).expect("report");
+        for (name, legend) in [
+            ("rouge", "centralized (same total steps, lr 0.003)"),
+            ("loss", "node 1"),
+            ("bytes", "node 0"),
+            ("round_time", "communication + waiting"),
+            ("granularity", "federated (top2%)"),
+        ] {
+            let svg = std::fs::read_to_string(dir.path().join(format!("{name}.svg"))).expect("svg");
+            let texts = texts(&svg);
+            let labels: Vec<&str> = texts.iter().map(|t| t.2.as_str()).collect();
+            // x: 0, 1, ..., 10 (10 rounds), never 5.750.
+            for round in 0..=10 {
+                assert!(
+                    labels.contains(&round.to_string().as_str()),
+                    "{name}: {labels:?}"
+                );
+            }
+            let numbers: Vec<f64> = labels.iter().filter_map(|l| l.parse().ok()).collect();
+            assert!(
+                numbers.contains(&0.0),
+                "{name}: an axis from zero: {labels:?}"
+            );
+            for n in &numbers {
+                // Round values: at most 3 significant digits (0.05, 0.3, 2000), no 0.246.
+                let digits: String = format!("{n}")
+                    .chars()
+                    .filter(char::is_ascii_digit)
+                    .collect();
+                let significant = digits.trim_start_matches('0').trim_end_matches('0');
+                assert!(significant.len() <= 2, "{name}: tick {n} in {labels:?}");
+            }
+            let (_, y, _) = texts.iter().find(|t| t.2 == legend).expect(legend);
+            assert!(
+                *y > f64::from(PLOT_HEIGHT_FOR_TESTS),
+                "{name}: legend inside the plot"
+            );
+            let png = std::fs::read(dir.path().join(format!("{name}.png"))).expect("png");
+            assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        }
+        // Bytes in KiB: 1000 B a round is under 1 KiB, so the axis ends at 1.
+        let svg = std::fs::read_to_string(dir.path().join("bytes.svg")).expect("svg");
+        assert!(texts(&svg).iter().any(|t| t.2 == "KiB"));
+    }
+
+    #[test]
+    fn the_byzantine_verdict_weighs_the_gap_against_the_noise() {
+        let steady = run("top2%", &flat(0.40), 1_000);
+        let clean = run("top2%", &flat(0.404), 1_000);
+        let text = robust_verdict(0.40, 0.404, &steady, &clean);
+        assert!(
+            text.starts_with("**robust aggregation held**: 0.4 ROUGE-L points below"),
+            "{text}"
+        );
+        // 3 points below a flat clean run: did not hold.
+        let text = robust_verdict(0.37, 0.40, &steady, &clean);
+        assert!(
+            text.starts_with("**robust aggregation did not hold**: 3.0"),
+            "{text}"
+        );
+        // The same gap with the honest curve ending 0.33, 0.41, 0.37 (4 points of spread).
+        let mut values = flat(0.37);
+        values[7..].copy_from_slice(&[0.33, 0.41, 0.37]);
+        let noisy = run("top2%", &values, 1_000);
+        let text = robust_verdict(0.37, 0.40, &noisy, &clean);
+        assert!(
+            text.starts_with("**robust aggregation held within noise**: 3.0"),
+            "{text}"
+        );
+        assert!(text.contains("± 4.0"), "{text}");
+    }
 }

@@ -711,19 +711,26 @@ pub fn link(args: LinkBenchArgs) -> anyhow::Result<()> {
         let within = ok(up) && ok(down) && ok(rtt);
         all_within &= within;
         let ms = |d: std::time::Duration| format!("{:.1}ms", d.as_secs_f64() * 1e3);
+        let ratio = |r: f64| {
+            if r.is_nan() {
+                "n/a".to_owned()
+            } else {
+                format!("{r:.3}")
+            }
+        };
         println!(
-            "{:<8} | {:>9} | {:>10} {:>10} {:>6.3} | {:>10} {:>10} {:>6.3} | {:>9} {:>9} {:>6.3} | {}",
+            "{:<8} | {:>9} | {:>10} {:>10} {:>6} | {:>10} {:>10} {:>6} | {:>9} {:>9} {:>6} | {}",
             name,
             bytes,
             ms(m.upload_expected),
             ms(m.upload_measured),
-            up,
+            ratio(up),
             ms(m.download_expected),
             ms(m.download_measured),
-            down,
+            ratio(down),
             ms(m.rtt_expected),
             ms(m.rtt_measured),
-            rtt,
+            ratio(rtt),
             if within { "yes" } else { "no" }
         );
     }

@@ -149,9 +149,31 @@ pub struct ModelInfoArgs {
     pub memory: commands::model_info::MemoryArgs,
 }
 
+impl Command {
+    /// The compute device a command runs on, checked before the command starts.
+    fn device(&self) -> Option<DeviceChoice> {
+        match self {
+            Command::Node(args) => Some(args.device),
+            Command::Train(args) => Some(args.device),
+            Command::Score(args) => Some(args.data.device),
+            Command::Generate(args) => Some(args.data.device),
+            Command::Eval(args) => Some(args.data.device),
+            Command::Bench(BenchCommand::Forward(args)) => Some(args.device),
+            Command::Bench(BenchCommand::Train(args)) => Some(args.device),
+            _ => None,
+        }
+    }
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
+    if let Some(device) = cli.command.device()
+        && let Err(err) = crate::device::check_device(device)
+    {
+        eprintln!("error: {err}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Demo(args) => commands::demo::run(args),
         Command::Score(args) => commands::score::run(args),

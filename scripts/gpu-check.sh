@@ -104,7 +104,7 @@ wait "${node_pids[@]}"
 kill "$bootstrap_pid" 2>/dev/null
 
 python3 - "$out" "$gpu_name" "$peak" "$(($(date +%s) - started))" <<'EOF'
-import json, pathlib, subprocess, sys
+import json, os, pathlib, subprocess, sys
 
 out, gpu, peak, total_s = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 fixtures = pathlib.Path("fixtures/models")
@@ -126,7 +126,7 @@ for model in ["flan-odd", "t5-relu-tied"]:
     got = lines(name) if steps[name]["exit"] == 0 else []
     rel = [abs(g["loss"] - w["loss"]) / w["loss"] for g, w in zip(got, want)
            if g["id"] == w["id"] and g["tokens"] == w["tokens"]]
-    ok = len(rel) == len(want) and max(rel) <= float(__import__("os").environ.get("SCORE_TOL", "1e-3"))
+    ok = len(rel) == len(want) and max(rel) <= float(os.environ.get("SCORE_TOL", "1e-3"))
     check(name, ok, f"{len(rel)}/{len(want)} examples, max relative loss error "
           f"{max(rel) if rel else float('nan'):.2e}")
 expected = json.loads((fixtures / "flan-sharded-f16" / "expected.json").read_text())["generate"]
@@ -172,15 +172,15 @@ report = {"gpu": gpu, "device_peak": peak or None, "torch": version, "total_seco
           "steps": {k: {x: v for x, v in s.items() if x != "stdout"} for k, s in steps.items()}}
 (out / "gpu-check.json").write_text(json.dumps(report, indent=1))
 fmt = lambda v, f: "-" if v is None else format(v, f)
+pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"
 md = [f"# gpu-check: {gpu or 'unknown GPU'}, {total_s} s, torch {version or '-'}", "",
       "| check | ok | detail |", "|---|---|---|"]
 md += [f"| {c['check']} | {'yes' if c['ok'] else 'NO'} | {c['detail']} |" for c in checks]
 md += ["", f"| bench | meshtune ms/step | PyTorch ms/step | meshtune/PyTorch speed | tokens/s "
        f"| MFU meshtune | MFU PyTorch (peak: {peak or 'unknown'}) |", "|---|---|---|---|---|---|---|"]
 md += [f"| {r['bench']} | {fmt(r['meshtune_ms'], '.1f')} | {fmt(r['pytorch_ms'], '.1f')} "
-       f"| {fmt(r['speed_vs_pytorch'], '.2f')}x | {fmt(r['meshtune_tokens_per_s'], '.0f')} "
-       f"| {fmt(r['meshtune_mfu'] and 100 * r['meshtune_mfu'], '.1f')}% "
-       f"| {fmt(r['pytorch_mfu'] and 100 * r['pytorch_mfu'], '.1f')}% |" for r in rows]
+       f"| {fmt(r['speed_vs_pytorch'], '.2f')} | {fmt(r['meshtune_tokens_per_s'], '.0f')} "
+       f"| {pct(r['meshtune_mfu'])} | {pct(r['pytorch_mfu'])} |" for r in rows]
 (out / "gpu-check.md").write_text("\n".join(md) + "\n")
 print("\n".join(md))
 sys.exit(0 if report["ok"] else 1)

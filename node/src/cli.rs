@@ -72,6 +72,12 @@ pub enum BenchCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
+    if let Some(device) = cli.command.device()
+        && let Err(err) = crate::device::check_device(device)
+    {
+        eprintln!("error: {err}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Demo(args) => commands::demo::run(args),
         Command::Score(args) => commands::score::run(args),

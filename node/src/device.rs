@@ -59,6 +59,156 @@ macro_rules! dispatch {
     }};
 }
 
+/// Why `--device cuda:N` cannot run here. Found before any model is loaded or peer dialled,
+/// so that a machine without the NVIDIA driver gets this error instead of a panic inside
+/// cudarc once the first kernel launches.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaUnavailable {
+    #[error(
+        "--device {device}: this meshtune was built without CUDA: rebuild with \
+         `cargo build --release --features cuda`"
+    )]
+    NotBuilt { device: DeviceChoice },
+    #[error(
+        "--device {device}: the NVIDIA driver library {library} cannot be loaded ({reason}); \
+         install the NVIDIA driver, or run the container with `--gpus all` \
+         (Jetson: `--runtime nvidia`)"
+    )]
+    DriverMissing {
+        device: DeviceChoice,
+        library: String,
+        reason: String,
+    },
+    #[error("--device {device}: {library} has no symbol {symbol}: it is not a CUDA driver library")]
+    SymbolMissing {
+        device: DeviceChoice,
+        library: String,
+        symbol: &'static str,
+    },
+    #[error(
+        "--device {device}: the CUDA driver failed to start: {call} returned CUDA error {code} \
+         (100 = no CUDA-capable device, 35 = driver older than the runtime, 999 = unknown)"
+    )]
+    DriverError {
+        device: DeviceChoice,
+        call: &'static str,
+        code: i32,
+    },
+    #[error("--device {device}: no such GPU: the CUDA driver sees {count} device(s)")]
+    NoSuchDevice { device: DeviceChoice, count: i32 },
+    #[error(
+        "--device {device}: none of the NVRTC libraries {candidates:?} can be loaded; burn \
+         compiles its CUDA kernels with NVRTC at run time: install the CUDA runtime's NVRTC \
+         (e.g. the cuda-nvrtc-12-6 package) or add its folder to LD_LIBRARY_PATH"
+    )]
+    NvrtcMissing {
+        device: DeviceChoice,
+        candidates: Vec<String>,
+    },
+}
+
+/// The shared libraries that [`check_device`] looks for: the driver API (`libcuda`) and the
+/// run-time compiler that burn's CUDA backend (cubecl, through cudarc) loads.
+#[derive(Debug, Clone)]
+pub struct CudaLibraries {
+    pub driver: String,
+    pub nvrtc: Vec<String>,
+}
+
+impl Default for CudaLibraries {
+    fn default() -> Self {
+        Self {
+            driver: "libcuda.so.1".into(),
+            nvrtc: ["libnvrtc.so", "libnvrtc.so.12", "libnvrtc.so.13"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
+}
+
+/// Checks that `choice` can run in this binary on this machine: always for `cpu`; for
+/// `cuda:N`, that the binary has the CUDA backend, `libcuda` loads, `cuInit` succeeds, the
+/// driver sees more than N devices and NVRTC loads.
+pub fn check_device(choice: DeviceChoice) -> Result<(), CudaUnavailable> {
+    match choice {
+        DeviceChoice::Cpu => Ok(()),
+        DeviceChoice::Cuda(_) if !cfg!(feature = "cuda") => {
+            Err(CudaUnavailable::NotBuilt { device: choice })
+        }
+        DeviceChoice::Cuda(index) => check_cuda(index, &CudaLibraries::default()),
+    }
+}
+
+/// The CUDA half of [`check_device`], with the library names passed in (tests use names that
+/// do not exist, or a library that is not the driver).
+pub fn check_cuda(index: usize, libraries: &CudaLibraries) -> Result<(), CudaUnavailable> {
+    let device = DeviceChoice::Cuda(index);
+    let count = cuda_device_count(device, &libraries.driver)?;
+    if !usize::try_from(count).is_ok_and(|count| index < count) {
+        return Err(CudaUnavailable::NoSuchDevice { device, count });
+    }
+    // SAFETY: loading NVRTC runs its initialisers, which have no preconditions; nothing is
+    // called through it here.
+    let nvrtc_loads = libraries
+        .nvrtc
+        .iter()
+        .any(|name| unsafe { libloading::Library::new(name) }.is_ok());
+    if !nvrtc_loads {
+        return Err(CudaUnavailable::NvrtcMissing {
+            device,
+            candidates: libraries.nvrtc.clone(),
+        });
+    }
+    tracing::info!(%device, devices = count, "CUDA driver and NVRTC found");
+    Ok(())
+}
+
+/// `cuInit(0)` then `cuDeviceGetCount` through the driver library `library`.
+fn cuda_device_count(device: DeviceChoice, library: &str) -> Result<i32, CudaUnavailable> {
+    type CuInit = unsafe extern "C" fn(u32) -> i32;
+    type CuDeviceGetCount = unsafe extern "C" fn(*mut i32) -> i32;
+    let symbol_missing = |symbol| CudaUnavailable::SymbolMissing {
+        device,
+        library: library.to_owned(),
+        symbol,
+    };
+    // SAFETY: loading the driver runs its initialisers, which have no preconditions; both
+    // symbols are looked up with the signatures of the CUDA driver API (cuda.h), and the count
+    // pointer is valid for the call.
+    unsafe {
+        let driver =
+            libloading::Library::new(library).map_err(|err| CudaUnavailable::DriverMissing {
+                device,
+                library: library.to_owned(),
+                reason: err.to_string(),
+            })?;
+        let init: libloading::Symbol<CuInit> = driver
+            .get(b"cuInit")
+            .map_err(|_| symbol_missing("cuInit"))?;
+        let get_count: libloading::Symbol<CuDeviceGetCount> = driver
+            .get(b"cuDeviceGetCount")
+            .map_err(|_| symbol_missing("cuDeviceGetCount"))?;
+        let code = init(0);
+        if code != 0 {
+            return Err(CudaUnavailable::DriverError {
+                device,
+                call: "cuInit",
+                code,
+            });
+        }
+        let mut count = 0i32;
+        let code = get_count(&mut count);
+        if code != 0 {
+            return Err(CudaUnavailable::DriverError {
+                device,
+                call: "cuDeviceGetCount",
+                code,
+            });
+        }
+        Ok(count)
+    }
+}
+
 /// What the precision rule needs to know about `choice`: a Jetson's module (from the device
 /// tree), else the GPU's compute capability from NVML (loaded at run time), else unknown.
 pub fn device_info(choice: DeviceChoice) -> DeviceInfo {
@@ -146,6 +296,53 @@ mod tests {
         ];
         for (model, want) in cases {
             assert_eq!(jetson_compute_capability(model), want, "{model}");
+        }
+    }
+
+    #[test]
+    fn cuda_without_the_driver_library_names_it() {
+        let libraries = CudaLibraries {
+            driver: "libmeshtune-no-such-driver.so.1".into(),
+            ..CudaLibraries::default()
+        };
+        let err = check_cuda(0, &libraries).expect_err("no such library");
+        assert!(
+            matches!(&err, CudaUnavailable::DriverMissing { library, .. }
+                if library == "libmeshtune-no-such-driver.so.1"),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("--device cuda:0"), "{text}");
+        assert!(text.contains("libmeshtune-no-such-driver.so.1"), "{text}");
+        assert!(text.contains("NVIDIA driver"), "{text}");
+    }
+
+    #[test]
+    fn a_library_that_is_not_the_driver_is_refused_by_symbol() {
+        let libraries = CudaLibraries {
+            driver: "libc.so.6".into(),
+            ..CudaLibraries::default()
+        };
+        let err = check_cuda(1, &libraries).expect_err("libc is not libcuda");
+        assert!(
+            matches!(
+                err,
+                CudaUnavailable::SymbolMissing {
+                    symbol: "cuInit",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("cuda:1"), "{err}");
+    }
+
+    #[test]
+    fn cpu_always_passes_the_device_check() {
+        check_device(DeviceChoice::Cpu).expect("cpu");
+        if !cfg!(feature = "cuda") {
+            let err = check_device(DeviceChoice::Cuda(0)).expect_err("no CUDA backend");
+            assert!(err.to_string().contains("--features cuda"), "{err}");
         }
     }
 

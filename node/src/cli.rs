@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::commands;
+use crate::device::DeviceChoice;
 use crate::logging::{self, LogFormat};
 
 #[derive(Debug, Parser)]
@@ -67,6 +68,22 @@ pub enum BenchCommand {
     Codec(commands::bench::CodecBenchArgs),
     /// Link shaping (`--link` profiles): measured vs expected throughput and round trip.
     Link(commands::bench::LinkBenchArgs),
+}
+
+impl Command {
+    /// The compute device a command runs on, checked before the command starts.
+    fn device(&self) -> Option<DeviceChoice> {
+        match self {
+            Command::Node(args) => Some(args.device),
+            Command::Train(args) => Some(args.device),
+            Command::Score(args) => Some(args.data.device),
+            Command::Generate(args) => Some(args.data.device),
+            Command::Eval(args) => Some(args.data.device),
+            Command::Bench(BenchCommand::Forward(args)) => Some(args.device),
+            Command::Bench(BenchCommand::Train(args)) => Some(args.device),
+            _ => None,
+        }
+    }
 }
 
 pub fn main() -> ExitCode {

@@ -215,7 +215,7 @@ fn model_args(
         .iter()
         .position(|a| a == "--preset")
         .map(|i| args[i + 1].clone());
-    meshtune_node::commands::train::model_config_and_tokenizer(
+    meshtune_node::trainer::model::model_config_and_tokenizer(
         flag("--model").as_deref(),
         preset.as_deref(),
         flag("--tokenizer").as_deref(),
@@ -252,7 +252,7 @@ fn train_table(task: &TaskArgs, defaults: &TaskDefaults) -> Result<toml::Table, 
         table.insert("prefix".into(), toml::Value::String(prefix.clone()));
     }
     let text = toml::to_string(&table).map_err(|e| TaskError::Model(e.to_string()))?;
-    let checked: meshtune_node::commands::train::TrainConfig =
+    let checked: meshtune_node::trainer::TrainConfig =
         toml::from_str(&text).map_err(|e| match &task.train_config {
             Some(path) => TaskError::TrainConfig {
                 path: path.clone(),

@@ -28,6 +28,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::{AsyncRead, AsyncWrite};
+use rand::{RngCore, SeedableRng};
+use rand_xoshiro::SplitMix64;
 use tokio::time::{Instant, Sleep};
 
 /// Serialization queued ahead of the link before a writer is held back.
@@ -312,7 +314,8 @@ pub struct Shaped<S> {
     /// Bytes read from the socket that the download rate has not released yet.
     received: Vec<u8>,
     handed_out: usize,
-    rng: u64,
+    /// The loss draws: `rand_xoshiro`'s splitmix64, the workspace's one seeded stream.
+    rng: SplitMix64,
 }
 
 impl<S> Shaped<S> {
@@ -330,7 +333,7 @@ impl<S> Shaped<S> {
             read_timer: Box::pin(tokio::time::sleep_until(now)),
             received: Vec::new(),
             handed_out: 0,
-            rng: seed ^ 0x9e37_79b9_7f4a_7c15,
+            rng: SplitMix64::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15),
         }
     }
 
@@ -339,14 +342,9 @@ impl<S> Shaped<S> {
         &self.profile
     }
 
+    /// Uniform in [0, 1), from the top 53 bits of the next draw.
     fn next_random(&mut self) -> f64 {
-        // splitmix64
-        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
+        (self.rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// Bytes accepted per write: about [`BACKLOG`] worth of the upload rate, at least a

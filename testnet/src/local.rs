@@ -484,130 +484,12 @@ struct NodeSlot {
 fn run_federated(
     args: &TestnetArgs,
     prepared: &Prepared,
-    (codec, outer): (&str, &str),
-    dir: &Path,
-    live: bool,
-    scenario: Scenario,
+    run: MeshRun<'_>,
 ) -> anyhow::Result<FederatedRun> {
-    std::fs::create_dir_all(dir)?;
+    std::fs::create_dir_all(run.dir)?;
     let started = Instant::now();
-    // Declared before the processes, so it is removed after they are killed.
-    let mode = Mode::parse(&args.mode)?;
-    let net = match mode {
-        Mode::Netns => Some(Netns::create(args.nodes)?),
-        Mode::Process | Mode::Docker => None,
-    };
-    let docker = match mode {
-        Mode::Docker => {
-            let root = prepared.data.parent().context("run directory")?;
-            Some(DockerMesh::create(root, dir)?)
-        }
-        Mode::Process | Mode::Netns => None,
-    };
-    let (_bootstrap, address) = match &docker {
-        Some(docker) => {
-            let key = dir.join("bootstrap.key");
-            let (keypair, _) = meshtune_net::identity::load_or_create(&key)?;
-            let ip = docker.bootstrap_ip();
-            docker.start(
-                "bootstrap",
-                ip.clone(),
-                "/meshtune-bootstrap",
-                vec![
-                    "--listen".into(),
-                    format!("/ip4/{ip}/tcp/4001"),
-                    "--key-file".into(),
-                    key.display().to_string(),
-                    "--mesh".into(),
-                    "testnet".into(),
-                ],
-            )?;
-            let address = format!("/ip4/{ip}/tcp/4001/p2p/{}", keypair.public().to_peer_id());
-            (None, address)
-        }
-        None => {
-            let (process, address) = start_bootstrap(dir, net.as_ref())?;
-            (Some(process), address)
-        }
-    };
-    tracing::info!(bootstrap = %address, codec, scenario = scenario.name(), "starting {} nodes", args.nodes);
-    let last = args.nodes - 1;
-    let spawn = |i: usize, wait_for: usize| -> anyhow::Result<Handle> {
-        let ip = match (&net, &docker) {
-            (Some(n), _) => n.node_ip(i),
-            (_, Some(d)) => d.node_ip(i),
-            _ => "127.0.0.1".to_owned(),
-        };
-        let mut node_args = node_args(
-            args,
-            prepared,
-            dir,
-            NodeLaunch {
-                index: i,
-                bootstrap: &address,
-                ip: &ip,
-                codec,
-                outer,
-                wait_for,
-            },
-        );
-        node_args.extend(node_fault_args(args, scenario, i, dir)?);
-        let name = format!("node-{i}");
-        if let Some(docker) = &docker {
-            let mut command = vec!["__node".to_owned()];
-            command.extend(node_args);
-            docker.start(&name, ip, "/meshtune-testnet", command)?;
-            return Ok(Handle::Container(name));
-        }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join(format!("{name}.log")))?;
-        let child = role_command(net.as_ref(), Some(i), "__node")?
-            .args(&node_args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .with_context(|| format!("starting node {i}"))?;
-        Ok(Handle::Child(Process { name, child }))
-    };
-    let mut nodes = Vec::new();
-    for i in 0..args.nodes {
-        let late = scenario == Scenario::LateJoin && i == last;
-        let wait_for = if scenario == Scenario::LateJoin {
-            args.nodes - 2
-        } else {
-            args.nodes - 1
-        };
-        nodes.push(NodeSlot {
-            process: if late {
-                None
-            } else {
-                Some(spawn(i, wait_for)?)
-            },
-            out: dir.join(format!("node-{i}")),
-            killed: false,
-        });
-    }
-    let trigger = (args.rounds / 3).max(1) as usize;
-    let mut log = FaultLog::default();
-    let mut fault_done = matches!(
-        scenario,
-        Scenario::None | Scenario::Byzantine | Scenario::SlowLink
-    );
-    match scenario {
-        Scenario::Byzantine => log.events.push(format!(
-            "node-{last} is byzantine from the start: NaN deltas in odd rounds, 100x scaled deltas in even rounds"
-        )),
-        Scenario::SlowLink => log.events.push(format!(
-            "node-{last} is on the `slow` link (1 Mbit/s each way, 20 ms one-way delay); the others on `{}`",
-            args.link.as_deref().unwrap_or("unshaped loopback")
-        )),
-        _ => {}
-    }
-    let mut restart_at: Option<Instant> = None;
-    let mut heal_at_round: Option<usize> = None;
-    if live {
+    let mut mesh = FederatedMesh::start(args, prepared, run)?;
+    if run.live {
         println!(
             "{:>5} | {:>28} | {:>8} | {:>10} | {:>10} | {:>7} | {:>5} | {:>5} | {:>8}",
             "round",
@@ -621,140 +503,346 @@ fn run_federated(
             "tok/s/W"
         );
     }
-    let mut printed = 0u64;
     let deadline = Instant::now() + Duration::from_secs(3600);
-    loop {
-        let records: Vec<Vec<RoundRecord>> = nodes
-            .iter()
-            .map(|n| read_records(&n.out.join("rounds.jsonl")))
-            .collect();
-        // The fault, once the first nodes applied `trigger` rounds.
-        let applied = records[..last].iter().map(Vec::len).min().unwrap_or(0);
-        if !fault_done && applied >= trigger {
-            match scenario {
-                Scenario::KillNode | Scenario::Restart => {
-                    if let Some(handle) = nodes[last].process.take() {
-                        handle.kill(docker.as_ref())?;
-                    }
-                    nodes[last].killed = true;
-                    log.events.push(format!(
-                        "node-{last} SIGKILLed after the mesh applied {applied} rounds (it had applied {})",
-                        records[last].len()
-                    ));
-                    if scenario == Scenario::Restart {
-                        restart_at = Some(Instant::now() + Duration::from_secs(1));
-                    }
-                }
-                Scenario::LateJoin => {
-                    nodes[last].process = Some(spawn(last, 1)?);
-                    log.events.push(format!(
-                        "node-{last} started after the mesh applied {applied} rounds"
-                    ));
-                }
-                Scenario::Partition => {
-                    let ids: Vec<String> = records
-                        .iter()
-                        .map(|r| r.first().map(|x| x.peer_id.clone()).unwrap_or_default())
-                        .collect();
-                    let half = nodes.len() / 2;
-                    for (i, slot) in nodes.iter().enumerate() {
-                        let other: Vec<&str> = ids
-                            .iter()
-                            .enumerate()
-                            .filter(|(j, _)| (*j < half) != (i < half))
-                            .map(|(_, id)| id.as_str())
-                            .collect();
-                        write_deny_file(&slot.out, &other)?;
-                    }
-                    heal_at_round = Some(applied + trigger);
-                    log.events.push(format!(
-                        "partitioned after {applied} applied rounds: nodes 0-{} and {half}-{last} refuse each other",
-                        half - 1
-                    ));
-                }
-                Scenario::None | Scenario::Byzantine | Scenario::SlowLink => {}
-            }
-            fault_done = true;
-        }
-        let applied_all = records.iter().map(Vec::len).min().unwrap_or(0);
-        // The halves run at their own pace: heal once every node applied another third of the
-        // run, or once the fastest node has only a third (+1) left, so the mesh always has
-        // rounds to reconverge in.
-        let fastest = records.iter().map(Vec::len).max().unwrap_or(0);
-        let latest_heal = (args.rounds - args.rounds / 3).saturating_sub(1).max(1) as usize;
-        if let Some(at) = heal_at_round
-            && (applied_all >= at || fastest >= latest_heal)
-        {
-            for slot in &nodes {
-                write_deny_file(&slot.out, &[])?;
-            }
-            log.events.push(format!(
-                "partition healed once every node applied {applied_all} rounds (the fastest {fastest})"
-            ));
-            heal_at_round = None;
-        }
-        if let Some(at) = restart_at
-            && Instant::now() >= at
-        {
-            nodes[last].process = Some(spawn(last, 1)?);
-            nodes[last].killed = false;
-            log.events.push(format!(
-                "node-{last} restarted on its checkpoint directory (its last applied round: {})",
-                records[last]
-                    .last()
-                    .map_or("none".into(), |r| r.round.to_string())
-            ));
-            restart_at = None;
-        }
-        if live {
-            while printed < args.rounds && row_ready(&nodes, &records, printed) {
-                print_row(printed, &records);
-                printed += 1;
-            }
-        }
-        let mut running = 0;
-        for slot in &mut nodes {
-            let Some(handle) = slot.process.as_mut() else {
-                continue;
-            };
-            match handle.exit(docker.as_ref())? {
-                Some(Ok(())) => {}
-                Some(Err(status)) => anyhow::bail!(
-                    "{} failed ({status}); see {}",
-                    handle.name(),
-                    dir.join(format!("{}.log", handle.name())).display()
-                ),
-                None => running += 1,
-            }
-        }
-        let pending_start = (!fault_done && scenario == Scenario::LateJoin) || restart_at.is_some();
-        if running == 0 && !pending_start && fault_done {
-            break;
-        }
+    while !mesh.step()? {
         anyhow::ensure!(
             Instant::now() < deadline,
             "the testnet did not finish in an hour"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let records: Vec<Vec<RoundRecord>> = nodes
-        .iter()
-        .map(|n| read_records(&n.out.join("rounds.jsonl")))
-        .collect();
-    if live {
-        while printed < args.rounds {
-            print_row(printed, &records);
-            printed += 1;
+    let records = mesh.records();
+    if run.live {
+        while mesh.printed < args.rounds {
+            print_row(mesh.printed, &records);
+            mesh.printed += 1;
         }
     }
     Ok(FederatedRun {
-        codec: codec.to_owned(),
-        outer: outer.to_owned(),
+        codec: run.codec.to_owned(),
+        outer: run.outer.to_owned(),
         records,
         seconds: started.elapsed().as_secs_f64(),
-        scenario: scenario.name().to_owned(),
-        faults: log.events,
+        scenario: run.scenario.name().to_owned(),
+        faults: mesh.log.events,
     })
+}
+
+/// One mesh run of the testnet: its exchange, where it writes, and what happens to it.
+#[derive(Debug, Clone, Copy)]
+struct MeshRun<'a> {
+    codec: &'a str,
+    outer: &'a str,
+    dir: &'a Path,
+    /// Print the live per-round table.
+    live: bool,
+    scenario: Scenario,
+}
+
+/// A federated run in progress. Field order is drop order: the nodes go first, the network
+/// namespaces last.
+struct FederatedMesh<'a> {
+    nodes: Vec<NodeSlot>,
+    _bootstrap: Option<Process>,
+    docker: Option<DockerMesh>,
+    net: Option<Netns>,
+    args: &'a TestnetArgs,
+    prepared: &'a Prepared,
+    run: MeshRun<'a>,
+    address: String,
+    log: FaultLog,
+    /// Rounds the first nodes apply before the scenario's fault.
+    trigger: usize,
+    fault_done: bool,
+    restart_at: Option<Instant>,
+    heal_at_round: Option<usize>,
+    printed: u64,
+}
+
+impl<'a> FederatedMesh<'a> {
+    /// Creates the namespaces or containers, starts the bootstrap node and every node that
+    /// starts at once.
+    fn start(
+        args: &'a TestnetArgs,
+        prepared: &'a Prepared,
+        run: MeshRun<'a>,
+    ) -> anyhow::Result<Self> {
+        let mode = Mode::parse(&args.mode)?;
+        let net = match mode {
+            Mode::Netns => Some(Netns::create(args.nodes)?),
+            Mode::Process | Mode::Docker => None,
+        };
+        let docker = match mode {
+            Mode::Docker => {
+                let root = prepared.data.parent().context("run directory")?;
+                Some(DockerMesh::create(root, run.dir)?)
+            }
+            Mode::Process | Mode::Netns => None,
+        };
+        let (bootstrap, address) = match &docker {
+            Some(docker) => (None, start_docker_bootstrap(docker, run.dir)?),
+            None => {
+                let (process, address) = start_bootstrap(run.dir, net.as_ref())?;
+                (Some(process), address)
+            }
+        };
+        tracing::info!(bootstrap = %address, codec = run.codec, scenario = run.scenario.name(), "starting {} nodes", args.nodes);
+        let mut mesh = Self {
+            nodes: Vec::new(),
+            _bootstrap: bootstrap,
+            docker,
+            net,
+            args,
+            prepared,
+            run,
+            address,
+            log: FaultLog::default(),
+            trigger: (args.rounds / 3).max(1) as usize,
+            fault_done: matches!(
+                run.scenario,
+                Scenario::None | Scenario::Byzantine | Scenario::SlowLink
+            ),
+            restart_at: None,
+            heal_at_round: None,
+            printed: 0,
+        };
+        let last = args.nodes - 1;
+        let late_join = run.scenario == Scenario::LateJoin;
+        for i in 0..args.nodes {
+            let wait_for = if late_join {
+                args.nodes - 2
+            } else {
+                args.nodes - 1
+            };
+            let process = if late_join && i == last {
+                None
+            } else {
+                Some(mesh.spawn(i, wait_for)?)
+            };
+            mesh.nodes.push(NodeSlot {
+                process,
+                out: run.dir.join(format!("node-{i}")),
+                killed: false,
+            });
+        }
+        match run.scenario {
+            Scenario::Byzantine => mesh.log.events.push(format!(
+                "node-{last} is byzantine from the start: NaN deltas in odd rounds, 100x scaled deltas in even rounds"
+            )),
+            Scenario::SlowLink => mesh.log.events.push(format!(
+                "node-{last} is on the `slow` link (1 Mbit/s each way, 20 ms one-way delay); the others on `{}`",
+                args.link.as_deref().unwrap_or("unshaped loopback")
+            )),
+            _ => {}
+        }
+        Ok(mesh)
+    }
+
+    /// Starts node `i` (a process, a process in its namespace, or a container), waiting for
+    /// `wait_for` peers before its first round.
+    fn spawn(&self, i: usize, wait_for: usize) -> anyhow::Result<Handle> {
+        let (args, run) = (self.args, self.run);
+        let ip = match (&self.net, &self.docker) {
+            (Some(n), _) => n.node_ip(i),
+            (_, Some(d)) => d.node_ip(i),
+            _ => "127.0.0.1".to_owned(),
+        };
+        let launch = NodeLaunch {
+            index: i,
+            bootstrap: &self.address,
+            ip: &ip,
+            codec: run.codec,
+            outer: run.outer,
+            wait_for,
+        };
+        let mut node_args = node_args(args, self.prepared, run.dir, launch);
+        node_args.extend(node_fault_args(args, run.scenario, i, run.dir)?);
+        let name = format!("node-{i}");
+        if let Some(docker) = &self.docker {
+            let mut command = vec!["__node".to_owned()];
+            command.extend(node_args);
+            docker.start(&name, ip, "/meshtune-testnet", command)?;
+            return Ok(Handle::Container(name));
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(run.dir.join(format!("{name}.log")))?;
+        let child = role_command(self.net.as_ref(), Some(i), "__node")?
+            .args(&node_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("starting node {i}"))?;
+        Ok(Handle::Child(Process { name, child }))
+    }
+
+    /// Every node's records so far.
+    fn records(&self) -> Vec<Vec<RoundRecord>> {
+        self.nodes
+            .iter()
+            .map(|n| read_records(&n.out.join("rounds.jsonl")))
+            .collect()
+    }
+
+    /// One look at the mesh: the fault when due, the heal or restart when due, finished rounds
+    /// printed. True when every node finished and nothing is still to start.
+    fn step(&mut self) -> anyhow::Result<bool> {
+        let records = self.records();
+        let last = self.args.nodes - 1;
+        // The fault, once the first nodes applied `trigger` rounds.
+        let applied = records[..last].iter().map(Vec::len).min().unwrap_or(0);
+        if !self.fault_done && applied >= self.trigger {
+            self.inject_fault(&records, applied)?;
+            self.fault_done = true;
+        }
+        self.heal_or_restart(&records)?;
+        if self.run.live {
+            while self.printed < self.args.rounds && row_ready(&self.nodes, &records, self.printed)
+            {
+                print_row(self.printed, &records);
+                self.printed += 1;
+            }
+        }
+        let running = self.running()?;
+        let pending_start = (!self.fault_done && self.run.scenario == Scenario::LateJoin)
+            || self.restart_at.is_some();
+        Ok(running == 0 && !pending_start && self.fault_done)
+    }
+
+    /// The scenario's fault: kill (and later restart) the last node, start the late joiner,
+    /// or split the mesh in halves with deny files.
+    fn inject_fault(&mut self, records: &[Vec<RoundRecord>], applied: usize) -> anyhow::Result<()> {
+        let last = self.args.nodes - 1;
+        match self.run.scenario {
+            Scenario::KillNode | Scenario::Restart => {
+                if let Some(handle) = self.nodes[last].process.take() {
+                    handle.kill(self.docker.as_ref())?;
+                }
+                self.nodes[last].killed = true;
+                self.log.events.push(format!(
+                    "node-{last} SIGKILLed after the mesh applied {applied} rounds (it had applied {})",
+                    records[last].len()
+                ));
+                if self.run.scenario == Scenario::Restart {
+                    self.restart_at = Some(Instant::now() + Duration::from_secs(1));
+                }
+            }
+            Scenario::LateJoin => {
+                self.nodes[last].process = Some(self.spawn(last, 1)?);
+                self.log.events.push(format!(
+                    "node-{last} started after the mesh applied {applied} rounds"
+                ));
+            }
+            Scenario::Partition => {
+                let ids: Vec<String> = records
+                    .iter()
+                    .map(|r| r.first().map(|x| x.peer_id.clone()).unwrap_or_default())
+                    .collect();
+                let half = self.nodes.len() / 2;
+                for (i, slot) in self.nodes.iter().enumerate() {
+                    let other: Vec<&str> = ids
+                        .iter()
+                        .enumerate()
+                        .filter(|(j, _)| (*j < half) != (i < half))
+                        .map(|(_, id)| id.as_str())
+                        .collect();
+                    write_deny_file(&slot.out, &other)?;
+                }
+                self.heal_at_round = Some(applied + self.trigger);
+                self.log.events.push(format!(
+                    "partitioned after {applied} applied rounds: nodes 0-{} and {half}-{last} refuse each other",
+                    half - 1
+                ));
+            }
+            Scenario::None | Scenario::Byzantine | Scenario::SlowLink => {}
+        }
+        Ok(())
+    }
+
+    /// Heals a partition once due, and restarts a killed node once its downtime is over.
+    fn heal_or_restart(&mut self, records: &[Vec<RoundRecord>]) -> anyhow::Result<()> {
+        let applied_all = records.iter().map(Vec::len).min().unwrap_or(0);
+        // The halves run at their own pace: heal once every node applied another third of the
+        // run, or once the fastest node has only a third (+1) left, so the mesh always has
+        // rounds to reconverge in.
+        let fastest = records.iter().map(Vec::len).max().unwrap_or(0);
+        let rounds = self.args.rounds;
+        let latest_heal = (rounds - rounds / 3).saturating_sub(1).max(1) as usize;
+        if let Some(at) = self.heal_at_round
+            && (applied_all >= at || fastest >= latest_heal)
+        {
+            for slot in &self.nodes {
+                write_deny_file(&slot.out, &[])?;
+            }
+            self.log.events.push(format!(
+                "partition healed once every node applied {applied_all} rounds (the fastest {fastest})"
+            ));
+            self.heal_at_round = None;
+        }
+        if let Some(at) = self.restart_at
+            && Instant::now() >= at
+        {
+            let last = self.args.nodes - 1;
+            self.nodes[last].process = Some(self.spawn(last, 1)?);
+            self.nodes[last].killed = false;
+            self.log.events.push(format!(
+                "node-{last} restarted on its checkpoint directory (its last applied round: {})",
+                records[last]
+                    .last()
+                    .map_or("none".into(), |r| r.round.to_string())
+            ));
+            self.restart_at = None;
+        }
+        Ok(())
+    }
+
+    /// Nodes still running; a node that failed ends the run with its log.
+    fn running(&mut self) -> anyhow::Result<usize> {
+        let mut running = 0;
+        for slot in &mut self.nodes {
+            let Some(handle) = slot.process.as_mut() else {
+                continue;
+            };
+            match handle.exit(self.docker.as_ref())? {
+                Some(Ok(())) => {}
+                Some(Err(status)) => anyhow::bail!(
+                    "{} failed ({status}); see {}",
+                    handle.name(),
+                    self.run
+                        .dir
+                        .join(format!("{}.log", handle.name()))
+                        .display()
+                ),
+                None => running += 1,
+            }
+        }
+        Ok(running)
+    }
+}
+
+/// The bootstrap node as a container (docker mode); returns its address.
+fn start_docker_bootstrap(docker: &DockerMesh, dir: &Path) -> anyhow::Result<String> {
+    let key = dir.join("bootstrap.key");
+    let (keypair, _) = meshtune_net::identity::load_or_create(&key)?;
+    let ip = docker.bootstrap_ip();
+    docker.start(
+        "bootstrap",
+        ip.clone(),
+        "/meshtune-bootstrap",
+        vec![
+            "--listen".into(),
+            format!("/ip4/{ip}/tcp/4001"),
+            "--key-file".into(),
+            key.display().to_string(),
+            "--mesh".into(),
+            "testnet".into(),
+        ],
+    )?;
+    Ok(format!(
+        "/ip4/{ip}/tcp/4001/p2p/{}",
+        keypair.public().to_peer_id()
+    ))
 }
 
 /// What differs between the nodes of a run.
@@ -1090,10 +1178,13 @@ pub fn run_testnet(args: TestnetArgs, task: TaskArgs) -> anyhow::Result<PathBuf>
     let main = run_federated(
         &args,
         &prepared,
-        (&args.codec, &args.outer),
-        &out.join("federated"),
-        true,
-        scenario,
+        MeshRun {
+            codec: &args.codec,
+            outer: &args.outer,
+            dir: &out.join("federated"),
+            live: true,
+            scenario,
+        },
     )?;
     let mut codecs = vec![main];
     let mut baselines = None;
@@ -1106,10 +1197,13 @@ pub fn run_testnet(args: TestnetArgs, task: TaskArgs) -> anyhow::Result<PathBuf>
         clean = Some(run_federated(
             &args,
             &prepared,
-            (&args.codec, &args.outer),
-            &out.join("clean"),
-            false,
-            Scenario::None,
+            MeshRun {
+                codec: &args.codec,
+                outer: &args.outer,
+                dir: &out.join("clean"),
+                live: false,
+                scenario: Scenario::None,
+            },
         )?);
     }
     if !args.no_compare {
@@ -1123,10 +1217,13 @@ pub fn run_testnet(args: TestnetArgs, task: TaskArgs) -> anyhow::Result<PathBuf>
                 codecs.push(run_federated(
                     &args,
                     &prepared,
-                    (codec, &args.outer),
-                    &dir,
-                    false,
-                    Scenario::None,
+                    MeshRun {
+                        codec,
+                        outer: &args.outer,
+                        dir: &dir,
+                        live: false,
+                        scenario: Scenario::None,
+                    },
                 )?);
             }
         }
@@ -1135,10 +1232,13 @@ pub fn run_testnet(args: TestnetArgs, task: TaskArgs) -> anyhow::Result<PathBuf>
             codecs.push(run_federated(
                 &args,
                 &prepared,
-                (&args.codec, outer),
-                &out.join(format!("outer-{k}")),
-                false,
-                Scenario::None,
+                MeshRun {
+                    codec: &args.codec,
+                    outer,
+                    dir: &out.join(format!("outer-{k}")),
+                    live: false,
+                    scenario: Scenario::None,
+                },
             )?);
         }
         println!("\ncomparison: each node alone, and centralized on the union (same steps)");

@@ -34,7 +34,7 @@ use crate::network::{self, NetworkConfig};
 use crate::node::{Node, NodeConfig};
 use crate::trainer::TrainConfig;
 use crate::trainer::model::{initial_model, model_config_and_tokenizer};
-use crate::trainer::{T5Trainer, TrainerHandle};
+use crate::trainer::{LocalData, T5Trainer, TrainerHandle};
 
 #[derive(Debug, Args)]
 pub struct NodeArgs {
@@ -667,8 +667,10 @@ fn build_trainer<B: AutodiffBackend>(
         tokenizer,
         config.clone(),
         args.lora,
-        &train,
-        eval,
+        LocalData {
+            train: &train,
+            eval,
+        },
         device,
     )?;
     TrainerHandle::spawn(&args.out.display().to_string(), trainer)

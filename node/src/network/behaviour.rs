@@ -19,9 +19,9 @@ use libp2p::{
 };
 use meshtune_net::discovery::{identify_config, kademlia};
 
-use super::NetworkError;
 use super::codec::{BlobCodec, blob_protocol};
 use super::config::NetworkConfig;
+use super::event::NetworkError;
 
 /// Extra room over the manifest cap for gossipsub framing and the signature.
 const GOSSIP_FRAMING_ALLOWANCE: usize = 4096;

@@ -17,6 +17,7 @@ pub mod behaviour;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod event;
 mod event_loop;
 pub mod fetch;
 pub mod manifest;
@@ -29,18 +30,18 @@ use std::time::Duration;
 
 use libp2p::core::Transport;
 use libp2p::core::muxing::StreamMuxerBox;
-use libp2p::core::transport::{OrTransport, TransportError, upgrade::Version};
-use libp2p::gossipsub::MessageId;
+use libp2p::core::transport::{OrTransport, upgrade::Version};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId, Swarm, noise, relay, yamux};
 use meshtune_net::transport::{BoxedTransport, build_swarm, with_bandwidth_metrics};
-use meshtune_protocol::{DeltaManifest, ModelLayout};
+use meshtune_protocol::ModelLayout;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use self::behaviour::NodeBehaviour;
 pub use self::client::{Client, RequestError};
 pub use self::config::NetworkConfig;
+pub use self::event::{NetworkError, NetworkEvent};
 use self::event_loop::{EventLoop, EventLoopParts};
 pub use self::manifest::{ManifestFault, check_manifest};
 use self::metrics::NetMetrics;
@@ -51,43 +52,6 @@ const COMMAND_CHANNEL_CAPACITY: usize = 256;
 const EVENT_CHANNEL_CAPACITY: usize = 256;
 /// Strikes after which a peer is blacklisted and disconnected.
 pub const MAX_STRIKES: u32 = 5;
-
-/// What the network tells the node.
-#[derive(Debug)]
-pub enum NetworkEvent {
-    /// Listening on this address (with `/p2p/<id>`).
-    Listening(Multiaddr),
-    /// A structurally valid manifest arrived; the node must call
-    /// [`Client::report_manifest`] with its verdict.
-    Manifest {
-        message_id: MessageId,
-        source: PeerId,
-        manifest: Arc<DeltaManifest>,
-    },
-    /// Connected peers subscribed to this mesh's delta topic.
-    MeshPeers(usize),
-}
-
-/// Why [`start`] could not start the network.
-#[derive(Debug, thiserror::Error)]
-pub enum NetworkError {
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: Multiaddr,
-        source: TransportError<std::io::Error>,
-    },
-    #[error("gossipsub configuration: {0}")]
-    GossipConfig(#[from] libp2p::gossipsub::ConfigBuilderError),
-    /// libp2p-gossipsub reports these as text.
-    #[error("gossipsub setup: {0}")]
-    Gossipsub(String),
-    #[error("cannot subscribe to the delta topic: {0}")]
-    Subscribe(#[from] libp2p::gossipsub::SubscriptionError),
-    #[error(transparent)]
-    Protocol(#[from] codec::BlobProtocolError),
-    #[error("cannot set up noise for the relay transport: {0}")]
-    Noise(#[from] noise::Error),
-}
 
 /// A started network task.
 pub struct RunningNetwork {

@@ -90,6 +90,13 @@ pub trait LocalTrainer: Send + 'static {
     fn restore(&mut self, root: &Path) -> anyhow::Result<Option<Restored>>;
 }
 
+/// A node's own examples: what it trains on, and what it evaluates on.
+#[derive(Debug)]
+pub struct LocalData<'a> {
+    pub train: &'a [SamsumRecord],
+    pub eval: Vec<SamsumRecord>,
+}
+
 /// FLAN-T5 (full or LoRA) on local Samsum-format data.
 pub struct T5Trainer<B: AutodiffBackend> {
     state: TrainState<B>,
@@ -109,17 +116,16 @@ pub struct T5Trainer<B: AutodiffBackend> {
 impl<B: AutodiffBackend> T5Trainer<B> {
     /// `model` is the starting point (all nodes of a mesh must start from the same one);
     /// with `lora`, adapters are attached and only they are exchanged.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         model: T5<B>,
         model_config: T5Config,
         tokenizer: T5Tokenizer,
         config: TrainConfig,
         lora: bool,
-        train_records: &[SamsumRecord],
-        eval_records: Vec<SamsumRecord>,
+        data: LocalData<'_>,
         device: B::Device,
     ) -> anyhow::Result<Self> {
+        let (train_records, eval_records) = (data.train, data.eval);
         config.validate()?;
         anyhow::ensure!(!train_records.is_empty(), "no training examples");
         let model = if lora {

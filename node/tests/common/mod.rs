@@ -25,7 +25,7 @@ use meshtune_node::coordinator::{CoordinatorConfig, RunSummary};
 use meshtune_node::network::store::BlobStore;
 use meshtune_node::network::{self, NetworkConfig};
 use meshtune_node::trainer::TrainConfig;
-use meshtune_node::trainer::{T5Trainer, TrainerHandle};
+use meshtune_node::trainer::{LocalData, T5Trainer, TrainerHandle};
 use meshtune_node::{Node, NodeConfig};
 use meshtune_protocol::TensorSet;
 use prometheus_client::registry::Registry;
@@ -87,8 +87,10 @@ pub fn trainer(records: &[SamsumRecord], config: &TrainConfig) -> TrainerHandle 
         tokenizer,
         config.clone(),
         false,
-        records,
-        eval.into_iter().take(8).collect(),
+        LocalData {
+            train: records,
+            eval: eval.into_iter().take(8).collect(),
+        },
         device,
     )
     .expect("trainer");

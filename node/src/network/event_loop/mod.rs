@@ -31,10 +31,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use self::blobs::FileRead;
-use super::NetworkEvent;
 use super::behaviour::{NodeBehaviour, NodeBehaviourEvent};
 use super::client::{Command, RequestError};
 use super::config::NetworkConfig;
+use super::event::NetworkEvent;
 use super::manifest::DIRECT_MANIFEST_PREFIX;
 use super::metrics::NetMetrics;
 use super::peer_table::BootstrapRedial;

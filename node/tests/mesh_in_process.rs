@@ -335,6 +335,10 @@ async fn honest_nodes_refuse_a_hostile_peer_and_keep_training() {
     forger_net.listen = vec!["/memory/2101".parse().expect("addr")];
     forger_net.bootstrap = vec![boot_addr.clone()];
     forger_net.random_walk_interval = Duration::from_secs(2);
+    // The forger leaves once its manifest is out: a silent peer that stays would count in every
+    // honest node's mesh and hold each round until its deadline, which is not what this case
+    // checks (the signer check is).
+    let forger_shutdown = shutdown.child_token();
     let mut forger = network::start(
         &forger_key,
         memory_transport(&forger_key, None).expect("transport"),
@@ -342,7 +346,7 @@ async fn honest_nodes_refuse_a_hostile_peer_and_keep_training() {
         Arc::new(base.layout()),
         Arc::clone(&forger_store),
         &mut Registry::default(),
-        shutdown.child_token(),
+        forger_shutdown.clone(),
     )
     .expect("forger network");
     let forger_client = forger.client.clone();
@@ -380,6 +384,18 @@ async fn honest_nodes_refuse_a_hostile_peer_and_keep_training() {
         .expect("store")
         .insert(1, Arc::new(encoded.blob), chunks);
     publish_until_accepted(&forger_client, forged.encode(&limits).expect("manifest")).await;
+    let refused = |text: String| {
+        text.contains(
+            "meshtune_gossip_rejected_total{reason=\"manifest sender is not its signer\"}",
+        )
+    };
+    for _ in 0..400 {
+        if nodes.iter().all(|n| refused(n.metrics.text())) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    forger_shutdown.cancel();
     // 5. A flood of chunk requests at one honest node.
     let target = nodes[0].peer_id;
     let mut failed = 0usize;

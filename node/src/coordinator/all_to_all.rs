@@ -51,14 +51,14 @@ use super::config::{CoordinatorConfig, RunSummary, Start};
 use super::inbox::{Inbox, Keep, linger, sleep_until};
 use super::ledger::{Ledger, checkpoint_extras};
 use super::metrics::WireBytes;
-use super::record::RoundRecord;
+use super::record::{RoundRecord, RoundWork};
 use super::sync::{fetch_state, final_states, mesh_ahead};
 use super::tasks::{self, Done, Position, Shared, TrainJob};
 use crate::averaging::aggregate::{Contribution, OuterState, aggregate, apply_outer_step, screen};
 use crate::averaging::round::{
     self, Phase, RejectReason, RoundMachine, Verdict, final_state_winner,
 };
-use crate::energy::{EnergyMeter, RoundEnergy};
+use crate::energy::EnergyMeter;
 use crate::network::NetworkEvent;
 use crate::network::store::lock as lock_store;
 use crate::trainer::{EvalReport, TrainReport};
@@ -682,56 +682,28 @@ impl Coordinator {
         eval: Option<EvalReport>,
     ) -> RoundRecord {
         let open = &mut self.open;
-        let wire = self.shared.metrics.wire_bytes().since(&open.wire_at_start);
-        let report = open.report.unwrap_or(TrainReport {
-            steps: 0,
-            samples: 0,
-            loss: f64::NAN,
-            seconds: 0.0,
-            tokens: 0,
-            energy_j: None,
-        });
-        let seconds_total = open.started.elapsed().as_secs_f64();
-        let seconds_eval = eval.map_or(0.0, |e| e.seconds);
-        let energy = self.shared.config.energy.as_ref();
-        let round_j = energy
+        let round_j = (self.shared.config.energy.as_ref())
             .and_then(EnergyMeter::joules)
             .zip(open.energy_at_start)
             .map(|(now, start)| now - start);
-        let comm_j = round_j.zip(report.energy_j).map(|(total, compute)| {
-            (total - compute - eval.and_then(|e| e.energy_j).unwrap_or(0.0)).max(0.0)
-        });
-        let payload_in = open.payload_in;
+        let work = RoundWork {
+            report: open.report,
+            eval,
+            wire: self.shared.metrics.wire_bytes().since(&open.wire_at_start),
+            payload_in: open.payload_in,
+            seconds_total: open.started.elapsed().as_secs_f64(),
+            round_j,
+        };
         RoundRecord {
-            train_loss: report.loss.is_finite().then_some(report.loss),
-            train_samples: report.samples,
-            eval_loss: eval.map(|e| e.loss),
-            rouge_l: eval.map(|e| e.rouge_l),
             deltas: open.deltas_used,
             mesh_peers: self.mesh_peers,
             delta_bytes: open.delta_bytes,
             raw_delta_bytes: open.raw_bytes,
-            payload_in,
-            wire_in: wire.inbound,
-            wire_out: wire.outbound,
-            amplification: (payload_in > 0).then(|| wire.inbound as f64 / payload_in as f64),
-            wire_in_by_protocol: wire.inbound_by_protocol,
-            seconds_train: report.seconds,
-            seconds_total,
-            seconds_eval,
             deadline_s: open.deadline_s,
-            tokens: report.tokens,
-            energy: RoundEnergy::new(
-                report.tokens,
-                report.seconds,
-                (seconds_total - report.seconds - seconds_eval).max(0.0),
-                report.energy_j,
-                comm_j,
-            ),
             base_hash: open.round_base.to_string(),
             contributors: std::mem::take(&mut open.contributors),
             rejected: std::mem::take(&mut self.rejected),
-            ..RoundRecord::empty(round, self.me, hash)
+            ..RoundRecord::of_work(round, self.me, hash, work)
         }
     }
 

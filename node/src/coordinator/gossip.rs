@@ -23,12 +23,11 @@ use super::config::{CoordinatorConfig, RunSummary, Start};
 use super::inbox::{Inbox, Keep, linger, sleep_until};
 use super::ledger::{Ledger, blocking};
 use super::metrics::WireBytes;
-use super::record::RoundRecord;
+use super::record::{RoundRecord, RoundWork};
 use crate::averaging::aggregate::{difference, l2_norm};
 use crate::averaging::gossip::{
     GossipAction, GossipConfig, GossipInput, GossipMachine, Heard, PeerBytes, Topology, add_scaled,
 };
-use crate::energy::RoundEnergy;
 use crate::network::fetch::fetch_blob;
 use crate::network::store::lock as lock_store;
 use crate::network::store::{BlobStore, LinkOffers};
@@ -708,54 +707,31 @@ impl GossipShell {
         payload_in: u64,
         mesh_peers: usize,
     ) -> RoundRecord {
-        let report = self.log.report.unwrap_or(TrainReport {
-            steps: 0,
-            samples: 0,
-            loss: f64::NAN,
-            seconds: 0.0,
-            tokens: 0,
-            energy_j: None,
-        });
-        let wire = self
-            .start
-            .metrics
-            .wire_bytes()
-            .since(&self.log.wire_at_start);
-        let seconds_total = self.log.started.elapsed().as_secs_f64();
-        let seconds_eval = eval.as_ref().map_or(0.0, |e| e.seconds);
+        let work = RoundWork {
+            report: self.log.report,
+            eval,
+            wire: self
+                .start
+                .metrics
+                .wire_bytes()
+                .since(&self.log.wire_at_start),
+            payload_in,
+            seconds_total: self.log.started.elapsed().as_secs_f64(),
+            round_j: None,
+        };
         let mut contributors: Vec<String> = heard.iter().map(ToString::to_string).collect();
         contributors.push(self.start.me.to_string());
         contributors.sort();
         let published = self.log.published.as_ref();
         RoundRecord {
-            train_loss: report.loss.is_finite().then_some(report.loss),
-            train_samples: report.samples,
-            eval_loss: eval.as_ref().map(|e| e.loss),
-            rouge_l: eval.as_ref().map(|e| e.rouge_l),
             deltas: heard.len() + 1,
             mesh_peers,
             delta_bytes: published.map_or(0, |p| p.delta_bytes),
             raw_delta_bytes: published.map_or(0, |p| p.raw_bytes),
-            payload_in,
-            wire_in: wire.inbound,
-            wire_out: wire.outbound,
-            amplification: (payload_in > 0).then(|| wire.inbound as f64 / payload_in as f64),
-            wire_in_by_protocol: wire.inbound_by_protocol,
-            seconds_train: report.seconds,
-            seconds_total,
-            seconds_eval,
             deadline_s: self.start.config.round.collect_timeout.as_secs_f64(),
-            tokens: report.tokens,
-            energy: RoundEnergy::new(
-                report.tokens,
-                report.seconds,
-                (seconds_total - report.seconds - seconds_eval).max(0.0),
-                report.energy_j,
-                None,
-            ),
             base_hash: self.log.base_hash.to_string(),
             contributors,
-            ..RoundRecord::empty(round, self.start.me, hash)
+            ..RoundRecord::of_work(round, self.start.me, hash, work)
         }
     }
 

@@ -11,7 +11,9 @@ use libp2p::PeerId;
 use meshtune_protocol::ModelHash;
 use serde::{Deserialize, Serialize};
 
+use super::metrics::WireBytes;
 use crate::energy::RoundEnergy;
+use crate::trainer::{EvalReport, TrainReport};
 
 /// What one applied round did, as written to `rounds.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -125,6 +127,70 @@ impl RoundRecord {
         RoundRecord {
             mesh_peers,
             synced_from: Some(peer.to_string()),
+            ..RoundRecord::empty(round, me, hash)
+        }
+    }
+}
+
+/// What every round did, whichever machine ran it: training, evaluation, traffic and time.
+pub struct RoundWork {
+    /// `None` when this node trained nothing in the round.
+    pub report: Option<TrainReport>,
+    pub eval: Option<EvalReport>,
+    /// Wire bytes since the round started.
+    pub wire: WireBytes,
+    /// Blob payload pulled from peers.
+    pub payload_in: u64,
+    pub seconds_total: f64,
+    /// Joules the whole round took, when a power reader measures them.
+    pub round_j: Option<f64>,
+}
+
+impl RoundRecord {
+    /// The record of `round` from what it did; the caller adds what its machine knows
+    /// (deltas, peers, bytes of its own delta, deadline, base, contributors).
+    pub fn of_work(round: u64, me: PeerId, hash: ModelHash, work: RoundWork) -> Self {
+        let RoundWork {
+            report,
+            eval,
+            wire,
+            payload_in,
+            seconds_total,
+            round_j,
+        } = work;
+        let report = report.unwrap_or(TrainReport {
+            steps: 0,
+            samples: 0,
+            loss: f64::NAN,
+            seconds: 0.0,
+            tokens: 0,
+            energy_j: None,
+        });
+        let seconds_eval = eval.map_or(0.0, |e| e.seconds);
+        let comm_j = round_j.zip(report.energy_j).map(|(total, compute)| {
+            (total - compute - eval.and_then(|e| e.energy_j).unwrap_or(0.0)).max(0.0)
+        });
+        RoundRecord {
+            train_loss: report.loss.is_finite().then_some(report.loss),
+            train_samples: report.samples,
+            eval_loss: eval.map(|e| e.loss),
+            rouge_l: eval.map(|e| e.rouge_l),
+            payload_in,
+            wire_in: wire.inbound,
+            wire_out: wire.outbound,
+            amplification: (payload_in > 0).then(|| wire.inbound as f64 / payload_in as f64),
+            wire_in_by_protocol: wire.inbound_by_protocol,
+            seconds_train: report.seconds,
+            seconds_total,
+            seconds_eval,
+            tokens: report.tokens,
+            energy: RoundEnergy::new(
+                report.tokens,
+                report.seconds,
+                (seconds_total - report.seconds - seconds_eval).max(0.0),
+                report.energy_j,
+                comm_j,
+            ),
             ..RoundRecord::empty(round, me, hash)
         }
     }

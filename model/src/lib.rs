@@ -14,6 +14,7 @@ pub mod generate;
 mod kernels;
 pub mod lora;
 pub mod optim;
+pub mod potluck;
 pub mod precision;
 pub mod pretrained;
 pub mod rouge;

@@ -10,7 +10,7 @@ use meshtune_protocol::{
     ErrorFeedback, Limits, ModelHash, StateCodecParams, StateManifest, chunk_blob, encode_state,
 };
 
-const CODECS: [&str; 12] = [
+const CODECS: [&str; 14] = [
     "f32",
     "f32+shuffle+zstd:1",
     "f16",
@@ -23,6 +23,8 @@ const CODECS: [&str; 12] = [
     "top1%+int8/64",
     "top10%+int4/16+zstd:1",
     "top30%+f16+shuffle",
+    "rank2+int8/64+zstd:1",
+    "rank3+f16+shuffle",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

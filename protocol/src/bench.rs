@@ -161,6 +161,14 @@ pub fn default_bench_codecs(zstd_level: i32, block_size: u32) -> Vec<BenchCodec>
         codec("int4 + zstd", int4, dense, false, true, false),
         codec("top-1% + int8 + EF", int8, top(0.01), false, true, true),
         codec("top-10% + int8", int8, top(0.1), false, true, false),
+        codec(
+            "rank-4 + int8 + EF",
+            int8,
+            Sparsity::LowRank { rank: 4 },
+            false,
+            true,
+            true,
+        ),
     ]
 }
 

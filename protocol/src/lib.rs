@@ -54,9 +54,9 @@ pub use chunk::{
 };
 pub use codec::{
     CodecParams, DecodeError, EncodeError, EncodedDelta, EncodedState, EncodedStateIndex,
-    ErrorFeedback, ModelState, ParseCodecParamsError, Sparsity, StateCodecParams, TensorEncoding,
-    ValueFormat, decode_delta, decode_state, decode_state_file, encode_delta, encode_state,
-    encode_state_to,
+    ErrorFeedback, MAX_LOW_RANK, ModelState, ParseCodecParamsError, Sparsity, StateCodecParams,
+    TensorEncoding, ValueFormat, decode_delta, decode_state, decode_state_file, encode_delta,
+    encode_state, encode_state_to,
 };
 pub use hash::{BlobHash, ChunkHash, ChunkListHash, ModelHash, ParseHashError};
 pub use limits::{DEFAULT_CHUNK_SIZE, Limits, MAX_QUANT_BLOCK_SIZE};
@@ -64,3 +64,7 @@ pub use manifest::{DeltaManifest, StateManifest, TensorEntry};
 pub use messages::{ChunkRequest, ChunkResponse};
 pub use tensor::{ModelLayout, Tensor, TensorSet, TensorSetError, TensorSpec};
 pub use wire::{FORMAT_VERSION, MessageKind, WireError};
+
+/// The exchange a node uses when none is configured (`meshtune node`, `meshtune-testnet`):
+/// the 2% largest entries of each tensor's delta (with error feedback), int8 values, zstd.
+pub const DEFAULT_CODEC: &str = "top2%+int8/64+zstd:1";

@@ -34,7 +34,7 @@
 //! therefore depends on the number of tensors only, never on the number of parameters.
 
 use crate::chunk::BlobDescriptor;
-use crate::codec::{DecodeError, TensorEncoding, ValueFormat, check_layout, value_section_len};
+use crate::codec::{DecodeError, TensorEncoding, ValueFormat, check_layout};
 use crate::hash::{BlobHash, ChunkListHash, ModelHash};
 use crate::limits::Limits;
 use crate::tensor::ModelLayout;
@@ -334,11 +334,11 @@ fn validate_index(
         }
         entry
             .encoding
-            .check(elements)
+            .check(&entry.shape, elements)
             .map_err(|reason| invalid("tensor encoding", reason))?;
         let encoding = entry.encoding;
         let max_len = encoding
-            .max_segment_len(elements)
+            .max_segment_len(&entry.shape, elements)
             .ok_or(invalid("segment length", "overflows"))?;
         if entry.length > max_len {
             return Err(invalid(
@@ -348,7 +348,7 @@ fn validate_index(
         }
         if !encoding.zstd
             && encoding.kept.is_none()
-            && Some(entry.length) != value_section_len(encoding.values, elements)
+            && Some(entry.length) != encoding.max_raw_len(&entry.shape, elements)
         {
             return Err(invalid(
                 "segment length",
@@ -398,6 +398,10 @@ const FORMAT_INT4: u8 = 4;
 const FLAG_SPARSE: u8 = 1;
 const FLAG_SHUFFLE: u8 = 2;
 const FLAG_ZSTD: u8 = 4;
+/// A low-rank segment; its rank follows the flags (after the top-k count, which a low-rank
+/// segment never has). Nodes built before low-rank segments refuse such a manifest with
+/// "unknown tensor flags".
+const FLAG_LOW_RANK: u8 = 8;
 
 fn write_index(writer: &mut WireWriter, entries: &[TensorEntry]) {
     writer.varint(entries.len() as u64);
@@ -435,9 +439,15 @@ fn write_index(writer: &mut WireWriter, entries: &[TensorEntry]) {
         if encoding.zstd {
             flags |= FLAG_ZSTD;
         }
+        if encoding.rank.is_some() {
+            flags |= FLAG_LOW_RANK;
+        }
         writer.u8(flags);
         if let Some(kept) = encoding.kept {
             writer.varint(kept);
+        }
+        if let Some(rank) = encoding.rank {
+            writer.varint(u64::from(rank));
         }
         writer.varint(entry.length);
     }
@@ -519,7 +529,7 @@ fn read_index(
             }
         };
         let flags = reader.u8("tensor flags")?;
-        if flags & !(FLAG_SPARSE | FLAG_SHUFFLE | FLAG_ZSTD) != 0 {
+        if flags & !(FLAG_SPARSE | FLAG_SHUFFLE | FLAG_ZSTD | FLAG_LOW_RANK) != 0 {
             return Err(WireError::UnknownTag {
                 field: "tensor flags",
                 tag: u64::from(flags),
@@ -530,6 +540,11 @@ fn read_index(
         } else {
             None
         };
+        let rank = if flags & FLAG_LOW_RANK != 0 {
+            Some(reader.varint_capped("low rank", u64::from(crate::MAX_LOW_RANK))? as u32)
+        } else {
+            None
+        };
         let length = reader.varint_capped("segment length", limits.max_blob_size)?;
         entries.push(TensorEntry {
             name,
@@ -537,6 +552,7 @@ fn read_index(
             encoding: TensorEncoding {
                 values,
                 kept,
+                rank,
                 byte_shuffle: flags & FLAG_SHUFFLE != 0,
                 zstd: flags & FLAG_ZSTD != 0,
             },

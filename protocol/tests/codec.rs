@@ -44,6 +44,7 @@ fn kept_count(params: &CodecParams, elements: usize) -> usize {
             ((keep_fraction * elements as f64).ceil() as usize).clamp(1, elements)
         }
         Sparsity::TopK { .. } => 0,
+        Sparsity::LowRank { .. } => elements,
     }
 }
 
@@ -266,4 +267,81 @@ proptest! {
         let parsed: CodecParams = text.parse().expect("own output parses");
         prop_assert_eq!(parsed.to_string(), text);
     }
+}
+
+/// Low rank: a delta of rank <= r arrives within float rounding; a segment is the two
+/// factors, `r (rows + columns)` values.
+#[test]
+fn low_rank_sends_a_low_rank_matrix_whole_at_its_factor_size() {
+    use meshtune_protocol::Tensor;
+    let (rows, cols, rank) = (24usize, 40usize, 3usize);
+    let values: Vec<f32> = (0..rows * cols)
+        .map(|x| {
+            let (i, j) = ((x / cols) as f32, (x % cols) as f32);
+            1e-3 * ((i * 0.3).sin() * (j * 0.2).cos()
+                + (i - 7.0) * 0.1
+                + (j * 0.05) * (i * 0.7).cos())
+        })
+        .collect();
+    let delta = TensorSet::new(vec![
+        Tensor::new("m.weight", vec![rows, cols], values.clone()).expect("valid"),
+        Tensor::new("v.bias", vec![5], vec![1e-3; 5]).expect("valid"),
+    ])
+    .expect("valid");
+    let params: CodecParams = format!("rank{rank}+f32").parse().expect("codec");
+    let encoded = encode_delta(&delta, &params, None).expect("encodes");
+    assert_eq!(encoded.tensors[0].length, (4 * rank * (rows + cols)) as u64);
+    assert_eq!(
+        encoded.tensors[1].encoding.rank, None,
+        "a vector is sent dense"
+    );
+    let mut feedback = ErrorFeedback::new();
+    let decoded = send(&delta, &params, Some(&mut feedback));
+    let got = &decoded.tensors()[0].values;
+    let scale = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (a, b) in values.iter().zip(got) {
+        assert!((a - b).abs() <= 1e-5 * scale, "{a} vs {b}");
+    }
+    assert!(feedback.squared_norm() <= 1e-10 * f64::from(scale * scale) * values.len() as f64);
+    // A full-rank matrix over rounds: error feedback sends what rank 1 left out later, so
+    // the sum of decoded rounds closes on the sum of true deltas.
+    let noise: Vec<f32> = (0..rows * cols)
+        .map(|x| ((x * 7919 % 1013) as f32 / 1013.0 - 0.5) * 1e-3)
+        .collect();
+    let full = TensorSet::new(vec![
+        Tensor::new("m.weight", vec![rows, cols], noise.clone()).expect("valid"),
+    ])
+    .expect("valid");
+    let zero = TensorSet::new(vec![
+        Tensor::new("m.weight", vec![rows, cols], vec![0.0; rows * cols]).expect("valid"),
+    ])
+    .expect("valid");
+    let params: CodecParams = "rank1+int8/64".parse().expect("codec");
+    let mut feedback = ErrorFeedback::new();
+    let mut sent = vec![0f64; rows * cols];
+    let mut gaps = Vec::new();
+    for round in 0..40 {
+        let delta = if round == 0 { &full } else { &zero };
+        let decoded = send(delta, &params, Some(&mut feedback));
+        for (s, v) in sent.iter_mut().zip(&decoded.tensors()[0].values) {
+            *s += f64::from(*v);
+        }
+        let gap: f64 = sent
+            .iter()
+            .zip(&noise)
+            .map(|(s, t)| (s - f64::from(*t)).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        gaps.push(gap);
+    }
+    let start: f64 = noise
+        .iter()
+        .map(|v| f64::from(*v).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert!(
+        gaps[0] < start && gaps[23] < 0.05 * start,
+        "{:?}",
+        &gaps[..24]
+    );
 }

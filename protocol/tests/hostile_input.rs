@@ -507,6 +507,7 @@ fn encoder_input_errors_are_typed() {
     let encoding = TensorEncoding {
         values: ValueFormat::F32,
         kept: None,
+        rank: None,
         byte_shuffle: false,
         zstd: false,
     };
@@ -573,4 +574,80 @@ fn states_with_a_wrong_model_hash_or_lossy_entries_are_rejected() {
         }
         other => panic!("expected LossyState, got {other:?}"),
     }
+}
+
+#[test]
+fn low_rank_entries_that_cannot_be_decoded_are_refused_with_the_reason() {
+    let params = CodecParams {
+        sparsity: Sparsity::LowRank { rank: 2 },
+        ..raw(ValueFormat::F32)
+    };
+    let (tensors, blob) = encoded(&params);
+    // a.weight [16, 32] and c.weight [3, 3, 3] (as 3 x 9) are factorized; b.bias is a vector.
+    let ranks: Vec<Option<u32>> = tensors.iter().map(|t| t.encoding.rank).collect();
+    assert_eq!(ranks, [Some(2), None, Some(2)]);
+    assert_eq!(tensors[0].length, 4 * 2 * (16 + 32));
+    let limits = Limits::default();
+    let (manifest, verified) = announce(tensors.clone(), blob);
+    let bytes = manifest.encode(&limits).expect("encodes");
+    assert_eq!(
+        DeltaManifest::decode(&bytes, &limits).as_ref(),
+        Ok(&manifest)
+    );
+    assert!(decode(&manifest, &verified).is_ok());
+
+    // Where the rank of a.weight is on the wire: the byte that is 2 here and 3 there (the
+    // blob size and the segment length differ too).
+    let mut rank3 = manifest.clone();
+    rank3.tensors[0].encoding.rank = Some(3);
+    let grown = 4 * (16 + 32);
+    rank3.tensors[0].length += grown;
+    for entry in &mut rank3.tensors[1..] {
+        entry.offset += grown;
+    }
+    rank3.blob.blob_size += grown;
+    let other = rank3.encode(&limits).expect("encodes");
+    let at = (0..bytes.len().min(other.len()))
+        .find(|&i| (bytes[i], other[i]) == (2, 3))
+        .expect("the rank is on the wire");
+    for (rank, reason) in [
+        (0u8, "low rank must be in 1..=256"),
+        (17, "low rank exceeds the tensor's smaller dimension"),
+    ] {
+        let mut bad = bytes.clone();
+        bad[at] = rank;
+        let error = DeltaManifest::decode(&bad, &limits).expect_err("refused");
+        assert!(error.to_string().contains(reason), "rank {rank}: {error}");
+    }
+    // Over the cap on the wire: a varint of 300.
+    let mut bad = bytes[..at].to_vec();
+    bad.extend_from_slice(&[0xac, 0x02]);
+    bad.extend_from_slice(&bytes[at + 1..]);
+    let error = DeltaManifest::decode(&bad, &limits).expect_err("refused");
+    assert!(error.to_string().contains("low rank"), "{error}");
+
+    // A sender cannot announce a rank on a vector, nor top-k and rank together.
+    let mut vector = manifest.clone();
+    vector.tensors[1].encoding.rank = Some(1);
+    let error = vector.encode(&limits).expect_err("refused");
+    assert!(
+        error.to_string().contains("at least two dimensions"),
+        "{error}"
+    );
+    let mut both = manifest.clone();
+    both.tensors[0].encoding.kept = Some(4);
+    let error = both.encode(&limits).expect_err("refused");
+    assert!(
+        error.to_string().contains("both top-k and low-rank"),
+        "{error}"
+    );
+    // A factor with a NaN is refused by name.
+    let (tensors, mut blob) = encoded(&params);
+    let at = tensors[2].offset as usize + 4;
+    blob[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let (manifest, verified) = announce(tensors, blob);
+    assert!(matches!(
+        decode(&manifest, &verified),
+        Err(DecodeError::NonFinite { ref tensor, .. }) if tensor == "c.weight"
+    ));
 }

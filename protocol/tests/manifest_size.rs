@@ -69,18 +69,21 @@ fn flan_t5_xl_delta_manifest_fits_in_a_gossip_message() {
         ("f32", |_| TensorEncoding {
             values: ValueFormat::F32,
             kept: None,
+            rank: None,
             byte_shuffle: true,
             zstd: true,
         }),
         ("int8+zstd", |_| TensorEncoding {
             values: ValueFormat::Int8 { block_size: 64 },
             kept: None,
+            rank: None,
             byte_shuffle: false,
             zstd: true,
         }),
         ("top1%+int8", |elements: u64| TensorEncoding {
             values: ValueFormat::Int8 { block_size: 64 },
             kept: Some(elements.div_ceil(100)),
+            rank: None,
             byte_shuffle: false,
             zstd: false,
         }),
@@ -133,6 +136,7 @@ fn flan_t5_xl_state_manifest_with_adam_state_fits_too() {
     let lossless = |_| TensorEncoding {
         values: ValueFormat::F32,
         kept: None,
+        rank: None,
         byte_shuffle: true,
         zstd: true,
     };

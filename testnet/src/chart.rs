@@ -68,10 +68,12 @@ struct TickedAxis {
 }
 
 impl TickedAxis {
+    /// From the first tick to the last.
     fn new(ticks: Vec<f64>) -> Self {
+        let bottom = ticks.first().copied().unwrap_or(0.0);
         let top = ticks.last().copied().unwrap_or(1.0);
         Self {
-            linear: (0f64..top).into(),
+            linear: (bottom..top).into(),
             ticks,
         }
     }
@@ -125,6 +127,15 @@ pub fn ticks_from_zero(max: f64, ticks: usize, integer: bool) -> (Vec<f64>, f64)
     }
     let count = (max / step - 1e-9).ceil().max(1.0) as usize;
     ((0..=count).map(|k| k as f64 * step).collect(), step)
+}
+
+/// Ticks from a multiple of the step at or below `min` to the first at or above `max`.
+pub fn ticks_between(min: f64, max: f64, ticks: usize) -> (Vec<f64>, f64) {
+    let span = (max - min).max(1e-9);
+    let step = nice_step(span, ticks);
+    let first = (min / step).floor() * step;
+    let count = ((max - first) / step - 1e-9).ceil().max(1.0) as usize;
+    ((0..=count).map(|k| first + k as f64 * step).collect(), step)
 }
 
 /// A tick label with just the decimals its step needs (0.05 -> "0.05", 2000 -> "2000").
@@ -212,6 +223,198 @@ pub fn line_chart_svg(text: ChartText<'_>, series: &[Series]) -> Result<String, 
     Ok(svg)
 }
 
+/// One exchange on a frontier chart: its bytes per round (0 for a baseline that sends
+/// nothing: drawn as a horizontal reference line) and its ROUGE-L with the spread over seeds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrontierPoint {
+    pub label: String,
+    pub bytes: f64,
+    pub rouge: f64,
+    pub spread: f64,
+}
+
+/// The SVG of a frontier: ROUGE-L (± spread) against bytes on a log axis, one colour per
+/// exchange; baselines that send no bytes are dashed horizontal lines, and `goal` (the f32
+/// mesh minus one point) a grey dotted one. The y axis spans the data (not from zero: the
+/// differences that matter are a point or two).
+pub fn frontier_chart_svg(
+    text: ChartText<'_>,
+    points: &[FrontierPoint],
+    goal: Option<f64>,
+    budget: Option<f64>,
+) -> Result<String, ChartError> {
+    let fail = |reason: String| ChartError {
+        title: text.title.to_owned(),
+        reason,
+    };
+    let sent: Vec<&FrontierPoint> = points
+        .iter()
+        .filter(|p| p.bytes > 0.0 && p.rouge.is_finite())
+        .collect();
+    let xs = || {
+        sent.iter()
+            .map(|p| p.bytes)
+            .chain(budget.filter(|b| *b > 0.0))
+    };
+    let x_min = xs().fold(f64::INFINITY, f64::min);
+    let x_max = xs().fold(0.0, f64::max);
+    let (x_lo, x_hi) = if x_max > 0.0 {
+        (
+            10f64.powf(x_min.log10().floor()),
+            10f64.powf(x_max.log10().ceil().max(x_min.log10().floor() + 1.0)),
+        )
+    } else {
+        (1.0, 10.0)
+    };
+    let ys = || {
+        points
+            .iter()
+            .flat_map(|p| [p.rouge + p.spread, p.rouge - p.spread])
+            .chain(goal)
+            .filter(|y| y.is_finite())
+    };
+    let y_max = ys().fold(0.0, f64::max);
+    let y_min = ys().fold(y_max, f64::min);
+    let (y_ticks, y_step) = ticks_between(y_min, y_max, 6);
+    let (y_bottom, y_top) = (y_ticks[0], y_ticks.last().copied().unwrap_or(1.0));
+    let extra = usize::from(goal.is_some()) + usize::from(budget.is_some());
+    let height = PLOT_HEIGHT + 12 + LEGEND_ROW * (points.len() + extra) as u32;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
+        let (plot, legend) = root.split_vertically(PLOT_HEIGHT);
+        let mut chart = ChartBuilder::on(&plot)
+            .caption(text.title, ("sans-serif", 18))
+            .margin(14)
+            .x_label_area_size(44)
+            .y_label_area_size(72)
+            .build_cartesian_2d((x_lo..x_hi).log_scale(), TickedAxis::new(y_ticks))
+            .map_err(|e| fail(e.to_string()))?;
+        let x_format = |x: &f64| human_count(*x);
+        let y_format = |y: &f64| tick_label(*y, y_step);
+        chart
+            .configure_mesh()
+            .x_desc(text.x)
+            .y_desc(text.y)
+            .x_label_formatter(&x_format)
+            .y_label_formatter(&y_format)
+            .bold_line_style(RGBColor(225, 225, 225))
+            .label_style(("sans-serif", 13))
+            .axis_desc_style(("sans-serif", 14))
+            .draw()
+            .map_err(|e| fail(e.to_string()))?;
+        for (i, p) in points.iter().enumerate() {
+            let colour = COLOURS[i % COLOURS.len()];
+            if !p.rouge.is_finite() {
+                continue;
+            }
+            if p.bytes > 0.0 {
+                let (lo, hi) = (p.rouge - p.spread, p.rouge + p.spread);
+                if p.spread > 0.0 {
+                    chart
+                        .draw_series([PathElement::new(
+                            vec![(p.bytes, lo), (p.bytes, hi)],
+                            colour.stroke_width(2),
+                        )])
+                        .map_err(|e| fail(e.to_string()))?;
+                }
+                chart
+                    .draw_series([Circle::new((p.bytes, p.rouge), 5, colour.filled())])
+                    .map_err(|e| fail(e.to_string()))?;
+            } else {
+                chart
+                    .draw_series(DashedLineSeries::new(
+                        vec![(x_lo, p.rouge), (x_hi, p.rouge)],
+                        8,
+                        5,
+                        colour.stroke_width(2),
+                    ))
+                    .map_err(|e| fail(e.to_string()))?;
+            }
+        }
+        let grey = RGBColor(110, 110, 110);
+        if let Some(goal) = goal {
+            chart
+                .draw_series(DashedLineSeries::new(
+                    vec![(x_lo, goal), (x_hi, goal)],
+                    2,
+                    4,
+                    grey.stroke_width(2),
+                ))
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        let mut rows: Vec<(RGBColor, String)> = Vec::new();
+        for (i, p) in points.iter().enumerate() {
+            let label = if p.bytes > 0.0 {
+                format!(
+                    "{}: {} B, {:.1} ± {:.1}",
+                    p.label,
+                    human_count(p.bytes),
+                    p.rouge,
+                    p.spread
+                )
+            } else {
+                format!(
+                    "{} (no exchange): {:.1} ± {:.1}",
+                    p.label, p.rouge, p.spread
+                )
+            };
+            rows.push((COLOURS[i % COLOURS.len()], label));
+        }
+        if let Some(goal) = goal {
+            rows.push((grey, format!("goal: f32 mesh - 1 point ({goal:.1})")));
+        }
+        if let Some(budget) = budget.filter(|b| *b > 0.0) {
+            let black = RGBColor(30, 30, 30);
+            chart
+                .draw_series(DashedLineSeries::new(
+                    vec![(budget, y_bottom), (budget, y_top)],
+                    2,
+                    4,
+                    black.stroke_width(2),
+                ))
+                .map_err(|e| fail(e.to_string()))?;
+            rows.push((
+                black,
+                format!(
+                    "goal: 50x fewer bytes than f32 ({} B; left of it)",
+                    human_count(budget)
+                ),
+            ));
+        }
+        for (i, (colour, label)) in rows.into_iter().enumerate() {
+            let y = 6 + (i as u32 * LEGEND_ROW) as i32;
+            legend
+                .draw(&PathElement::new(
+                    vec![(86, y + 8), (116, y + 8)],
+                    colour.stroke_width(3),
+                ))
+                .map_err(|e| fail(e.to_string()))?;
+            legend
+                .draw(&Text::new(label, (124, y), ("sans-serif", 14).into_font()))
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        root.present().map_err(|e| fail(e.to_string()))?;
+    }
+    Ok(svg)
+}
+
+/// 1500 -> "1.5k", 4_100_000 -> "4.1M", 40 -> "40".
+pub fn human_count(value: f64) -> String {
+    let (scaled, unit) = if value >= 1e9 {
+        (value / 1e9, "G")
+    } else if value >= 1e6 {
+        (value / 1e6, "M")
+    } else if value >= 1e3 {
+        (value / 1e3, "k")
+    } else {
+        (value, "")
+    };
+    let text = format!("{scaled:.1}");
+    format!("{}{unit}", text.trim_end_matches(".0"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,5 +438,53 @@ mod tests {
         assert_eq!(ticks_from_zero(0.0, 5, false).0.last(), Some(&1.0));
         assert_eq!(tick_label(50_000.0, 50_000.0), "50000");
         assert_eq!(tick_label(0.05, 0.05), "0.05");
+    }
+
+    #[test]
+    fn a_frontier_chart_has_every_exchange_and_baseline_in_its_legend() {
+        assert_eq!(human_count(4_111_872.0), "4.1M");
+        assert_eq!(human_count(41_000.0), "41k");
+        assert_eq!(human_count(100_000.0), "100k");
+        assert_eq!(human_count(40.0), "40");
+        let point = |label: &str, bytes: f64, rouge: f64| FrontierPoint {
+            label: label.into(),
+            bytes,
+            rouge,
+            spread: 0.7,
+        };
+        let svg = frontier_chart_svg(
+            ChartText {
+                title: "long",
+                x: "bytes",
+                y: "ROUGE-L",
+            },
+            &[
+                point("f32", 4_111_872.0, 75.7),
+                point("top2%", 41_000.0, 60.0),
+                point("alone", 0.0, 64.7),
+            ],
+            Some(74.7),
+            Some(4_111_872.0 / 50.0),
+        )
+        .unwrap();
+        for text in [
+            "f32: 4.1M B, 75.7 ± 0.7",
+            "top2%: 41k B",
+            "alone (no exchange): 64.7",
+            "goal: f32 mesh - 1 point (74.7)",
+            "goal: 50x fewer bytes than f32 (82.2k B; left of it)",
+        ] {
+            assert!(svg.contains(text), "{text}");
+        }
+        // The log axis spans whole decades around the data.
+        assert!(
+            svg.contains(">10k<") && svg.contains(">10M<"),
+            "decade ticks"
+        );
+        // The y axis spans the data: 60.0 - 0.7 .. 75.7 + 0.7 in steps of 5.
+        assert_eq!(
+            ticks_between(59.3, 76.4, 6),
+            (vec![55.0, 60.0, 65.0, 70.0, 75.0, 80.0], 5.0)
+        );
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod chart;
 pub mod docker;
+pub mod frontier;
 pub mod local;
 pub mod netns;
 pub mod png;

@@ -33,7 +33,7 @@ pub struct TestnetArgs {
     pub local_steps: usize,
     /// Delta codec of the main run (top-2% of each tensor, int8, zstd, with error feedback:
     /// ~90x fewer bytes than f32 on the default run; see docs/BENCHMARKS.md).
-    #[arg(long, default_value = "top2%+int8/64+zstd:1")]
+    #[arg(long, default_value = meshtune_protocol::DEFAULT_CODEC)]
     pub codec: String,
     /// mean, median, trimmed-mean[:F].
     #[arg(long, default_value = "mean")]
@@ -78,6 +78,14 @@ pub struct TestnetArgs {
     /// Skip the baselines (alone, centralized, other codecs): only the federated run.
     #[arg(long)]
     pub no_compare: bool,
+    /// Nodes keep what the codec left out of their delta in their own model (`meshtune node
+    /// --keep-residual`).
+    #[arg(long)]
+    pub keep_residual: bool,
+    /// Skip the centralized baseline (it costs twice the mesh's compute): each node alone
+    /// and the other codecs still run.
+    #[arg(long)]
+    pub no_centralized: bool,
     /// Training examples per node (taken from the bundled corpus before splitting; with
     /// `--train`, every example of the file is used).
     #[arg(long, default_value_t = 400)]
@@ -896,6 +904,9 @@ pub(crate) fn node_args(
         "--wait-for-peers".into(),
         launch.wait_for.to_string(),
     ]);
+    if args.keep_residual {
+        node_args.push("--keep-residual".into());
+    }
     node_args
 }
 
@@ -1102,7 +1113,11 @@ fn run_baselines(args: &TestnetArgs, prepared: &Prepared, dir: &Path) -> anyhow:
     // Centralized training is tuned a little, so the comparison is not against a baseline
     // handicapped by the mesh's learning rate: the mesh's lr and a third of it, best kept.
     let central_steps = steps * args.nodes;
-    let lrs = [prepared.lr, prepared.lr / 3.0];
+    let lrs = if args.no_centralized {
+        Vec::new()
+    } else {
+        vec![prepared.lr, prepared.lr / 3.0]
+    };
     let mut central = Vec::new();
     for (k, lr) in lrs.iter().enumerate() {
         central.push(run_training(
@@ -1128,17 +1143,14 @@ fn run_baselines(args: &TestnetArgs, prepared: &Prepared, dir: &Path) -> anyhow:
             )
         })
         .collect();
-    let best = tried
-        .iter()
-        .max_by(|a, b| {
-            let last = |c: &Vec<(usize, f64)>| c.last().map_or(f64::NEG_INFINITY, |p| p.1);
-            last(&a.1).total_cmp(&last(&b.1))
-        })
-        .context("no centralized run")?;
+    let best = tried.iter().max_by(|a, b| {
+        let last = |c: &Vec<(usize, f64)>| c.last().map_or(f64::NEG_INFINITY, |p| p.1);
+        last(&a.1).total_cmp(&last(&b.1))
+    });
     Ok(Baselines {
         alone: alone_curves,
-        centralized: best.1.clone(),
-        centralized_lr: best.0,
+        centralized: best.map(|b| b.1.clone()).unwrap_or_default(),
+        centralized_lr: best.map_or(f64::NAN, |b| b.0),
         centralized_tried: tried
             .iter()
             .map(|(lr, c)| (*lr, c.last().map(|p| p.1)))
@@ -1151,6 +1163,19 @@ fn run_baselines(args: &TestnetArgs, prepared: &Prepared, dir: &Path) -> anyhow:
 /// The whole job: federated run with a live table, then (unless `--no-compare`) the baselines
 /// and the other codecs, then the report. Returns the report directory.
 pub fn run_testnet(args: TestnetArgs, task: TaskArgs) -> anyhow::Result<PathBuf> {
+    Ok(run_comparison(args, task)?.report_dir)
+}
+
+/// What [`run_comparison`] ran: every federated run (the main one first, then the other
+/// codecs and outer optimizers) and the baselines.
+pub struct Comparison {
+    pub report_dir: PathBuf,
+    pub runs: Vec<FederatedRun>,
+    pub baselines: Option<Baselines>,
+}
+
+/// [`run_testnet`], handing back the runs as well as writing their report.
+pub fn run_comparison(args: TestnetArgs, task: TaskArgs) -> anyhow::Result<Comparison> {
     let out = args.out.clone().unwrap_or_else(|| {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -1252,7 +1277,11 @@ pub fn run_testnet(args: TestnetArgs, task: TaskArgs) -> anyhow::Result<PathBuf>
         clean.as_ref(),
         baselines.as_ref(),
     )?;
-    Ok(report_dir)
+    Ok(Comparison {
+        report_dir,
+        runs: codecs,
+        baselines,
+    })
 }
 
 /// What the report states about the run.

@@ -48,6 +48,10 @@ enum Role {
     /// restarts and a late joiner; then every checkpoint must load, no accepted delta may be
     /// lost, the final models must agree and memory must not grow (RSS per round printed).
     Soak(meshtune_testnet::soak::SoakArgs),
+    /// The compression frontier: final ROUGE-L against bytes per node per round for each
+    /// codec on several workloads (bundled, long local phases, fine-tuning full and LoRA) over
+    /// several seeds, with the verdict on the default codec.
+    Frontier(meshtune_testnet::frontier::FrontierArgs),
     /// (internal) local training for the baselines, as `meshtune train`.
     #[command(name = "__train", hide = true)]
     Train(Box<meshtune_node::commands::train::TrainArgs>),
@@ -71,6 +75,12 @@ fn main() -> ExitCode {
         Some(Role::Soak(args)) => {
             meshtune_node::logging::init(meshtune_node::logging::LogFormat::Text);
             meshtune_testnet::soak::run(args)
+        }
+        Some(Role::Frontier(args)) => {
+            meshtune_node::logging::init(meshtune_node::logging::LogFormat::Text);
+            meshtune_testnet::frontier::run(args).map(|out| {
+                println!("\nfrontier: {}", out.join("frontier.md").display());
+            })
         }
         Some(Role::Bootstrap(args)) => {
             meshtune_node::logging::init(meshtune_node::logging::LogFormat::Json);

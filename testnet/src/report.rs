@@ -336,6 +336,7 @@ pub fn write(
     {
         writeln!(md, "{}\n", verdict.sentence())?;
     }
+    writeln!(md, "{}\n", frontier_point(fault_free, f32_run, baselines))?;
     energy_lines(&mut md, fault_free)?;
     chart_list(&mut md, energy)?;
     std::fs::write(dir.join("summary.md"), md)?;
@@ -406,7 +407,7 @@ fn write_data(
 
 /// The baselines' ROUGE-L curves on the mesh's round axis: each node alone (mean over nodes;
 /// `local_steps` steps a round) and centralized (`local_steps x nodes` steps a round).
-fn baseline_series(config: &RunConfig, b: &Baselines) -> [Series; 2] {
+fn baseline_series(config: &RunConfig, b: &Baselines) -> Vec<Series> {
     let steps_per_round = config.local_steps as f64;
     let mut alone_mean: Vec<(f64, f64)> = Vec::new();
     if let Some(first) = b.alone.first() {
@@ -423,16 +424,17 @@ fn baseline_series(config: &RunConfig, b: &Baselines) -> [Series; 2] {
         }
     }
     let central_per_round = steps_per_round * config.nodes as f64;
-    [
-        Series::new("each node alone (mean)", alone_mean),
-        Series::new(
+    let mut series = vec![Series::new("each node alone (mean)", alone_mean)];
+    if !b.centralized.is_empty() {
+        series.push(Series::new(
             &format!("centralized (same total steps, lr {})", b.centralized_lr),
             b.centralized
                 .iter()
                 .map(|(s, v)| (*s as f64 / central_per_round, *v))
                 .collect(),
-        ),
-    ]
+        ));
+    }
+    series
 }
 
 /// Every chart of the report; returns whether the energy chart was drawn (a power reader
@@ -681,6 +683,10 @@ fn quality_table(
             fmt_opt(b.alone_final()),
             b.seconds
         )?;
+        if b.centralized_tried.is_empty() {
+            writeln!(md)?;
+            return Ok(());
+        }
         writeln!(
             md,
             "| centralized on the union ({} steps, lr {}; best of {}) | {} | 0 | - | |",
@@ -842,6 +848,39 @@ impl GoalVerdict {
             self.ratio
         )
     }
+}
+
+/// Where this run sits on the compression frontier (`meshtune-testnet frontier`): bytes per
+/// node per round and final ROUGE-L against the f32 mesh and each node alone, said to be one
+/// run (its gaps are within the seed-to-seed spread of a few points).
+pub fn frontier_point(
+    run: &FederatedRun,
+    f32_run: Option<&FederatedRun>,
+    baselines: Option<&Baselines>,
+) -> String {
+    let (encoded, raw) = run.delta_sizes();
+    let rouge = run.final_rouge_l().map(|r| 100.0 * r);
+    let gap = |other: Option<f64>, name: &str| match (rouge, other) {
+        (Some(a), Some(b)) => format!(", {:+.1} points against {name}", a - 100.0 * b),
+        _ => String::new(),
+    };
+    format!(
+        "Frontier point: `{}` sends {} per node per round ({:.0}x fewer than f32), final ROUGE-L \
+         {}{}{}. One run with one seed: a gap of a point or two is within the seed-to-seed \
+         spread; `meshtune-testnet frontier` measures it over 3 seeds with the spread.",
+        run.label(),
+        human(encoded),
+        raw / encoded.max(1.0),
+        rouge.map_or("-".into(), |r| format!("{r:.1}")),
+        gap(
+            f32_run.and_then(FederatedRun::final_rouge_l),
+            "the f32 mesh"
+        ),
+        gap(
+            baselines.and_then(Baselines::alone_final),
+            "each node alone"
+        ),
+    )
 }
 
 fn energy_lines(md: &mut String, main: &FederatedRun) -> anyhow::Result<()> {
@@ -1011,6 +1050,13 @@ mod tests {
         );
         assert!(text.contains("90.0x fewer bytes"), "{text}");
         assert!(text.contains(": goal met."), "{text}");
+        // The frontier point: bytes per node per round and the gaps, as one run.
+        assert!(
+            text.contains("Frontier point: `top2%` sends")
+                && text.contains("final ROUGE-L 30.3, +0.0 points against the f32 mesh")
+                && text.contains("One run with one seed"),
+            "{text}"
+        );
     }
 
     #[test]

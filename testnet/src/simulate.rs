@@ -44,7 +44,7 @@ pub struct SimulateArgs {
     #[arg(long, default_value_t = 100_000)]
     pub params: usize,
     /// Delta codec, as `meshtune node --codec`.
-    #[arg(long, default_value = "top2%+int8/64+zstd:1")]
+    #[arg(long, default_value = meshtune_protocol::DEFAULT_CODEC)]
     pub codec: String,
     /// Standard deviation of the per-step noise (the target vectors have unit scale).
     #[arg(long, default_value_t = 0.01)]

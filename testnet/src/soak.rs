@@ -59,7 +59,7 @@ pub struct SoakArgs {
     pub examples_per_node: usize,
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
-    #[arg(long, default_value = "top2%+int8/64+zstd:1")]
+    #[arg(long, default_value = meshtune_protocol::DEFAULT_CODEC)]
     pub codec: String,
     #[arg(long, default_value_t = 23)]
     pub seed: u64,
@@ -399,6 +399,8 @@ fn soak_testnet_args(args: &SoakArgs, out: &Path) -> TestnetArgs {
         link: None,
         mode: "process".into(),
         no_compare: true,
+        no_centralized: false,
+        keep_residual: false,
         examples_per_node: args.examples_per_node,
         eval_examples: 4,
         eval_every: args.rounds,

@@ -1,11 +1,13 @@
 //! `meshtune data split` (one shard per node for federated experiments) and
-//! `meshtune data synth` (regenerate the bundled synthetic corpus, tokenizer and tiny config).
+//! `meshtune data synth` (regenerate the bundled synthetic corpus, tokenizer and tiny config)
+//! and `meshtune data potluck` (regenerate the second, harder task of `fixtures/potluck/`).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use meshtune_model::data::load_samsum;
+use meshtune_model::potluck;
 use meshtune_model::split::{SplitStrategy, label_of, split_records};
 use meshtune_model::synthetic::{SyntheticConfig, to_jsonl, write_bundle};
 
@@ -15,6 +17,8 @@ pub enum DataCommand {
     Split(SplitArgs),
     /// Write the synthetic corpus (train/eval JSONL), a tokenizer trained on it and a tiny config.
     Synth(SynthArgs),
+    /// Write the potluck corpus (the harder second task: `fixtures/potluck/` is its default).
+    Potluck(PotluckArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -53,6 +57,19 @@ pub struct SynthArgs {
     pub out: PathBuf,
 }
 
+#[derive(Debug, Args)]
+pub struct PotluckArgs {
+    #[arg(long, default_value_t = potluck::FIXTURE_TRAIN)]
+    pub train: usize,
+    #[arg(long, default_value_t = potluck::FIXTURE_EVAL)]
+    pub eval: usize,
+    #[arg(long, default_value_t = potluck::FIXTURE_SEED)]
+    pub seed: u64,
+    /// Output directory: train.jsonl, eval.jsonl.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
 pub fn run(command: DataCommand) -> anyhow::Result<()> {
     match command {
         DataCommand::Split(args) => split(args),
@@ -74,7 +91,32 @@ pub fn run(command: DataCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        DataCommand::Potluck(args) => write_potluck(&args),
     }
+}
+
+/// The first `train` records of the stream as train.jsonl, the next `eval` as eval.jsonl.
+fn write_potluck(args: &PotluckArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.train > 0 && args.eval > 0,
+        "--train and --eval must be positive"
+    );
+    let mut records = potluck::generate_corpus(args.seed, args.train + args.eval);
+    let eval = records.split_off(args.train);
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    for (name, part) in [("train.jsonl", &records), ("eval.jsonl", &eval)] {
+        let path = args.out.join(name);
+        std::fs::write(&path, to_jsonl(part)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!(
+        "wrote {} train + {} eval potluck examples to {}",
+        records.len(),
+        eval.len(),
+        args.out.display()
+    );
+    Ok(())
 }
 
 fn split(args: SplitArgs) -> anyhow::Result<()> {

@@ -83,7 +83,8 @@ pub struct NodeArgs {
     pub rounds: Option<u64>,
     #[arg(long, env = "MESHTUNE_LOCAL_STEPS")]
     pub local_steps: Option<usize>,
-    /// e.g. `f32+shuffle+zstd:3`, `int8/64+zstd:1`, `top1%+int8/64+zstd:1`.
+    /// e.g. `f32+shuffle+zstd:3`, `int8/64+zstd:1`, `top1%+int8/64+zstd:1`,
+    /// `rank8+int4/64+zstd:1` (rank-8 factors of every matrix).
     #[arg(long, env = "MESHTUNE_CODEC")]
     pub codec: Option<String>,
     /// mean, median, trimmed-mean[:F].
@@ -122,6 +123,11 @@ pub struct NodeArgs {
     /// Train 0 steps in the last round (all nodes end on the same model).
     #[arg(long)]
     pub final_exchange: bool,
+    /// Keep what a lossy codec left out of this node's delta in its own model (it still
+    /// reaches the mesh in later rounds) instead of setting its local progress back to the
+    /// mesh's model; `topology = "all"` only. Also `keep_residual = true` in node.toml.
+    #[arg(long, env = "MESHTUNE_KEEP_RESIDUAL")]
+    pub keep_residual: bool,
     #[arg(long, env = "MESHTUNE_DEVICE", default_value = "cpu")]
     pub device: DeviceChoice,
     /// Compute precision: auto (from the device: bf16 on compute capability >= 8.0, fp16 with
@@ -204,6 +210,8 @@ pub struct MeshSettings {
     /// States of at least this many MiB are encoded to and synced through files under
     /// `OUT/state/` instead of memory (a 3B-parameter state is about 12 GB).
     pub stream_state_mib: u64,
+    /// See `--keep-residual`.
+    pub keep_residual: bool,
 }
 
 impl Default for MeshSettings {
@@ -212,7 +220,7 @@ impl Default for MeshSettings {
             mesh: "default".into(),
             rounds: None,
             local_steps: 20,
-            codec: "top2%+int8/64+zstd:1".into(),
+            codec: meshtune_protocol::DEFAULT_CODEC.into(),
             aggregation: Aggregation::Mean,
             outer: OuterOptimizer::Average,
             topology: "all".into(),
@@ -233,6 +241,7 @@ impl Default for MeshSettings {
             linger_quiet_s: 5.0,
             max_state_uploads: 4,
             stream_state_mib: 256,
+            keep_residual: false,
         }
     }
 }
@@ -285,6 +294,9 @@ pub fn resolve(args: &NodeArgs) -> anyhow::Result<(MeshSettings, TrainConfig)> {
     }
     if let Some(v) = &args.topology {
         mesh.topology = v.clone();
+    }
+    if args.keep_residual {
+        mesh.keep_residual = true;
     }
     if let Some(v) = &args.outer {
         mesh.outer = v.parse().map_err(|e: String| anyhow::anyhow!(e))?;
@@ -553,6 +565,12 @@ fn coordinator_config(
     config.aggregation = settings.aggregation;
     config.outer = settings.outer;
     config.topology = topology;
+    anyhow::ensure!(
+        !settings.keep_residual || topology == Topology::All,
+        "keep_residual works with topology \"all\" only (a gossip node's neighbours keep public \
+         copies of its model)"
+    );
+    config.keep_residual = settings.keep_residual;
     config.round = RoundConfig {
         quorum: settings.quorum,
         min_deltas: settings.min_deltas,

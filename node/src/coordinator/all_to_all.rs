@@ -412,11 +412,16 @@ impl Coordinator {
             && (round.is_multiple_of(config.eval_every)
                 || config.rounds.is_some_and(|n| round + 1 == n));
         let hash = ModelHash::of_tensors(&next);
+        let own = (config.keep_residual)
+            .then(|| self.feedback.as_ref())
+            .flatten()
+            .map(|feedback| tasks::plus_residual(&next, feedback));
         tokio::spawn(tasks::apply_round(
             round,
             next,
             hash,
             evaluate,
+            own,
             self.shared.clone(),
         ));
         Ok(())

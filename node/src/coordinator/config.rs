@@ -66,6 +66,13 @@ pub struct CoordinatorConfig {
     pub stream_state_bytes: u64,
     /// All-to-all averaging (one model everywhere) or sparse gossip ([`gossip`]).
     pub topology: Topology,
+    /// Keep what a lossy codec left out of this node's delta (its error-feedback residual) in
+    /// the node's own model instead of dropping it from the model until it is sent: the node
+    /// trains on from the mesh's model plus its unsent progress, and that progress still
+    /// reaches the mesh in later deltas. The mesh's model (hashes, checkpoints, state sync,
+    /// the final agreement) is the same as without it; only what each node trains and
+    /// evaluates differs, by its residual. All-to-all only.
+    pub keep_residual: bool,
 }
 
 /// The bad deltas a deliberately byzantine node sends (`meshtune node --byzantine`).
@@ -143,6 +150,7 @@ impl CoordinatorConfig {
             misbehave: None,
             stream_state_bytes: 256 << 20,
             topology: Topology::All,
+            keep_residual: false,
         }
     }
 }

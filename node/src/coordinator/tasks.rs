@@ -198,7 +198,16 @@ pub async fn train_and_publish(job: TrainJob, shared: Shared) {
         error,
         feedback,
     };
-    let (report, after) = match train_local(&shared, base.clone(), steps).await {
+    // With `keep_residual` the node trains from the mesh's model plus what it has not sent
+    // yet; its delta from the mesh's model then holds that residual already, so the codec
+    // starts from an empty one (and stores the new residual).
+    let keep = shared.config.keep_residual;
+    let start = if keep {
+        plus_residual(&base, &feedback)
+    } else {
+        base.clone()
+    };
+    let (report, after) = match train_local(&shared, start, steps).await {
         Ok(trained) => trained,
         Err(err) => {
             let _ = shared.done.send(fail(format!("{err:#}"), feedback)).await;
@@ -221,7 +230,13 @@ pub async fn train_and_publish(job: TrainJob, shared: Shared) {
             samples,
             steps: steps_done,
         };
+        // Under `keep_residual` the residual is in `after - base` already: encode from an empty
+        // one, and put the old one back if encoding fails (nothing trained is lost).
+        let saved = keep.then(|| std::mem::take(&mut feedback));
         let result = encode_own_delta(&config, head, &after, &base, misbehave, &mut feedback);
+        if let (Err(_), Some(saved)) = (&result, saved) {
+            feedback = saved;
+        }
         (feedback, result)
     })
     .await;
@@ -257,6 +272,22 @@ pub async fn train_and_publish(job: TrainJob, shared: Shared) {
             raw_bytes,
         })
         .await;
+}
+
+/// `base` plus the error-feedback residual of each tensor that has one: this node's own model
+/// under `keep_residual`.
+pub fn plus_residual(base: &TensorSet, feedback: &ErrorFeedback) -> TensorSet {
+    let mut model = base.clone();
+    for (name, values) in model.values_mut() {
+        if let Some(residual) = feedback.residual(name)
+            && residual.len() == values.len()
+        {
+            for (value, carried) in values.iter_mut().zip(residual) {
+                *value += carried;
+            }
+        }
+    }
+    model
 }
 
 /// Local training from `base`: the report (with the joules the power reader measured) and the
@@ -461,16 +492,19 @@ async fn fetch_and_decode(
     Ok((delta, payload))
 }
 
-/// Gives the trainer the round's new base and evaluates it when asked.
+/// Gives the trainer the round's new base (plus this node's residual under `keep_residual`:
+/// `own`) and evaluates it when asked.
 pub async fn apply_round(
     round: u64,
     next: TensorSet,
     hash: ModelHash,
     evaluate: bool,
+    own: Option<TensorSet>,
     shared: Shared,
 ) {
     let result = async {
-        shared.trainer.set_weights(next.clone()).await?;
+        let model = own.unwrap_or_else(|| next.clone());
+        shared.trainer.set_weights(model).await?;
         if !evaluate {
             return anyhow::Ok(None);
         }
@@ -509,4 +543,54 @@ pub async fn sync_state(from: PeerId, round: u64, layout: ModelLayout, shared: S
     )
     .await;
     let _ = shared.done.send(Done::Synced { from, result }).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use meshtune_protocol::{CodecParams, Tensor, encode_delta};
+
+    use super::*;
+
+    fn set(a: Vec<f32>, b: Vec<f32>) -> TensorSet {
+        TensorSet::new(vec![
+            Tensor::new("a", vec![a.len()], a).expect("valid"),
+            Tensor::new("b", vec![b.len()], b).expect("valid"),
+        ])
+        .expect("valid")
+    }
+
+    /// `keep_residual`: a node's own model is the mesh's plus what its codec left out, and
+    /// its next delta from the mesh's model (encoded from an empty residual) carries that
+    /// residual: nothing it trained is set back, nothing is sent twice.
+    #[test]
+    fn a_kept_residual_is_in_the_model_and_in_the_next_delta_once() {
+        let base = set(vec![1.0, 2.0, 3.0, 4.0], vec![10.0]);
+        let codec: CodecParams = "top25%+f32".parse().expect("codec");
+        let mut feedback = ErrorFeedback::new();
+        // Round 1: the node trained +0.5 on a[0], +0.1 on a[1] and b[0]; top-25% sends a[0]
+        // and b[0] (the largest of each tensor) and keeps a[1] as residual.
+        let delta = set(vec![0.5, 0.1, 0.0, 0.0], vec![0.1]);
+        encode_delta(&delta, &codec, Some(&mut feedback)).expect("encodes");
+        assert_eq!(feedback.residual("a"), Some(&[0.0, 0.1, 0.0, 0.0][..]));
+        let own = plus_residual(&base, &feedback);
+        assert_eq!(own.get("a").expect("a").values, [1.0, 2.1, 3.0, 4.0]);
+        assert_eq!(own.get("b").expect("b").values, [10.0]);
+        // Round 2, trained nothing: the delta from the mesh's model is the residual, sent
+        // from an empty one (as `train_and_publish` does), so a[1] goes out once.
+        let after = own;
+        let mut delta = after.clone();
+        for ((_, d), base) in delta.values_mut().zip(base.tensors()) {
+            d.iter_mut().zip(&base.values).for_each(|(d, b)| *d -= b);
+        }
+        let mut fresh = ErrorFeedback::new();
+        let encoded = encode_delta(&delta, &codec, Some(&mut fresh)).expect("encodes");
+        assert_eq!(encoded.tensors[0].encoding.kept, Some(1));
+        assert_eq!(
+            fresh.squared_norm(),
+            0.0,
+            "only a[1] was left and it was sent"
+        );
+        // Without a residual the node's model is the mesh's.
+        assert_eq!(plus_residual(&base, &ErrorFeedback::new()), base);
+    }
 }

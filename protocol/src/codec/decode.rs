@@ -4,9 +4,10 @@
 //! Owns: the decoder and its validation. Must not hand out a tensor that failed validation,
 //! nor part of a delta.
 
+use super::lowrank::reconstruct;
 use super::sparse::{IndexSectionError, unpack_indices};
-use super::values::{ValueScratch, ValueSectionError, decode_values};
-use super::{first_non_finite, scatter};
+use super::values::{ValueScratch, ValueSectionError, decode_values, value_section_len};
+use super::{TensorEncoding, first_non_finite, scatter};
 use crate::chunk::{VerifiedBlob, VerifiedFile};
 use crate::hash::{BlobHash, ModelHash};
 use crate::limits::Limits;
@@ -404,7 +405,7 @@ impl SegmentDecoder {
         let tensor = || entry.name.clone();
         let encoding = entry.encoding;
         let max_raw = encoding
-            .max_raw_len(elements as u64)
+            .max_raw_len(&entry.shape, elements as u64)
             .and_then(|len| usize::try_from(len).ok())
             .ok_or_else(|| DecodeError::PayloadSize {
                 tensor: tensor(),
@@ -449,6 +450,11 @@ impl SegmentDecoder {
             },
         };
         let mut out = vec![0.0f32; elements];
+        if let Some(dims) = encoding.low_rank(&entry.shape) {
+            decode_low_rank(raw, encoding, dims, &mut self.values, &mut out)
+                .map_err(value_error)?;
+            return finite(out, entry);
+        }
         match encoding.kept {
             None => decode_values(
                 encoding.values,
@@ -487,12 +493,35 @@ impl SegmentDecoder {
                 scatter(&mut out, &self.indices, &self.kept);
             }
         }
-        if let Some(index) = first_non_finite(&out) {
-            return Err(DecodeError::NonFinite {
-                tensor: tensor(),
-                index,
-            });
-        }
-        Ok(out)
+        finite(out, entry)
+    }
+}
+
+/// `P Q^T` from the two value sections of a low-rank segment.
+fn decode_low_rank(
+    raw: &[u8],
+    encoding: TensorEncoding,
+    (rows, cols, rank): (usize, usize, usize),
+    scratch: &mut ValueScratch,
+    out: &mut [f32],
+) -> Result<(), ValueSectionError> {
+    let p_len = value_section_len(encoding.values, (rows * rank) as u64).unwrap_or(u64::MAX);
+    let split = usize::try_from(p_len).unwrap_or(usize::MAX).min(raw.len());
+    let (mut p, mut q) = (vec![0.0f32; rows * rank], vec![0.0f32; cols * rank]);
+    let shuffle = encoding.byte_shuffle;
+    decode_values(encoding.values, &raw[..split], shuffle, scratch, &mut p)?;
+    decode_values(encoding.values, &raw[split..], shuffle, scratch, &mut q)?;
+    reconstruct(&p, &q, (rows, cols), rank, out);
+    Ok(())
+}
+
+/// `out`, or the first non-finite value of it as an error.
+fn finite(out: Vec<f32>, entry: &TensorEntry) -> Result<Vec<f32>, DecodeError> {
+    match first_non_finite(&out) {
+        Some(index) => Err(DecodeError::NonFinite {
+            tensor: entry.name.clone(),
+            index,
+        }),
+        None => Ok(out),
     }
 }

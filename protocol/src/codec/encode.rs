@@ -7,6 +7,7 @@
 //! Owns: the encoder and the update of error-feedback residuals. Must not define chunk lists
 //! or hashes: it feeds [`crate::chunk`]'s builder, which does.
 
+use super::lowrank::{Factorizer, matrix_dims, reconstruct, saves};
 use super::sparse::{kept_count, max_index_section_len, pack_indices, select_top_k};
 use super::values::{ValueScratch, decode_values, encode_values, fits_format, value_section_len};
 use super::{
@@ -310,7 +311,11 @@ fn check_tensor(
             sum_key
         }
     };
-    let absmax = f32::from_bits(largest_key);
+    let mut absmax = f32::from_bits(largest_key);
+    if let Some((rows, _, _)) = low_rank_dims(params, &tensor.shape) {
+        // A factor entry of Q is at most the norm of a column: sqrt(rows) * absmax.
+        absmax *= (rows as f32).sqrt();
+    }
     if !fits_format(params.values, absmax) {
         return Err(EncodeError::OutOfRange {
             tensor: name(),
@@ -321,10 +326,22 @@ fn check_tensor(
     Ok(())
 }
 
+/// `(rows, columns, rank)` when `params` sends a tensor of `shape` as low-rank factors: a
+/// matrix that the rank makes smaller.
+fn low_rank_dims(params: &CodecParams, shape: &[usize]) -> Option<(usize, usize, usize)> {
+    let Sparsity::LowRank { rank } = params.sparsity else {
+        return None;
+    };
+    let (rows, cols) = matrix_dims(shape)?;
+    saves(rows, cols, rank as usize).then_some((rows, cols, rank as usize))
+}
+
 /// Per-call encoder state: the zstd context and scratch buffers, reused across tensors.
 struct SegmentEncoder {
     params: CodecParams,
     compressor: Option<zstd::bulk::Compressor<'static>>,
+    factorizer: Factorizer,
+    factors: Vec<f32>,
     values: ValueScratch,
     candidates: Vec<u32>,
     indices: Vec<u32>,
@@ -343,6 +360,8 @@ impl SegmentEncoder {
         Self {
             params,
             compressor,
+            factorizer: Factorizer::default(),
+            factors: Vec::new(),
             values: ValueScratch::default(),
             candidates: Vec::new(),
             indices: Vec::new(),
@@ -360,7 +379,7 @@ impl SegmentEncoder {
             .map(|tensor| {
                 let elements = tensor.values.len() as u64;
                 let count = match self.params.sparsity {
-                    Sparsity::Dense => elements,
+                    Sparsity::Dense | Sparsity::LowRank { .. } => elements,
                     Sparsity::TopK { keep_fraction } => {
                         kept_count(keep_fraction, elements as usize) as u64
                     }
@@ -387,9 +406,14 @@ impl SegmentEncoder {
         mut residual: Option<&mut Vec<f32>>,
         blob: &mut Vec<u8>,
     ) -> Result<TensorEntry, EncodeError> {
+        if let Some(dims) = low_rank_dims(&self.params, &tensor.shape) {
+            return self.encode_low_rank(tensor, dims, residual, blob);
+        }
         let Self {
             params,
             compressor,
+            factorizer: _,
+            factors: _,
             values: value_scratch,
             candidates,
             indices,
@@ -406,7 +430,7 @@ impl SegmentEncoder {
             .map_or(tensor.values.as_slice(), Vec::as_slice);
         let elements = source.len();
         let kept_target = match params.sparsity {
-            Sparsity::Dense => elements,
+            Sparsity::Dense | Sparsity::LowRank { .. } => elements,
             Sparsity::TopK { keep_fraction } => kept_count(keep_fraction, elements),
         };
         let sparse = kept_target < elements;
@@ -455,30 +479,126 @@ impl SegmentEncoder {
             }
         }
 
-        let mut zstd_used = false;
-        if let Some(compressor) = compressor {
-            compressed.clear();
-            compressed.reserve(zstd::zstd_safe::compress_bound(raw.len()));
-            match compressor.compress_to_buffer(raw.as_slice(), compressed) {
-                Ok(len) if len < raw.len() => {
-                    blob.extend_from_slice(compressed);
-                    zstd_used = true;
-                }
-                // Incompressible (or a zstd failure): store the segment raw.
-                _ => blob.extend_from_slice(raw),
-            }
-        }
+        let zstd_used = compress_into(compressor.as_mut(), raw, compressed, blob);
         Ok(TensorEntry {
             name: tensor.name.clone(),
             shape: tensor.shape.clone(),
             encoding: TensorEncoding {
                 values: params.values,
                 kept: sparse.then_some(kept_target as u64),
+                rank: None,
                 byte_shuffle: params.byte_shuffle,
                 zstd: zstd_used,
             },
             offset: segment_start as u64,
             length: (blob.len() - segment_start) as u64,
         })
+    }
+
+    /// [`Self::encode_tensor`] for a matrix sent as rank-`rank` factors `P`, `Q`; the
+    /// residual keeps what `P Q^T` (as the receivers decode it) leaves out.
+    fn encode_low_rank(
+        &mut self,
+        tensor: &Tensor,
+        (rows, cols, rank): (usize, usize, usize),
+        mut residual: Option<&mut Vec<f32>>,
+        blob: &mut Vec<u8>,
+    ) -> Result<TensorEntry, EncodeError> {
+        let params = self.params;
+        if let Some(residual) = residual.as_deref_mut() {
+            add_assign(residual, &tensor.values);
+        }
+        let source: &[f32] = residual
+            .as_deref()
+            .map_or(tensor.values.as_slice(), Vec::as_slice);
+        self.factorizer
+            .factorize(source, (rows, cols), rank, &mut self.factors);
+        let segment_start = blob.len();
+        let raw = &mut self.raw;
+        raw.clear();
+        let (p, q) = self.factors.split_at(rows * rank);
+        encode_values(params.values, p, params.byte_shuffle, &mut self.values, raw);
+        let q_start = raw.len();
+        encode_values(params.values, q, params.byte_shuffle, &mut self.values, raw);
+        if let Some(residual) = residual {
+            let self_check = |_| EncodeError::SelfCheckFailed {
+                tensor: tensor.name.clone(),
+            };
+            let (mut p_sent, mut q_sent) = (vec![0.0; p.len()], vec![0.0; q.len()]);
+            let shuffle = params.byte_shuffle;
+            decode_values(
+                params.values,
+                &raw[..q_start],
+                shuffle,
+                &mut self.values,
+                &mut p_sent,
+            )
+            .map_err(self_check)?;
+            decode_values(
+                params.values,
+                &raw[q_start..],
+                shuffle,
+                &mut self.values,
+                &mut q_sent,
+            )
+            .map_err(self_check)?;
+            self.reconstructed.clear();
+            self.reconstructed.resize(rows * cols, 0.0);
+            reconstruct(
+                &p_sent,
+                &q_sent,
+                (rows, cols),
+                rank,
+                &mut self.reconstructed,
+            );
+            sub_assign(residual, &self.reconstructed);
+        }
+        let zstd_used = match self.compressor.as_mut() {
+            Some(compressor) => compress_into(Some(compressor), raw, &mut self.compressed, blob),
+            None => {
+                blob.extend_from_slice(raw);
+                false
+            }
+        };
+        Ok(TensorEntry {
+            name: tensor.name.clone(),
+            shape: tensor.shape.clone(),
+            encoding: TensorEncoding {
+                values: params.values,
+                kept: None,
+                rank: Some(rank as u32),
+                byte_shuffle: params.byte_shuffle,
+                zstd: zstd_used,
+            },
+            offset: segment_start as u64,
+            length: (blob.len() - segment_start) as u64,
+        })
+    }
+}
+
+/// Appends `raw` zstd-compressed to `blob` when a compressor is given and it makes the
+/// segment smaller; returns whether it did. Without a compressor the caller already wrote
+/// the segment into `blob`.
+fn compress_into(
+    compressor: Option<&mut zstd::bulk::Compressor<'static>>,
+    raw: &[u8],
+    compressed: &mut Vec<u8>,
+    blob: &mut Vec<u8>,
+) -> bool {
+    let Some(compressor) = compressor else {
+        return false;
+    };
+    compressed.clear();
+    compressed.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+    match compressor.compress_to_buffer(raw, compressed) {
+        Ok(len) if len < raw.len() => {
+            blob.extend_from_slice(compressed);
+            true
+        }
+        // Incompressible (or a zstd failure): store the segment raw.
+        _ => {
+            blob.extend_from_slice(raw);
+            false
+        }
     }
 }

@@ -9,6 +9,7 @@
 //! `zstd?(indices? ++ values)`:
 //! - `indices` (top-k only): the kept positions, delta-encoded and bit-packed
 //!   (see `sparse.rs`);
+//! - or, for a low-rank segment, the two factors' value sections instead (see `lowrank.rs`);
 //! - `values`: the dense tensor, or the kept values, in a [`ValueFormat`], optionally
 //!   byte-shuffled (see `values.rs`);
 //! - zstd is applied per segment and kept only where it makes the segment smaller, so
@@ -22,6 +23,7 @@
 mod decode;
 mod encode;
 mod feedback;
+mod lowrank;
 mod params;
 mod sparse;
 mod values;
@@ -33,8 +35,9 @@ pub use encode::{
     encode_state, encode_state_to,
 };
 pub use feedback::ErrorFeedback;
-pub use params::{CodecParams, ParseCodecParamsError, Sparsity, TensorEncoding, ValueFormat};
-pub(crate) use values::value_section_len;
+pub use params::{
+    CodecParams, MAX_LOW_RANK, ParseCodecParamsError, Sparsity, TensorEncoding, ValueFormat,
+};
 
 pub(crate) const NON_FINITE_KEY: u32 = 0x7f80_0000;
 const MAGNITUDE_MASK: u32 = 0x7fff_ffff;

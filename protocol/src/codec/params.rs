@@ -9,6 +9,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use super::EncodeError;
+use super::lowrank::matrix_dims;
 use super::sparse::max_index_section_len;
 use super::values::value_section_len;
 use crate::limits::MAX_QUANT_BLOCK_SIZE;
@@ -58,7 +59,17 @@ pub enum Sparsity {
         /// In `(0, 1]`.
         keep_fraction: f64,
     },
+    /// Each matrix (a tensor of two or more dimensions, viewed as `shape[0] x rest`) as two
+    /// rank-`rank` factors (PowerSGD-style, see `lowrank.rs`); tensors that rank would not
+    /// shrink (vectors, small matrices) are sent dense. Pair with [`crate::ErrorFeedback`].
+    LowRank {
+        /// In `1..=`[`MAX_LOW_RANK`].
+        rank: u32,
+    },
 }
+
+/// Largest rank a low-rank segment may have (decoding costs `rank` multiply-adds per element).
+pub const MAX_LOW_RANK: u32 = 256;
 
 /// What a sender asks the codec for. Composable: any [`ValueFormat`] with any
 /// [`Sparsity`], byte shuffle and zstd level.
@@ -135,6 +146,11 @@ impl CodecParams {
         {
             return invalid("top-k keep fraction must be in (0, 1]");
         }
+        if let Sparsity::LowRank { rank } = self.sparsity
+            && !(1..=MAX_LOW_RANK).contains(&rank)
+        {
+            return invalid("low rank must be in 1..=256");
+        }
         if let Some(level) = self.zstd_level
             && !zstd::compression_level_range().contains(&level)
         {
@@ -146,7 +162,8 @@ impl CodecParams {
 
 /// `top1%+int8/64+shuffle+zstd:1`: parts joined by `+`, in any order when parsing:
 /// exactly one of `f32`, `f16`, `bf16`, `int8[/block]`, `int4[/block]` (block defaults to
-/// 64); optionally `top<percent>%`, `shuffle`, `zstd[:level]` (level defaults to 3).
+/// 64); optionally one of `top<percent>%` and `rank<r>`, and `shuffle`, `zstd[:level]`
+/// (level defaults to 3).
 impl fmt::Display for CodecParams {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Sparsity::TopK { keep_fraction } = self.sparsity {
@@ -156,6 +173,9 @@ impl fmt::Display for CodecParams {
             let rounded = (percent * 1e9).round() / 1e9;
             let shown = if rounded > 0.0 { rounded } else { percent };
             write!(f, "top{shown}%+")?;
+        }
+        if let Sparsity::LowRank { rank } = self.sparsity {
+            write!(f, "rank{rank}+")?;
         }
         write!(f, "{}", self.values)?;
         if self.byte_shuffle {
@@ -236,7 +256,14 @@ impl FromStr for CodecParams {
                     })
                     .is_some()
                 {
-                    return Err(fail("more than one top-k".into()));
+                    return Err(fail("more than one of top-k and rank".into()));
+                }
+            } else if let Some(rank) = part.strip_prefix("rank") {
+                let rank: u32 = rank
+                    .parse()
+                    .map_err(|_| fail(format!("bad rank {rank:?}")))?;
+                if sparsity.replace(Sparsity::LowRank { rank }).is_some() {
+                    return Err(fail("more than one of top-k and rank".into()));
                 }
             } else if part == "shuffle" {
                 byte_shuffle = true;
@@ -272,6 +299,8 @@ pub struct TensorEncoding {
     pub values: ValueFormat,
     /// `Some(k)`: top-k, `k` values and their indices; `None`: dense.
     pub kept: Option<u64>,
+    /// `Some(r)`: two rank-`r` factors (see [`Sparsity::LowRank`]); never with `kept`.
+    pub rank: Option<u32>,
     /// Float arrays are byte-shuffled.
     pub byte_shuffle: bool,
     /// The segment is one zstd frame.
@@ -282,11 +311,33 @@ impl TensorEncoding {
     /// Lossless and dense: f32, no top-k.
     #[must_use]
     pub fn is_lossless(&self) -> bool {
-        self.values == ValueFormat::F32 && self.kept.is_none()
+        self.values == ValueFormat::F32 && self.kept.is_none() && self.rank.is_none()
     }
 
-    /// Whether this encoding is valid for a tensor of `elements` values.
-    pub(crate) fn check(&self, elements: u64) -> Result<(), &'static str> {
+    /// The factors' shape `(rows, columns, rank)` of a low-rank segment of a tensor of
+    /// `shape` (checked by [`Self::check`]).
+    pub(crate) fn low_rank(&self, shape: &[usize]) -> Option<(usize, usize, usize)> {
+        let rank = self.rank?;
+        let (rows, cols) = matrix_dims(shape)?;
+        Some((rows, cols, rank as usize))
+    }
+
+    /// Whether this encoding is valid for a tensor of `shape` (`elements` values).
+    pub(crate) fn check(&self, shape: &[usize], elements: u64) -> Result<(), &'static str> {
+        if let Some(rank) = self.rank {
+            if self.kept.is_some() {
+                return Err("a segment cannot be both top-k and low-rank");
+            }
+            if !(1..=MAX_LOW_RANK).contains(&rank) {
+                return Err("low rank must be in 1..=256");
+            }
+            let Some((rows, cols)) = matrix_dims(shape) else {
+                return Err("a low-rank tensor needs at least two dimensions");
+            };
+            if rank as usize > rows.min(cols) {
+                return Err("low rank exceeds the tensor's smaller dimension");
+            }
+        }
         if let ValueFormat::Int8 { block_size } | ValueFormat::Int4 { block_size } = self.values
             && !(1..=MAX_QUANT_BLOCK_SIZE).contains(&block_size)
         {
@@ -303,8 +354,15 @@ impl TensorEncoding {
         Ok(())
     }
 
-    /// Most bytes the segment can have before zstd; `None` on overflow.
-    pub(crate) fn max_raw_len(&self, elements: u64) -> Option<u64> {
+    /// Most bytes the segment can have before zstd (exactly its length for dense and
+    /// low-rank segments); `None` on overflow.
+    pub(crate) fn max_raw_len(&self, shape: &[usize], elements: u64) -> Option<u64> {
+        if let Some((rows, cols, rank)) = self.low_rank(shape) {
+            let p = (rows as u64).checked_mul(rank as u64)?;
+            let q = (cols as u64).checked_mul(rank as u64)?;
+            return value_section_len(self.values, p)?
+                .checked_add(value_section_len(self.values, q)?);
+        }
         match self.kept {
             None => value_section_len(self.values, elements),
             Some(kept) => {
@@ -314,8 +372,8 @@ impl TensorEncoding {
     }
 
     /// Most bytes the stored segment can have; `None` on overflow.
-    pub(crate) fn max_segment_len(&self, elements: u64) -> Option<u64> {
-        let raw = self.max_raw_len(elements)?;
+    pub(crate) fn max_segment_len(&self, shape: &[usize], elements: u64) -> Option<u64> {
+        let raw = self.max_raw_len(shape, elements)?;
         if self.zstd {
             // zstd's compressBound, in u64: raw + raw/256 + (raw < 128 KiB ? margin : 0).
             let margin = if raw < (128 << 10) {
@@ -348,6 +406,8 @@ mod tests {
             "top10%+f32",
             "top7%+f32",
             "top0.0000000001%+f32",
+            "rank4+int8/64+zstd:1",
+            "rank1+f32",
         ] {
             let params: CodecParams = text.parse().expect(text);
             assert_eq!(params.to_string(), text);
@@ -369,6 +429,10 @@ mod tests {
             "f32+zstd:99",
             "f32+lz4",
             "int8x",
+            "rank0+int8",
+            "rank257+int8",
+            "rank4+top1%+int8",
+            "rankx+f32",
         ] {
             assert!(bad.parse::<CodecParams>().is_err(), "{bad}");
         }
@@ -380,12 +444,17 @@ mod tests {
             let encoding = TensorEncoding {
                 values: ValueFormat::F32,
                 kept: None,
+                rank: None,
                 byte_shuffle: false,
                 zstd: true,
             };
             let elements = raw as u64 / 4;
             let bound = zstd::zstd_safe::compress_bound(elements as usize * 4) as u64;
-            assert!(encoding.max_segment_len(elements) >= Some(bound), "{raw}");
+            let shape = [elements as usize];
+            assert!(
+                encoding.max_segment_len(&shape, elements) >= Some(bound),
+                "{raw}"
+            );
         }
     }
 }

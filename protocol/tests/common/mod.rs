@@ -28,7 +28,8 @@ pub fn codec_params() -> impl Strategy<Value = CodecParams> {
         value_format(),
         prop_oneof![
             Just(Sparsity::Dense),
-            (0.0001f64..=1.0).prop_map(|keep_fraction| Sparsity::TopK { keep_fraction })
+            (0.0001f64..=1.0).prop_map(|keep_fraction| Sparsity::TopK { keep_fraction }),
+            (1u32..=6).prop_map(|rank| Sparsity::LowRank { rank })
         ],
         any::<bool>(),
         prop_oneof![Just(None), (-5i32..=6).prop_map(Some)],
@@ -77,6 +78,7 @@ pub fn tensor_index(max_tensors: usize) -> impl Strategy<Value = Vec<TensorEntry
                     let encoding = TensorEncoding {
                         values,
                         kept,
+                        rank: None,
                         byte_shuffle,
                         zstd,
                     };

@@ -10,7 +10,9 @@ use meshtune_protocol::{ChunkRequest, ChunkResponse, DeltaManifest};
 
 use super::EventLoop;
 use crate::network::NetworkEvent;
-use crate::network::manifest::{DIRECT_MANIFEST_PREFIX, ManifestFault, check_manifest};
+use crate::network::manifest::{
+    DIRECT_MANIFEST_PREFIX, ManifestFault, check_manifest, unknown_codec,
+};
 use crate::network::metrics::NetMetrics;
 
 impl EventLoop {
@@ -46,10 +48,16 @@ impl EventLoop {
 
     /// Structural validation; timeliness is left to the node.
     fn on_manifest(&mut self, source: PeerId, message_id: MessageId, message: gossipsub::Message) {
+        let decoded = DeltaManifest::decode(&message.data, &self.config.limits);
+        if let (Some(author), Err(error)) = (message.source, &decoded)
+            && let Some(what) = unknown_codec(error)
+        {
+            self.ignore_unknown_codec(author, source, &message_id, &what);
+            return;
+        }
         let verdict = (|| {
             let author = message.source.ok_or("unsigned message")?;
-            let manifest = DeltaManifest::decode(&message.data, &self.config.limits)
-                .map_err(|_| "undecodable manifest")?;
+            let manifest = decoded.map_err(|_| "undecodable manifest")?;
             check_manifest(&manifest, self.config.mesh.as_str(), author, &self.layout).map_err(
                 |reason| match reason {
                     ManifestFault::Sender => "manifest sender is not its signer",
@@ -77,6 +85,35 @@ impl EventLoop {
                     );
             }
         }
+    }
+
+    /// A peer announcing deltas in a codec this build does not know: said once per peer (a
+    /// warning naming the codec field), then ignored without penalty; not a fault of the peer.
+    fn ignore_unknown_codec(
+        &mut self,
+        author: PeerId,
+        source: PeerId,
+        message_id: &MessageId,
+        what: &str,
+    ) {
+        if self.unknown_codec_peers.insert(author) {
+            tracing::warn!(
+                peer = %author,
+                codec = what,
+                "this peer's deltas use a codec this build of meshtune cannot decode; they are \
+                 ignored: upgrade meshtune, or run the mesh with a codec every node knows"
+            );
+        }
+        NetMetrics::count(
+            &self.net_metrics.rejected_manifests,
+            "reason",
+            "unknown codec",
+            1,
+        );
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(message_id, &source, MessageAcceptance::Ignore);
     }
 
     /// A new neighbour's answer to [`ChunkRequest::CurrentManifest`]: the same checks as a

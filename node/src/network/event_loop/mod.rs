@@ -112,6 +112,8 @@ pub(crate) struct EventLoop {
     links: HashMap<PeerId, Links>,
     /// When [`EventLoop::look_up_mesh`] last started a lookup (sparse nodes).
     last_mesh_lookup: Option<Instant>,
+    /// Peers already told about as sending a codec this build cannot decode.
+    unknown_codec_peers: HashSet<PeerId>,
 }
 
 impl EventLoop {
@@ -137,6 +139,7 @@ impl EventLoop {
             mesh_peers: 0,
             links: HashMap::new(),
             last_mesh_lookup: None,
+            unknown_codec_peers: HashSet::new(),
         }
     }
 

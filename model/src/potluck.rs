@@ -388,13 +388,13 @@ mod tests {
             .dialogue
             .lines()
             .find(|l| l.contains("can we swap?"))
-            .unwrap();
-        let (asker, rest) = line.split_once(": ").unwrap();
+            .expect("test value");
+        let (asker, rest) = line.split_once(": ").expect("test value");
         let taken = rest
             .split("I'll bring ")
             .nth(1)
             .and_then(|r| r.split(" and you").next())
-            .unwrap();
+            .expect("test value");
         assert!(
             outing
                 .duties
@@ -414,11 +414,15 @@ mod tests {
 
     #[test]
     fn the_bundled_tokenizer_spells_it_without_unknown_pieces_and_it_fits() {
-        let tokenizer = embedded::tokenizer().unwrap();
-        let unk = tokenizer.token_to_id("<unk>").unwrap();
+        let tokenizer = embedded::tokenizer().expect("test value");
+        let unk = tokenizer.token_to_id("<unk>").expect("test value");
         for (record, _) in sample(300) {
-            let source = tokenizer.encode(record.dialogue.as_str(), true).unwrap();
-            let target = tokenizer.encode(record.summary.as_str(), true).unwrap();
+            let source = tokenizer
+                .encode(record.dialogue.as_str(), true)
+                .expect("test value");
+            let target = tokenizer
+                .encode(record.summary.as_str(), true)
+                .expect("test value");
             assert!(!source.get_ids().contains(&unk), "{}", record.dialogue);
             assert!(!target.get_ids().contains(&unk), "{}", record.summary);
             assert!(source.len() < 512 && target.len() < 128, "{}", record.id);
@@ -428,11 +432,17 @@ mod tests {
     #[test]
     fn the_committed_fixture_is_this_generator() {
         let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/potluck/");
-        let train = std::fs::read_to_string(format!("{root}train.jsonl")).unwrap();
-        let eval = std::fs::read_to_string(format!("{root}eval.jsonl")).unwrap();
+        let train = std::fs::read_to_string(format!("{root}train.jsonl")).expect("test value");
+        let eval = std::fs::read_to_string(format!("{root}eval.jsonl")).expect("test value");
         let records = generate_corpus(FIXTURE_SEED, FIXTURE_TRAIN + FIXTURE_EVAL);
         let (want_train, want_eval) = records.split_at(FIXTURE_TRAIN);
-        assert_eq!(train, crate::synthetic::to_jsonl(want_train).unwrap());
-        assert_eq!(eval, crate::synthetic::to_jsonl(want_eval).unwrap());
+        assert_eq!(
+            train,
+            crate::synthetic::to_jsonl(want_train).expect("test value")
+        );
+        assert_eq!(
+            eval,
+            crate::synthetic::to_jsonl(want_eval).expect("test value")
+        );
     }
 }

@@ -597,10 +597,15 @@ mod tests {
         let fixtures = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures"));
         for name in ["bundled", "long", "finetune", "finetune-lora"] {
             let args = Wrap::try_parse_from(["x", "--workloads", name])
-                .unwrap()
+                .expect("test value")
                 .args;
-            let line =
-                command_line(Workload::parse(name).unwrap(), &args, 2, Path::new("o")).unwrap();
+            let line = command_line(
+                Workload::parse(name).expect("test value"),
+                &args,
+                2,
+                Path::new("o"),
+            )
+            .expect("test value");
             let parsed = TestnetCommand::try_parse_from(
                 std::iter::once("t".to_string()).chain(line.iter().cloned()),
             )
@@ -612,10 +617,10 @@ mod tests {
             if name != "bundled" {
                 assert_eq!(parsed.testnet.rounds, 10);
                 assert_eq!(parsed.testnet.batch_size, 16);
-                let train = parsed.task.train.unwrap();
+                let train = parsed.task.train.expect("test value");
                 assert!(train.starts_with(&fixtures), "{}", train.display());
-                assert!(train.exists() && parsed.task.train_config.unwrap().exists());
-                assert!(parsed.task.model.unwrap().exists());
+                assert!(train.exists() && parsed.task.train_config.expect("test value").exists());
+                assert!(parsed.task.model.expect("test value").exists());
             }
             assert_eq!(parsed.task.lora, name == "finetune-lora");
         }
@@ -643,26 +648,34 @@ mod tests {
         assert_eq!(names, ["f32", "top10%", "top2%", ALONE]);
         assert_eq!(agg[2].ratio, 100.0);
         assert!((agg[0].rouge_sd - 0.5).abs() < 1e-12);
-        let met = verdict(&agg, "top2%").unwrap();
+        let met = verdict(&agg, "top2%").expect("test value");
         assert!(met.met && (met.gap_to_f32 + 0.5).abs() < 1e-9, "{met:?}");
         assert!(met.sentence("top2%").contains("means over 3 seeds"));
         // Six points below f32: not met. Below alone: not met even within a point of f32.
-        assert!(!verdict(&agg, "top10%").unwrap().met);
+        assert!(!verdict(&agg, "top10%").expect("test value").met);
         let mut low = rows.clone();
         low.retain(|o| o.exchange != ALONE);
         low.push(outcome(ALONE, 1, 0.0, 80.0));
-        assert!(!verdict(&aggregate(&low, "long"), "top2%").unwrap().met);
+        assert!(
+            !verdict(&aggregate(&low, "long"), "top2%")
+                .expect("test value")
+                .met
+        );
         // Under 50x: not met.
         let mut dense = rows.clone();
         for o in dense.iter_mut().filter(|o| o.exchange == "top2%") {
             o.bytes_per_round = 1_000_000.0;
         }
-        assert!(!verdict(&aggregate(&dense, "long"), "top2%").unwrap().met);
+        assert!(
+            !verdict(&aggregate(&dense, "long"), "top2%")
+                .expect("test value")
+                .met
+        );
         assert!(verdict(&agg, "powersgd").is_none());
         let one = aggregate(&rows[..4], "long");
         assert!(
             verdict(&one, "top2%")
-                .unwrap()
+                .expect("test value")
                 .sentence("top2%")
                 .contains("within noise")
         );

@@ -251,6 +251,11 @@ fn check_args(args: &TestnetArgs) -> anyhow::Result<()> {
             .with_context(|| format!("invalid --link `{link}`"))?;
     }
     anyhow::ensure!(
+        !args.keep_residual || args.topology == "all",
+        "--keep-residual needs --topology all (a gossip node's neighbours keep public copies of \
+         its model)"
+    );
+    anyhow::ensure!(
         args.scenario == "none" || args.nodes >= 3,
         "scenario `{}` needs at least 3 nodes",
         args.scenario

@@ -531,3 +531,42 @@ fn gossip_topology_mixes_with_k_neighbours_and_the_spread_shrinks() {
     let rate = summary["consensus_rate"].as_f64().expect("rate");
     assert!(rate < 1.0, "{summary}");
 }
+
+#[test]
+fn nodes_that_keep_their_residual_still_end_on_one_mesh_model() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    small_run(
+        dir.path(),
+        3,
+        &[
+            "--keep-residual",
+            "--codec",
+            "top2%+int8/64+zstd:1",
+            "--no-compare",
+        ],
+    );
+    let last: Vec<serde_json::Value> = (0..4)
+        .map(|i| {
+            let path = dir
+                .path()
+                .join(format!("run/federated/node-{i}/rounds.jsonl"));
+            let text = std::fs::read_to_string(&path).expect("rounds.jsonl");
+            serde_json::from_str(text.lines().last().expect("a round")).expect("record")
+        })
+        .collect();
+    for record in &last {
+        assert_eq!(record["round"], 2, "{record}");
+        assert_eq!(record["model_hash"], last[0]["model_hash"], "{record}");
+    }
+    // Only with all-to-all averaging.
+    let output = Command::new(env!("CARGO_BIN_EXE_meshtune-testnet"))
+        .args(["--keep-residual", "--topology", "gossip:2", "--no-compare"])
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--keep-residual needs --topology all"),
+        "{stderr}"
+    );
+}

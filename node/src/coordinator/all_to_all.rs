@@ -412,9 +412,10 @@ impl Coordinator {
             && (round.is_multiple_of(config.eval_every)
                 || config.rounds.is_some_and(|n| round + 1 == n));
         let hash = ModelHash::of_tensors(&next);
-        let own = (config.keep_residual)
-            .then(|| self.feedback.as_ref())
-            .flatten()
+        let own = self
+            .feedback
+            .as_ref()
+            .filter(|_| config.keep_residual)
             .map(|feedback| tasks::plus_residual(&next, feedback));
         tokio::spawn(tasks::apply_round(
             round,

@@ -63,6 +63,17 @@ pub(crate) fn unknown_codec(error: &WireError) -> Option<String> {
     }
 }
 
+/// Peers already told about (one warning per peer, not one per round).
+#[derive(Debug, Default)]
+pub(crate) struct ToldOnce(std::collections::HashSet<PeerId>);
+
+impl ToldOnce {
+    /// True the first time `peer` is seen.
+    pub(crate) fn first(&mut self, peer: PeerId) -> bool {
+        self.0.insert(peer)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use meshtune_protocol::{
@@ -114,5 +125,12 @@ mod tests {
         }
         // A low-rank manifest reads in this build.
         assert!(DeltaManifest::decode(&manifest_bytes("rank2+int8/64"), &limits).is_ok());
+        // Told once per peer, however many rounds it announces.
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let mut told = ToldOnce::default();
+        assert_eq!(
+            [a, a, b, a, b].map(|peer| told.first(peer)),
+            [true, false, true, false, false]
+        );
     }
 }

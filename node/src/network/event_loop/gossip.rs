@@ -96,7 +96,7 @@ impl EventLoop {
         message_id: &MessageId,
         what: &str,
     ) {
-        if self.unknown_codec_peers.insert(author) {
+        if self.unknown_codec_peers.first(author) {
             tracing::warn!(
                 peer = %author,
                 codec = what,

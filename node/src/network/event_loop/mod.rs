@@ -35,7 +35,7 @@ use super::behaviour::{NodeBehaviour, NodeBehaviourEvent};
 use super::client::{Command, RequestError};
 use super::config::NetworkConfig;
 use super::event::NetworkEvent;
-use super::manifest::DIRECT_MANIFEST_PREFIX;
+use super::manifest::{DIRECT_MANIFEST_PREFIX, ToldOnce};
 use super::metrics::NetMetrics;
 use super::peer_table::BootstrapRedial;
 use super::store::BlobStore;
@@ -113,7 +113,7 @@ pub(crate) struct EventLoop {
     /// When [`EventLoop::look_up_mesh`] last started a lookup (sparse nodes).
     last_mesh_lookup: Option<Instant>,
     /// Peers already told about as sending a codec this build cannot decode.
-    unknown_codec_peers: HashSet<PeerId>,
+    unknown_codec_peers: ToldOnce,
 }
 
 impl EventLoop {
@@ -139,7 +139,7 @@ impl EventLoop {
             mesh_peers: 0,
             links: HashMap::new(),
             last_mesh_lookup: None,
-            unknown_codec_peers: HashSet::new(),
+            unknown_codec_peers: ToldOnce::default(),
         }
     }
 

@@ -452,10 +452,10 @@ impl Verdict {
         let alone = self.gap_to_alone.map_or(String::new(), |g| {
             format!(", {g:+.1} points against each node alone")
         });
-        let seeds = if self.seeds >= 3 {
-            format!("means over {} seeds", self.seeds)
-        } else {
-            format!("{} seed(s): a single run, within noise", self.seeds)
+        let seeds = match self.seeds {
+            n if n >= 3 => format!("means over {n} seeds"),
+            1 => "one seed: a single run, within noise".to_owned(),
+            n => format!("{n} seeds, fewer than 3: within noise"),
         };
         format!(
             "`{judged}`: {:+.1} ROUGE-L points against the f32 mesh{alone}, {:.0}x fewer bytes \
@@ -672,12 +672,12 @@ mod tests {
                 .met
         );
         assert!(verdict(&agg, "powersgd").is_none());
-        let one = aggregate(&rows[..4], "long");
-        assert!(
-            verdict(&one, "top2%")
+        let sentence = |rows: &[Outcome]| {
+            verdict(&aggregate(rows, "long"), "top2%")
                 .expect("test value")
                 .sentence("top2%")
-                .contains("within noise")
-        );
+        };
+        assert!(sentence(&rows[..4]).contains("one seed: a single run, within noise"));
+        assert!(sentence(&rows[..8]).contains("2 seeds, fewer than 3: within noise"));
     }
 }

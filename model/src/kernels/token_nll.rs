@@ -152,8 +152,14 @@ mod tests {
         ));
         close(fused.clone().into_data(), want.inner().into_data());
         let values = fused.into_data().to_vec::<f32>().expect("f32 values");
+        // Ignored labels give exactly 0; a kept label's loss is >= 0 and may round to 0 in f32
+        // (its logit above every other by ~17 or more, common at this logit scale).
         for (i, label) in labels.iter().enumerate() {
-            assert_eq!(*label < 0, values[i] == 0.0, "row {i}");
+            if *label < 0 {
+                assert_eq!(values[i], 0.0, "row {i}");
+            } else {
+                assert!(values[i] >= 0.0, "row {i}: {}", values[i]);
+            }
         }
 
         let upstream: Tensor<Ad, 2> = random([batch, len]);

@@ -138,7 +138,7 @@ impl Workload {
                 "--model".into(),
                 fixture("models/meetings-t5"),
                 "--local-steps".into(),
-                "20".into(),
+                "50".into(),
                 "--train-config".into(),
                 fixture(if self == Self::Finetune {
                     "potluck/finetune.toml"

@@ -201,26 +201,29 @@ pub fn line_chart_svg(text: ChartText<'_>, series: &[Series]) -> Result<String, 
                     .map_err(|e| fail(e.to_string()))?;
             }
         }
-        for (i, s) in series.iter().enumerate() {
-            let colour = COLOURS[i % COLOURS.len()];
-            let y = 6 + (i as u32 * LEGEND_ROW) as i32;
-            legend
-                .draw(&PathElement::new(
-                    vec![(86, y + 8), (116, y + 8)],
-                    colour.stroke_width(3),
-                ))
-                .map_err(|e| fail(e.to_string()))?;
-            legend
-                .draw(&Text::new(
-                    s.label.clone(),
-                    (124, y),
-                    ("sans-serif", 14).into_font(),
-                ))
-                .map_err(|e| fail(e.to_string()))?;
-        }
+        let rows = series
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (COLOURS[i % COLOURS.len()], s.label.clone()));
+        draw_legend(&legend, rows).map_err(fail)?;
         root.present().map_err(|e| fail(e.to_string()))?;
     }
     Ok(svg)
+}
+
+/// The legend under a chart: one row per (colour, label), a short line then the text.
+fn draw_legend(
+    legend: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    rows: impl IntoIterator<Item = (RGBColor, String)>,
+) -> Result<(), String> {
+    for (i, (colour, label)) in rows.into_iter().enumerate() {
+        let y = 6 + (i as u32 * LEGEND_ROW) as i32;
+        let line = PathElement::new(vec![(86, y + 8), (116, y + 8)], colour.stroke_width(3));
+        legend.draw(&line).map_err(|e| e.to_string())?;
+        let text = Text::new(label, (124, y), ("sans-serif", 14).into_font());
+        legend.draw(&text).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// One exchange on a frontier chart: its bytes per round (0 for a baseline that sends
@@ -383,18 +386,7 @@ pub fn frontier_chart_svg(
                 ),
             ));
         }
-        for (i, (colour, label)) in rows.into_iter().enumerate() {
-            let y = 6 + (i as u32 * LEGEND_ROW) as i32;
-            legend
-                .draw(&PathElement::new(
-                    vec![(86, y + 8), (116, y + 8)],
-                    colour.stroke_width(3),
-                ))
-                .map_err(|e| fail(e.to_string()))?;
-            legend
-                .draw(&Text::new(label, (124, y), ("sans-serif", 14).into_font()))
-                .map_err(|e| fail(e.to_string()))?;
-        }
+        draw_legend(&legend, rows).map_err(fail)?;
         root.present().map_err(|e| fail(e.to_string()))?;
     }
     Ok(svg)

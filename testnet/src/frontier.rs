@@ -302,12 +302,10 @@ pub fn run(args: FrontierArgs) -> anyhow::Result<PathBuf> {
         .map(|w| Workload::parse(w))
         .collect::<anyhow::Result<_>>()?;
     anyhow::ensure!(!args.seeds.is_empty(), "--seeds: give at least one seed");
-    let out = args.out.clone().unwrap_or_else(|| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        PathBuf::from(format!("testnet-runs/frontier-{now}"))
-    });
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| crate::local::default_run_dir("frontier-"));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let out = out.canonicalize()?;
     let mut args = args;

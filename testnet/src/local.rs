@@ -1179,14 +1179,20 @@ pub struct Comparison {
     pub baselines: Option<Baselines>,
 }
 
+/// `testnet-runs/<prefix><unix time>`: where a run goes without `--out`.
+pub(crate) fn default_run_dir(prefix: &str) -> PathBuf {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    PathBuf::from(format!("testnet-runs/{prefix}{now}"))
+}
+
 /// [`run_testnet`], handing back the runs as well as writing their report.
 pub fn run_comparison(args: TestnetArgs, task: TaskArgs) -> anyhow::Result<Comparison> {
-    let out = args.out.clone().unwrap_or_else(|| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        PathBuf::from(format!("testnet-runs/{now}"))
-    });
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| crate::local::default_run_dir(""));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     // Absolute, so the same paths work inside network namespaces and containers.
     let out = out

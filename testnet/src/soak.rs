@@ -320,12 +320,10 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
     );
     anyhow::ensure!(args.rounds >= 4, "--rounds must be at least 4");
     anyhow::ensure!(args.max_down_s >= 1, "--max-down-s must be at least 1");
-    let out = args.out.clone().unwrap_or_else(|| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        PathBuf::from(format!("testnet-runs/soak-{now}"))
-    });
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| crate::local::default_run_dir("soak-"));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let out = out.canonicalize()?;
     let testnet = soak_testnet_args(&args, &out);

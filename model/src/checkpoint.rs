@@ -346,6 +346,41 @@ pub fn load_extras(dir: &Path) -> Result<Vec<HostParam>, ModelError> {
     Ok(out)
 }
 
+/// The parameter names saved in checkpoint `dir` (`params.safetensors`), sorted.
+pub fn checkpoint_param_names(dir: &Path) -> Result<Vec<String>, ModelError> {
+    let path = dir.join("params.safetensors");
+    let bytes = std::fs::read(&path).map_err(io_error(&path))?;
+    let params = SafeTensors::deserialize(&bytes).map_err(|err| ModelError::Weights {
+        path: path.clone(),
+        reason: format!("not a valid safetensors file: {err}"),
+    })?;
+    let mut names: Vec<String> = params.names().into_iter().map(str::to_owned).collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Restores the parameters of checkpoint `dir` (only `params.safetensors`) into `module`,
+/// which must have the same structure: every parameter present with its shape.
+pub fn load_params<B: Backend, M: Module<B>>(dir: &Path, module: M) -> Result<M, ModelError> {
+    let params_path = dir.join("params.safetensors");
+    let params_bytes = std::fs::read(&params_path).map_err(io_error(&params_path))?;
+    let params = SafeTensors::deserialize(&params_bytes).map_err(|err| ModelError::Weights {
+        path: params_path.clone(),
+        reason: format!("not a valid safetensors file: {err}"),
+    })?;
+    let mut loader = ParamLoader {
+        stack: Vec::new(),
+        file: &params,
+        path: &params_path,
+        error: None,
+    };
+    let module = module.map(&mut loader);
+    match loader.error {
+        Some(err) => Err(err),
+        None => Ok(module),
+    }
+}
+
 /// Restores parameters and optimizer moments from checkpoint `dir` into `module` (which must
 /// have the same structure) and returns the module and its state JSON.
 pub fn load_checkpoint<B: Backend, OB: Backend, M: Module<B>>(
@@ -358,22 +393,7 @@ pub fn load_checkpoint<B: Backend, OB: Backend, M: Module<B>>(
         let path = dir.join(name);
         std::fs::read(&path).map_err(io_error(&path))
     };
-    let params_path = dir.join("params.safetensors");
-    let params_bytes = read("params.safetensors")?;
-    let params = SafeTensors::deserialize(&params_bytes).map_err(|err| ModelError::Weights {
-        path: params_path.clone(),
-        reason: format!("not a valid safetensors file: {err}"),
-    })?;
-    let mut loader = ParamLoader {
-        stack: Vec::new(),
-        file: &params,
-        path: &params_path,
-        error: None,
-    };
-    let module = module.map(&mut loader);
-    if let Some(err) = loader.error {
-        return Err(err);
-    }
+    let module = load_params(dir, module)?;
     let state_path = dir.join("state.json");
     let state: serde_json::Value =
         serde_json::from_slice(&read("state.json")?).map_err(|err| ModelError::Weights {

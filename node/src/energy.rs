@@ -30,18 +30,44 @@ pub enum Reading {
     Power(f64),
 }
 
+/// Why a power reader could not be set up or a reading failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PowerError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: not a number: {text:?}", path.display())]
+    NotANumber { path: PathBuf, text: String },
+    #[error("{call} returned NVML status {status}")]
+    Nvml { call: &'static str, status: i32 },
+    #[error("no power reader on this machine")]
+    Unavailable,
+    #[error("unknown power source `{0}`: use auto, jetson, nvml, rapl or none")]
+    UnknownSource(String),
+    #[error("--power {what}: no readable {what} source ({})", place.display())]
+    Missing { what: &'static str, place: PathBuf },
+}
+
 /// A source of power or energy readings.
 pub trait PowerReader: Send {
     /// Logged at start and shown in reports (e.g. `rapl (2 packages)`).
     fn name(&self) -> String;
-    fn read(&mut self) -> Result<Reading, String>;
+    fn read(&mut self) -> Result<Reading, PowerError>;
 }
 
-fn read_number(path: &Path) -> Result<f64, String> {
-    let text = std::fs::read_to_string(path).map_err(|err| format!("{}: {err}", path.display()))?;
+fn read_number(path: &Path) -> Result<f64, PowerError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PowerError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     text.trim()
         .parse::<f64>()
-        .map_err(|_| format!("{}: not a number: {:?}", path.display(), text.trim()))
+        .map_err(|_| PowerError::NotANumber {
+            path: path.to_path_buf(),
+            text: text.trim().to_owned(),
+        })
 }
 
 /// Linux powercap RAPL package domains.
@@ -94,7 +120,7 @@ impl PowerReader for Rapl {
         format!("rapl ({} package domains)", self.domains.len())
     }
 
-    fn read(&mut self) -> Result<Reading, String> {
+    fn read(&mut self) -> Result<Reading, PowerError> {
         let mut joules = 0.0;
         for domain in &mut self.domains {
             let now = read_number(&domain.energy)?;
@@ -136,7 +162,7 @@ impl Rail {
         }
     }
 
-    fn watts(&self) -> Result<f64, String> {
+    fn watts(&self) -> Result<f64, PowerError> {
         match self {
             Rail::VoltsAmps {
                 millivolts,
@@ -216,7 +242,7 @@ impl PowerReader for JetsonIna3221 {
         format!("jetson ina3221 ({})", names.join(" + "))
     }
 
-    fn read(&mut self) -> Result<Reading, String> {
+    fn read(&mut self) -> Result<Reading, PowerError> {
         let mut watts = 0.0;
         for rail in &self.rails {
             watts += rail.watts()?;
@@ -249,7 +275,7 @@ impl PowerReader for Nvml {
         )
     }
 
-    fn read(&mut self) -> Result<Reading, String> {
+    fn read(&mut self) -> Result<Reading, PowerError> {
         match self.0.total_energy_j() {
             Some(joules) => joules.map(Reading::Energy),
             None => self.0.power_w().map(Reading::Power),
@@ -265,8 +291,8 @@ impl PowerReader for Unavailable {
         "unavailable".into()
     }
 
-    fn read(&mut self) -> Result<Reading, String> {
-        Err("no power reader on this machine".into())
+    fn read(&mut self) -> Result<Reading, PowerError> {
+        Err(PowerError::Unavailable)
     }
 }
 
@@ -283,7 +309,7 @@ pub enum PowerSource {
 }
 
 impl std::str::FromStr for PowerSource {
-    type Err = String;
+    type Err = PowerError;
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         match text {
             "auto" => Ok(PowerSource::Auto),
@@ -291,16 +317,14 @@ impl std::str::FromStr for PowerSource {
             "nvml" => Ok(PowerSource::Nvml),
             "rapl" => Ok(PowerSource::Rapl),
             "none" => Ok(PowerSource::None),
-            other => Err(format!(
-                "unknown power source `{other}`: use auto, jetson, nvml, rapl or none"
-            )),
+            other => Err(PowerError::UnknownSource(other.to_owned())),
         }
     }
 }
 
 /// The reader for `source` on this machine. A source asked for by name that is not there is
 /// an error (the user expected numbers); `auto` falls back to `unavailable`.
-pub fn detect(source: PowerSource) -> Result<Box<dyn PowerReader>, String> {
+pub fn detect(source: PowerSource) -> Result<Box<dyn PowerReader>, PowerError> {
     detect_in(
         source,
         Path::new("/sys/bus/i2c/drivers"),
@@ -312,15 +336,13 @@ fn detect_in(
     source: PowerSource,
     i2c: &Path,
     powercap: &Path,
-) -> Result<Box<dyn PowerReader>, String> {
+) -> Result<Box<dyn PowerReader>, PowerError> {
     let jetson = || JetsonIna3221::discover(i2c).map(|r| Box::new(r) as Box<dyn PowerReader>);
     let nvml = || Nvml::discover().map(|r| Box::new(r) as Box<dyn PowerReader>);
     let rapl = || Rapl::discover(powercap).map(|r| Box::new(r) as Box<dyn PowerReader>);
-    let missing = |what: &str, place: &Path| {
-        format!(
-            "--power {what}: no readable {what} source ({})",
-            place.display()
-        )
+    let missing = |what: &'static str, place: &Path| PowerError::Missing {
+        what,
+        place: place.to_path_buf(),
     };
     match source {
         PowerSource::Auto => Ok(jetson()
@@ -329,7 +351,7 @@ fn detect_in(
             .unwrap_or_else(|| Box::new(Unavailable))),
         PowerSource::Jetson => jetson().ok_or_else(|| missing("jetson", i2c)),
         PowerSource::Nvml => {
-            nvml().ok_or_else(|| "--power nvml: libnvidia-ml.so.1 or a GPU not found".into())
+            nvml().ok_or_else(|| missing("nvml", Path::new("libnvidia-ml.so.1 or a GPU")))
         }
         PowerSource::Rapl => rapl().ok_or_else(|| missing("rapl", powercap)),
         PowerSource::None => Ok(Box::new(Unavailable)),
@@ -382,7 +404,7 @@ impl MeterState {
             Err(err) => {
                 tracing::warn!(
                     reader = self.reader.name(),
-                    error = err,
+                    error = %err,
                     "power reader failed; energy is unavailable from now on"
                 );
                 self.failed = true;
@@ -557,9 +579,9 @@ mod tests {
         fn name(&self) -> String {
             "scripted".into()
         }
-        fn read(&mut self) -> Result<Reading, String> {
+        fn read(&mut self) -> Result<Reading, PowerError> {
             if self.0.is_empty() {
-                Err("no more readings".into())
+                Err(PowerError::Unavailable)
             } else {
                 Ok(self.0.remove(0))
             }
@@ -615,18 +637,25 @@ mod tests {
 
     #[test]
     fn sources_by_name() {
-        assert_eq!("auto".parse::<PowerSource>(), Ok(PowerSource::Auto));
-        assert!(
-            "gpu"
-                .parse::<PowerSource>()
-                .expect_err("unknown")
-                .contains("use auto")
+        assert_eq!(
+            "auto".parse::<PowerSource>().expect("auto"),
+            PowerSource::Auto
         );
+        let unknown = "gpu".parse::<PowerSource>().expect_err("unknown");
+        assert!(
+            matches!(&unknown, PowerError::UnknownSource(name) if name == "gpu"),
+            "{unknown}"
+        );
+        assert!(unknown.to_string().contains("use auto"), "{unknown}");
         let empty = tempfile::tempdir().expect("tmp");
         let err = detect_in(PowerSource::Rapl, empty.path(), empty.path())
             .err()
             .expect("nothing there");
-        assert!(err.contains("rapl"), "{err}");
+        assert!(
+            matches!(err, PowerError::Missing { what: "rapl", .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("no readable rapl source"), "{err}");
         let auto = detect_in(PowerSource::None, empty.path(), empty.path()).expect("none");
         assert_eq!(auto.name(), "unavailable");
     }

@@ -113,7 +113,7 @@ impl Nvml {
     }
 
     /// Joules every GPU consumed since the driver loaded, summed; `None` without counters.
-    pub fn total_energy_j(&self) -> Option<Result<f64, String>> {
+    pub fn total_energy_j(&self) -> Option<Result<f64, crate::energy::PowerError>> {
         let total = self.total_energy?;
         let mut joules = 0.0;
         for device in &self.devices {
@@ -121,9 +121,10 @@ impl Nvml {
             // SAFETY: a handle from `load` and an out-pointer to a u64.
             let status = unsafe { total(*device, &mut mj) };
             if status != 0 {
-                return Some(Err(format!(
-                    "nvmlDeviceGetTotalEnergyConsumption returned {status}"
-                )));
+                return Some(Err(crate::energy::PowerError::Nvml {
+                    call: "nvmlDeviceGetTotalEnergyConsumption",
+                    status,
+                }));
             }
             joules += mj as f64 / 1e3;
         }
@@ -131,14 +132,17 @@ impl Nvml {
     }
 
     /// Watts every GPU draws now, summed.
-    pub fn power_w(&self) -> Result<f64, String> {
+    pub fn power_w(&self) -> Result<f64, crate::energy::PowerError> {
         let mut watts = 0.0;
         for device in &self.devices {
             let mut mw = 0u32;
             // SAFETY: a handle from `load` and an out-pointer to a u32.
             let status = unsafe { (self.power_usage)(*device, &mut mw) };
             if status != 0 {
-                return Err(format!("nvmlDeviceGetPowerUsage returned {status}"));
+                return Err(crate::energy::PowerError::Nvml {
+                    call: "nvmlDeviceGetPowerUsage",
+                    status,
+                });
             }
             watts += f64::from(mw) / 1e3;
         }

@@ -150,6 +150,33 @@ fn errors_are_clear_and_exit_nonzero() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("unknown topology `ring:3`"), "{stderr}");
+    for (flag, value, needle) in [
+        (
+            "--ef-decay",
+            "1.5",
+            "`ef_decay` must be between 0 and 1, got 1.5",
+        ),
+        (
+            "--outer",
+            "nesterov:0.7:1.5",
+            "outer momentum must be in [0, 1)",
+        ),
+    ] {
+        let out = meshtune(&[
+            "node",
+            "--model",
+            model.to_str().expect("utf8"),
+            "--train",
+            data.to_str().expect("utf8"),
+            "--out",
+            dir.path().join("node").to_str().expect("utf8"),
+            flag,
+            value,
+        ]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{flag} {value}: {stderr}");
+    }
 }
 
 #[test]

@@ -103,7 +103,16 @@ async fn late_joiner(port: u64, outer: OuterOptimizer) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_resumes_from_its_checkpoint_and_rejoins() {
-    restarted_node(4_000, None).await;
+    restarted_node(4_000, None, false).await;
+}
+
+/// Under `keep_residual` a node's own model is the mesh's plus its residual, but every
+/// checkpoint holds the mesh's model (the residual is saved apart): each one's weights hash to
+/// the model its `state.json` names, a node stopped mid-run comes back and rejoins, and all
+/// nodes end holding the one model the mesh agreed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_keeps_its_residual_checkpoints_the_mesh_model_and_restarts() {
+    restarted_node(4_600, None, true).await;
 }
 
 /// Down while the mesh ran on for several rounds, the node comes back far behind: it adopts a
@@ -112,13 +121,21 @@ async fn a_restarted_node_resumes_from_its_checkpoint_and_rejoins() {
 /// state it adopted was (even past the last round, once the others finished).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restarted_after_the_mesh_moved_on_catches_up_on_a_peers_state() {
-    restarted_node(4_300, Some(ROUNDS as usize - 3)).await;
+    restarted_node(4_300, Some(ROUNDS as usize - 3), false).await;
 }
 
 /// Stops node 2 after its second round and starts it again on the same directory, at once or
-/// once node 0 has applied `restart_after` rounds.
-async fn restarted_node(port: u64, restart_after: Option<usize>) {
+/// once node 0 has applied `restart_after` rounds; with `keep`, every node keeps its residual
+/// of a lossy codec.
+async fn restarted_node(port: u64, restart_after: Option<usize>, keep: bool) {
     init_logs();
+    let configure = move |c: &mut meshtune_node::coordinator::CoordinatorConfig| {
+        configure(c);
+        if keep {
+            c.keep_residual = true;
+            c.codec = "top10%+int8/64+zstd:1".parse().expect("codec");
+        }
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let (_bootstrap, boot) = start_bootstrap(port).await;
     let data = shards(3, 64);
@@ -179,6 +196,14 @@ async fn restarted_node(port: u64, restart_after: Option<usize>) {
     }
     assert_eq!(last.round, ROUNDS - 1, "rounds: {rounds:?}");
     assert_eq!(last.model_hash, restarted.model_hash.to_string());
+    if keep {
+        // Every checkpoint of every node (the restarted one's from before and after the stop)
+        // holds the model its `state.json` names: the mesh's, not the node's own.
+        for i in 0..3 {
+            let checked = checkpoints_hold_their_hash(&dir.path().join(format!("node{i}")));
+            assert!(checked >= 1, "node {i} left no checkpoint");
+        }
+    }
     if restart_after.is_some() {
         let caught_up: Vec<u64> = restarted
             .rounds
@@ -239,4 +264,39 @@ async fn a_node_that_ends_on_another_model_adopts_the_mesh_final_state() {
     assert!(disagreement <= 1e-5, "disagreement {disagreement}");
     // Its summary reports the adopted model.
     assert_eq!(done[2].0.model_hash, done[0].0.model_hash);
+}
+
+/// Loads every checkpoint under `out/checkpoints` into the test model and checks its weights
+/// against the model hash in its `state.json`; returns how many were checked.
+fn checkpoints_hold_their_hash(out: &std::path::Path) -> usize {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(out.join("checkpoints")).expect("checkpoints") {
+        let dir = entry.expect("entry").path();
+        if !dir.join("params.safetensors").exists() {
+            continue;
+        }
+        let (config, device) = (tiny_config(), Default::default());
+        let model = meshtune_model::t5::T5::<meshtune_model::backend::Cpu>::from_source(
+            &config,
+            &mut meshtune_model::weights::RandomInit::new(&config, &device, 0),
+        )
+        .expect("model");
+        let model = meshtune_model::checkpoint::load_params(&dir, model).expect("params");
+        let tensors = meshtune_model::exchange::module_tensors(
+            &model,
+            meshtune_model::exchange::ExchangeScope::All,
+        )
+        .expect("tensors");
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("state.json")).expect("state"))
+                .expect("json");
+        assert_eq!(
+            meshtune_protocol::ModelHash::of_tensors(&tensors).to_string(),
+            state["model_hash"].as_str().expect("model_hash"),
+            "{}: the parameters are not the model its state names",
+            dir.display()
+        );
+        checked += 1;
+    }
+    checked
 }

@@ -174,3 +174,55 @@ fn bad_config_and_memory_budget_are_refused() {
         "{stderr}"
     );
 }
+
+/// `meshtune model export --checkpoint`: the weights of a run's latest checkpoint (here the
+/// last step, so the same as what `train` wrote to `final/`) come out as a HF folder, with LoRA
+/// adapters merged; a folder without checkpoints is named in the error.
+#[test]
+fn export_writes_a_checkpoint_as_the_final_model() {
+    for lora in [false, true] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let out = dir.path().join("run");
+        let config = write_config(dir.path(), "");
+        let mut train = train_command(&out, &config, 2);
+        if lora {
+            train.arg("--lora");
+        }
+        let trained = run(&mut train);
+        assert!(
+            trained.status.success(),
+            "{}",
+            String::from_utf8_lossy(&trained.stderr)
+        );
+        let exported = dir.path().join("exported");
+        let export = run(Command::new(env!("CARGO_BIN_EXE_meshtune"))
+            .args(["model", "export", "--model"])
+            .arg(fixtures().join("synthetic"))
+            .arg("--checkpoint")
+            .arg(out.join("checkpoints"))
+            .arg("--train-config")
+            .arg(&config)
+            .arg("--out")
+            .arg(&exported));
+        assert!(
+            export.status.success(),
+            "lora {lora}: {}",
+            String::from_utf8_lossy(&export.stderr)
+        );
+        let read = |path: PathBuf| std::fs::read(&path).expect("model.safetensors");
+        assert!(
+            read(exported.join("model.safetensors")) == read(out.join("final/model.safetensors")),
+            "lora {lora}: the exported checkpoint differs from the final model"
+        );
+        let missing = run(Command::new(env!("CARGO_BIN_EXE_meshtune"))
+            .args(["model", "export", "--model"])
+            .arg(fixtures().join("synthetic"))
+            .arg("--checkpoint")
+            .arg(dir.path())
+            .arg("--out")
+            .arg(dir.path().join("nothing")));
+        let stderr = String::from_utf8_lossy(&missing.stderr);
+        assert!(!missing.status.success(), "{stderr}");
+        assert!(stderr.contains("neither a checkpoint"), "{stderr}");
+    }
+}

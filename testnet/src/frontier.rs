@@ -51,6 +51,10 @@ pub struct FrontierArgs {
     /// Every mesh keeps each node's unsent residual in its own model (`--keep-residual`).
     #[arg(long)]
     pub keep_residual: bool,
+    /// Every mesh's nodes decay their error-feedback residual by this each round
+    /// (`--ef-decay`).
+    #[arg(long)]
+    pub ef_decay: Option<f32>,
     /// The repository's `fixtures/` folder (the potluck corpus and the pre-trained model).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures"))]
     pub fixtures: PathBuf,
@@ -217,6 +221,9 @@ fn command_line(
     }
     if args.keep_residual {
         overrides.push("--keep-residual".into());
+    }
+    if let Some(decay) = args.ef_decay {
+        overrides.extend(["--ef-decay".into(), decay.to_string()]);
     }
     if args.smoke {
         for (flag, value) in [

@@ -82,6 +82,9 @@ pub struct TestnetArgs {
     /// --keep-residual`).
     #[arg(long)]
     pub keep_residual: bool,
+    /// Error feedback with decay on every node (`meshtune node --ef-decay`; 1: plain).
+    #[arg(long)]
+    pub ef_decay: Option<f32>,
     /// Skip the centralized baseline (it costs twice the mesh's compute): each node alone
     /// and the other codecs still run.
     #[arg(long)]
@@ -244,11 +247,16 @@ fn check_args(args: &TestnetArgs) -> anyhow::Result<()> {
     Scenario::parse(&args.scenario)?;
     Mode::parse(&args.mode)?;
     args.topology
-        .parse::<meshtune_node::coordinator::Topology>()
-        .map_err(|e| anyhow::anyhow!(e))?;
+        .parse::<meshtune_node::coordinator::Topology>()?;
     if let Some(link) = &args.link {
         link.parse::<meshtune_net::shaping::LinkProfile>()
             .with_context(|| format!("invalid --link `{link}`"))?;
+    }
+    if let Some(decay) = args.ef_decay {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&decay),
+            "--ef-decay must be between 0 and 1, got {decay}"
+        );
     }
     anyhow::ensure!(
         !args.keep_residual || args.topology == "all",
@@ -260,13 +268,9 @@ fn check_args(args: &TestnetArgs) -> anyhow::Result<()> {
         "scenario `{}` needs at least 3 nodes",
         args.scenario
     );
-    args.outer
-        .parse::<OuterOptimizer>()
-        .map_err(|e| anyhow::anyhow!(e))?;
+    args.outer.parse::<OuterOptimizer>()?;
     for outer in &args.compare_outer {
-        outer
-            .parse::<OuterOptimizer>()
-            .map_err(|e| anyhow::anyhow!(e))?;
+        outer.parse::<OuterOptimizer>()?;
     }
     for codec in
         std::iter::once(&args.codec).chain(args.compare_codecs.iter().filter(|c| *c != "none"))
@@ -911,6 +915,9 @@ pub(crate) fn node_args(
     ]);
     if args.keep_residual {
         node_args.push("--keep-residual".into());
+    }
+    if let Some(decay) = args.ef_decay {
+        node_args.extend(["--ef-decay".into(), decay.to_string()]);
     }
     node_args
 }

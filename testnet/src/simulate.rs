@@ -385,8 +385,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         .parse::<meshtune_protocol::CodecParams>()
         .with_context(|| format!("invalid codec `{}`", args.codec))?;
     args.topology
-        .parse::<meshtune_node::coordinator::Topology>()
-        .map_err(|e| anyhow::anyhow!(e))?;
+        .parse::<meshtune_node::coordinator::Topology>()?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let mut summaries = Vec::new();

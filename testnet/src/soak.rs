@@ -399,6 +399,7 @@ fn soak_testnet_args(args: &SoakArgs, out: &Path) -> TestnetArgs {
         no_compare: true,
         no_centralized: false,
         keep_residual: false,
+        ef_decay: None,
         examples_per_node: args.examples_per_node,
         eval_examples: 4,
         eval_every: args.rounds,

@@ -35,8 +35,36 @@ impl fmt::Display for Aggregation {
     }
 }
 
+/// A `--aggregation` or `--outer` setting that cannot be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SettingError {
+    #[error(
+        "unknown aggregation `{0}`: use mean, median, trimmed-mean or trimmed-mean:F with \
+         0 <= F < 0.5"
+    )]
+    UnknownAggregation(String),
+    #[error(
+        "unknown --outer `{0}`: use average, momentum:LR:M, nesterov:LR:M, \
+         adam:LR[:BETA1:BETA2:EPS] or adamw:LR[:BETA1:BETA2:EPS:WD]"
+    )]
+    UnknownOuter(String),
+    #[error("invalid --outer `{text}`: `{part}` is not a number")]
+    NotANumber { text: String, part: String },
+    #[error("outer {name} must be finite and > 0, not {value}")]
+    NotPositive { name: &'static str, value: f64 },
+    #[error("outer {name} must be in [0, 1), not {value}")]
+    NotBelowOne { name: &'static str, value: f64 },
+    #[error("outer weight_decay must be finite and >= 0, not {0}")]
+    WeightDecay(f64),
+    #[error("invalid --outer `{text}`: {reason}")]
+    InvalidOuter {
+        text: String,
+        reason: Box<SettingError>,
+    },
+}
+
 impl FromStr for Aggregation {
-    type Err = String;
+    type Err = SettingError;
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         match text {
             "mean" => Ok(Aggregation::Mean),
@@ -47,12 +75,7 @@ impl FromStr for Aggregation {
                     .strip_prefix("trimmed-mean:")
                     .and_then(|t| t.parse::<f64>().ok())
                     .filter(|t| (0.0..0.5).contains(t))
-                    .ok_or_else(|| {
-                        format!(
-                            "unknown aggregation `{other}`: use mean, median, trimmed-mean or \
-                             trimmed-mean:F with 0 <= F < 0.5"
-                        )
-                    })?;
+                    .ok_or_else(|| SettingError::UnknownAggregation(other.to_owned()))?;
                 Ok(Aggregation::TrimmedMean { trim })
             }
         }
@@ -143,19 +166,19 @@ impl OuterOptimizer {
     }
 
     /// Refuses settings that would diverge or are meaningless.
-    pub fn validate(self) -> Result<(), String> {
-        let positive = |name: &str, v: f64| {
-            if v.is_finite() && v > 0.0 {
+    pub fn validate(self) -> Result<(), SettingError> {
+        let positive = |name: &'static str, value: f64| {
+            if value.is_finite() && value > 0.0 {
                 Ok(())
             } else {
-                Err(format!("outer {name} must be finite and > 0, not {v}"))
+                Err(SettingError::NotPositive { name, value })
             }
         };
-        let unit = |name: &str, v: f64| {
-            if (0.0..1.0).contains(&v) {
+        let unit = |name: &'static str, value: f64| {
+            if (0.0..1.0).contains(&value) {
                 Ok(())
             } else {
-                Err(format!("outer {name} must be in [0, 1), not {v}"))
+                Err(SettingError::NotBelowOne { name, value })
             }
         };
         match self {
@@ -190,9 +213,7 @@ impl OuterOptimizer {
                 if weight_decay.is_finite() && weight_decay >= 0.0 {
                     Ok(())
                 } else {
-                    Err(format!(
-                        "outer weight_decay must be finite and >= 0, not {weight_decay}"
-                    ))
+                    Err(SettingError::WeightDecay(weight_decay))
                 }
             }
         }
@@ -202,18 +223,18 @@ impl OuterOptimizer {
 /// `average`, `momentum:LR:M`, `nesterov:LR:M`, `adam:LR[:BETA1:BETA2:EPS]`,
 /// `adamw:LR[:BETA1:BETA2:EPS:WD]` (the `--outer` flag of `meshtune node` and the testnet).
 impl FromStr for OuterOptimizer {
-    type Err = String;
+    type Err = SettingError;
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let usage = "use average, momentum:LR:M, nesterov:LR:M, adam:LR[:BETA1:BETA2:EPS] or \
-                     adamw:LR[:BETA1:BETA2:EPS:WD]";
         let parts: Vec<&str> = text.split(':').collect();
         let numbers = parts[1..]
             .iter()
             .map(|p| {
-                p.parse::<f64>()
-                    .map_err(|_| format!("invalid --outer `{text}`: `{p}` is not a number"))
+                p.parse::<f64>().map_err(|_| SettingError::NotANumber {
+                    text: text.to_owned(),
+                    part: (*p).to_owned(),
+                })
             })
-            .collect::<Result<Vec<f64>, String>>()?;
+            .collect::<Result<Vec<f64>, SettingError>>()?;
         let optimizer = match (parts[0], numbers.as_slice()) {
             ("average", []) => OuterOptimizer::Average,
             ("momentum", [lr, momentum]) => OuterOptimizer::Momentum {
@@ -250,11 +271,14 @@ impl FromStr for OuterOptimizer {
                 eps: *eps,
                 weight_decay: *weight_decay,
             },
-            _ => return Err(format!("unknown --outer `{text}`: {usage}")),
+            _ => return Err(SettingError::UnknownOuter(text.to_owned())),
         };
         optimizer
             .validate()
-            .map_err(|err| format!("invalid --outer `{text}`: {err}"))?;
+            .map_err(|reason| SettingError::InvalidOuter {
+                text: text.to_owned(),
+                reason: Box::new(reason),
+            })?;
         Ok(optimizer)
     }
 }
@@ -1153,7 +1177,7 @@ mod tests {
             ("lamb:0.1", "unknown --outer"),
             ("nesterov:0.7", "unknown --outer"),
         ] {
-            let err = bad.parse::<OuterOptimizer>().expect_err(bad);
+            let err = bad.parse::<OuterOptimizer>().expect_err(bad).to_string();
             assert!(err.contains(needle), "{bad}: {err}");
         }
     }

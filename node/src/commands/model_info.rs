@@ -15,10 +15,14 @@ use meshtune_model::flops::{MemoryEstimate, training_memory};
 use meshtune_model::lora::LoraConfig;
 
 use meshtune_model::backend::Cpu;
+use meshtune_model::checkpoint::{checkpoint_param_names, latest_checkpoint, load_params};
+use meshtune_model::lora::{PeftInit, attach_lora, merge_lora};
 use meshtune_model::pretrained::Pretrained;
+use meshtune_model::t5::T5;
 use meshtune_model::weights::{ExportDtype, export_hf_folder};
 
 use crate::trainer::TrainConfig;
+use crate::trainer::model::{initial_model, model_config_and_tokenizer};
 
 /// `meshtune model export`: read a folder, write config.json, model.safetensors, tokenizer.json.
 pub fn export(args: ModelExportArgs) -> anyhow::Result<()> {
@@ -29,17 +33,79 @@ pub fn export(args: ModelExportArgs) -> anyhow::Result<()> {
         other => anyhow::bail!("unknown --dtype {other:?}: expected f32, bf16 or f16"),
     };
     let device = Default::default();
-    let loaded = Pretrained::<Cpu>::load(&args.model, None, &device)
-        .with_context(|| format!("loading {}", args.model.display()))?;
-    export_hf_folder(
-        &loaded.model,
-        &loaded.config,
-        Some(loaded.tokenizer.path()),
-        &args.out,
-        dtype,
-    )?;
+    if let Some(checkpoint) = &args.checkpoint {
+        // Only config.json and tokenizer.json are read from `--model` (a testnet's `data/`
+        // folder has no weights): every weight comes from the checkpoint.
+        let (config, tokenizer) = model_config_and_tokenizer(Some(&args.model), None, None)?;
+        let skeleton = initial_model::<Cpu>(&config, None, true, 0, &device)?;
+        let model = checkpoint_model(skeleton, checkpoint, args.train_config.as_deref())?;
+        export_hf_folder(&model, &config, Some(tokenizer.path()), &args.out, dtype)?;
+    } else {
+        let loaded = Pretrained::<Cpu>::load(&args.model, None, &device)
+            .with_context(|| format!("loading {}", args.model.display()))?;
+        export_hf_folder(
+            &loaded.model,
+            &loaded.config,
+            Some(loaded.tokenizer.path()),
+            &args.out,
+            dtype,
+        )?;
+    }
     tracing::info!(from = %args.model.display(), to = %args.out.display(), dtype = %args.dtype, "exported");
     Ok(())
+}
+
+/// `model` with the weights of a training or node checkpoint: `path` is one
+/// `checkpoint-<n>/` folder or a `checkpoints/` root (its latest). A checkpoint of LoRA
+/// training holds adapters: they are attached as `train_config`'s `[lora]` says (the
+/// defaults without one), loaded, and merged into the weights.
+fn checkpoint_model(
+    model: T5<Cpu>,
+    path: &Path,
+    train_config: Option<&Path>,
+) -> anyhow::Result<T5<Cpu>> {
+    let dir = if path.join("params.safetensors").exists() {
+        path.to_path_buf()
+    } else {
+        latest_checkpoint(path)?.with_context(|| {
+            format!(
+                "{} is neither a checkpoint (no params.safetensors) nor a folder of them \
+                 (no `latest`)",
+                path.display()
+            )
+        })?
+    };
+    let names = checkpoint_param_names(&dir)?;
+    let lora = names.iter().any(|name| name.contains(".lora_"));
+    let model = if lora {
+        let config = match train_config {
+            Some(file) => {
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                toml::from_str::<TrainConfig>(&text)
+                    .with_context(|| format!("invalid train config {}", file.display()))?
+            }
+            None => TrainConfig::default(),
+        };
+        let device = Default::default();
+        attach_lora(model, &config.lora, &mut PeftInit::<Cpu> { device })?
+    } else {
+        model
+    };
+    let model = load_params(&dir, model).with_context(|| {
+        format!(
+            "loading {} into the model's structure{}",
+            dir.display(),
+            if lora {
+                " with LoRA adapters (pass the --train-config the run used if its [lora] \
+                 differs from the defaults)"
+            } else {
+                ""
+            }
+        )
+    })?;
+    tracing::info!(checkpoint = %dir.display(), lora, "weights from checkpoint");
+    Ok(if lora { merge_lora(model) } else { model })
 }
 
 pub fn run(args: ModelInfoArgs) -> anyhow::Result<()> {
@@ -411,10 +477,21 @@ mod tests {
 
 #[derive(Debug, Args)]
 pub struct ModelExportArgs {
+    /// A HF T5 folder; with `--checkpoint`, only its config.json and tokenizer.json are read
+    /// (a testnet's `data/` folder will do).
     #[arg(long)]
     pub model: PathBuf,
     #[arg(long)]
     pub out: PathBuf,
+    /// Write the weights of this checkpoint instead of `--model`'s (config and tokenizer
+    /// still come from `--model`, the run's starting model): a `checkpoint-<n>/` folder or a
+    /// `checkpoints/` root such as a node's `OUT/checkpoints` (its latest, the mesh's model).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// The train config of a LoRA run whose checkpoint is exported (its `[lora]` rank and
+    /// targets); the adapters are merged into the weights.
+    #[arg(long, requires = "checkpoint")]
+    pub train_config: Option<PathBuf>,
     /// On-disk precision: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,

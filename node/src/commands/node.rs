@@ -128,6 +128,11 @@ pub struct NodeArgs {
     /// mesh's model; `topology = "all"` only. Also `keep_residual = true` in node.toml.
     #[arg(long, env = "MESHTUNE_KEEP_RESIDUAL")]
     pub keep_residual: bool,
+    /// Error feedback with decay: the residual a lossy codec left out is multiplied by this
+    /// each round before the new delta joins it (1: plain error feedback, 0: none). Also
+    /// `ef_decay` in node.toml.
+    #[arg(long, env = "MESHTUNE_EF_DECAY")]
+    pub ef_decay: Option<f32>,
     #[arg(long, env = "MESHTUNE_DEVICE", default_value = "cpu")]
     pub device: DeviceChoice,
     /// Compute precision: auto (from the device: bf16 on compute capability >= 8.0, fp16 with
@@ -212,6 +217,8 @@ pub struct MeshSettings {
     pub stream_state_mib: u64,
     /// See `--keep-residual`.
     pub keep_residual: bool,
+    /// See `--ef-decay`.
+    pub ef_decay: f32,
 }
 
 impl Default for MeshSettings {
@@ -242,6 +249,7 @@ impl Default for MeshSettings {
             max_state_uploads: 4,
             stream_state_mib: 256,
             keep_residual: false,
+            ef_decay: 1.0,
         }
     }
 }
@@ -290,7 +298,7 @@ pub fn resolve(args: &NodeArgs) -> anyhow::Result<(MeshSettings, TrainConfig)> {
         mesh.codec = v.clone();
     }
     if let Some(v) = &args.aggregation {
-        mesh.aggregation = v.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+        mesh.aggregation = v.parse()?;
     }
     if let Some(v) = &args.topology {
         mesh.topology = v.clone();
@@ -298,8 +306,11 @@ pub fn resolve(args: &NodeArgs) -> anyhow::Result<(MeshSettings, TrainConfig)> {
     if args.keep_residual {
         mesh.keep_residual = true;
     }
+    if let Some(v) = args.ef_decay {
+        mesh.ef_decay = v;
+    }
     if let Some(v) = &args.outer {
-        mesh.outer = v.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+        mesh.outer = v.parse()?;
     }
     if let Some(v) = args.max_delta_norm {
         mesh.max_delta_norm = Some(v);
@@ -320,6 +331,11 @@ pub fn resolve(args: &NodeArgs) -> anyhow::Result<(MeshSettings, TrainConfig)> {
         mesh.linger_quiet_s
     );
     anyhow::ensure!(
+        (0.0..=1.0).contains(&mesh.ef_decay),
+        "`ef_decay` must be between 0 and 1, got {}",
+        mesh.ef_decay
+    );
+    anyhow::ensure!(
         (0.0..=1.0).contains(&mesh.quorum),
         "`quorum` must be between 0 and 1, got {}",
         mesh.quorum
@@ -333,7 +349,7 @@ pub fn resolve(args: &NodeArgs) -> anyhow::Result<(MeshSettings, TrainConfig)> {
         mesh.min_collect_timeout_s,
         mesh.max_collect_timeout_s
     );
-    mesh.outer.validate().map_err(|e| anyhow::anyhow!(e))?;
+    mesh.outer.validate()?;
     if let Some(norm) = mesh.max_delta_norm {
         anyhow::ensure!(
             norm.is_finite() && norm > 0.0,
@@ -344,9 +360,7 @@ pub fn resolve(args: &NodeArgs) -> anyhow::Result<(MeshSettings, TrainConfig)> {
     mesh.codec
         .parse::<CodecParams>()
         .with_context(|| format!("invalid codec `{}`", mesh.codec))?;
-    mesh.topology
-        .parse::<Topology>()
-        .map_err(|e| anyhow::anyhow!(e))?;
+    mesh.topology.parse::<Topology>()?;
     MeshId::new(&mesh.mesh)?;
     let mut train = file.train;
     if let Some(rounds) = mesh.rounds {
@@ -552,7 +566,7 @@ fn coordinator_config(
         .map(str::parse::<Misbehaviour>)
         .transpose()
         .context("invalid --byzantine")?;
-    let reader = crate::energy::detect(args.power).map_err(|e| anyhow::anyhow!(e))?;
+    let reader = crate::energy::detect(args.power)?;
     tracing::info!(reader = reader.name(), "power reader");
     config.energy = Some(crate::energy::EnergyMeter::start(
         reader,
@@ -571,6 +585,7 @@ fn coordinator_config(
          copies of its model)"
     );
     config.keep_residual = settings.keep_residual;
+    config.ef_decay = settings.ef_decay;
     config.round = RoundConfig {
         quorum: settings.quorum,
         min_deltas: settings.min_deltas,

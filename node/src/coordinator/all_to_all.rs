@@ -146,6 +146,12 @@ impl Coordinator {
             tracing::info!(round, "resumed from checkpoint");
         }
         let mut base = start.trainer.weights().await?;
+        if config.keep_residual && feedback.squared_norm() > 0.0 {
+            // The checkpoint holds the mesh's model; this node trains on from it plus its
+            // residual (see `checkpoint_mesh_model`).
+            let own = tasks::plus_residual(&base, &feedback);
+            start.trainer.set_weights(own).await?;
+        }
         let layout = base.layout();
         let mut base_hash = ModelHash::of_tensors(&base);
         ledger.serve(round, &base, &outer_state)?;
@@ -247,6 +253,11 @@ impl Coordinator {
             }
         }
         let adopted = self.finish(&mut inbox, &shutdown).await?;
+        if self.all_rounds_applied() && self.shared.config.keep_residual {
+            // The run is over: the node ends on the model the mesh agreed on (its residual
+            // stays in the checkpoint).
+            self.shared.trainer.set_weights(self.base.clone()).await?;
+        }
         Ok(RunSummary {
             rounds: self.ledger.records,
             final_round: self.machine.round(),
@@ -670,7 +681,7 @@ impl Coordinator {
             &self.shared.config,
             &self.base,
         );
-        self.ledger.checkpoint(round + 1, hash, extras).await?;
+        self.checkpoint_mesh_model(round + 1, hash, extras).await?;
         self.ledger.record(record)?;
         self.ledger
             .serve(round + 1, &self.base, &self.outer_state)?;
@@ -678,6 +689,31 @@ impl Coordinator {
             round,
             new_base: hash,
         })
+    }
+
+    /// Checkpoints the mesh's model. Under `keep_residual` the trainer holds the mesh's model
+    /// plus this node's residual: it is given the mesh's model to save, then its own back, so
+    /// a checkpoint (what a restart resumes from and `model export` writes) is the model the
+    /// mesh agreed on, and the residual is saved once, with the extras.
+    async fn checkpoint_mesh_model(
+        &self,
+        next_round: u64,
+        hash: ModelHash,
+        extras: Vec<meshtune_model::checkpoint::HostParam>,
+    ) -> anyhow::Result<()> {
+        let kept = self
+            .feedback
+            .as_ref()
+            .filter(|f| self.shared.config.keep_residual && f.squared_norm() > 0.0);
+        if kept.is_some() {
+            self.shared.trainer.set_weights(self.base.clone()).await?;
+        }
+        self.ledger.checkpoint(next_round, hash, extras).await?;
+        if let Some(feedback) = kept {
+            let own = tasks::plus_residual(&self.base, feedback);
+            self.shared.trainer.set_weights(own).await?;
+        }
+        Ok(())
     }
 
     /// What the round did, from the open round's bookkeeping.

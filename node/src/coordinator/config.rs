@@ -73,6 +73,9 @@ pub struct CoordinatorConfig {
     /// the final agreement) is the same as without it; only what each node trains and
     /// evaluates differs, by its residual. All-to-all only.
     pub keep_residual: bool,
+    /// Error feedback with decay: each round, before the new delta is added, the residual is
+    /// multiplied by this (1: plain error feedback, 0: none). Ignored under `keep_residual`.
+    pub ef_decay: f32,
 }
 
 /// The bad deltas a deliberately byzantine node sends (`meshtune node --byzantine`).
@@ -151,6 +154,7 @@ impl CoordinatorConfig {
             stream_state_bytes: 256 << 20,
             topology: Topology::All,
             keep_residual: false,
+            ef_decay: 1.0,
         }
     }
 }

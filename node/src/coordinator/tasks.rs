@@ -345,6 +345,9 @@ fn encode_own_delta(
         None => config.codec,
     };
     let lossy = !codec.is_lossless();
+    if lossy && config.ef_decay < 1.0 {
+        feedback.scale(config.ef_decay);
+    }
     let mut encoded = encode_delta(&delta, &codec, lossy.then_some(feedback))?;
     if misbehave == Some(None) {
         tracing::warn!(
@@ -493,7 +496,9 @@ async fn fetch_and_decode(
 }
 
 /// Gives the trainer the round's new base (plus this node's residual under `keep_residual`:
-/// `own`) and evaluates it when asked.
+/// `own`) and evaluates the mesh's model when asked (under `keep_residual` the base is set
+/// for the evaluation, then the node's own model), so every node reports the quality of the
+/// model the mesh agrees on.
 pub async fn apply_round(
     round: u64,
     next: TensorSet,
@@ -503,17 +508,23 @@ pub async fn apply_round(
     shared: Shared,
 ) {
     let result = async {
-        let model = own.unwrap_or_else(|| next.clone());
-        shared.trainer.set_weights(model).await?;
-        if !evaluate {
-            return anyhow::Ok(None);
+        if evaluate || own.is_none() {
+            shared.trainer.set_weights(next.clone()).await?;
         }
-        let energy = shared.config.energy.as_ref();
-        let before = energy.and_then(EnergyMeter::joules);
-        let mut report = shared.trainer.evaluate().await?;
-        let after = energy.and_then(EnergyMeter::joules);
-        report.energy_j = before.zip(after).map(|(b, a)| a - b);
-        Ok(Some(report))
+        let report = if evaluate {
+            let energy = shared.config.energy.as_ref();
+            let before = energy.and_then(EnergyMeter::joules);
+            let mut report = shared.trainer.evaluate().await?;
+            let after = energy.and_then(EnergyMeter::joules);
+            report.energy_j = before.zip(after).map(|(b, a)| a - b);
+            Some(report)
+        } else {
+            None
+        };
+        if let Some(own) = own {
+            shared.trainer.set_weights(own).await?;
+        }
+        anyhow::Ok(report)
     }
     .await;
     let eval = result.unwrap_or_else(|err| {
@@ -592,5 +603,40 @@ mod tests {
         );
         // Without a residual the node's model is the mesh's.
         assert_eq!(plus_residual(&base, &ErrorFeedback::new()), base);
+    }
+
+    /// `ef_decay`: the residual is scaled before the new delta joins it, so with 0.5 a
+    /// left-out 0.1 stays as 0.05 and with 0 it is gone (top-k without memory).
+    #[test]
+    fn error_feedback_decays_by_the_configured_factor_before_the_next_delta() {
+        let base = set(vec![0.0; 4], vec![0.0]);
+        let me = PeerId::random();
+        let head = |round| DeltaHead {
+            round,
+            base_hash: ModelHash::of_bytes(b"base"),
+            me,
+            samples: 1,
+            steps: 1,
+        };
+        for decay in [1.0_f32, 0.5, 0.0] {
+            let mut config = CoordinatorConfig::new("m", std::path::PathBuf::from("unused"));
+            config.codec = "top25%+f32".parse().expect("codec");
+            config.ef_decay = decay;
+            let mut feedback = ErrorFeedback::new();
+            // Round 1: top-25% of `a` sends 0.5 and leaves 0.1 out.
+            let first = set(vec![0.5, 0.1, 0.0, 0.0], vec![0.1]);
+            encode_own_delta(&config, head(1), &first, &base, None, &mut feedback)
+                .expect("round 1 encodes");
+            assert_eq!(feedback.residual("a"), Some(&[0.0, 0.1, 0.0, 0.0][..]));
+            // Round 2 sends its own 0.3; what stays left out is the decayed 0.1.
+            let second = set(vec![0.0, 0.0, 0.0, 0.3], vec![0.0]);
+            encode_own_delta(&config, head(2), &second, &base, None, &mut feedback)
+                .expect("round 2 encodes");
+            assert_eq!(
+                feedback.residual("a"),
+                Some(&[0.0, 0.1 * decay, 0.0, 0.0][..]),
+                "decay {decay}"
+            );
+        }
     }
 }

@@ -44,6 +44,14 @@ impl ErrorFeedback {
         self.residuals.clear();
     }
 
+    /// Multiplies every residual by `factor` (error feedback with decay, as SparseLoCo's
+    /// `e <- beta * e + delta`: the sender forgets part of what it left out each round).
+    pub fn scale(&mut self, factor: f32) {
+        for residual in self.residuals.values_mut() {
+            residual.iter_mut().for_each(|value| *value *= factor);
+        }
+    }
+
     /// Sum of squares of all residuals, in f64.
     #[must_use]
     pub fn squared_norm(&self) -> f64 {
@@ -59,5 +67,21 @@ impl ErrorFeedback {
         self.residuals
             .entry(name.to_owned())
             .or_insert_with(|| vec![0.0; len])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_multiplies_every_residual() {
+        let mut feedback = ErrorFeedback::new();
+        feedback.restore_residual("a", vec![1.0, -2.0]);
+        feedback.restore_residual("b", vec![4.0]);
+        feedback.scale(0.5);
+        assert_eq!(feedback.residual("a"), Some(&[0.5, -1.0][..]));
+        assert_eq!(feedback.residual("b"), Some(&[2.0][..]));
+        assert!((feedback.squared_norm() - 5.25).abs() < 1e-12);
     }
 }

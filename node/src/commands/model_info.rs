@@ -79,12 +79,7 @@ fn checkpoint_model(
     let lora = names.iter().any(|name| name.contains(".lora_"));
     let model = if lora {
         let config = match train_config {
-            Some(file) => {
-                let text = std::fs::read_to_string(file)
-                    .with_context(|| format!("reading {}", file.display()))?;
-                toml::from_str::<TrainConfig>(&text)
-                    .with_context(|| format!("invalid train config {}", file.display()))?
-            }
+            Some(file) => TrainConfig::from_file(file)?,
             None => TrainConfig::default(),
         };
         let device = Default::default();

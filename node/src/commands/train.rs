@@ -137,12 +137,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
 
 fn load_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     let mut config = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            toml::from_str::<TrainConfig>(&text)
-                .with_context(|| format!("invalid train config {}", path.display()))?
-        }
+        Some(path) => TrainConfig::from_file(path)?,
         None => TrainConfig::default(),
     };
     if let Some(v) = args.steps {

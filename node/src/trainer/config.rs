@@ -102,6 +102,15 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Reads a train config TOML file (`meshtune train --config`, `model export
+    /// --train-config`); the error names the file.
+    pub fn from_file(path: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid train config {}", path.display()))
+    }
+
     pub fn validate(&self) -> Result<(), TrainConfigError> {
         for (name, value) in [
             ("steps", self.steps),

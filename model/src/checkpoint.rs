@@ -165,26 +165,39 @@ pub fn save_checkpoint_with_extras<B: Backend, OB: Backend, M: Module<B>>(
     keep: usize,
     extras: &[HostParam],
 ) -> Result<PathBuf, ModelError> {
-    std::fs::create_dir_all(root).map_err(io_error(root))?;
-    let name = format!("checkpoint-{step:08}");
-    let final_dir = root.join(&name);
-    let tmp_dir = root.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp_dir.exists() {
-        std::fs::remove_dir_all(&tmp_dir).map_err(io_error(&tmp_dir))?;
-    }
-    std::fs::create_dir_all(&tmp_dir).map_err(io_error(&tmp_dir))?;
+    snapshot_checkpoint(step, module, optimizer, state, keep, extras)?.write(root)
+}
 
+/// A checkpoint copied to host memory, not yet written: [`snapshot_checkpoint`] takes it
+/// where the model lives (a training thread), [`CheckpointSnapshot::write`] puts it on disk
+/// anywhere else, so training does not wait for the disk.
+pub struct CheckpointSnapshot {
+    step: usize,
+    keep: usize,
+    params: Vec<(String, Vec<usize>, Vec<u8>)>,
+    moments: Vec<(String, Vec<usize>, Vec<u8>)>,
+    extras: Vec<(String, Vec<usize>, Vec<u8>)>,
+    state: serde_json::Value,
+}
+
+/// The checkpoint [`save_checkpoint_with_extras`] would write, in memory.
+pub fn snapshot_checkpoint<B: Backend, OB: Backend, M: Module<B>>(
+    step: usize,
+    module: &M,
+    optimizer: &AdamW<OB>,
+    state: &serde_json::Value,
+    keep: usize,
+    extras: &[HostParam],
+) -> Result<CheckpointSnapshot, ModelError> {
     let params = collect_params(module)?;
     let by_id: HashMap<ParamId, String> = param_paths(module)
         .into_iter()
         .map(|(id, path, _)| (id, path))
         .collect();
-    let param_bytes: Vec<(String, Vec<usize>, Vec<u8>)> = params
+    let params = params
         .iter()
         .map(|(path, shape, values)| (path.clone(), shape.clone(), to_bytes(values)))
         .collect();
-    write_safetensors_file(&tmp_dir.join("params.safetensors"), &param_bytes)?;
-
     let mut moments = Vec::new();
     let mut steps = serde_json::Map::new();
     for (id, m) in &optimizer.state {
@@ -201,12 +214,10 @@ pub fn save_checkpoint_with_extras<B: Backend, OB: Backend, M: Module<B>>(
         ));
         steps.insert(path.clone(), m.step.into());
     }
-    write_safetensors_file(&tmp_dir.join("optimizer.safetensors"), &moments)?;
-    let extra_bytes: Vec<(String, Vec<usize>, Vec<u8>)> = extras
+    let extras = extras
         .iter()
         .map(|(name, shape, values)| (name.clone(), shape.clone(), to_bytes(values)))
         .collect();
-    write_safetensors_file(&tmp_dir.join("extras.safetensors"), &extra_bytes)?;
     let mut state = state.clone();
     state["step"] = step.into();
     state["optimizer_steps"] = serde_json::Value::Object(steps);
@@ -214,19 +225,46 @@ pub fn save_checkpoint_with_extras<B: Backend, OB: Backend, M: Module<B>>(
     if let Some(adafactor) = optimizer.adafactor {
         state["adafactor"] = serde_json::to_value(adafactor).unwrap_or_default();
     }
-    let text = serde_json::to_vec_pretty(&state).map_err(|e| ModelError::Input(e.to_string()))?;
-    write_synced(&tmp_dir.join("state.json"), &text)?;
-    sync_dir(&tmp_dir)?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(io_error(&final_dir))?;
+    Ok(CheckpointSnapshot {
+        step,
+        keep,
+        params,
+        moments,
+        extras,
+        state,
+    })
+}
+
+impl CheckpointSnapshot {
+    /// Writes the checkpoint under `root` atomically (a temporary folder, fsynced, renamed),
+    /// points `root/latest` at it and keeps the newest `keep`.
+    pub fn write(self, root: &Path) -> Result<PathBuf, ModelError> {
+        std::fs::create_dir_all(root).map_err(io_error(root))?;
+        let name = format!("checkpoint-{:08}", self.step);
+        let final_dir = root.join(&name);
+        let tmp_dir = root.join(format!(".{name}.tmp-{}", std::process::id()));
+        if tmp_dir.exists() {
+            std::fs::remove_dir_all(&tmp_dir).map_err(io_error(&tmp_dir))?;
+        }
+        std::fs::create_dir_all(&tmp_dir).map_err(io_error(&tmp_dir))?;
+        write_safetensors_file(&tmp_dir.join("params.safetensors"), &self.params)?;
+        write_safetensors_file(&tmp_dir.join("optimizer.safetensors"), &self.moments)?;
+        write_safetensors_file(&tmp_dir.join("extras.safetensors"), &self.extras)?;
+        let text =
+            serde_json::to_vec_pretty(&self.state).map_err(|e| ModelError::Input(e.to_string()))?;
+        write_synced(&tmp_dir.join("state.json"), &text)?;
+        sync_dir(&tmp_dir)?;
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir).map_err(io_error(&final_dir))?;
+        }
+        std::fs::rename(&tmp_dir, &final_dir).map_err(io_error(&final_dir))?;
+        let latest_tmp = root.join(format!(".latest.tmp-{}", std::process::id()));
+        write_synced(&latest_tmp, name.as_bytes())?;
+        std::fs::rename(&latest_tmp, root.join("latest")).map_err(io_error(root))?;
+        sync_dir(root)?;
+        prune(root, self.keep)?;
+        Ok(final_dir)
     }
-    std::fs::rename(&tmp_dir, &final_dir).map_err(io_error(&final_dir))?;
-    let latest_tmp = root.join(format!(".latest.tmp-{}", std::process::id()));
-    write_synced(&latest_tmp, name.as_bytes())?;
-    std::fs::rename(&latest_tmp, root.join("latest")).map_err(io_error(root))?;
-    sync_dir(root)?;
-    prune(root, keep)?;
-    Ok(final_dir)
 }
 
 fn prune(root: &Path, keep: usize) -> Result<(), ModelError> {

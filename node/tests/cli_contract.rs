@@ -136,33 +136,38 @@ fn errors_are_clear_and_exit_nonzero() {
         "{stderr}"
     );
     // A malformed mesh setting is refused by name before the node starts.
-    for (flag, value, needle) in [
-        ("--topology", "ring:3", "unknown topology `ring:3`"),
+    let overlap_refused = "overlap works with topology \"all\" and without keep_residual";
+    for (flags, needle) in [
+        (&["--topology", "ring:3"][..], "unknown topology `ring:3`"),
         (
-            "--ef-decay",
-            "1.5",
+            &["--ef-decay", "1.5"][..],
             "`ef_decay` must be between 0 and 1, got 1.5",
         ),
         (
-            "--outer",
-            "nesterov:0.7:1.5",
+            &["--outer", "nesterov:0.7:1.5"][..],
             "outer momentum must be in [0, 1)",
         ),
+        (&["--overlap", "--keep-residual"][..], overlap_refused),
+        (
+            &["--overlap", "--topology", "gossip:2"][..],
+            overlap_refused,
+        ),
     ] {
-        let out = meshtune(&[
+        let node_out = dir.path().join("node");
+        let mut args = vec![
             "node",
             "--model",
             model.to_str().expect("utf8"),
             "--train",
             data.to_str().expect("utf8"),
             "--out",
-            dir.path().join("node").to_str().expect("utf8"),
-            flag,
-            value,
-        ]);
+            node_out.to_str().expect("utf8"),
+        ];
+        args.extend_from_slice(flags);
+        let out = meshtune(&args);
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(needle), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(needle), "{flags:?}: {stderr}");
     }
 }
 

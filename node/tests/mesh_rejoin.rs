@@ -103,7 +103,7 @@ async fn late_joiner(port: u64, outer: OuterOptimizer) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_resumes_from_its_checkpoint_and_rejoins() {
-    restarted_node(4_000, None, false).await;
+    restarted_node(4_000, None, Variant::Plain).await;
 }
 
 /// Under `keep_residual` a node's own model is the mesh's plus its residual, but every
@@ -112,7 +112,16 @@ async fn a_restarted_node_resumes_from_its_checkpoint_and_rejoins() {
 /// nodes end holding the one model the mesh agreed on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_keeps_its_residual_checkpoints_the_mesh_model_and_restarts() {
-    restarted_node(4_600, None, true).await;
+    restarted_node(4_600, None, Variant::KeepResidual).await;
+}
+
+/// With `--overlap` a node trains the next round while the current one is exchanged, so a
+/// stop lands in the middle of an ahead phase: that phase is lost (it was never
+/// checkpointed), every checkpoint still holds the mesh's model (not the node's ahead one),
+/// and the restarted node rejoins and ends on the mesh's model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overlapped_node_stopped_mid_phase_restarts_from_the_mesh_model() {
+    restarted_node(4_900, None, Variant::Overlap).await;
 }
 
 /// Down while the mesh ran on for several rounds, the node comes back far behind: it adopts a
@@ -121,19 +130,32 @@ async fn a_node_that_keeps_its_residual_checkpoints_the_mesh_model_and_restarts(
 /// state it adopted was (even past the last round, once the others finished).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restarted_after_the_mesh_moved_on_catches_up_on_a_peers_state() {
-    restarted_node(4_300, Some(ROUNDS as usize - 3), false).await;
+    restarted_node(4_300, Some(ROUNDS as usize - 3), Variant::Plain).await;
+}
+
+/// How every node of [`restarted_node`]'s mesh runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Variant {
+    Plain,
+    /// `keep_residual` with a lossy codec.
+    KeepResidual,
+    /// `overlap`.
+    Overlap,
 }
 
 /// Stops node 2 after its second round and starts it again on the same directory, at once or
-/// once node 0 has applied `restart_after` rounds; with `keep`, every node keeps its residual
-/// of a lossy codec.
-async fn restarted_node(port: u64, restart_after: Option<usize>, keep: bool) {
+/// once node 0 has applied `restart_after` rounds, every node running as `variant` says.
+async fn restarted_node(port: u64, restart_after: Option<usize>, variant: Variant) {
     init_logs();
     let configure = move |c: &mut meshtune_node::coordinator::CoordinatorConfig| {
         configure(c);
-        if keep {
-            c.keep_residual = true;
-            c.codec = "top10%+int8/64+zstd:1".parse().expect("codec");
+        match variant {
+            Variant::Plain => {}
+            Variant::KeepResidual => {
+                c.keep_residual = true;
+                c.codec = "top10%+int8/64+zstd:1".parse().expect("codec");
+            }
+            Variant::Overlap => c.overlap = true,
         }
     };
     let dir = tempfile::tempdir().expect("tempdir");
@@ -196,7 +218,7 @@ async fn restarted_node(port: u64, restart_after: Option<usize>, keep: bool) {
     }
     assert_eq!(last.round, ROUNDS - 1, "rounds: {rounds:?}");
     assert_eq!(last.model_hash, restarted.model_hash.to_string());
-    if keep {
+    if variant != Variant::Plain {
         // Every checkpoint of every node (the restarted one's from before and after the stop)
         // holds the model its `state.json` names: the mesh's, not the node's own.
         for i in 0..3 {

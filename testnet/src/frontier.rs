@@ -55,6 +55,9 @@ pub struct FrontierArgs {
     /// (`--ef-decay`).
     #[arg(long)]
     pub ef_decay: Option<f32>,
+    /// Every mesh's nodes train the next round while this one is exchanged (`--overlap`).
+    #[arg(long)]
+    pub overlap: bool,
     /// The repository's `fixtures/` folder (the potluck corpus and the pre-trained model).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures"))]
     pub fixtures: PathBuf,
@@ -224,6 +227,9 @@ fn command_line(
     }
     if let Some(decay) = args.ef_decay {
         overrides.extend(["--ef-decay".into(), decay.to_string()]);
+    }
+    if args.overlap {
+        overrides.push("--overlap".into());
     }
     if args.smoke {
         for (flag, value) in [

@@ -85,6 +85,13 @@ pub struct TestnetArgs {
     /// Error feedback with decay on every node (`meshtune node --ef-decay`; 1: plain).
     #[arg(long)]
     pub ef_decay: Option<f32>,
+    /// Nodes train the next round while this one is exchanged (`meshtune node --overlap`).
+    #[arg(long)]
+    pub overlap: bool,
+    /// Also run the same mesh with `--overlap` the other way (same seeds, data and link), to
+    /// compare utilization, round time, ROUGE-L and bytes side by side.
+    #[arg(long)]
+    pub compare_overlap: bool,
     /// Skip the centralized baseline (it costs twice the mesh's compute): each node alone
     /// and the other codecs still run.
     #[arg(long)]
@@ -262,6 +269,10 @@ fn check_args(args: &TestnetArgs) -> anyhow::Result<()> {
         !args.keep_residual || args.topology == "all",
         "--keep-residual needs --topology all (a gossip node's neighbours keep public copies of \
          its model)"
+    );
+    anyhow::ensure!(
+        !(args.overlap || args.compare_overlap) || (args.topology == "all" && !args.keep_residual),
+        "--overlap needs --topology all and no --keep-residual"
     );
     anyhow::ensure!(
         args.scenario == "none" || args.nodes >= 3,
@@ -508,7 +519,7 @@ fn run_federated(
     let mut mesh = FederatedMesh::start(args, prepared, run)?;
     if run.live {
         println!(
-            "{:>5} | {:>28} | {:>8} | {:>10} | {:>10} | {:>7} | {:>5} | {:>5} | {:>8}",
+            "{:>5} | {:>28} | {:>8} | {:>10} | {:>10} | {:>7} | {:>5} | {:>5} | {:>5} | {:>8}",
             "round",
             "train loss per node",
             "ROUGE-L",
@@ -516,6 +527,7 @@ fn run_federated(
             "received",
             "time",
             "peers",
+            "util",
             "G",
             "tok/s/W"
         );
@@ -538,6 +550,7 @@ fn run_federated(
     Ok(FederatedRun {
         codec: run.codec.to_owned(),
         outer: run.outer.to_owned(),
+        overlap: run.overlap,
         records,
         seconds: started.elapsed().as_secs_f64(),
         scenario: run.scenario.name().to_owned(),
@@ -550,6 +563,8 @@ fn run_federated(
 struct MeshRun<'a> {
     codec: &'a str,
     outer: &'a str,
+    /// `--overlap` on every node.
+    overlap: bool,
     dir: &'a Path,
     /// Print the live per-round table.
     live: bool,
@@ -670,6 +685,7 @@ impl<'a> FederatedMesh<'a> {
             ip: &ip,
             codec: run.codec,
             outer: run.outer,
+            overlap: run.overlap,
             wait_for,
         };
         let mut node_args = node_args(args, self.prepared, run.dir, launch);
@@ -869,6 +885,7 @@ pub(crate) struct NodeLaunch<'a> {
     pub ip: &'a str,
     pub codec: &'a str,
     pub outer: &'a str,
+    pub overlap: bool,
     /// Mesh peers to wait for before the first round.
     pub wait_for: usize,
 }
@@ -915,6 +932,9 @@ pub(crate) fn node_args(
     ]);
     if args.keep_residual {
         node_args.push("--keep-residual".into());
+    }
+    if launch.overlap {
+        node_args.push("--overlap".into());
     }
     if let Some(decay) = args.ef_decay {
         node_args.extend(["--ef-decay".into(), decay.to_string()]);
@@ -1024,6 +1044,13 @@ fn print_row(round: u64, records: &[Vec<RoundRecord>]) {
             .collect(),
         1,
     );
+    let utilization = mean(
+        present
+            .iter()
+            .filter_map(|r| r.timing.utilization.map(|u| 100.0 * u))
+            .collect(),
+        0,
+    );
     let efficiency = mean(
         present
             .iter()
@@ -1032,7 +1059,7 @@ fn print_row(round: u64, records: &[Vec<RoundRecord>]) {
         1,
     );
     println!(
-        "{:>5} | {:>28} | {:>8} | {:>10} | {:>10} | {:>6.1}s | {:>5} | {:>5} | {:>8}",
+        "{:>5} | {:>28} | {:>8} | {:>10} | {:>10} | {:>6.1}s | {:>5} | {:>4}% | {:>5} | {:>8}",
         round,
         losses.join(" "),
         mean_rouge,
@@ -1040,6 +1067,7 @@ fn print_row(round: u64, records: &[Vec<RoundRecord>]) {
         human_bytes(received),
         time,
         peers,
+        utilization,
         granularity,
         efficiency
     );
@@ -1224,6 +1252,7 @@ pub fn run_comparison(args: TestnetArgs, task: TaskArgs) -> anyhow::Result<Compa
         MeshRun {
             codec: &args.codec,
             outer: &args.outer,
+            overlap: args.overlap,
             dir: &out.join("federated"),
             live: true,
             scenario,
@@ -1243,6 +1272,7 @@ pub fn run_comparison(args: TestnetArgs, task: TaskArgs) -> anyhow::Result<Compa
             MeshRun {
                 codec: &args.codec,
                 outer: &args.outer,
+                overlap: args.overlap,
                 dir: &out.join("clean"),
                 live: false,
                 scenario: Scenario::None,
@@ -1263,6 +1293,7 @@ pub fn run_comparison(args: TestnetArgs, task: TaskArgs) -> anyhow::Result<Compa
                     MeshRun {
                         codec,
                         outer: &args.outer,
+                        overlap: args.overlap,
                         dir: &dir,
                         live: false,
                         scenario: Scenario::None,
@@ -1278,7 +1309,27 @@ pub fn run_comparison(args: TestnetArgs, task: TaskArgs) -> anyhow::Result<Compa
                 MeshRun {
                     codec: &args.codec,
                     outer,
+                    overlap: args.overlap,
                     dir: &out.join(format!("outer-{k}")),
+                    live: false,
+                    scenario: Scenario::None,
+                },
+            )?);
+        }
+        if args.compare_overlap {
+            let overlap = !args.overlap;
+            println!(
+                "\ncomparison: the same mesh with overlap {}",
+                if overlap { "on" } else { "off" }
+            );
+            codecs.push(run_federated(
+                &args,
+                &prepared,
+                MeshRun {
+                    codec: &args.codec,
+                    outer: &args.outer,
+                    overlap,
+                    dir: &out.join(if overlap { "overlap-on" } else { "overlap-off" }),
                     live: false,
                     scenario: Scenario::None,
                 },

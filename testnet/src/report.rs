@@ -39,6 +39,8 @@ pub struct FederatedRun {
     pub codec: String,
     /// `--outer` of this run.
     pub outer: String,
+    /// Whether its nodes overlapped the exchange with the next round's training.
+    pub overlap: bool,
     /// `records[node][round]`.
     pub records: Vec<Vec<RoundRecord>>,
     pub seconds: f64,
@@ -50,11 +52,26 @@ pub struct FederatedRun {
 impl FederatedRun {
     /// `codec`, plus the outer optimizer when it is not plain averaging.
     pub fn label(&self) -> String {
-        if self.outer == "average" {
-            self.codec.clone()
-        } else {
-            format!("{}, outer {}", self.codec, self.outer)
+        let mut label = self.codec.clone();
+        if self.outer != "average" {
+            label.push_str(&format!(", outer {}", self.outer));
         }
+        if self.overlap {
+            label.push_str(", overlap");
+        }
+        label
+    }
+
+    /// Time training over wall time, over every node-round that reports it.
+    pub fn utilization(&self) -> Option<f64> {
+        let (mut comp, mut wall) = (0.0, 0.0);
+        for r in self.records.iter().flatten() {
+            if let (Some(c), Some(w)) = (r.timing.t_comp_s, r.timing.t_wait_s) {
+                comp += c;
+                wall += c + w;
+            }
+        }
+        (wall > 0.0).then(|| comp / wall)
     }
 
     /// Mean ROUGE-L over nodes of the last evaluated round.
@@ -368,7 +385,7 @@ fn write_data(
         serde_json::to_string_pretty(&json)?,
     )?;
     let mut csv = String::from(
-        "node,round,train_loss,eval_loss,rouge_l,deltas,mesh_peers,delta_bytes,raw_delta_bytes,payload_in,wire_in,wire_out,amplification,seconds_train,seconds_total,seconds_eval,tokens,granularity,energy_compute_j,energy_comm_j,tokens_per_s_per_w,deadline_s\n",
+        "node,round,train_loss,eval_loss,rouge_l,deltas,mesh_peers,delta_bytes,raw_delta_bytes,payload_in,wire_in,wire_out,amplification,seconds_train,seconds_total,seconds_eval,tokens,granularity,energy_compute_j,energy_comm_j,tokens_per_s_per_w,deadline_s,utilization,t_comp_s,t_wait_s,t_comm_s\n",
     );
     let opt = |v: Option<f64>| v.map_or(String::new(), |x| x.to_string());
     let main = runs.first().context("no federated run to report")?;
@@ -376,7 +393,7 @@ fn write_data(
         for r in records {
             writeln!(
                 csv,
-                "{node},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                "{node},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
                 r.round,
                 opt(r.train_loss),
                 opt(r.eval_loss),
@@ -397,7 +414,11 @@ fn write_data(
                 opt(r.energy.compute_j),
                 opt(r.energy.comm_j),
                 opt(r.energy.tokens_per_s_per_w),
-                r.deadline_s
+                r.deadline_s,
+                opt(r.timing.utilization),
+                opt(r.timing.t_comp_s),
+                opt(r.timing.t_wait_s),
+                opt(r.timing.t_comm_s)
             )?;
         }
     }
@@ -527,6 +548,23 @@ fn write_charts(
     )?;
     chart(
         dir,
+        "utilization",
+        text(
+            "Compute utilization: time training / wall time of the round (mean over nodes)",
+            "%",
+        ),
+        &runs
+            .iter()
+            .map(|run| {
+                Series::new(
+                    &format!("federated ({})", run.label()),
+                    run.mean_by_round(|r| r.timing.utilization.map(|u| 100.0 * u)),
+                )
+            })
+            .collect::<Vec<_>>(),
+    )?;
+    chart(
+        dir,
         "granularity",
         text(
             "Granularity G = compute time / communication time (mean over nodes)",
@@ -650,9 +688,9 @@ fn quality_table(
     writeln!(md, "## Quality and bytes\n")?;
     writeln!(
         md,
-        "| setup | final ROUGE-L | bytes sent per node (wire, whole run) | delta per round (encoded / raw f32) | wall time |"
+        "| setup | final ROUGE-L | bytes sent per node (wire, whole run) | delta per round (encoded / raw f32) | wall time | compute utilization |"
     )?;
-    writeln!(md, "|---|---|---|---|---|")?;
+    writeln!(md, "|---|---|---|---|---|---|")?;
     for run in runs.iter().chain(clean) {
         let (encoded, raw) = run.delta_sizes();
         let label = if run.scenario == "none" {
@@ -666,19 +704,21 @@ fn quality_table(
         };
         writeln!(
             md,
-            "| {label} | {} | {} | {} / {} ({:.1}x) | {:.0} s |",
+            "| {label} | {} | {} | {} / {} ({:.1}x) | {:.0} s | {} |",
             fmt_opt(run.final_rouge_l()),
             human(run.bytes_sent_per_node()),
             human(encoded),
             human(raw),
             raw / encoded.max(1.0),
-            run.seconds
+            run.seconds,
+            run.utilization()
+                .map_or("-".into(), |u| format!("{:.0}%", 100.0 * u))
         )?;
     }
     if let Some(b) = baselines {
         writeln!(
             md,
-            "| each node alone ({} steps, mean over nodes) | {} | 0 | - | {:.0} s (with centralized) |",
+            "| each node alone ({} steps, mean over nodes) | {} | 0 | - | {:.0} s (with centralized) | |",
             b.steps_per_node,
             fmt_opt(b.alone_final()),
             b.seconds
@@ -689,7 +729,7 @@ fn quality_table(
         }
         writeln!(
             md,
-            "| centralized on the union ({} steps, lr {}; best of {}) | {} | 0 | - | |",
+            "| centralized on the union ({} steps, lr {}; best of {}) | {} | 0 | - | | |",
             b.steps_per_node * config.nodes,
             b.centralized_lr,
             b.centralized_tried
@@ -902,9 +942,18 @@ fn energy_lines(md: &mut String, main: &FederatedRun) -> anyhow::Result<()> {
             .filter_map(|r| r.energy.tokens_per_s_per_w)
             .collect(),
     );
+    let utilization = median(
+        main.records
+            .iter()
+            .flatten()
+            .filter_map(|r| r.timing.utilization)
+            .collect(),
+    );
     writeln!(
         md,
-        "Granularity G = T_comp / T_comm (median over node-rounds): {}. Energy: {}.\n",
+        "Compute utilization (time training / wall time, median over node-rounds): {}. \
+         Granularity G = T_comp / T_comm (median over node-rounds): {}. Energy: {}.\n",
+        utilization.map_or("-".into(), |u| format!("{:.0}%", 100.0 * u)),
         granularity.map_or("-".into(), |g| format!("{g:.2}")),
         match efficiency {
             Some(e) => format!(
@@ -931,6 +980,10 @@ fn chart_list(md: &mut String, energy: bool) -> anyhow::Result<()> {
         (
             "round_time",
             "round time split into compute, communication and evaluation",
+        ),
+        (
+            "utilization",
+            "compute utilization per round (time training / wall time)",
         ),
         ("granularity", "granularity G = T_comp / T_comm per round"),
     ]
@@ -959,6 +1012,7 @@ mod tests {
             "mesh_peers": 1, "delta_bytes": sent, "raw_delta_bytes": 4000, "payload_in": sent,
             "wire_in": sent, "wire_out": sent, "amplification": 1.0, "seconds_train": 1.5,
             "seconds_total": 2.0, "seconds_eval": 0.2, "tokens": 900, "granularity": 3.0,
+            "utilization": 0.75, "t_comp_s": 1.5, "t_wait_s": 0.5, "t_comm_s": 0.3,
             "model_hash": format!("h{round}"), "rejected": {}
         }))
         .expect("record")
@@ -969,6 +1023,7 @@ mod tests {
         FederatedRun {
             codec: codec.into(),
             outer: "average".into(),
+            overlap: false,
             records: (0..2)
                 .map(|node| {
                     rouge
@@ -1028,7 +1083,14 @@ mod tests {
     fn summary(runs: &[FederatedRun], baselines: Option<&Baselines>) -> String {
         let dir = tempfile::tempdir().expect("tmp");
         write(dir.path(), &config(), runs, None, baselines).expect("report");
-        for name in ["loss", "rouge", "bytes", "round_time", "granularity"] {
+        for name in [
+            "loss",
+            "rouge",
+            "bytes",
+            "round_time",
+            "utilization",
+            "granularity",
+        ] {
             let svg = std::fs::read_to_string(dir.path().join(format!("{name}.svg")))
                 .expect("svg written");
             assert!(svg.starts_with("<svg"), "{name}");
@@ -1159,6 +1221,7 @@ mod tests {
             ("loss", "node 1"),
             ("bytes", "node 0"),
             ("round_time", "communication + waiting"),
+            ("utilization", "federated (top2%)"),
             ("granularity", "federated (top2%)"),
         ] {
             let svg = std::fs::read_to_string(dir.path().join(format!("{name}.svg"))).expect("svg");

@@ -400,6 +400,8 @@ fn soak_testnet_args(args: &SoakArgs, out: &Path) -> TestnetArgs {
         no_centralized: false,
         keep_residual: false,
         ef_decay: None,
+        overlap: false,
+        compare_overlap: false,
         examples_per_node: args.examples_per_node,
         eval_examples: 4,
         eval_every: args.rounds,
@@ -496,6 +498,7 @@ impl<'a> Soak<'a> {
             ip: "127.0.0.1",
             codec: &self.args.codec,
             outer: "average",
+            overlap: false,
             wait_for,
         };
         let name = format!("node-{i}");

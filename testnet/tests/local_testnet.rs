@@ -570,3 +570,57 @@ fn nodes_that_keep_their_residual_still_end_on_one_mesh_model() {
         "{stderr}"
     );
 }
+
+/// `--overlap`: every node trains the next round while the current one is exchanged; the mesh
+/// still ends on one model, and every round reports how much of it the node trained.
+#[test]
+fn overlapped_nodes_end_on_one_model_and_report_their_utilization() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let summary = small_run(dir.path(), 3, &["--overlap", "--no-compare"]);
+    assert!(summary.contains("Compute utilization"), "{summary}");
+    let mut hashes = std::collections::BTreeSet::new();
+    for i in 0..4 {
+        let path = dir
+            .path()
+            .join(format!("run/federated/node-{i}/rounds.jsonl"));
+        let text = std::fs::read_to_string(&path).expect("rounds.jsonl");
+        let records: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("record"))
+            .collect();
+        assert_eq!(records.len(), 3, "node {i}: {text}");
+        for record in &records {
+            let utilization = record["utilization"].as_f64().expect("utilization");
+            let comp = record["t_comp_s"].as_f64().expect("t_comp_s");
+            let wait = record["t_wait_s"].as_f64().expect("t_wait_s");
+            assert!((0.0..=1.0).contains(&utilization), "{record}");
+            assert!(comp >= 0.0 && wait >= 0.0, "{record}");
+            assert!(record["t_comm_s"].as_f64().is_some(), "{record}");
+        }
+        hashes.insert(records[2]["model_hash"].to_string());
+    }
+    assert_eq!(
+        hashes.len(),
+        1,
+        "the nodes ended on different models: {hashes:?}"
+    );
+    let csv = std::fs::read_to_string(dir.path().join("run/report/rounds.csv")).expect("csv");
+    assert!(
+        csv.lines()
+            .next()
+            .expect("header")
+            .ends_with("utilization,t_comp_s,t_wait_s,t_comm_s"),
+        "{csv}"
+    );
+    assert!(dir.path().join("run/report/utilization.svg").exists());
+    let output = Command::new(env!("CARGO_BIN_EXE_meshtune-testnet"))
+        .args(["--overlap", "--topology", "gossip:2", "--no-compare"])
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--overlap needs --topology all"),
+        "{stderr}"
+    );
+}

@@ -1,10 +1,12 @@
 //! Gossip averaging without I/O: the all-to-all round state machine ([`round`]), the sparse
-//! gossip state machine ([`gossip`]) and the arithmetic of combining deltas and applying them
+//! gossip state machine ([`gossip`]), the overlap of the exchange with the next local phase
+//! ([`overlap`]) and the arithmetic of combining deltas and applying them
 //! ([`aggregate`]). Nothing here touches tokio, libp2p or burn: inputs are events and time,
 //! outputs are actions, tested on simulated time.
 
 pub mod aggregate;
 pub mod gossip;
+pub mod overlap;
 pub mod round;
 
 /// A peer's identity as the state machines see it: anything small, copyable and totally

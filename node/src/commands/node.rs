@@ -133,6 +133,11 @@ pub struct NodeArgs {
     /// `ef_decay` in node.toml.
     #[arg(long, env = "MESHTUNE_EF_DECAY")]
     pub ef_decay: Option<f32>,
+    /// Train the next round's local phase while this round's deltas are exchanged, then move
+    /// it onto the mesh's new model (one-step delayed application); `topology = "all"`,
+    /// without `keep_residual`. Also `overlap = true` in node.toml.
+    #[arg(long, env = "MESHTUNE_OVERLAP")]
+    pub overlap: bool,
     #[arg(long, env = "MESHTUNE_DEVICE", default_value = "cpu")]
     pub device: DeviceChoice,
     /// Compute precision: auto (from the device: bf16 on compute capability >= 8.0, fp16 with
@@ -219,6 +224,8 @@ pub struct MeshSettings {
     pub keep_residual: bool,
     /// See `--ef-decay`.
     pub ef_decay: f32,
+    /// See `--overlap`.
+    pub overlap: bool,
 }
 
 impl Default for MeshSettings {
@@ -250,6 +257,7 @@ impl Default for MeshSettings {
             stream_state_mib: 256,
             keep_residual: false,
             ef_decay: 1.0,
+            overlap: false,
         }
     }
 }
@@ -308,6 +316,9 @@ pub fn resolve(args: &NodeArgs) -> anyhow::Result<(MeshSettings, TrainConfig)> {
     }
     if let Some(v) = args.ef_decay {
         mesh.ef_decay = v;
+    }
+    if args.overlap {
+        mesh.overlap = true;
     }
     if let Some(v) = &args.outer {
         mesh.outer = v.parse()?;
@@ -586,6 +597,12 @@ fn coordinator_config(
     );
     config.keep_residual = settings.keep_residual;
     config.ef_decay = settings.ef_decay;
+    anyhow::ensure!(
+        !settings.overlap || (topology == Topology::All && !settings.keep_residual),
+        "overlap works with topology \"all\" and without keep_residual (a rebase moves the \
+         ahead phase onto the mesh's model, which keep_residual replaces with its own)"
+    );
+    config.overlap = settings.overlap;
     config.round = RoundConfig {
         quorum: settings.quorum,
         min_deltas: settings.min_deltas,

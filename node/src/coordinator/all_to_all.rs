@@ -51,10 +51,12 @@ use super::config::{CoordinatorConfig, RunSummary, Start};
 use super::inbox::{Inbox, Keep, linger, sleep_until};
 use super::ledger::{Ledger, checkpoint_extras};
 use super::metrics::WireBytes;
-use super::record::{RoundRecord, RoundWork};
+use super::persist::{Persist, Persisted, spawn_persister};
+use super::record::{RoundRecord, RoundTiming, RoundWork};
 use super::sync::{fetch_state, final_states, mesh_ahead};
 use super::tasks::{self, Done, Position, Shared, TrainJob};
 use crate::averaging::aggregate::{Contribution, OuterState, aggregate, apply_outer_step, screen};
+use crate::averaging::overlap::{self, OverlapConfig, OverlapMachine};
 use crate::averaging::round::{
     self, Phase, RejectReason, RoundMachine, Verdict, final_state_winner,
 };
@@ -83,6 +85,8 @@ struct OpenRound {
     deltas_used: usize,
     contributors: Vec<String>,
     round_base: ModelHash,
+    /// When this node's delta was announced (the exchange's start).
+    published_at: Option<Instant>,
 }
 
 impl OpenRound {
@@ -100,6 +104,7 @@ impl OpenRound {
             deltas_used: 0,
             contributors: Vec::new(),
             round_base: base,
+            published_at: None,
         }
     }
 }
@@ -117,8 +122,13 @@ pub struct Coordinator {
     outer_state: OuterState,
     /// `None` while a training task holds the residuals.
     feedback: Option<ErrorFeedback>,
-    /// A round to train once the running training task returns.
-    pending_train: Option<(u64, ModelHash)>,
+    /// A round to train (or publish from its ahead phase) once the running training task
+    /// returns.
+    pending_train: Option<(u64, ModelHash, Option<TrainReport>)>,
+    /// Which round trains ahead of the exchange (`--overlap`).
+    overlap: OverlapMachine,
+    /// The report of the last ahead phase, until its round is published.
+    ahead_report: Option<(u64, TrainReport)>,
     position: Position,
     manifests: HashMap<(u64, PeerId), Arc<DeltaManifest>>,
     deltas: HashMap<(u64, PeerId), TensorSet>,
@@ -126,6 +136,12 @@ pub struct Coordinator {
     rejected: BTreeMap<String, u64>,
     mesh_peers: usize,
     open: OpenRound,
+    /// Applied rounds go here to be written down (checkpoint, served state, record).
+    persister: mpsc::Sender<Persist>,
+    /// Rounds handed to the persister and not yet written down.
+    persisting: usize,
+    /// Task reports received while waiting for the persister, handled next.
+    stashed: VecDeque<Done>,
 }
 
 impl Coordinator {
@@ -148,7 +164,7 @@ impl Coordinator {
         let mut base = start.trainer.weights().await?;
         if config.keep_residual && feedback.squared_norm() > 0.0 {
             // The checkpoint holds the mesh's model; this node trains on from it plus its
-            // residual (see `checkpoint_mesh_model`).
+            // residual (see `checkpoint_weights`).
             let own = tasks::plus_residual(&base, &feedback);
             start.trainer.set_weights(own).await?;
         }
@@ -185,6 +201,7 @@ impl Coordinator {
             )
             .await;
         let (done, done_rx) = mpsc::channel(64);
+        let persister = spawn_persister(start.store.clone(), config.clone(), me, done.clone());
         let wire = start.metrics.wire_bytes();
         let mut coordinator = Self {
             open: OpenRound::new(&config, wire, base_hash),
@@ -199,12 +216,21 @@ impl Coordinator {
             outer_state,
             feedback: Some(feedback),
             pending_train: None,
+            overlap: OverlapMachine::new(OverlapConfig {
+                enabled: config.overlap,
+                rounds: config.rounds,
+                last_round_trains: !config.final_exchange,
+            }),
+            ahead_report: None,
             position: Position::new(round, base_hash),
             manifests: HashMap::new(),
             deltas: HashMap::new(),
             seen_senders: HashSet::new(),
             rejected: BTreeMap::new(),
             mesh_peers: inbox.mesh_peers,
+            persister,
+            persisting: 0,
+            stashed: VecDeque::new(),
         };
         coordinator.feed(Input::PeerCount(inbox.mesh_peers));
         Ok((coordinator, done_rx))
@@ -231,8 +257,14 @@ impl Coordinator {
             while let Some(action) = self.queue.pop_front() {
                 self.perform(action).await?;
             }
-            if self.all_rounds_applied() {
+            if self.all_rounds_applied() && self.persisting == 0 {
                 break;
+            }
+            if let Some(done) = self.stashed.pop_front() {
+                if let Some(input) = self.on_done(done, &mut done_rx).await? {
+                    self.feed(input);
+                }
+                continue;
             }
             let deadline = self.machine.deadline();
             let input = tokio::select! {
@@ -245,17 +277,20 @@ impl Coordinator {
                 },
                 done = done_rx.recv() => match done {
                     None => break,
-                    Some(done) => self.on_done(done).await?,
+                    Some(done) => self.on_done(done, &mut done_rx).await?,
                 },
             };
             if let Some(input) = input {
                 self.feed(input);
             }
         }
+        // What was applied is written down before the node stops.
+        self.flush_persists(&mut done_rx).await?;
         let adopted = self.finish(&mut inbox, &shutdown).await?;
-        if self.all_rounds_applied() && self.shared.config.keep_residual {
+        let config = &self.shared.config;
+        if self.all_rounds_applied() && (config.keep_residual || config.overlap) {
             // The run is over: the node ends on the model the mesh agreed on (its residual
-            // stays in the checkpoint).
+            // stays in the checkpoint; an overlapped node holds its last rebased phase).
             self.shared.trainer.set_weights(self.base.clone()).await?;
         }
         Ok(RunSummary {
@@ -289,7 +324,12 @@ impl Coordinator {
     /// Carries out one of the machine's actions.
     async fn perform(&mut self, action: Action) -> anyhow::Result<()> {
         match action {
-            Action::Train { round, base } => self.train(round, base),
+            Action::Train { round, base } => {
+                let actions = self
+                    .overlap
+                    .handle(overlap::Input::Requested { round, base });
+                self.perform_overlap(actions);
+            }
             Action::Fetch { sender, round } => self.fetch(sender, round).await,
             Action::Aggregate { round, own, peers } => self.aggregate(round, own, &peers)?,
             Action::SyncState { from, round } => {
@@ -323,8 +363,26 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Starts training `round` from `base` (now, or when the running training returns).
-    fn train(&mut self, round: u64, base: ModelHash) {
+    /// Carries out the overlap machine's actions.
+    fn perform_overlap(&mut self, actions: Vec<overlap::Action>) {
+        for action in actions {
+            match action {
+                overlap::Action::Train { round, base } => self.train(round, base, None),
+                overlap::Action::Publish { round, base } => {
+                    let report = self.ahead_report.take().filter(|(r, _)| *r == round);
+                    self.train(round, base, report.map(|(_, report)| report));
+                }
+                overlap::Action::TrainAhead { round } => {
+                    let steps = self.shared.config.local_steps;
+                    tokio::spawn(tasks::train_ahead(round, steps, self.shared.clone()));
+                }
+            }
+        }
+    }
+
+    /// Starts training `round` from `base`, or rebasing its ahead phase (`ahead`) onto it (now,
+    /// or when the running training returns).
+    fn train(&mut self, round: u64, base: ModelHash, ahead: Option<TrainReport>) {
         let config = &self.shared.config;
         if base != self.base_hash || config.rounds.is_some_and(|n| round >= n) {
             return;
@@ -336,7 +394,7 @@ impl Coordinator {
             config.local_steps
         };
         let Some(feedback) = self.feedback.take() else {
-            self.pending_train = Some((round, base));
+            self.pending_train = Some((round, base, ahead));
             return;
         };
         self.open = OpenRound::new(config, self.shared.metrics.wire_bytes(), self.base_hash);
@@ -349,6 +407,7 @@ impl Coordinator {
             feedback,
             me: self.me,
             position: self.position.clone(),
+            ahead,
         };
         tokio::spawn(tasks::train_and_publish(job, self.shared.clone()));
     }
@@ -522,19 +581,51 @@ impl Coordinator {
         acceptance
     }
 
-    /// Queues the training that waited for the running one.
+    /// Starts the training that waited for the running one.
     fn resume_pending_train(&mut self) -> bool {
         match self.pending_train.take() {
-            Some((round, base)) => {
-                self.queue.push_back(Action::Train { round, base });
+            Some((round, base, ahead)) => {
+                self.train(round, base, ahead);
                 true
             }
             None => false,
         }
     }
 
+    /// Waits until every applied round is written down; other reports are kept for later.
+    async fn flush_persists(&mut self, done_rx: &mut mpsc::Receiver<Done>) -> anyhow::Result<()> {
+        while self.persisting > 0 {
+            match done_rx.recv().await {
+                Some(Done::Persisted(persisted)) => self.on_persisted(*persisted)?,
+                Some(other) => self.stashed.push_back(other),
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// An applied round is on disk: its record goes to `rounds.jsonl`.
+    fn on_persisted(&mut self, persisted: Persisted) -> anyhow::Result<()> {
+        self.persisting = self.persisting.saturating_sub(1);
+        let Persisted {
+            round,
+            record,
+            checkpoint_s,
+            serve_s,
+            result,
+        } = persisted;
+        result?;
+        self.ledger.record(record)?;
+        tracing::debug!(round, checkpoint_s, serve_s, "round written down");
+        Ok(())
+    }
+
     /// A finished task as the machine's input.
-    async fn on_done(&mut self, done: Done) -> anyhow::Result<Option<Input>> {
+    async fn on_done(
+        &mut self,
+        done: Done,
+        done_rx: &mut mpsc::Receiver<Done>,
+    ) -> anyhow::Result<Option<Input>> {
         Ok(match done {
             Done::Published {
                 round,
@@ -557,6 +648,7 @@ impl Coordinator {
                     self.open.report = Some(report);
                     self.open.delta_bytes = delta_bytes;
                     self.open.raw_bytes = raw_bytes;
+                    self.open.published_at = Some(Instant::now());
                     self.shared.metrics.bytes("delta_out", delta_bytes);
                 }
                 self.resume_pending_train();
@@ -576,6 +668,30 @@ impl Coordinator {
                 // Publish nothing, but let the round complete on peers' deltas.
                 (!self.resume_pending_train()).then_some(Input::LocalTrainingFailed { round })
             }
+            Done::TrainerFree { round } => {
+                let actions = self.overlap.handle(overlap::Input::TrainerFree { round });
+                self.perform_overlap(actions);
+                None
+            }
+            Done::AheadTrained { round, result } => {
+                let ok = match result {
+                    Ok(report) => {
+                        self.ahead_report = Some((round, report));
+                        true
+                    }
+                    Err(error) => {
+                        tracing::warn!(
+                            round,
+                            error,
+                            "training ahead failed; the round trains from its base"
+                        );
+                        false
+                    }
+                };
+                let actions = self.overlap.handle(overlap::Input::AheadDone { round, ok });
+                self.perform_overlap(actions);
+                None
+            }
             Done::Fetched {
                 sender,
                 round,
@@ -587,8 +703,15 @@ impl Coordinator {
                 hash,
                 eval,
             } => Some(self.close_round(round, *base, hash, eval).await?),
+            Done::Persisted(persisted) => {
+                self.on_persisted(*persisted)?;
+                None
+            }
             Done::Synced { from, result } => match result {
                 Ok((round, weights, outer)) => {
+                    // The rounds before the adopted one are written down first, so that
+                    // `rounds.jsonl` stays in order.
+                    self.flush_persists(done_rx).await?;
                     if let Some(fb) = self.feedback.as_mut() {
                         fb.clear();
                     }
@@ -658,6 +781,7 @@ impl Coordinator {
         let metrics = &self.shared.metrics;
         metrics.round_seconds.set(record.seconds_total);
         metrics.record_energy(&record.energy);
+        metrics.record_timing(&record.timing);
         if let Some(e) = eval {
             metrics.eval_loss.set(e.loss);
             metrics.eval_rouge_l.set(e.rouge_l);
@@ -681,39 +805,39 @@ impl Coordinator {
             &self.shared.config,
             &self.base,
         );
-        self.checkpoint_mesh_model(round + 1, hash, extras).await?;
-        self.ledger.record(record)?;
-        self.ledger
-            .serve(round + 1, &self.base, &self.outer_state)?;
+        let written = self
+            .ledger
+            .checkpoint_queued(round + 1, hash, extras, self.checkpoint_weights())
+            .await?;
+        let persist = Persist {
+            round,
+            record,
+            written,
+            base: self.base.clone(),
+            outer: self.outer_state.clone(),
+        };
+        self.persister
+            .send(persist)
+            .await
+            .map_err(|_| anyhow::anyhow!("the persister task stopped"))?;
+        self.persisting += 1;
         Ok(Input::RoundApplied {
             round,
             new_base: hash,
         })
     }
 
-    /// Checkpoints the mesh's model. Under `keep_residual` the trainer holds the mesh's model
-    /// plus this node's residual: it is given the mesh's model to save, then its own back, so
-    /// a checkpoint (what a restart resumes from and `model export` writes) is the model the
-    /// mesh agreed on, and the residual is saved once, with the extras.
-    async fn checkpoint_mesh_model(
-        &self,
-        next_round: u64,
-        hash: ModelHash,
-        extras: Vec<meshtune_model::checkpoint::HostParam>,
-    ) -> anyhow::Result<()> {
+    /// The weights a checkpoint saves when the trainer holds another model than the mesh's:
+    /// its own plus its residual under `keep_residual`, its ahead phase under overlap. A
+    /// checkpoint (what a restart resumes from and `model export` writes) is always the
+    /// model the mesh agreed on, and the residual is saved once, with the extras.
+    fn checkpoint_weights(&self) -> Option<TensorSet> {
+        let config = &self.shared.config;
         let kept = self
             .feedback
             .as_ref()
-            .filter(|f| self.shared.config.keep_residual && f.squared_norm() > 0.0);
-        if kept.is_some() {
-            self.shared.trainer.set_weights(self.base.clone()).await?;
-        }
-        self.ledger.checkpoint(next_round, hash, extras).await?;
-        if let Some(feedback) = kept {
-            let own = tasks::plus_residual(&self.base, feedback);
-            self.shared.trainer.set_weights(own).await?;
-        }
-        Ok(())
+            .is_some_and(|f| config.keep_residual && f.squared_norm() > 0.0);
+        (kept || config.overlap).then(|| self.base.clone())
     }
 
     /// What the round did, from the open round's bookkeeping.
@@ -728,6 +852,7 @@ impl Coordinator {
             .and_then(EnergyMeter::joules)
             .zip(open.energy_at_start)
             .map(|(now, start)| now - start);
+        let busy = self.shared.take_busy();
         let work = RoundWork {
             report: open.report,
             eval,
@@ -745,6 +870,7 @@ impl Coordinator {
             base_hash: open.round_base.to_string(),
             contributors: std::mem::take(&mut open.contributors),
             rejected: std::mem::take(&mut self.rejected),
+            timing: RoundTiming::new(busy, open.published_at),
             ..RoundRecord::of_work(round, self.me, hash, work)
         }
     }
@@ -810,7 +936,7 @@ impl Coordinator {
                 // This node's record of the last round exists, so `adopt` writes no catch-up
                 // record; that record is rewritten below instead.
                 let mesh_peers = self.mesh_peers;
-                (_, self.base_hash) = self
+                (self.base, self.base_hash) = self
                     .ledger
                     .adopt(peer, final_round, *weights, &outer, mesh_peers)
                     .await?;

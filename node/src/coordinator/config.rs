@@ -76,6 +76,9 @@ pub struct CoordinatorConfig {
     /// Error feedback with decay: each round, before the new delta is added, the residual is
     /// multiplied by this (1: plain error feedback, 0: none). Ignored under `keep_residual`.
     pub ef_decay: f32,
+    /// Train the next round's local phase while this one is exchanged, and rebase it onto the
+    /// aggregate (see `averaging::overlap`); topology "all", without `keep_residual`.
+    pub overlap: bool,
 }
 
 /// The bad deltas a deliberately byzantine node sends (`meshtune node --byzantine`).
@@ -155,6 +158,7 @@ impl CoordinatorConfig {
             topology: Topology::All,
             keep_residual: false,
             ef_decay: 1.0,
+            overlap: false,
         }
     }
 }

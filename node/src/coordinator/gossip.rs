@@ -692,7 +692,7 @@ impl GossipShell {
         self.start.metrics.deltas_used.set(heard.len() as i64 + 1);
         self.start.metrics.round_seconds.set(record.seconds_total);
         self.ledger
-            .checkpoint(round + 1, hash, self.anchor_extras.clone())
+            .checkpoint(round + 1, hash, self.anchor_extras.clone(), None)
             .await?;
         self.ledger.record(record)
     }

@@ -73,9 +73,11 @@ impl Ledger {
         next_round: u64,
         hash: ModelHash,
         extras: Vec<HostParam>,
+        weights: Option<TensorSet>,
     ) -> anyhow::Result<()> {
         self.trainer
             .save(
+                weights,
                 self.checkpoints.clone(),
                 next_round as usize,
                 serde_json::json!({
@@ -88,6 +90,33 @@ impl Ledger {
             .await
             .with_context(|| format!("checkpoint before round {next_round}"))?;
         Ok(())
+    }
+
+    /// [`Self::checkpoint`] that returns once the checkpoint is taken (ahead of any later
+    /// trainer command); the returned future ends when it is on disk.
+    pub async fn checkpoint_queued(
+        &self,
+        next_round: u64,
+        hash: ModelHash,
+        extras: Vec<HostParam>,
+        weights: Option<TensorSet>,
+    ) -> anyhow::Result<super::persist::Written> {
+        let written = self
+            .trainer
+            .save_queued(
+                weights,
+                self.checkpoints.clone(),
+                next_round as usize,
+                serde_json::json!({
+                    "next_round": next_round,
+                    "model_hash": hash.to_string(),
+                    "topology": self.config.topology.to_string(),
+                }),
+                extras,
+            )
+            .await
+            .with_context(|| format!("checkpoint before round {next_round}"))?;
+        Ok(Box::pin(written))
     }
 
     /// Appends `record` to `rounds.jsonl` and keeps it.
@@ -127,7 +156,7 @@ impl Ledger {
         self.trainer.set_weights(weights.clone()).await?;
         let hash = ModelHash::of_tensors(&weights);
         let extras = checkpoint_extras(None, outer, &self.config, &weights);
-        self.checkpoint(round, hash, extras)
+        self.checkpoint(round, hash, extras, None)
             .await
             .context("checkpoint after adopting a peer's state")?;
         if let Some(last) = round.checked_sub(1)

@@ -6,7 +6,8 @@
 //! `…_payload_bytes_total{kind=delta_in|delta_out|state_in}`, `…_served_bytes_total{kind}`,
 //! `…_rejected_total{reason}` (deltas), `…_gossip_rejected_total{reason}` (manifests),
 //! `…_peer_strikes_total{reason}`, `…_blacklisted_peers`, `…_round_energy_joules{kind}`,
-//! `…_tokens_per_s_per_w`, `…_granularity`, `…_final_state_adopted_total`,
+//! `…_tokens_per_s_per_w`, `…_granularity`, `…_utilization` and
+//! `…_round_time_seconds{kind=comp|wait|comm}` (see `RoundTiming`), `…_final_state_adopted_total`,
 //! `…_lineage_merges_total`, `…_wire_bytes_total{protocol,direction}` (substream bytes by
 //! application protocol: blobs, kad, identify, ping, gossipsub, ...; `rounds.jsonl` has the
 //! round's inbound split as `wire_in_by_protocol`), plus libp2p's swarm metrics and
@@ -56,6 +57,8 @@ pub struct NodeMetrics {
     energy_j: Family<KindLabel, Gauge<f64, AtomicU64>>,
     tokens_per_s_per_w: Gauge<f64, AtomicU64>,
     granularity: Gauge<f64, AtomicU64>,
+    utilization: Gauge<f64, AtomicU64>,
+    round_time: Family<KindLabel, Gauge<f64, AtomicU64>>,
     bytes: Family<KindLabel, Counter>,
     rejected: Family<ReasonLabel, Counter>,
     /// Filled in after registration is complete (the registry is shared with the server).
@@ -75,6 +78,8 @@ impl NodeMetrics {
             final_state_adopted: Counter::default(),
             lineage_merges: Counter::default(),
             energy_j: Family::default(),
+            utilization: Gauge::default(),
+            round_time: Family::default(),
             tokens_per_s_per_w: Gauge::default(),
             granularity: Gauge::default(),
             bytes: Family::default(),
@@ -139,6 +144,16 @@ impl NodeMetrics {
             metrics.granularity.clone(),
         );
         sub.register(
+            "utilization",
+            "Fraction of the last round's wall time the trainer trained",
+            metrics.utilization.clone(),
+        );
+        sub.register(
+            "round_time_seconds",
+            "The last round's time training (comp), not training (wait), and from publishing to the aggregate (comm)",
+            metrics.round_time.clone(),
+        );
+        sub.register(
             "payload_bytes",
             "Delta and state payload bytes by kind",
             metrics.bytes.clone(),
@@ -174,6 +189,24 @@ impl NodeMetrics {
         }
         if let Some(v) = energy.granularity {
             self.granularity.set(v);
+        }
+    }
+
+    /// Sets the utilization gauges from a finished round.
+    pub fn record_timing(&self, timing: &super::record::RoundTiming) {
+        if let Some(u) = timing.utilization {
+            self.utilization.set(u);
+        }
+        for (kind, value) in [
+            ("comp", timing.t_comp_s),
+            ("wait", timing.t_wait_s),
+            ("comm", timing.t_comm_s),
+        ] {
+            if let Some(v) = value {
+                self.round_time
+                    .get_or_create(&KindLabel { kind: kind.into() })
+                    .set(v);
+            }
         }
     }
 

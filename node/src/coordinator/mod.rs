@@ -5,7 +5,8 @@
 //!
 //! - [`all_to_all`] and [`gossip`]: the two shells, one per machine;
 //! - [`tasks`]: the all-to-all shell's spawned work (train + publish, fetch, apply, sync);
-//! - [`ledger`]: checkpoints, `rounds.jsonl` ([`record`]) and the served state;
+//! - [`ledger`]: checkpoints, `rounds.jsonl` ([`record`]) and the served state; [`persist`]:
+//!   writing an applied round down while the next one trains;
 //! - [`inbox`]: the network's event channel, drained during every wait;
 //! - [`sync`]: taking a peer's state; [`metrics`]: the node's Prometheus metrics.
 //!
@@ -19,6 +20,7 @@ pub mod gossip;
 pub mod inbox;
 pub mod ledger;
 pub mod metrics;
+pub mod persist;
 pub mod record;
 pub mod sync;
 pub mod tasks;

@@ -12,6 +12,7 @@ use meshtune_protocol::ModelHash;
 use serde::{Deserialize, Serialize};
 
 use super::metrics::WireBytes;
+use crate::averaging::overlap::Busy;
 use crate::energy::RoundEnergy;
 use crate::trainer::{EvalReport, TrainReport};
 
@@ -55,6 +56,9 @@ pub struct RoundRecord {
     /// Compute vs communication energy, tokens/s/W and granularity G.
     #[serde(default, flatten)]
     pub energy: RoundEnergy,
+    /// Compute utilization and where the round's wall time went.
+    #[serde(default, flatten)]
+    pub timing: RoundTiming,
     pub model_hash: String,
     /// The model the round's deltas were applied to.
     #[serde(default)]
@@ -77,6 +81,36 @@ pub struct RoundRecord {
     /// a round this node trained or aggregated, so it has no loss, deltas or base.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub synced_from: Option<String>,
+}
+
+/// Where a round's wall time went. The window is from the previous record to this one, so
+/// an overlapped node's training of the next round during this round's exchange counts here.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct RoundTiming {
+    /// `t_comp_s / (t_comp_s + t_wait_s)`: the fraction of the window the trainer trained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilization: Option<f64>,
+    /// Seconds the trainer trained in the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub t_comp_s: Option<f64>,
+    /// Seconds it did not (waiting for deltas, encoding, evaluating, checkpointing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub t_wait_s: Option<f64>,
+    /// Seconds from announcing this node's delta to the round's aggregate being applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub t_comm_s: Option<f64>,
+}
+
+impl RoundTiming {
+    /// The timing of a window of `busy`, whose exchange started at `published`.
+    pub fn new(busy: Busy, published: Option<std::time::Instant>) -> Self {
+        Self {
+            utilization: Some(busy.utilization()),
+            t_comp_s: Some(busy.busy.as_secs_f64()),
+            t_wait_s: Some(busy.idle().as_secs_f64()),
+            t_comm_s: published.map(|at| at.elapsed().as_secs_f64()),
+        }
+    }
 }
 
 impl RoundRecord {
@@ -105,6 +139,7 @@ impl RoundRecord {
             deadline_s: 0.0,
             tokens: 0,
             energy: RoundEnergy::default(),
+            timing: RoundTiming::default(),
             model_hash: hash.to_string(),
             base_hash: String::new(),
             contributors: Vec::new(),

@@ -20,6 +20,7 @@ use super::config::CoordinatorConfig;
 use super::metrics::NodeMetrics;
 use super::sync::{SyncError, SyncedState, fetch_state};
 use crate::averaging::aggregate::{difference, l2_norm};
+use crate::averaging::overlap::{Busy, BusyClock};
 use crate::energy::EnergyMeter;
 use crate::network::Client;
 use crate::network::fetch::{FetchError, fetch_blob};
@@ -48,6 +49,13 @@ pub enum Done {
         error: String,
         feedback: ErrorFeedback,
     },
+    /// The trainer is done with `round`'s delta (the encoding and announcing go on).
+    TrainerFree { round: u64 },
+    /// An ahead phase of `round` ended (see `averaging::overlap`).
+    AheadTrained {
+        round: u64,
+        result: Result<TrainReport, String>,
+    },
     Fetched {
         sender: PeerId,
         round: u64,
@@ -63,6 +71,8 @@ pub enum Done {
         from: PeerId,
         result: Result<SyncedState, SyncError>,
     },
+    /// An applied round is written down (see `coordinator::persist`).
+    Persisted(Box<super::persist::Persisted>),
 }
 
 /// Why a peer's delta is not usable.
@@ -144,6 +154,9 @@ pub struct TrainJob {
     pub feedback: ErrorFeedback,
     pub me: PeerId,
     pub position: Position,
+    /// The report of the round's local phase, trained ahead (overlap): the task rebases it
+    /// onto `base` instead of training.
+    pub ahead: Option<TrainReport>,
 }
 
 /// The handles every task uses.
@@ -155,6 +168,8 @@ pub struct Shared {
     pub store: Arc<Mutex<BlobStore>>,
     pub metrics: NodeMetrics,
     pub done: mpsc::Sender<Done>,
+    /// When the trainer computes (the rounds' utilization).
+    pub busy: Arc<Mutex<BusyClock>>,
 }
 
 impl Shared {
@@ -166,7 +181,31 @@ impl Shared {
             store: start.store,
             metrics: start.metrics,
             done,
+            busy: Arc::new(Mutex::new(BusyClock::new(Instant::now()))),
         }
+    }
+
+    /// Marks the trainer busy (`true`) or idle now.
+    pub fn set_busy(&self, busy: bool) {
+        let mut clock = match self.busy.lock() {
+            Ok(clock) => clock,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let now = Instant::now();
+        if busy {
+            clock.start(now)
+        } else {
+            clock.stop(now)
+        }
+    }
+
+    /// The trainer's busy and wall time since the last call.
+    pub fn take_busy(&self) -> Busy {
+        let mut clock = match self.busy.lock() {
+            Ok(clock) => clock,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        clock.take(Instant::now())
     }
 }
 
@@ -192,6 +231,7 @@ pub async fn train_and_publish(job: TrainJob, shared: Shared) {
         feedback,
         me,
         position,
+        ahead,
     } = job;
     let fail = |error: String, feedback| Done::TrainFailed {
         round,
@@ -207,13 +247,18 @@ pub async fn train_and_publish(job: TrainJob, shared: Shared) {
     } else {
         base.clone()
     };
-    let (report, after) = match train_local(&shared, start, steps).await {
+    let trained = match ahead {
+        Some(report) => rebase_or_train(&shared, base.clone(), report, steps).await,
+        None => train_local(&shared, start, steps).await,
+    };
+    let (report, after) = match trained {
         Ok(trained) => trained,
         Err(err) => {
             let _ = shared.done.send(fail(format!("{err:#}"), feedback)).await;
             return;
         }
     };
+    let _ = shared.done.send(Done::TrainerFree { round }).await;
     let misbehave = shared.config.misbehave.map(|m| m.in_round(round));
     let config = shared.config.clone();
     let samples = report.samples.max(1);
@@ -301,10 +346,50 @@ async fn train_local(
     shared.trainer.set_weights(base).await?;
     let energy = shared.config.energy.as_ref();
     let before = energy.and_then(EnergyMeter::joules);
-    let mut report = shared.trainer.train(steps).await?;
+    shared.set_busy(true);
+    let report = shared.trainer.train(steps).await;
+    shared.set_busy(false);
+    let mut report = report?;
     let after = energy.and_then(EnergyMeter::joules);
     report.energy_j = before.zip(after).map(|(b, a)| a - b);
     Ok((report, shared.trainer.weights().await?))
+}
+
+/// The round's local phase as trained ahead, moved onto `base` (the weights after it), or,
+/// when the model was replaced since (a sync), trained again from `base`.
+async fn rebase_or_train(
+    shared: &Shared,
+    base: TensorSet,
+    report: TrainReport,
+    steps: usize,
+) -> anyhow::Result<(TrainReport, TensorSet)> {
+    match shared.trainer.rebase(base.clone()).await? {
+        Some(after) => Ok((report, after)),
+        None => {
+            tracing::info!(
+                "the model was replaced during the ahead phase: training the round from its base"
+            );
+            train_local(shared, base, steps).await
+        }
+    }
+}
+
+/// Trains `round`'s local phase ahead, on from the trainer's current model, while the previous
+/// round is exchanged (see `averaging::overlap`).
+pub async fn train_ahead(round: u64, steps: usize, shared: Shared) {
+    let energy = shared.config.energy.as_ref();
+    let before = energy.and_then(EnergyMeter::joules);
+    shared.set_busy(true);
+    let result = shared.trainer.train_ahead(steps).await;
+    shared.set_busy(false);
+    let after = energy.and_then(EnergyMeter::joules);
+    let result = result
+        .map(|mut report| {
+            report.energy_j = before.zip(after).map(|(b, a)| a - b);
+            report
+        })
+        .map_err(|err| format!("{err:#}"));
+    let _ = shared.done.send(Done::AheadTrained { round, result }).await;
 }
 
 /// The manifest fields of this node's delta that are not about its bytes.
@@ -496,9 +581,9 @@ async fn fetch_and_decode(
 }
 
 /// Gives the trainer the round's new base (plus this node's residual under `keep_residual`:
-/// `own`) and evaluates the mesh's model when asked (under `keep_residual` the base is set
-/// for the evaluation, then the node's own model), so every node reports the quality of the
-/// model the mesh agrees on.
+/// `own`) and evaluates the mesh's model when asked, so every node reports the quality of the
+/// model the mesh agrees on. Under overlap the trainer keeps its model (an ahead phase is on
+/// it) and only evaluates the base.
 pub async fn apply_round(
     round: u64,
     next: TensorSet,
@@ -508,23 +593,26 @@ pub async fn apply_round(
     shared: Shared,
 ) {
     let result = async {
-        if evaluate || own.is_none() {
-            shared.trainer.set_weights(next.clone()).await?;
+        // Whether the trainer holds another model than the base (evaluated on the side).
+        let holds_other = own.is_some() || shared.config.overlap;
+        match own {
+            Some(own) => shared.trainer.set_weights(own).await?,
+            None if !holds_other => shared.trainer.set_weights(next.clone()).await?,
+            None => {}
         }
-        let report = if evaluate {
-            let energy = shared.config.energy.as_ref();
-            let before = energy.and_then(EnergyMeter::joules);
-            let mut report = shared.trainer.evaluate().await?;
-            let after = energy.and_then(EnergyMeter::joules);
-            report.energy_j = before.zip(after).map(|(b, a)| a - b);
-            Some(report)
+        if !evaluate {
+            return anyhow::Ok(None);
+        }
+        let energy = shared.config.energy.as_ref();
+        let before = energy.and_then(EnergyMeter::joules);
+        let mut report = if holds_other {
+            shared.trainer.evaluate_at(next.clone()).await?
         } else {
-            None
+            shared.trainer.evaluate().await?
         };
-        if let Some(own) = own {
-            shared.trainer.set_weights(own).await?;
-        }
-        anyhow::Ok(report)
+        let after = energy.and_then(EnergyMeter::joules);
+        report.energy_j = before.zip(after).map(|(b, a)| a - b);
+        Ok(Some(report))
     }
     .await;
     let eval = result.unwrap_or_else(|err| {

@@ -12,7 +12,7 @@ use anyhow::Context;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use meshtune_model::checkpoint::{
-    HostParam, latest_checkpoint, load_checkpoint, load_extras, save_checkpoint_with_extras,
+    HostParam, latest_checkpoint, load_checkpoint, load_extras, snapshot_checkpoint,
 };
 use meshtune_model::config::T5Config;
 use meshtune_model::data::SamsumRecord;
@@ -86,9 +86,25 @@ pub trait LocalTrainer: Send + 'static {
         state: serde_json::Value,
         extras: Vec<HostParam>,
     ) -> anyhow::Result<PathBuf>;
+    /// Takes a checkpoint now and returns the writing of it, which the trainer thread hands
+    /// to its writer thread so that training does not wait for the disk (the default writes
+    /// at once).
+    fn save_later(
+        &mut self,
+        root: &Path,
+        index: usize,
+        state: serde_json::Value,
+        extras: Vec<HostParam>,
+    ) -> anyhow::Result<CheckpointWrite> {
+        let path = self.save(root, index, state, extras)?;
+        Ok(Box::new(move || Ok(path)))
+    }
     /// Restores the newest checkpoint under `root`, if any.
     fn restore(&mut self, root: &Path) -> anyhow::Result<Option<Restored>>;
 }
+
+/// The disk half of a checkpoint (see [`LocalTrainer::save_later`]).
+pub type CheckpointWrite = Box<dyn FnOnce() -> anyhow::Result<PathBuf> + Send>;
 
 /// A node's own examples: what it trains on, and what it evaluates on.
 #[derive(Debug)]
@@ -259,21 +275,33 @@ impl<B: AutodiffBackend> LocalTrainer for T5Trainer<B> {
         &mut self,
         root: &Path,
         index: usize,
-        mut state: serde_json::Value,
+        state: serde_json::Value,
         extras: Vec<HostParam>,
     ) -> anyhow::Result<PathBuf> {
+        let write = self.save_later(root, index, state, extras)?;
+        write()
+    }
+
+    fn save_later(
+        &mut self,
+        root: &Path,
+        index: usize,
+        mut state: serde_json::Value,
+        extras: Vec<HostParam>,
+    ) -> anyhow::Result<CheckpointWrite> {
         state["epoch"] = self.epoch.into();
         state["position"] = self.position.into();
         state["train_step"] = self.state.step.into();
-        Ok(save_checkpoint_with_extras(
-            root,
+        let snapshot = snapshot_checkpoint(
             index,
             &self.state.model,
             &self.state.optimizer,
             &state,
             2,
             &extras,
-        )?)
+        )?;
+        let root = root.to_path_buf();
+        Ok(Box::new(move || Ok(snapshot.write(&root)?)))
     }
 
     fn restore(&mut self, root: &Path) -> anyhow::Result<Option<Restored>> {
@@ -308,8 +336,16 @@ enum TrainerCommand {
     Weights(Reply<TensorSet>),
     SetWeights(TensorSet, Reply<()>),
     Train(usize, Reply<TrainReport>),
-    Evaluate(Reply<EvalReport>),
+    /// Train on from the current model, remembering it as the anchor of a later `Rebase`.
+    TrainAhead(usize, Reply<TrainReport>),
+    /// Move what was learnt since the anchor onto this base; answers the new weights, or
+    /// `None` when the model was replaced since the anchor (a sync adopted another state).
+    Rebase(TensorSet, Reply<Option<TensorSet>>),
+    /// Evaluate these weights (the current model, if none), keeping the current model.
+    Evaluate(Option<TensorSet>, Reply<EvalReport>),
     Save {
+        /// The weights to save (the current model, if none), keeping the current model.
+        weights: Option<TensorSet>,
         root: PathBuf,
         index: usize,
         state: serde_json::Value,
@@ -317,6 +353,106 @@ enum TrainerCommand {
         reply: Reply<PathBuf>,
     },
     Restore(PathBuf, Reply<Option<Restored>>),
+}
+
+/// The trainer thread's state besides the trainer: the anchor of an ahead phase (the model it
+/// started from, see `averaging::overlap`).
+struct TrainerThread<T> {
+    trainer: T,
+    anchor: Option<TensorSet>,
+    /// Writes checkpoints in the order they were taken, off the training thread.
+    writer: std::sync::mpsc::Sender<(CheckpointWrite, Reply<PathBuf>)>,
+}
+
+impl<T: LocalTrainer> TrainerThread<T> {
+    fn serve(&mut self, command: TrainerCommand) {
+        let trainer = &mut self.trainer;
+        match command {
+            TrainerCommand::Weights(reply) => {
+                let _ = reply.send(trainer.weights());
+            }
+            TrainerCommand::SetWeights(weights, reply) => {
+                // A replaced model has nothing to rebase.
+                self.anchor = None;
+                let _ = reply.send(self.trainer.set_weights(&weights));
+            }
+            TrainerCommand::Train(steps, reply) => {
+                let _ = reply.send(trainer.train(steps));
+            }
+            TrainerCommand::TrainAhead(steps, reply) => {
+                let result = trainer.weights().and_then(|anchor| {
+                    self.anchor = Some(anchor);
+                    self.trainer.train(steps)
+                });
+                let _ = reply.send(result);
+            }
+            TrainerCommand::Rebase(base, reply) => {
+                let _ = reply.send(self.rebase(base));
+            }
+            TrainerCommand::Evaluate(weights, reply) => {
+                let _ = reply.send(self.at(weights, |t| t.evaluate()));
+            }
+            TrainerCommand::Save {
+                weights,
+                root,
+                index,
+                state,
+                extras,
+                reply,
+            } => match self.at(weights, |t| t.save_later(&root, index, state, extras)) {
+                Ok(write) => {
+                    if let Err(std::sync::mpsc::SendError((_, reply))) =
+                        self.writer.send((write, reply))
+                    {
+                        let stopped = anyhow::anyhow!("the checkpoint writer thread stopped");
+                        let _ = reply.send(Err(stopped));
+                    }
+                }
+                Err(err) => {
+                    let _ = reply.send(Err(err));
+                }
+            },
+            TrainerCommand::Restore(root, reply) => {
+                let _ = reply.send(trainer.restore(&root));
+            }
+        }
+    }
+
+    /// `base + (current - anchor)`, made the current model (`None` without an anchor).
+    fn rebase(&mut self, mut base: TensorSet) -> anyhow::Result<Option<TensorSet>> {
+        let Some(anchor) = self.anchor.take() else {
+            return Ok(None);
+        };
+        let current = self.trainer.weights()?;
+        anyhow::ensure!(
+            base.layout() == current.layout() && anchor.layout() == current.layout(),
+            "rebase: the base's layout differs from the model's"
+        );
+        let learnt = current.tensors().iter().zip(anchor.tensors());
+        for ((_, values), (now, then)) in base.values_mut().zip(learnt) {
+            for ((value, now), then) in values.iter_mut().zip(&now.values).zip(&then.values) {
+                *value += now - then;
+            }
+        }
+        self.trainer.set_weights(&base)?;
+        Ok(Some(base))
+    }
+
+    /// Runs `work` on `weights` (when given) and puts the current model back afterwards.
+    fn at<R>(
+        &mut self,
+        weights: Option<TensorSet>,
+        work: impl FnOnce(&mut T) -> anyhow::Result<R>,
+    ) -> anyhow::Result<R> {
+        let Some(weights) = weights else {
+            return work(&mut self.trainer);
+        };
+        let current = self.trainer.weights()?;
+        self.trainer.set_weights(&weights)?;
+        let result = work(&mut self.trainer);
+        self.trainer.set_weights(&current)?;
+        result
+    }
 }
 
 /// The async side of the trainer thread. Dropping every handle stops the thread after its
@@ -334,38 +470,27 @@ impl std::fmt::Debug for TrainerHandle {
 
 impl TrainerHandle {
     /// Moves `trainer` onto its own thread.
-    pub fn spawn(name: &str, mut trainer: impl LocalTrainer) -> anyhow::Result<Self> {
+    pub fn spawn(name: &str, trainer: impl LocalTrainer) -> anyhow::Result<Self> {
         let (commands, mut receiver) = mpsc::channel::<TrainerCommand>(4);
+        let (writer, writes) = std::sync::mpsc::channel::<(CheckpointWrite, Reply<PathBuf>)>();
+        std::thread::Builder::new()
+            .name(format!("checkpoints-{name}"))
+            .spawn(move || {
+                for (write, reply) in writes {
+                    let _ = reply.send(write());
+                }
+            })
+            .context("spawning the checkpoint writer thread")?;
+        let mut thread = TrainerThread {
+            trainer,
+            anchor: None,
+            writer,
+        };
         std::thread::Builder::new()
             .name(format!("trainer-{name}"))
             .spawn(move || {
                 while let Some(command) = receiver.blocking_recv() {
-                    match command {
-                        TrainerCommand::Weights(reply) => {
-                            let _ = reply.send(trainer.weights());
-                        }
-                        TrainerCommand::SetWeights(weights, reply) => {
-                            let _ = reply.send(trainer.set_weights(&weights));
-                        }
-                        TrainerCommand::Train(steps, reply) => {
-                            let _ = reply.send(trainer.train(steps));
-                        }
-                        TrainerCommand::Evaluate(reply) => {
-                            let _ = reply.send(trainer.evaluate());
-                        }
-                        TrainerCommand::Save {
-                            root,
-                            index,
-                            state,
-                            extras,
-                            reply,
-                        } => {
-                            let _ = reply.send(trainer.save(&root, index, state, extras));
-                        }
-                        TrainerCommand::Restore(root, reply) => {
-                            let _ = reply.send(trainer.restore(&root));
-                        }
-                    }
+                    thread.serve(command);
                 }
             })
             .context("spawning the trainer thread")?;
@@ -396,17 +521,39 @@ impl TrainerHandle {
     }
 
     pub async fn evaluate(&self) -> anyhow::Result<EvalReport> {
-        self.call(TrainerCommand::Evaluate).await
+        self.call(|r| TrainerCommand::Evaluate(None, r)).await
     }
 
+    /// Trains `steps` on from the current model, which becomes the anchor of [`Self::rebase`].
+    pub async fn train_ahead(&self, steps: usize) -> anyhow::Result<TrainReport> {
+        self.call(|r| TrainerCommand::TrainAhead(steps, r)).await
+    }
+
+    /// Moves what the last ahead phase learnt onto `base`: the model becomes
+    /// `base + (current - anchor)`, returned; `None` when the model was replaced
+    /// ([`Self::set_weights`]) since the ahead phase started.
+    pub async fn rebase(&self, base: TensorSet) -> anyhow::Result<Option<TensorSet>> {
+        self.call(|r| TrainerCommand::Rebase(base, r)).await
+    }
+
+    /// Evaluates `weights` and keeps the current model.
+    pub async fn evaluate_at(&self, weights: TensorSet) -> anyhow::Result<EvalReport> {
+        self.call(|r| TrainerCommand::Evaluate(Some(weights), r))
+            .await
+    }
+
+    /// Saves a checkpoint (`weights` instead of the current model, when given; the current
+    /// model stays).
     pub async fn save(
         &self,
+        weights: Option<TensorSet>,
         root: PathBuf,
         index: usize,
         state: serde_json::Value,
         extras: Vec<HostParam>,
     ) -> anyhow::Result<PathBuf> {
         self.call(|reply| TrainerCommand::Save {
+            weights,
             root,
             index,
             state,
@@ -414,6 +561,36 @@ impl TrainerHandle {
             reply,
         })
         .await
+    }
+
+    /// [`Self::save`] that returns once the checkpoint is taken (in the trainer's queue, ahead
+    /// of any later command); the returned future ends when it is on disk.
+    pub async fn save_queued(
+        &self,
+        weights: Option<TensorSet>,
+        root: PathBuf,
+        index: usize,
+        state: serde_json::Value,
+        extras: Vec<HostParam>,
+    ) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<PathBuf>> + use<>> {
+        let (reply, answer) = oneshot::channel();
+        let command = TrainerCommand::Save {
+            weights,
+            root,
+            index,
+            state,
+            extras,
+            reply,
+        };
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| anyhow::anyhow!("the trainer thread has stopped"))?;
+        Ok(async move {
+            answer
+                .await
+                .map_err(|_| anyhow::anyhow!("the trainer thread stopped mid-checkpoint"))?
+        })
     }
 
     pub async fn restore(&self, root: PathBuf) -> anyhow::Result<Option<Restored>> {

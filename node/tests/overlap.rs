@@ -61,12 +61,12 @@ fn max_abs_diff(a: &TensorSet, b: &TensorSet) -> f64 {
 
 /// The mesh's model after `ROUNDS` rounds on plain trainers: FedAvg (`overlap` false: every
 /// local phase starts from the mesh's model θ_r), or one-step delayed application: round r's
-/// phase (r >= 1) starts where the node's previous phase left it, moved onto the mesh's model
-/// of that round (θ_{r-1} + P_{r-1}), and its progress P_r joins θ_r.
+/// phase (r >= 1) starts from the base of the previous round plus the node's share of it,
+/// θ_{r-1} + P_{r-1} / n, and its progress P_r joins θ_r.
 async fn reference(data: &[Vec<meshtune_model::data::SamsumRecord>], overlap: bool) -> TensorSet {
     let trainers: Vec<_> = data.iter().map(|d| trainer(d, &train_config())).collect();
     let mut mesh = trainers[0].weights().await.expect("weights");
-    // Each node's model after its last phase, moved onto the mesh's model of that round.
+    // Where each node's next ahead phase starts.
     let mut own: Vec<TensorSet> = vec![mesh.clone(); NODES];
     for round in 0..ROUNDS {
         let mut progress = Vec::new();
@@ -78,8 +78,21 @@ async fn reference(data: &[Vec<meshtune_model::data::SamsumRecord>], overlap: bo
             };
             t.set_weights(start.clone()).await.expect("set");
             t.train(STEPS).await.expect("train");
-            let p = sub(&t.weights().await.expect("weights"), &start);
-            own[i] = add(&mesh, &[&p], 1.0);
+            let end = t.weights().await.expect("weights");
+            let p = sub(&end, &start);
+            // θ_r + P_r / n, in f32 as the node computes it: its model after the round's
+            // phase (rebased onto θ_r from round 1 on: θ_r + (end - start)), then its share.
+            let mut next_start = end;
+            let share = 1.0 / NODES as f32;
+            let rebased = overlap && round > 0;
+            let tensors = mesh.tensors().iter().zip(start.tensors());
+            for ((_, values), (base, from)) in next_start.values_mut().zip(tensors) {
+                for ((v, b), s) in values.iter_mut().zip(&base.values).zip(&from.values) {
+                    let model = if rebased { b + (*v - s) } else { *v };
+                    *v = b + share * (model - b);
+                }
+            }
+            own[i] = next_start;
             progress.push(p);
         }
         let refs: Vec<&Vec<Vec<f64>>> = progress.iter().collect();

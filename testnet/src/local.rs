@@ -89,7 +89,8 @@ pub struct TestnetArgs {
     #[arg(long)]
     pub overlap: bool,
     /// Also run the same mesh with `--overlap` the other way (same seeds, data and link), to
-    /// compare utilization, round time, ROUGE-L and bytes side by side.
+    /// compare utilization, round time, ROUGE-L and bytes side by side (even with
+    /// `--no-compare`).
     #[arg(long)]
     pub compare_overlap: bool,
     /// Skip the centralized baseline (it costs twice the mesh's compute): each node alone
@@ -1279,6 +1280,25 @@ pub fn run_comparison(args: TestnetArgs, task: TaskArgs) -> anyhow::Result<Compa
             },
         )?);
     }
+    if args.compare_overlap {
+        let overlap = !args.overlap;
+        println!(
+            "\ncomparison: the same mesh with overlap {}",
+            if overlap { "on" } else { "off" }
+        );
+        codecs.push(run_federated(
+            &args,
+            &prepared,
+            MeshRun {
+                codec: &args.codec,
+                outer: &args.outer,
+                overlap,
+                dir: &out.join(if overlap { "overlap-on" } else { "overlap-off" }),
+                live: false,
+                scenario: Scenario::None,
+            },
+        )?);
+    }
     if !args.no_compare {
         for codec in args.compare_codecs.iter().filter(|c| *c != "none") {
             if *codec != args.codec {
@@ -1311,25 +1331,6 @@ pub fn run_comparison(args: TestnetArgs, task: TaskArgs) -> anyhow::Result<Compa
                     outer,
                     overlap: args.overlap,
                     dir: &out.join(format!("outer-{k}")),
-                    live: false,
-                    scenario: Scenario::None,
-                },
-            )?);
-        }
-        if args.compare_overlap {
-            let overlap = !args.overlap;
-            println!(
-                "\ncomparison: the same mesh with overlap {}",
-                if overlap { "on" } else { "off" }
-            );
-            codecs.push(run_federated(
-                &args,
-                &prepared,
-                MeshRun {
-                    codec: &args.codec,
-                    outer: &args.outer,
-                    overlap,
-                    dir: &out.join(if overlap { "overlap-on" } else { "overlap-off" }),
                     live: false,
                     scenario: Scenario::None,
                 },

@@ -373,8 +373,13 @@ impl Coordinator {
                     self.train(round, base, report.map(|(_, report)| report));
                 }
                 overlap::Action::TrainAhead { round } => {
+                    // The phase starts from the base plus this node's share of the average it
+                    // just contributed to (its own delta / mesh size), the best guess of the
+                    // next model without the others' deltas.
+                    let share = 1.0 / (self.mesh_peers + 1) as f32;
+                    let start = Some((self.base.clone(), share));
                     let steps = self.shared.config.local_steps;
-                    tokio::spawn(tasks::train_ahead(round, steps, self.shared.clone()));
+                    tokio::spawn(tasks::train_ahead(round, steps, start, self.shared.clone()));
                 }
             }
         }

@@ -376,11 +376,16 @@ async fn rebase_or_train(
 
 /// Trains `round`'s local phase ahead, on from the trainer's current model, while the previous
 /// round is exchanged (see `averaging::overlap`).
-pub async fn train_ahead(round: u64, steps: usize, shared: Shared) {
+pub async fn train_ahead(
+    round: u64,
+    steps: usize,
+    start: Option<(TensorSet, f32)>,
+    shared: Shared,
+) {
     let energy = shared.config.energy.as_ref();
     let before = energy.and_then(EnergyMeter::joules);
     shared.set_busy(true);
-    let result = shared.trainer.train_ahead(steps).await;
+    let result = shared.trainer.train_ahead(steps, start).await;
     shared.set_busy(false);
     let after = energy.and_then(EnergyMeter::joules);
     let result = result

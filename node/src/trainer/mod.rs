@@ -336,8 +336,9 @@ enum TrainerCommand {
     Weights(Reply<TensorSet>),
     SetWeights(TensorSet, Reply<()>),
     Train(usize, Reply<TrainReport>),
-    /// Train on from the current model, remembering it as the anchor of a later `Rebase`.
-    TrainAhead(usize, Reply<TrainReport>),
+    /// Train on from the current model (moved to `base + share x (current - base)` when a
+    /// base and share are given), remembering the start as the anchor of a later `Rebase`.
+    TrainAhead(usize, Option<(TensorSet, f32)>, Reply<TrainReport>),
     /// Move what was learnt since the anchor onto this base; answers the new weights, or
     /// `None` when the model was replaced since the anchor (a sync adopted another state).
     Rebase(TensorSet, Reply<Option<TensorSet>>),
@@ -379,12 +380,8 @@ impl<T: LocalTrainer> TrainerThread<T> {
             TrainerCommand::Train(steps, reply) => {
                 let _ = reply.send(trainer.train(steps));
             }
-            TrainerCommand::TrainAhead(steps, reply) => {
-                let result = trainer.weights().and_then(|anchor| {
-                    self.anchor = Some(anchor);
-                    self.trainer.train(steps)
-                });
-                let _ = reply.send(result);
+            TrainerCommand::TrainAhead(steps, start, reply) => {
+                let _ = reply.send(self.train_ahead(steps, start));
             }
             TrainerCommand::Rebase(base, reply) => {
                 let _ = reply.send(self.rebase(base));
@@ -416,6 +413,30 @@ impl<T: LocalTrainer> TrainerThread<T> {
                 let _ = reply.send(trainer.restore(&root));
             }
         }
+    }
+
+    /// Sets the ahead phase's start (see [`TrainerHandle::train_ahead`]) as the anchor and
+    /// trains from it.
+    fn train_ahead(
+        &mut self,
+        steps: usize,
+        start: Option<(TensorSet, f32)>,
+    ) -> anyhow::Result<TrainReport> {
+        let mut anchor = self.trainer.weights()?;
+        if let Some((base, share)) = start {
+            anyhow::ensure!(
+                base.layout() == anchor.layout(),
+                "train ahead: the base's layout differs from the model's"
+            );
+            for ((_, values), from) in anchor.values_mut().zip(base.tensors()) {
+                for (value, from) in values.iter_mut().zip(&from.values) {
+                    *value = from + share * (*value - from);
+                }
+            }
+            self.trainer.set_weights(&anchor)?;
+        }
+        self.anchor = Some(anchor);
+        self.trainer.train(steps)
     }
 
     /// `base + (current - anchor)`, made the current model (`None` without an anchor).
@@ -524,9 +545,15 @@ impl TrainerHandle {
         self.call(|r| TrainerCommand::Evaluate(None, r)).await
     }
 
-    /// Trains `steps` on from the current model, which becomes the anchor of [`Self::rebase`].
-    pub async fn train_ahead(&self, steps: usize) -> anyhow::Result<TrainReport> {
-        self.call(|r| TrainerCommand::TrainAhead(steps, r)).await
+    /// Trains `steps` ahead from the current model θ', or, given `(base, share)`, from
+    /// `base + share x (θ' - base)`; the start becomes the anchor of [`Self::rebase`].
+    pub async fn train_ahead(
+        &self,
+        steps: usize,
+        start: Option<(TensorSet, f32)>,
+    ) -> anyhow::Result<TrainReport> {
+        self.call(|r| TrainerCommand::TrainAhead(steps, start, r))
+            .await
     }
 
     /// Moves what the last ahead phase learnt onto `base`: the model becomes

@@ -194,9 +194,13 @@ pub fn snapshot_checkpoint<B: Backend, OB: Backend, M: Module<B>>(
         .into_iter()
         .map(|(id, path, _)| (id, path))
         .collect();
+    // Each tensor's f32 copy is dropped once it is bytes: the snapshot holds one copy.
     let params = params
-        .iter()
-        .map(|(path, shape, values)| (path.clone(), shape.clone(), to_bytes(values)))
+        .into_iter()
+        .map(|(path, shape, values)| {
+            let bytes = to_bytes(&values);
+            (path, shape, bytes)
+        })
         .collect();
     let mut moments = Vec::new();
     let mut steps = serde_json::Map::new();

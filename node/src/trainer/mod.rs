@@ -361,8 +361,10 @@ enum TrainerCommand {
 struct TrainerThread<T> {
     trainer: T,
     anchor: Option<TensorSet>,
-    /// Writes checkpoints in the order they were taken, off the training thread.
-    writer: std::sync::mpsc::Sender<(CheckpointWrite, Reply<PathBuf>)>,
+    /// Writes checkpoints in the order they were taken, off the training thread. One write may
+    /// wait while another runs (each holds a host copy of the model and its moments); a third
+    /// checkpoint blocks the trainer until the disk catches up.
+    writer: std::sync::mpsc::SyncSender<(CheckpointWrite, Reply<PathBuf>)>,
 }
 
 impl<T: LocalTrainer> TrainerThread<T> {
@@ -493,7 +495,8 @@ impl TrainerHandle {
     /// Moves `trainer` onto its own thread.
     pub fn spawn(name: &str, trainer: impl LocalTrainer) -> anyhow::Result<Self> {
         let (commands, mut receiver) = mpsc::channel::<TrainerCommand>(4);
-        let (writer, writes) = std::sync::mpsc::channel::<(CheckpointWrite, Reply<PathBuf>)>();
+        let (writer, writes) =
+            std::sync::mpsc::sync_channel::<(CheckpointWrite, Reply<PathBuf>)>(1);
         std::thread::Builder::new()
             .name(format!("checkpoints-{name}"))
             .spawn(move || {

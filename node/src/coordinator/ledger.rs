@@ -67,7 +67,8 @@ impl Ledger {
         Ok(restored.map(|r| (next_round, r)))
     }
 
-    /// Checkpoints the trainer's model as the resume point `next_round`.
+    /// Checkpoints the trainer's model (or `weights`) as the resume point `next_round`, and
+    /// returns once it is on disk.
     pub async fn checkpoint(
         &self,
         next_round: u64,
@@ -75,18 +76,10 @@ impl Ledger {
         extras: Vec<HostParam>,
         weights: Option<TensorSet>,
     ) -> anyhow::Result<()> {
-        self.trainer
-            .save(
-                weights,
-                self.checkpoints.clone(),
-                next_round as usize,
-                serde_json::json!({
-                    "next_round": next_round,
-                    "model_hash": hash.to_string(),
-                    "topology": self.config.topology.to_string(),
-                }),
-                extras,
-            )
+        let written = self
+            .checkpoint_queued(next_round, hash, extras, weights)
+            .await?;
+        written
             .await
             .with_context(|| format!("checkpoint before round {next_round}"))?;
         Ok(())

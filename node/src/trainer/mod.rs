@@ -573,7 +573,7 @@ impl TrainerHandle {
     }
 
     /// Saves a checkpoint (`weights` instead of the current model, when given; the current
-    /// model stays).
+    /// model stays) and returns once it is on disk.
     pub async fn save(
         &self,
         weights: Option<TensorSet>,
@@ -582,15 +582,10 @@ impl TrainerHandle {
         state: serde_json::Value,
         extras: Vec<HostParam>,
     ) -> anyhow::Result<PathBuf> {
-        self.call(|reply| TrainerCommand::Save {
-            weights,
-            root,
-            index,
-            state,
-            extras,
-            reply,
-        })
-        .await
+        let written = self
+            .save_queued(weights, root, index, state, extras)
+            .await?;
+        written.await
     }
 
     /// [`Self::save`] that returns once the checkpoint is taken (in the trainer's queue, ahead

@@ -8,7 +8,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use libp2p::identity::Keypair;
 use meshtune_node::coordinator::CoordinatorConfig;
 use meshtune_protocol::{ModelHash, TensorSet};
 
@@ -108,21 +107,7 @@ async fn an_overlapped_mesh_moves_each_ahead_phase_onto_the_mesh_model() {
     let port = 7_000;
     let (_bootstrap, boot) = start_bootstrap(port).await;
     let data = shards(NODES, 48);
-    let nodes: Vec<TestNode> = (0..NODES as u8)
-        .map(|i| {
-            let mut secret = [i + 11; 32];
-            let key = Keypair::ed25519_from_bytes(&mut secret).expect("key");
-            start_node(
-                Some(key),
-                port + 1 + u64::from(i),
-                &boot,
-                &data[usize::from(i)],
-                &dir.path().join(format!("node{i}")),
-                NODES - 1,
-                configure,
-            )
-        })
-        .collect();
+    let nodes = start_keyed_nodes(port, 11, &boot, &data, dir.path(), configure);
     let finished = finish(nodes).await;
     let delayed = reference(&data, true).await;
     let fedavg = reference(&data, false).await;

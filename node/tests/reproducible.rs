@@ -11,7 +11,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use libp2p::identity::Keypair;
 use meshtune_protocol::ModelHash;
 
 /// Per node: the training loss of every round, and the final model hash.
@@ -27,21 +26,7 @@ async fn run_once(port: u64) -> Run {
         c.round.collect_timeout = Duration::from_secs(120);
         c.round.adaptive = None;
     };
-    let nodes: Vec<TestNode> = (0..3u8)
-        .map(|i| {
-            let mut secret = [i + 1; 32];
-            let key = Keypair::ed25519_from_bytes(&mut secret).expect("key");
-            start_node(
-                Some(key),
-                port + 1 + u64::from(i),
-                &boot,
-                &data[usize::from(i)],
-                &dir.path().join(format!("node{i}")),
-                2,
-                configure,
-            )
-        })
-        .collect();
+    let nodes = start_keyed_nodes(port, 1, &boot, &data, dir.path(), configure);
     finish(nodes)
         .await
         .into_iter()

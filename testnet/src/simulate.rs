@@ -25,7 +25,9 @@ use meshtune_net::transport::memory_transport;
 use meshtune_node::averaging::round::RoundConfig;
 use meshtune_node::coordinator::{self, CoordinatorConfig, RunSummary, Topology};
 use meshtune_node::network::NetworkConfig;
-use meshtune_node::trainer::{EvalReport, LocalTrainer, Restored, TrainReport, TrainerHandle};
+use meshtune_node::trainer::{
+    CheckpointWrite, EvalReport, LocalTrainer, Restored, TrainReport, TrainerHandle,
+};
 use meshtune_node::{Node, NodeConfig};
 use meshtune_protocol::{Tensor, TensorSet};
 use tokio_util::sync::CancellationToken;
@@ -208,13 +210,14 @@ impl LocalTrainer for SyntheticTrainer {
         index: usize,
         _state: serde_json::Value,
         _extras: Vec<meshtune_model::checkpoint::HostParam>,
-    ) -> anyhow::Result<PathBuf> {
+    ) -> anyhow::Result<CheckpointWrite> {
         // `index` is the next round: these are the parameters after round index - 1.
         self.ledger
             .lock()
             .map_err(|_| anyhow::anyhow!("the simulation's ledger is poisoned"))?
             .record(index.saturating_sub(1) as u64, &self.w);
-        Ok(root.to_path_buf())
+        let root = root.to_path_buf();
+        Ok(Box::new(move || Ok(root)))
     }
 
     fn restore(&mut self, _root: &Path) -> anyhow::Result<Option<Restored>> {

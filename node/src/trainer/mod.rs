@@ -78,32 +78,21 @@ pub trait LocalTrainer: Send + 'static {
     /// `steps` optimizer steps on the local data.
     fn train(&mut self, steps: usize) -> anyhow::Result<TrainReport>;
     fn evaluate(&mut self) -> anyhow::Result<EvalReport>;
-    /// Atomic checkpoint of model, optimizer, data position, `state` and `extras` under `root`.
+    /// A checkpoint of model, optimizer, data position, `state` and `extras`, taken now; the
+    /// returned write puts it under `root` atomically. The trainer thread hands the write to
+    /// its writer thread, so training does not wait for the disk.
     fn save(
         &mut self,
         root: &Path,
         index: usize,
         state: serde_json::Value,
         extras: Vec<HostParam>,
-    ) -> anyhow::Result<PathBuf>;
-    /// Takes a checkpoint now and returns the writing of it, which the trainer thread hands
-    /// to its writer thread so that training does not wait for the disk (the default writes
-    /// at once).
-    fn save_later(
-        &mut self,
-        root: &Path,
-        index: usize,
-        state: serde_json::Value,
-        extras: Vec<HostParam>,
-    ) -> anyhow::Result<CheckpointWrite> {
-        let path = self.save(root, index, state, extras)?;
-        Ok(Box::new(move || Ok(path)))
-    }
+    ) -> anyhow::Result<CheckpointWrite>;
     /// Restores the newest checkpoint under `root`, if any.
     fn restore(&mut self, root: &Path) -> anyhow::Result<Option<Restored>>;
 }
 
-/// The disk half of a checkpoint (see [`LocalTrainer::save_later`]).
+/// The disk half of a checkpoint (see [`LocalTrainer::save`]).
 pub type CheckpointWrite = Box<dyn FnOnce() -> anyhow::Result<PathBuf> + Send>;
 
 /// A node's own examples: what it trains on, and what it evaluates on.
@@ -275,17 +264,6 @@ impl<B: AutodiffBackend> LocalTrainer for T5Trainer<B> {
         &mut self,
         root: &Path,
         index: usize,
-        state: serde_json::Value,
-        extras: Vec<HostParam>,
-    ) -> anyhow::Result<PathBuf> {
-        let write = self.save_later(root, index, state, extras)?;
-        write()
-    }
-
-    fn save_later(
-        &mut self,
-        root: &Path,
-        index: usize,
         mut state: serde_json::Value,
         extras: Vec<HostParam>,
     ) -> anyhow::Result<CheckpointWrite> {
@@ -398,7 +376,7 @@ impl<T: LocalTrainer> TrainerThread<T> {
                 state,
                 extras,
                 reply,
-            } => match self.at(weights, |t| t.save_later(&root, index, state, extras)) {
+            } => match self.at(weights, |t| t.save(&root, index, state, extras)) {
                 Ok(write) => {
                     if let Err(std::sync::mpsc::SendError((_, reply))) =
                         self.writer.send((write, reply))

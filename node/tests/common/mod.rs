@@ -152,6 +152,33 @@ pub fn start_node(
     )
 }
 
+/// One node per shard of `data`, each with a fixed identity (key `[key_seed + i; 32]`, so sums
+/// run in the same order every run), listening on `port + 1 + i` and writing to `dir/node{i}`.
+pub fn start_keyed_nodes(
+    port: u64,
+    key_seed: u8,
+    bootstrap: &PeerAddr,
+    data: &[Vec<SamsumRecord>],
+    dir: &Path,
+    configure: impl Fn(&mut CoordinatorConfig) + Copy,
+) -> Vec<TestNode> {
+    (0..data.len())
+        .map(|i| {
+            let mut secret = [key_seed + i as u8; 32];
+            let key = Keypair::ed25519_from_bytes(&mut secret).expect("key");
+            start_node(
+                Some(key),
+                port + 1 + i as u64,
+                bootstrap,
+                &data[i],
+                &dir.join(format!("node{i}")),
+                data.len() - 1,
+                configure,
+            )
+        })
+        .collect()
+}
+
 /// Who a test node is and where it listens, trains and writes.
 pub struct NodeSpec<'a> {
     /// The mesh's pre-shared key (a private mesh), if any.

@@ -33,8 +33,12 @@ pub enum ModelError {
     },
     #[error("tokenizer {path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
-    #[error("data {path}: {reason}")]
-    Data { path: PathBuf, reason: String },
+    #[error("data {path}: {source}")]
+    Data {
+        path: PathBuf,
+        #[source]
+        source: crate::data::DataError,
+    },
     #[error("invalid input: {0}")]
     Input(String),
 }

@@ -1073,16 +1073,16 @@ pub mod embedded {
     pub const CONFIG_JSON: &str = include_str!("../../fixtures/synthetic/config.json");
 
     pub fn train_records() -> Result<Vec<SamsumRecord>, SyntheticError> {
-        parse_samsum(TRAIN_JSONL).map_err(|reason| SyntheticError::Embedded {
+        parse_samsum(TRAIN_JSONL).map_err(|err| SyntheticError::Embedded {
             what: "train.jsonl",
-            reason,
+            reason: err.to_string(),
         })
     }
 
     pub fn eval_records() -> Result<Vec<SamsumRecord>, SyntheticError> {
-        parse_samsum(EVAL_JSONL).map_err(|reason| SyntheticError::Embedded {
+        parse_samsum(EVAL_JSONL).map_err(|err| SyntheticError::Embedded {
             what: "eval.jsonl",
-            reason,
+            reason: err.to_string(),
         })
     }
 

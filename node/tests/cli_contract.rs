@@ -147,6 +147,10 @@ fn errors_are_clear_and_exit_nonzero() {
             &["--outer", "nesterov:0.7:1.5"][..],
             "outer momentum must be in [0, 1)",
         ),
+        (
+            &["--ef-relearn", "maybe"][..],
+            "invalid value 'maybe' for '--ef-relearn",
+        ),
         (&["--overlap", "--keep-residual"][..], overlap_refused),
         (
             &["--overlap", "--topology", "gossip:2"][..],

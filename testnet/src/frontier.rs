@@ -55,6 +55,9 @@ pub struct FrontierArgs {
     /// (`--ef-decay`).
     #[arg(long)]
     pub ef_decay: Option<f32>,
+    /// Every mesh's nodes discount re-learnt progress from their residual (`--ef-relearn`).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub ef_relearn: Option<bool>,
     /// Every mesh's nodes train the next round while this one is exchanged (`--overlap`).
     #[arg(long)]
     pub overlap: bool,
@@ -227,6 +230,9 @@ fn command_line(
     }
     if let Some(decay) = args.ef_decay {
         overrides.extend(["--ef-decay".into(), decay.to_string()]);
+    }
+    if let Some(relearn) = args.ef_relearn {
+        overrides.extend(["--ef-relearn".into(), relearn.to_string()]);
     }
     if args.overlap {
         overrides.push("--overlap".into());

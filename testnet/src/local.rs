@@ -85,6 +85,9 @@ pub struct TestnetArgs {
     /// Error feedback with decay on every node (`meshtune node --ef-decay`; 1: plain).
     #[arg(long)]
     pub ef_decay: Option<f32>,
+    /// Error feedback without re-learnt progress on every node (`meshtune node --ef-relearn`).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub ef_relearn: Option<bool>,
     /// Nodes train the next round while this one is exchanged (`meshtune node --overlap`).
     #[arg(long)]
     pub overlap: bool,
@@ -939,6 +942,9 @@ pub(crate) fn node_args(
     }
     if let Some(decay) = args.ef_decay {
         node_args.extend(["--ef-decay".into(), decay.to_string()]);
+    }
+    if let Some(relearn) = args.ef_relearn {
+        node_args.extend(["--ef-relearn".into(), relearn.to_string()]);
     }
     node_args
 }

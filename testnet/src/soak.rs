@@ -400,6 +400,7 @@ fn soak_testnet_args(args: &SoakArgs, out: &Path) -> TestnetArgs {
         no_centralized: false,
         keep_residual: false,
         ef_decay: None,
+        ef_relearn: None,
         overlap: false,
         compare_overlap: false,
         examples_per_node: args.examples_per_node,

@@ -233,7 +233,27 @@ pub enum Heard {
         payload: u64,
     },
     /// Nothing usable, and why.
-    Nothing(String),
+    Nothing(NotHeard),
+}
+
+/// Why a neighbour's q for a round is not usable.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum NotHeard {
+    #[error("no q for the round before the deadline")]
+    Deadline,
+    #[error("the neighbour left")]
+    Left,
+    /// Its manifest failed the checks every manifest passes (mesh, sender, layout).
+    #[error("{0}")]
+    BadManifest(&'static str),
+    #[error(
+        "its q applies to copy {copy}, neither ours nor the anchor {anchor} (did it start from \
+         another model?)"
+    )]
+    OtherModel { copy: ModelHash, anchor: ModelHash },
+    /// The q could not be fetched, did not decode, or was out of bounds (the fetch's error).
+    #[error("its q is unusable: {0}")]
+    Unusable(String),
 }
 
 /// How a gossip node mixes.
@@ -829,7 +849,7 @@ mod tests {
                 Input::Heard {
                     peer: *peer,
                     round: 1,
-                    heard: Heard::Nothing("gone".into()),
+                    heard: Heard::Nothing(NotHeard::Left),
                 },
             )
             .expect("nothing");

@@ -133,6 +133,11 @@ pub struct NodeArgs {
     /// `ef_decay` in node.toml.
     #[arg(long, env = "MESHTUNE_EF_DECAY")]
     pub ef_decay: Option<f32>,
+    /// Take out of the error-feedback residual what the new delta learnt again before adding
+    /// it, so a long local phase's progress is not sent twice (`--ef-relearn` or
+    /// `--ef-relearn true|false`). Also `ef_relearn` in node.toml.
+    #[arg(long, env = "MESHTUNE_EF_RELEARN", num_args = 0..=1, default_missing_value = "true")]
+    pub ef_relearn: Option<bool>,
     /// Train the next round's local phase while this round's deltas are exchanged, then move
     /// it onto the mesh's new model (one-step delayed application); `topology = "all"`,
     /// without `keep_residual`. Also `overlap = true` in node.toml.
@@ -224,6 +229,8 @@ pub struct MeshSettings {
     pub keep_residual: bool,
     /// See `--ef-decay`.
     pub ef_decay: f32,
+    /// See `--ef-relearn`.
+    pub ef_relearn: bool,
     /// See `--overlap`.
     pub overlap: bool,
 }
@@ -257,6 +264,7 @@ impl Default for MeshSettings {
             stream_state_mib: 256,
             keep_residual: false,
             ef_decay: 1.0,
+            ef_relearn: false,
             overlap: false,
         }
     }
@@ -316,6 +324,9 @@ pub fn resolve(args: &NodeArgs) -> anyhow::Result<(MeshSettings, TrainConfig)> {
     }
     if let Some(v) = args.ef_decay {
         mesh.ef_decay = v;
+    }
+    if let Some(v) = args.ef_relearn {
+        mesh.ef_relearn = v;
     }
     if args.overlap {
         mesh.overlap = true;
@@ -597,6 +608,7 @@ fn coordinator_config(
     );
     config.keep_residual = settings.keep_residual;
     config.ef_decay = settings.ef_decay;
+    config.ef_relearn = settings.ef_relearn;
     anyhow::ensure!(
         !settings.overlap || (topology == Topology::All && !settings.keep_residual),
         "overlap works with topology \"all\" and without keep_residual (a rebase moves the \

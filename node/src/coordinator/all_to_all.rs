@@ -667,8 +667,8 @@ impl Coordinator {
                 self.feedback = Some(feedback);
                 tracing::error!(
                     round,
-                    error,
-                    "local training failed; the round goes on without this node's delta"
+                    %error,
+                    "no delta of this node; the round goes on without it"
                 );
                 // Publish nothing, but let the round complete on peers' deltas.
                 (!self.resume_pending_train()).then_some(Input::LocalTrainingFailed { round })
@@ -687,7 +687,7 @@ impl Coordinator {
                     Err(error) => {
                         tracing::warn!(
                             round,
-                            error,
+                            error = format!("{error:#}"),
                             "training ahead failed; the round trains from its base"
                         );
                         false

@@ -76,6 +76,10 @@ pub struct CoordinatorConfig {
     /// Error feedback with decay: each round, before the new delta is added, the residual is
     /// multiplied by this (1: plain error feedback, 0: none). Ignored under `keep_residual`.
     pub ef_decay: f32,
+    /// Error feedback that does not count a round's progress twice: before the new delta joins
+    /// the residual, the part of the residual the delta learnt again is taken out of it
+    /// (`ErrorFeedback::discount_relearned`). Ignored under `keep_residual`.
+    pub ef_relearn: bool,
     /// Train the next round's local phase while this one is exchanged, and rebase it onto the
     /// aggregate (see `averaging::overlap`); topology "all", without `keep_residual`.
     pub overlap: bool,
@@ -158,6 +162,7 @@ impl CoordinatorConfig {
             topology: Topology::All,
             keep_residual: false,
             ef_decay: 1.0,
+            ef_relearn: false,
             overlap: false,
         }
     }

@@ -24,9 +24,11 @@ use super::inbox::{Inbox, Keep, linger, sleep_until};
 use super::ledger::{Ledger, blocking};
 use super::metrics::WireBytes;
 use super::record::{RoundRecord, RoundWork};
+use super::tasks::DeltaError;
 use crate::averaging::aggregate::{difference, l2_norm};
 use crate::averaging::gossip::{
-    GossipAction, GossipConfig, GossipInput, GossipMachine, Heard, PeerBytes, Topology, add_scaled,
+    GossipAction, GossipConfig, GossipInput, GossipMachine, Heard, NotHeard, PeerBytes, Topology,
+    add_scaled,
 };
 use crate::network::fetch::fetch_blob;
 use crate::network::store::lock as lock_store;
@@ -233,7 +235,7 @@ pub async fn hear(
             break m;
         }
         if Instant::now() >= deadline {
-            return Heard::Nothing("no q for the round before the deadline".into());
+            return Heard::Nothing(NotHeard::Deadline);
         }
         // A neighbour that left (its connection closed) is not waited for.
         if client
@@ -241,20 +243,20 @@ pub async fn hear(
             .await
             .is_ok_and(|peers| !peers.contains(&peer))
         {
-            return Heard::Nothing("the neighbour left".into());
+            return Heard::Nothing(NotHeard::Left);
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 3 / 2).min(Duration::from_secs(1));
     };
     if let Err(fault) = check_manifest(&manifest, &config.mesh_id, peer, layout) {
         let _ = client.strike(peer, fault.reason()).await;
-        return Heard::Nothing(fault.reason().into());
+        return Heard::Nothing(NotHeard::BadManifest(fault.reason()));
     }
     if Some(manifest.base_model) != copy && manifest.base_model != anchor {
-        return Heard::Nothing(format!(
-            "its q applies to copy {}, neither ours nor the anchor {anchor} (did it start from another model?)",
-            manifest.base_model
-        ));
+        return Heard::Nothing(NotHeard::OtherModel {
+            copy: manifest.base_model,
+            anchor,
+        });
     }
     let round = manifest.round;
     match fetch_q(peer, manifest, layout, config, client).await {
@@ -264,7 +266,7 @@ pub async fn hear(
             q: Box::new(q),
             payload,
         },
-        Err(reason) => Heard::Nothing(reason),
+        Err(err) => Heard::Nothing(NotHeard::Unusable(err.to_string())),
     }
 }
 
@@ -277,7 +279,7 @@ async fn fetch_q(
     layout: &ModelLayout,
     config: &CoordinatorConfig,
     client: &Client,
-) -> Result<(ModelHash, TensorSet, u64), String> {
+) -> Result<(ModelHash, TensorSet, u64), DeltaError> {
     let fetched = fetch_blob(
         client,
         &manifest.blob,
@@ -285,8 +287,7 @@ async fn fetch_q(
         &config.limits,
         config.fetch,
     )
-    .await
-    .map_err(|err| err.to_string())?;
+    .await?;
     let payload = fetched.payload_bytes;
     let limits = config.limits.clone();
     let base = manifest.base_model;
@@ -300,15 +301,16 @@ async fn fetch_q(
             let norm = l2_norm(&q);
             if !norm.is_finite() || config.max_delta_norm.is_some_and(|max| norm > max) {
                 let _ = client.strike(peer, "delta norm out of bounds").await;
-                return Err(format!("delta norm {norm:.3e} refused"));
+                let max = config.max_delta_norm.unwrap_or(f64::INFINITY);
+                return Err(DeltaError::Norm { norm, max });
             }
             Ok((base, q, payload))
         }
         Ok(Err(err)) => {
             let _ = client.strike(peer, "undecodable delta").await;
-            Err(format!("decoding: {err}"))
+            Err(DeltaError::Decode(err))
         }
-        Err(err) => Err(format!("decoder task: {err}")),
+        Err(err) => Err(DeltaError::Task(err)),
     }
 }
 
@@ -367,7 +369,7 @@ async fn join_from(
                 tracing::warn!(peer = %peer, "a running mesh's peer sent a q for another copy");
             }
             Heard::Nothing(reason) => {
-                tracing::warn!(peer = %peer, reason, "could not take a running mesh's model from this peer");
+                tracing::warn!(peer = %peer, %reason, "could not take a running mesh's model from this peer");
             }
         }
     }
@@ -451,7 +453,7 @@ pub async fn run(
                 None => break,
                 Some((peer, round, heard)) => {
                     if let Heard::Nothing(reason) = &heard {
-                        tracing::debug!(peer = %peer, round, reason, "nothing from a neighbour");
+                        tracing::debug!(peer = %peer, round, %reason, "nothing from a neighbour");
                     }
                     GossipInput::Heard { peer, round, heard }
                 }
@@ -974,7 +976,10 @@ mod tests {
         // A node that started from another model cannot use any of it.
         let other = ModelHash::of_tensors(&set(&[2.0; 256]));
         match hear_round(2, None, other).await {
-            Heard::Nothing(reason) => assert!(reason.contains("anchor"), "{reason}"),
+            Heard::Nothing(reason) => assert!(
+                matches!(reason, NotHeard::OtherModel { copy, .. } if copy == anchor_hash),
+                "{reason}"
+            ),
             Heard::Delta { .. } => panic!("a q from another anchor was taken"),
         }
         shutdown.cancel();

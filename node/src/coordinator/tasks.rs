@@ -31,6 +31,18 @@ use crate::trainer::{EvalReport, TrainReport, TrainerHandle};
 /// How long a publish is retried while the gossip mesh forms.
 const PUBLISH_RETRY: Duration = Duration::from_secs(10);
 
+/// Why this node has no delta for a round (the round goes on with its peers' deltas).
+#[derive(Debug, thiserror::Error)]
+pub enum OwnDeltaError {
+    #[error("local training: {0:#}")]
+    Training(anyhow::Error),
+    #[error("encoding the delta: {0:#}")]
+    Encoding(anyhow::Error),
+    /// The encoder panicked: the residuals it held are gone with it.
+    #[error("the encoder task panicked: {0}")]
+    EncoderPanicked(String),
+}
+
 /// Work finished by a spawned task.
 pub enum Done {
     Published {
@@ -46,7 +58,7 @@ pub enum Done {
     },
     TrainFailed {
         round: u64,
-        error: String,
+        error: OwnDeltaError,
         feedback: ErrorFeedback,
     },
     /// The trainer is done with `round`'s delta (the encoding and announcing go on).
@@ -54,7 +66,7 @@ pub enum Done {
     /// An ahead phase of `round` ended (see `averaging::overlap`).
     AheadTrained {
         round: u64,
-        result: Result<TrainReport, String>,
+        result: anyhow::Result<TrainReport>,
     },
     Fetched {
         sender: PeerId,
@@ -233,7 +245,7 @@ pub async fn train_and_publish(job: TrainJob, shared: Shared) {
         position,
         ahead,
     } = job;
-    let fail = |error: String, feedback| Done::TrainFailed {
+    let fail = |error: OwnDeltaError, feedback| Done::TrainFailed {
         round,
         error,
         feedback,
@@ -254,7 +266,10 @@ pub async fn train_and_publish(job: TrainJob, shared: Shared) {
     let (report, after) = match trained {
         Ok(trained) => trained,
         Err(err) => {
-            let _ = shared.done.send(fail(format!("{err:#}"), feedback)).await;
+            let _ = shared
+                .done
+                .send(fail(OwnDeltaError::Training(err), feedback))
+                .await;
             return;
         }
     };
@@ -288,13 +303,13 @@ pub async fn train_and_publish(job: TrainJob, shared: Shared) {
     let (feedback, own) = match encoded {
         Ok((feedback, Ok(own))) => (feedback, own),
         Ok((feedback, Err(err))) => {
-            let error = format!("encoding the delta: {err:#}");
+            let error = OwnDeltaError::Encoding(err);
             let _ = shared.done.send(fail(error, feedback)).await;
             return;
         }
         // The encoder panicked: its residuals are gone with it.
         Err(err) => {
-            let error = format!("encoder task: {err}");
+            let error = OwnDeltaError::EncoderPanicked(err.to_string());
             let _ = shared.done.send(fail(error, ErrorFeedback::new())).await;
             return;
         }
@@ -388,12 +403,10 @@ pub async fn train_ahead(
     let result = shared.trainer.train_ahead(steps, start).await;
     shared.set_busy(false);
     let after = energy.and_then(EnergyMeter::joules);
-    let result = result
-        .map(|mut report| {
-            report.energy_j = before.zip(after).map(|(b, a)| a - b);
-            report
-        })
-        .map_err(|err| format!("{err:#}"));
+    let result = result.map(|mut report| {
+        report.energy_j = before.zip(after).map(|(b, a)| a - b);
+        report
+    });
     let _ = shared.done.send(Done::AheadTrained { round, result }).await;
 }
 
@@ -437,6 +450,10 @@ fn encode_own_delta(
     let lossy = !codec.is_lossless();
     if lossy && config.ef_decay < 1.0 {
         feedback.scale(config.ef_decay);
+    }
+    if lossy && config.ef_relearn {
+        let relearnt = feedback.discount_relearned(&delta);
+        tracing::debug!(round = head.round, relearnt, "residual discounted");
     }
     let mut encoded = encode_delta(&delta, &codec, lossy.then_some(feedback))?;
     if misbehave == Some(None) {
@@ -698,10 +715,13 @@ mod tests {
         assert_eq!(plus_residual(&base, &ErrorFeedback::new()), base);
     }
 
-    /// `ef_decay`: the residual is scaled before the new delta joins it, so with 0.5 a
-    /// left-out 0.1 stays as 0.05 and with 0 it is gone (top-k without memory).
-    #[test]
-    fn error_feedback_decays_by_the_configured_factor_before_the_next_delta() {
+    /// Two rounds of `top25%+f32` from a zero base: round 1's `a = [0.5, 0.1, 0, 0]` sends
+    /// 0.5 and leaves 0.1 out, then `second` is round 2's `a`. Returns round 2's decoded
+    /// delta and the residual after it.
+    fn two_rounds(
+        configure: impl FnOnce(&mut CoordinatorConfig),
+        second: Vec<f32>,
+    ) -> (TensorSet, ErrorFeedback) {
         let base = set(vec![0.0; 4], vec![0.0]);
         let me = PeerId::random();
         let head = |round| DeltaHead {
@@ -711,25 +731,48 @@ mod tests {
             samples: 1,
             steps: 1,
         };
+        let mut config = CoordinatorConfig::new("m", std::path::PathBuf::from("unused"));
+        config.codec = "top25%+f32".parse().expect("codec");
+        configure(&mut config);
+        let mut feedback = ErrorFeedback::new();
+        let first = set(vec![0.5, 0.1, 0.0, 0.0], vec![0.1]);
+        encode_own_delta(&config, head(1), &first, &base, None, &mut feedback)
+            .expect("round 1 encodes");
+        assert_eq!(feedback.residual("a"), Some(&[0.0, 0.1, 0.0, 0.0][..]));
+        let second = set(second, vec![0.0]);
+        let own = encode_own_delta(&config, head(2), &second, &base, None, &mut feedback)
+            .expect("round 2 encodes");
+        (own.decoded, feedback)
+    }
+
+    /// `ef_decay`: the residual is scaled before the new delta joins it, so with 0.5 a
+    /// left-out 0.1 stays as 0.05 and with 0 it is gone (top-k without memory).
+    #[test]
+    fn error_feedback_decays_by_the_configured_factor_before_the_next_delta() {
         for decay in [1.0_f32, 0.5, 0.0] {
-            let mut config = CoordinatorConfig::new("m", std::path::PathBuf::from("unused"));
-            config.codec = "top25%+f32".parse().expect("codec");
-            config.ef_decay = decay;
-            let mut feedback = ErrorFeedback::new();
-            // Round 1: top-25% of `a` sends 0.5 and leaves 0.1 out.
-            let first = set(vec![0.5, 0.1, 0.0, 0.0], vec![0.1]);
-            encode_own_delta(&config, head(1), &first, &base, None, &mut feedback)
-                .expect("round 1 encodes");
-            assert_eq!(feedback.residual("a"), Some(&[0.0, 0.1, 0.0, 0.0][..]));
             // Round 2 sends its own 0.3; what stays left out is the decayed 0.1.
-            let second = set(vec![0.0, 0.0, 0.0, 0.3], vec![0.0]);
-            encode_own_delta(&config, head(2), &second, &base, None, &mut feedback)
-                .expect("round 2 encodes");
+            let (_, feedback) = two_rounds(|c| c.ef_decay = decay, vec![0.0, 0.0, 0.0, 0.3]);
             assert_eq!(
                 feedback.residual("a"),
                 Some(&[0.0, 0.1 * decay, 0.0, 0.0][..]),
                 "decay {decay}"
             );
+        }
+    }
+
+    /// `ef_relearn`: a next delta that learnt the left-out 0.1 again (and more) sends it once,
+    /// not 0.1 + 0.3; without the setting the residual joins it and is sent twice over.
+    #[test]
+    fn a_relearnt_residual_is_not_sent_twice() {
+        for (relearn, sent) in [(true, 0.3_f32), (false, 0.4)] {
+            let (decoded, feedback) =
+                two_rounds(|c| c.ef_relearn = relearn, vec![0.0, 0.3, 0.0, 0.0]);
+            let a = decoded.get("a").expect("a");
+            assert!(
+                (a.values[1] - sent).abs() < 1e-6,
+                "relearn {relearn}: {a:?}"
+            );
+            assert_eq!(feedback.residual("a"), Some(&[0.0; 4][..]));
         }
     }
 }

@@ -7,6 +7,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::tensor::TensorSet;
+
 /// Per-tensor residuals kept by a sender between rounds.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ErrorFeedback {
@@ -52,6 +54,52 @@ impl ErrorFeedback {
         }
     }
 
+    /// Takes out of each residual the part that the new delta learnt again, before the delta
+    /// joins it. A sender that restarts every round from the mesh's model re-learns what its
+    /// residual holds (the residual is exactly what the mesh's model lacks of its progress);
+    /// plain error feedback then counts that progress twice, and over long local phases the
+    /// coordinates top-k picks overshoot. Per tensor, with `e` the residual and `d` the delta,
+    /// `alpha = clamp(<d, e> / <e, e>, 0, 1)` is how much of `e` the delta re-learnt along
+    /// `e`, and `e <- (1 - alpha) e`: a delta orthogonal to the residual (a short phase
+    /// that learnt something else) leaves it whole, one that covers it removes it. If any
+    /// product is not finite (a NaN delta, which the encoder refuses) nothing changes.
+    /// Returns the mean `alpha` over the residuals that were not zero.
+    pub fn discount_relearned(&mut self, delta: &TensorSet) -> f64 {
+        let mut alphas = Vec::new();
+        for tensor in delta.tensors() {
+            let Some(residual) = self.residuals.get(&tensor.name) else {
+                continue;
+            };
+            if residual.len() != tensor.values.len() {
+                continue;
+            }
+            let (mut dot, mut norm) = (0.0_f64, 0.0_f64);
+            for (&e, &d) in residual.iter().zip(&tensor.values) {
+                dot += f64::from(e) * f64::from(d);
+                norm += f64::from(e) * f64::from(e);
+            }
+            if !dot.is_finite() || !norm.is_finite() {
+                return 0.0;
+            }
+            if norm > 0.0 {
+                alphas.push((tensor.name.as_str(), (dot / norm).clamp(0.0, 1.0)));
+            }
+        }
+        for &(name, alpha) in &alphas {
+            if let Some(residual) = self.residuals.get_mut(name) {
+                #[allow(clippy::cast_possible_truncation)]
+                let keep = (1.0 - alpha) as f32;
+                residual.iter_mut().for_each(|value| *value *= keep);
+            }
+        }
+        if alphas.is_empty() {
+            return 0.0;
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let count = alphas.len() as f64;
+        alphas.iter().map(|&(_, alpha)| alpha).sum::<f64>() / count
+    }
+
     /// Sum of squares of all residuals, in f64.
     #[must_use]
     pub fn squared_norm(&self) -> f64 {
@@ -83,5 +131,60 @@ mod tests {
         assert_eq!(feedback.residual("a"), Some(&[0.5, -1.0][..]));
         assert_eq!(feedback.residual("b"), Some(&[2.0][..]));
         assert!((feedback.squared_norm() - 5.25).abs() < 1e-12);
+    }
+
+    fn set(tensors: &[(&str, Vec<f32>)]) -> TensorSet {
+        let tensors = tensors
+            .iter()
+            .map(|(name, values)| crate::tensor::Tensor {
+                name: (*name).to_owned(),
+                shape: vec![values.len()],
+                values: values.clone(),
+            })
+            .collect();
+        TensorSet::new(tensors).expect("valid set")
+    }
+
+    #[test]
+    fn a_delta_that_relearnt_the_residual_removes_it_and_an_orthogonal_one_keeps_it() {
+        let mut feedback = ErrorFeedback::new();
+        feedback.restore_residual("covered", vec![1.0, 2.0]);
+        feedback.restore_residual("half", vec![2.0, 0.0]);
+        feedback.restore_residual("other", vec![1.0, 0.0]);
+        feedback.restore_residual("against", vec![1.0, 1.0]);
+        let delta = set(&[
+            ("against", vec![-1.0, -3.0]),
+            ("covered", vec![3.0, 6.0]),
+            ("half", vec![1.0, 5.0]),
+            ("other", vec![0.0, 7.0]),
+        ]);
+        let mean = feedback.discount_relearned(&delta);
+        // <d,e>/<e,e>: covered 15/5 -> 1, half 2/4 = 0.5, other 0, against -4/2 -> 0.
+        assert_eq!(feedback.residual("covered"), Some(&[0.0, 0.0][..]));
+        assert_eq!(feedback.residual("half"), Some(&[1.0, 0.0][..]));
+        assert_eq!(feedback.residual("other"), Some(&[1.0, 0.0][..]));
+        assert_eq!(feedback.residual("against"), Some(&[1.0, 1.0][..]));
+        assert!((mean - 0.375).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_nan_delta_or_an_empty_residual_changes_nothing() {
+        let mut feedback = ErrorFeedback::new();
+        feedback.restore_residual("a", vec![1.0, 2.0]);
+        feedback.restore_residual("b", vec![1.0, 2.0]);
+        feedback.restore_residual("zero", vec![0.0, 0.0]);
+        // `a` alone would be removed (alpha 1), but `b` holds a NaN: nothing changes.
+        let delta = set(&[
+            ("a", vec![1.0, 2.0]),
+            ("b", vec![f32::NAN, 1.0]),
+            ("zero", vec![1.0, 1.0]),
+        ]);
+        assert!(feedback.discount_relearned(&delta).abs() < 1e-12);
+        assert_eq!(feedback.residual("a"), Some(&[1.0, 2.0][..]));
+        assert_eq!(feedback.residual("b"), Some(&[1.0, 2.0][..]));
+        assert_eq!(feedback.residual("zero"), Some(&[0.0, 0.0][..]));
+        let clean = set(&[("a", vec![1.0, 2.0]), ("zero", vec![1.0, 1.0])]);
+        assert!((feedback.discount_relearned(&clean) - 1.0).abs() < 1e-12);
+        assert_eq!(feedback.residual("a"), Some(&[0.0, 0.0][..]));
     }
 }

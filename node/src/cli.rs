@@ -68,6 +68,8 @@ pub enum BenchCommand {
     Codec(commands::bench::CodecBenchArgs),
     /// Link shaping (`--link` profiles): measured vs expected throughput and round trip.
     Link(commands::bench::LinkBenchArgs),
+    /// A blob pull between nodes on shaped links: measured vs what the link allows.
+    Fetch(commands::bench_fetch::FetchBenchArgs),
 }
 
 impl Command {
@@ -117,6 +119,7 @@ pub fn main() -> ExitCode {
         Command::Bench(BenchCommand::Train(args)) => commands::bench::train(args),
         Command::Bench(BenchCommand::Codec(args)) => commands::bench::codec(args),
         Command::Bench(BenchCommand::Link(args)) => commands::bench::link(args),
+        Command::Bench(BenchCommand::Fetch(args)) => commands::bench_fetch::fetch(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

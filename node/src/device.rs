@@ -52,9 +52,10 @@ macro_rules! dispatch {
                     burn::backend::cuda::CudaDevice::new(index) $(, $arg)*)
             }
             #[cfg(not(feature = "cuda"))]
-            $crate::device::DeviceChoice::Cuda(_) => Err(anyhow::anyhow!(
-                "this meshtune was built without CUDA: rebuild with `cargo build --release --features cuda`"
-            )),
+            $crate::device::DeviceChoice::Cuda(index) => Err($crate::device::CudaUnavailable::NotBuilt {
+                device: $crate::device::DeviceChoice::Cuda(index),
+            }
+            .into()),
         }
     }};
 }

@@ -18,10 +18,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::coordinator::ledger::blocking;
 use crate::coordinator::metrics::NodeMetrics;
-use crate::coordinator::{self, CoordinatorConfig, RunSummary, Start};
+use crate::coordinator::{self, CoordinatorConfig, RunError, RunSummary, Start};
 use crate::network::store::BlobStore;
 use crate::network::{self, Client, NetworkConfig, NetworkError};
-use crate::trainer::TrainerHandle;
+use crate::trainer::{TrainerError, TrainerHandle};
 
 /// Everything a node is made of.
 pub struct NodeConfig {
@@ -40,12 +40,12 @@ pub struct NodeConfig {
 /// Why a node could not start or did not finish.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("the trainer could not hand over its model: {0:#}")]
-    Trainer(anyhow::Error),
+    #[error("the trainer could not hand over its model: {0}")]
+    Trainer(TrainerError),
     #[error(transparent)]
     Network(#[from] NetworkError),
-    #[error("the round loop stopped: {0:#}")]
-    Run(anyhow::Error),
+    #[error("the round loop stopped: {0}")]
+    Run(RunError),
     #[error("the round loop panicked: {0}")]
     Panicked(#[from] tokio::task::JoinError),
 }
@@ -62,7 +62,7 @@ pub struct NodeHandle {
     /// Cancelling it stops the node (as a crash would for its peers: no goodbye).
     pub shutdown: CancellationToken,
     /// The round loop; ends with the run's summary.
-    pub rounds: tokio::task::JoinHandle<anyhow::Result<RunSummary>>,
+    pub rounds: tokio::task::JoinHandle<Result<RunSummary, RunError>>,
     network: tokio::task::JoinHandle<()>,
 }
 

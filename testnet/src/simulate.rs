@@ -26,7 +26,7 @@ use meshtune_node::averaging::round::RoundConfig;
 use meshtune_node::coordinator::{self, CoordinatorConfig, RunSummary, Topology};
 use meshtune_node::network::NetworkConfig;
 use meshtune_node::trainer::{
-    CheckpointWrite, EvalReport, LocalTrainer, Restored, TrainReport, TrainerHandle,
+    CheckpointWrite, EvalReport, LocalTrainer, Restored, TrainReport, TrainerError, TrainerHandle,
 };
 use meshtune_node::{Node, NodeConfig};
 use meshtune_protocol::{Tensor, TensorSet};
@@ -148,7 +148,7 @@ impl SyntheticTrainer {
 }
 
 impl LocalTrainer for SyntheticTrainer {
-    fn weights(&mut self) -> anyhow::Result<TensorSet> {
+    fn weights(&mut self) -> Result<TensorSet, TrainerError> {
         Ok(TensorSet::new(vec![Tensor::new(
             "w",
             vec![self.w.len()],
@@ -156,16 +156,19 @@ impl LocalTrainer for SyntheticTrainer {
         )?])?)
     }
 
-    fn set_weights(&mut self, weights: &TensorSet) -> anyhow::Result<()> {
+    fn set_weights(&mut self, weights: &TensorSet) -> Result<(), TrainerError> {
         let w = weights
             .get("w")
-            .context("synthetic weights have one tensor, `w`")?;
-        anyhow::ensure!(w.values.len() == self.w.len(), "wrong parameter count");
+            .filter(|w| w.values.len() == self.w.len())
+            .ok_or_else(|| TrainerError::Layout {
+                doing: "synthetic weights",
+                detail: format!("one tensor `w` of {} values expected", self.w.len()),
+            })?;
         self.w.copy_from_slice(&w.values);
         Ok(())
     }
 
-    fn train(&mut self, steps: usize) -> anyhow::Result<TrainReport> {
+    fn train(&mut self, steps: usize) -> Result<TrainReport, TrainerError> {
         let started = Instant::now();
         self.calls += 1;
         let steps = if self.train_rounds > 0 && self.calls > self.train_rounds {
@@ -195,7 +198,7 @@ impl LocalTrainer for SyntheticTrainer {
         })
     }
 
-    fn evaluate(&mut self) -> anyhow::Result<EvalReport> {
+    fn evaluate(&mut self) -> Result<EvalReport, TrainerError> {
         Ok(EvalReport {
             loss: 0.0,
             rouge_l: 0.0,
@@ -210,22 +213,22 @@ impl LocalTrainer for SyntheticTrainer {
         index: usize,
         _state: serde_json::Value,
         _extras: Vec<meshtune_model::checkpoint::HostParam>,
-    ) -> anyhow::Result<CheckpointWrite> {
+    ) -> Result<CheckpointWrite, TrainerError> {
         // `index` is the next round: these are the parameters after round index - 1.
         self.ledger
             .lock()
-            .map_err(|_| anyhow::anyhow!("the simulation's ledger is poisoned"))?
+            .map_err(|_| TrainerError::Poisoned("the simulation's ledger"))?
             .record(index.saturating_sub(1) as u64, &self.w);
         let root = root.to_path_buf();
         Ok(Box::new(move || Ok(root)))
     }
 
-    fn restore(&mut self, _root: &Path) -> anyhow::Result<Option<Restored>> {
+    fn restore(&mut self, _root: &Path) -> Result<Option<Restored>, TrainerError> {
         Ok(None)
     }
 }
 
-type NodeTask = tokio::task::JoinHandle<anyhow::Result<RunSummary>>;
+type NodeTask = tokio::task::JoinHandle<Result<RunSummary, coordinator::RunError>>;
 
 /// What every node of one simulated mesh shares.
 struct SimMesh<'a> {

@@ -1,6 +1,7 @@
 //! One module per `meshtune` subcommand.
 
 pub mod bench;
+pub mod bench_fetch;
 pub mod data;
 pub mod demo;
 pub mod eval;

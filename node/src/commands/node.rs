@@ -735,7 +735,10 @@ fn build_trainer<B: AutodiffBackend>(
         },
         device,
     )?;
-    TrainerHandle::spawn(&args.out.display().to_string(), trainer)
+    Ok(TrainerHandle::spawn(
+        &args.out.display().to_string(),
+        trainer,
+    )?)
 }
 
 #[cfg(test)]

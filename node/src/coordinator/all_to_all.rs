@@ -48,6 +48,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::config::{CoordinatorConfig, RunSummary, Start};
+use super::error::RunError;
 use super::inbox::{Inbox, Keep, linger, sleep_until};
 use super::ledger::{Ledger, checkpoint_extras};
 use super::metrics::WireBytes;
@@ -151,7 +152,7 @@ impl Coordinator {
         start: Start,
         inbox: &mut Inbox,
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<(Self, mpsc::Receiver<Done>)> {
+    ) -> Result<(Self, mpsc::Receiver<Done>), RunError> {
         let (config, me) = (start.config.clone(), start.me);
         let mut ledger = Ledger::open(&config, me, &start.trainer, &start.store)?;
         let (mut round, mut feedback, mut outer_state) =
@@ -243,7 +244,7 @@ impl Coordinator {
         mut inbox: Inbox,
         mut done_rx: mpsc::Receiver<Done>,
         shutdown: CancellationToken,
-    ) -> anyhow::Result<RunSummary> {
+    ) -> Result<RunSummary, RunError> {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -322,7 +323,7 @@ impl Coordinator {
     }
 
     /// Carries out one of the machine's actions.
-    async fn perform(&mut self, action: Action) -> anyhow::Result<()> {
+    async fn perform(&mut self, action: Action) -> Result<(), RunError> {
         match action {
             Action::Train { round, base } => {
                 let actions = self
@@ -436,7 +437,7 @@ impl Coordinator {
 
     /// Screens and combines the round's deltas (own first, then the senders in the machine's
     /// order), applies the outer step to a copy of the base and hands it to the trainer.
-    fn aggregate(&mut self, round: u64, own: bool, senders: &[PeerId]) -> anyhow::Result<()> {
+    fn aggregate(&mut self, round: u64, own: bool, senders: &[PeerId]) -> Result<(), RunError> {
         self.open.deadline_s = self.machine.collect_timeout().as_secs_f64();
         let mut offered = Vec::with_capacity(senders.len() + 1);
         if own && let Some((delta, samples)) = &self.open.own {
@@ -598,7 +599,7 @@ impl Coordinator {
     }
 
     /// Waits until every applied round is written down; other reports are kept for later.
-    async fn flush_persists(&mut self, done_rx: &mut mpsc::Receiver<Done>) -> anyhow::Result<()> {
+    async fn flush_persists(&mut self, done_rx: &mut mpsc::Receiver<Done>) -> Result<(), RunError> {
         while self.persisting > 0 {
             match done_rx.recv().await {
                 Some(Done::Persisted(persisted)) => self.on_persisted(*persisted)?,
@@ -610,7 +611,7 @@ impl Coordinator {
     }
 
     /// An applied round is on disk: its record goes to `rounds.jsonl`.
-    fn on_persisted(&mut self, persisted: Persisted) -> anyhow::Result<()> {
+    fn on_persisted(&mut self, persisted: Persisted) -> Result<(), RunError> {
         self.persisting = self.persisting.saturating_sub(1);
         let Persisted {
             round,
@@ -630,7 +631,7 @@ impl Coordinator {
         &mut self,
         done: Done,
         done_rx: &mut mpsc::Receiver<Done>,
-    ) -> anyhow::Result<Option<Input>> {
+    ) -> Result<Option<Input>, RunError> {
         Ok(match done {
             Done::Published {
                 round,
@@ -687,7 +688,7 @@ impl Coordinator {
                     Err(error) => {
                         tracing::warn!(
                             round,
-                            error = format!("{error:#}"),
+                            error = %error,
                             "training ahead failed; the round trains from its base"
                         );
                         false
@@ -779,7 +780,7 @@ impl Coordinator {
         next: TensorSet,
         hash: ModelHash,
         eval: Option<EvalReport>,
-    ) -> anyhow::Result<Input> {
+    ) -> Result<Input, RunError> {
         self.base = next;
         self.base_hash = hash;
         let record = self.round_record(round, hash, eval);
@@ -824,7 +825,7 @@ impl Coordinator {
         self.persister
             .send(persist)
             .await
-            .map_err(|_| anyhow::anyhow!("the persister task stopped"))?;
+            .map_err(|_| RunError::PersisterStopped)?;
         self.persisting += 1;
         Ok(Input::RoundApplied {
             round,
@@ -886,7 +887,7 @@ impl Coordinator {
         &mut self,
         inbox: &mut Inbox,
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<Option<String>> {
+    ) -> Result<Option<String>, RunError> {
         let config = &self.shared.config;
         let finished = !shutdown.is_cancelled() && self.mesh_peers > 0 && self.all_rounds_applied();
         if !finished || config.linger_quiet.is_zero() {
@@ -912,7 +913,7 @@ impl Coordinator {
         &mut self,
         inbox: &mut Inbox,
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<Option<String>> {
+    ) -> Result<Option<String>, RunError> {
         let final_round = self.machine.round();
         let last_round_s = self.ledger.records.last().map_or(0.0, |r| r.seconds_total);
         let wait = (self.machine.collect_timeout() * 2
@@ -972,19 +973,29 @@ impl Coordinator {
 /// The error-feedback residuals and outer optimizer state a checkpoint holds.
 fn restore_extras(
     extras: Vec<meshtune_model::checkpoint::HostParam>,
-) -> anyhow::Result<(ErrorFeedback, OuterState)> {
+) -> Result<(ErrorFeedback, OuterState), RunError> {
     let mut feedback = ErrorFeedback::new();
     let mut outer = Vec::new();
     for (name, shape, values) in extras {
         if let Some(tensor) = name.strip_prefix("feedback/") {
             feedback.restore_residual(tensor, values);
         } else if let Some(tensor) = name.strip_prefix("outer/") {
-            outer.push(meshtune_protocol::Tensor::new(tensor, shape, values)?);
+            let tensor = meshtune_protocol::Tensor::new(tensor, shape, values)
+                .map_err(|err| outer_state_error(err.to_string()))?;
+            outer.push(tensor);
         }
     }
-    let outer = OuterState::from_tensors(&TensorSet::new(outer)?)
-        .map_err(|err| anyhow::anyhow!("outer optimizer state in the checkpoint: {err}"))?;
+    let outer = TensorSet::new(outer).map_err(|err| outer_state_error(err.to_string()))?;
+    let outer =
+        OuterState::from_tensors(&outer).map_err(|err| outer_state_error(err.to_string()))?;
     Ok((feedback, outer))
+}
+
+fn outer_state_error(detail: String) -> RunError {
+    RunError::Checkpointed {
+        what: "outer optimizer state",
+        detail,
+    }
 }
 
 /// Asks the mesh whether most of it is past `round` and, if so, takes the state of the peer
@@ -1014,5 +1025,32 @@ async fn catch_up(
             tracing::warn!(peer = %peer, error = %err, "catching up on the mesh's state failed; starting from this node's own state");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_with_a_broken_outer_state_is_a_named_error() {
+        // A residual and no outer state: restored as they are.
+        let (feedback, _) =
+            restore_extras(vec![("feedback/w".into(), vec![2], vec![0.5, 0.5])]).expect("ok");
+        assert!(feedback.squared_norm() > 0.0);
+        // An outer tensor whose shape does not match its values.
+        let broken = vec![("outer/w".into(), vec![3], vec![1.0])];
+        let err = restore_extras(broken).expect_err("broken");
+        assert!(
+            matches!(
+                err,
+                RunError::Checkpointed {
+                    what: "outer optimizer state",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("outer optimizer state"), "{err}");
     }
 }

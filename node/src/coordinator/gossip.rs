@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use libp2p::PeerId;
 use meshtune_protocol::{
     ChunkRequest, ChunkResponse, DeltaManifest, ModelHash, ModelLayout, TensorSet, chunk_blob,
@@ -20,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::config::{CoordinatorConfig, RunSummary, Start};
+use super::error::{BuildDeltaError, RunError};
 use super::inbox::{Inbox, Keep, linger, sleep_until};
 use super::ledger::{Ledger, blocking};
 use super::metrics::WireBytes;
@@ -99,7 +99,7 @@ impl OwnCopies {
         model: &TensorSet,
         samples: u64,
         steps: u64,
-    ) -> anyhow::Result<Published> {
+    ) -> Result<Published, BuildDeltaError> {
         let (store, config, me, anchor, layout) = (
             &self.store,
             &self.config,
@@ -349,7 +349,7 @@ async fn join_from(
     peers: &[PeerId],
     anchor: &TensorSet,
     listener: &Listener,
-) -> anyhow::Result<Option<(PeerId, u64, TensorSet)>> {
+) -> Result<Option<(PeerId, u64, TensorSet)>, RunError> {
     let patience = (listener.config.round.collect_timeout / 3).max(Duration::from_secs(1));
     for &peer in peers.iter().take(3) {
         let deadline = Instant::now() + patience;
@@ -430,7 +430,7 @@ pub async fn run(
     start: Start,
     mut inbox: Inbox,
     shutdown: CancellationToken,
-) -> anyhow::Result<RunSummary> {
+) -> Result<RunSummary, RunError> {
     let (mut shell, mut heard_rx) = GossipShell::start(start, &mut inbox, &shutdown).await?;
     let mut queue: std::collections::VecDeque<_> = shell.machine.start().into();
     'rounds: loop {
@@ -483,11 +483,11 @@ impl GossipShell {
         start: Start,
         inbox: &mut Inbox,
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<(Self, mpsc::Receiver<(PeerId, u64, Heard)>)> {
+    ) -> Result<(Self, mpsc::Receiver<(PeerId, u64, Heard)>), RunError> {
         let (config, me) = (&start.config, start.me);
         let (trainer, client, store) = (&start.trainer, &start.client, &start.store);
         let Topology::Gossip { degree, step } = config.topology else {
-            anyhow::bail!("the gossip shell needs a gossip topology");
+            return Err(RunError::WrongTopology);
         };
         let mut ledger = Ledger::open(config, me, trainer, store)?;
         let (mut round, mut restored_anchor) = (0, None);
@@ -502,10 +502,9 @@ impl GossipShell {
         // needs a whole model on the wire.
         let fresh_start = restored_anchor.is_none();
         let anchor = restored_anchor.unwrap_or_else(|| model.clone());
-        anyhow::ensure!(
-            anchor.layout() == model.layout(),
-            "the checkpoint's anchor model has another layout than the model"
-        );
+        if anchor.layout() != model.layout() {
+            return Err(anchor_error("its layout differs from the model's".into()));
+        }
         if config.wait_for_peers > 0 {
             inbox
                 .wait_for_peers(config.wait_for_peers, config.wait_timeout, shutdown)
@@ -539,7 +538,7 @@ impl GossipShell {
                         "could not take a running mesh's model; starting from the initial model"
                     );
                 }
-                anyhow::Ok(joined)
+                Ok::<_, RunError>(joined)
             };
             if let Some(Some((peer, peer_round, copy))) = inbox
                 .drain_while(joining, Keep::Nothing, shutdown)
@@ -585,7 +584,7 @@ impl GossipShell {
         action: GossipAction<PeerId>,
         inbox: &mut Inbox,
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<Performed> {
+    ) -> Result<Performed, RunError> {
         Ok(match action {
             GossipAction::Train { round } => {
                 let Some(report) = inbox
@@ -642,7 +641,7 @@ impl GossipShell {
     }
 
     /// Local training of `round` from the current model.
-    async fn train(&mut self, round: u64) -> anyhow::Result<TrainReport> {
+    async fn train(&mut self, round: u64) -> Result<TrainReport, RunError> {
         self.log = RoundLog::new(&self.start.metrics, &self.model);
         self.start.metrics.round.set(round as i64);
         self.start.trainer.set_weights(self.model.clone()).await?;
@@ -662,7 +661,7 @@ impl GossipShell {
         heard: &[PeerId],
         fresh: usize,
         payload: u64,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), RunError> {
         self.start.trainer.set_weights(self.model.clone()).await?;
         let config = &self.start.config;
         let last = config.rounds.is_some_and(|n| round + 1 == n);
@@ -742,7 +741,7 @@ impl GossipShell {
         self,
         mut inbox: Inbox,
         shutdown: CancellationToken,
-    ) -> anyhow::Result<RunSummary> {
+    ) -> Result<RunSummary, RunError> {
         let config = &self.start.config;
         linger(
             &self.start.store,
@@ -765,20 +764,29 @@ impl GossipShell {
 fn anchor_from_extras(
     extras: Vec<meshtune_model::checkpoint::HostParam>,
     config: &CoordinatorConfig,
-) -> anyhow::Result<TensorSet> {
+) -> Result<TensorSet, RunError> {
     let tensors = extras
         .into_iter()
         .filter_map(|(name, shape, values)| {
             let name = name.strip_prefix("anchor/")?.to_owned();
             Some(meshtune_protocol::Tensor::new(&name, shape, values))
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    anyhow::ensure!(
-        !tensors.is_empty(),
-        "checkpoint in {} has no anchor model (written by an older meshtune or another topology): start with a fresh --out directory",
-        config.out.join("checkpoints").display()
-    );
-    TensorSet::new(tensors).context("the checkpoint's anchor model")
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| anchor_error(err.to_string()))?;
+    if tensors.is_empty() {
+        return Err(anchor_error(format!(
+            "none in {} (written by an older meshtune or another topology): start with a fresh --out directory",
+            config.out.join("checkpoints").display()
+        )));
+    }
+    TensorSet::new(tensors).map_err(|err| anchor_error(err.to_string()))
+}
+
+fn anchor_error(detail: String) -> RunError {
+    RunError::Checkpointed {
+        what: "anchor model",
+        detail,
+    }
 }
 
 #[cfg(test)]
@@ -983,5 +991,20 @@ mod tests {
             Heard::Delta { .. } => panic!("a q from another anchor was taken"),
         }
         shutdown.cancel();
+    }
+
+    #[test]
+    fn a_gossip_checkpoint_without_an_anchor_says_to_start_fresh() {
+        let config = CoordinatorConfig::new("test", std::path::PathBuf::from("out-dir"));
+        let err = anchor_from_extras(vec![("outer/w".into(), vec![1], vec![0.0])], &config)
+            .expect_err("no anchor");
+        let text = err.to_string();
+        assert!(
+            text.contains("anchor model") && text.contains("fresh --out"),
+            "{text}"
+        );
+        let anchor = vec![("anchor/w".into(), vec![2], vec![1.0, 2.0])];
+        let model = anchor_from_extras(anchor, &config).expect("anchor");
+        assert_eq!(model.tensors()[0].values, vec![1.0, 2.0]);
     }
 }

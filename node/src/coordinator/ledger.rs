@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use anyhow::Context;
 use libp2p::PeerId;
 use meshtune_model::checkpoint::HostParam;
 use meshtune_protocol::{
@@ -18,6 +17,7 @@ use meshtune_protocol::{
 };
 
 use super::config::CoordinatorConfig;
+use super::error::{RunError, ServeError};
 use super::record::{RoundRecord, append_record, read_records, rewrite_records};
 use crate::averaging::aggregate::OuterState;
 use crate::network::store::{BlobBytes, BlobFile, BlobStore, lock as lock_store};
@@ -42,9 +42,11 @@ impl Ledger {
         me: PeerId,
         trainer: &TrainerHandle,
         store: &Arc<Mutex<BlobStore>>,
-    ) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&config.out)
-            .with_context(|| format!("creating {}", config.out.display()))?;
+    ) -> Result<Self, RunError> {
+        std::fs::create_dir_all(&config.out).map_err(|source| RunError::CreateDir {
+            path: config.out.clone(),
+            source,
+        })?;
         Ok(Self {
             trainer: trainer.clone(),
             store: Arc::clone(store),
@@ -58,7 +60,7 @@ impl Ledger {
 
     /// Restores the newest checkpoint into the trainer, and the records of the rounds before
     /// the one it resumes at.
-    pub async fn restore(&mut self) -> anyhow::Result<Option<(u64, Restored)>> {
+    pub async fn restore(&mut self) -> Result<Option<(u64, Restored)>, RunError> {
         let restored = self.trainer.restore(self.checkpoints.clone()).await?;
         let next_round = restored
             .as_ref()
@@ -75,13 +77,14 @@ impl Ledger {
         hash: ModelHash,
         extras: Vec<HostParam>,
         weights: Option<TensorSet>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), RunError> {
         let written = self
             .checkpoint_queued(next_round, hash, extras, weights)
             .await?;
-        written
-            .await
-            .with_context(|| format!("checkpoint before round {next_round}"))?;
+        written.await.map_err(|source| RunError::Checkpoint {
+            round: next_round,
+            source: Box::new(source),
+        })?;
         Ok(())
     }
 
@@ -93,7 +96,7 @@ impl Ledger {
         hash: ModelHash,
         extras: Vec<HostParam>,
         weights: Option<TensorSet>,
-    ) -> anyhow::Result<super::persist::Written> {
+    ) -> Result<super::persist::Written, RunError> {
         let written = self
             .trainer
             .save_queued(
@@ -108,19 +111,22 @@ impl Ledger {
                 extras,
             )
             .await
-            .with_context(|| format!("checkpoint before round {next_round}"))?;
+            .map_err(|source| RunError::Checkpoint {
+                round: next_round,
+                source: Box::new(source),
+            })?;
         Ok(Box::pin(written))
     }
 
     /// Appends `record` to `rounds.jsonl` and keeps it.
-    pub fn record(&mut self, record: RoundRecord) -> anyhow::Result<()> {
+    pub fn record(&mut self, record: RoundRecord) -> Result<(), RunError> {
         append_record(&self.rounds_path, &record)?;
         self.records.push(record);
         Ok(())
     }
 
     /// Changes the last record (the final-state adoption) and rewrites the file.
-    pub fn amend_last(&mut self, amend: impl FnOnce(&mut RoundRecord)) -> anyhow::Result<()> {
+    pub fn amend_last(&mut self, amend: impl FnOnce(&mut RoundRecord)) -> Result<(), RunError> {
         if let Some(last) = self.records.last_mut() {
             amend(last);
         }
@@ -129,8 +135,10 @@ impl Ledger {
     }
 
     /// Serves `base` with the outer optimizer state as this node's latest state for `round`.
-    pub fn serve(&self, round: u64, base: &TensorSet, outer: &OuterState) -> anyhow::Result<()> {
-        blocking(|| serve_state(&self.store, &self.config, self.me, round, base, outer))
+    pub fn serve(&self, round: u64, base: &TensorSet, outer: &OuterState) -> Result<(), RunError> {
+        Ok(blocking(|| {
+            serve_state(&self.store, &self.config, self.me, round, base, outer)
+        })?)
     }
 
     /// Adopts `from`'s state of `round` (the model after round `round - 1`): the trainer takes
@@ -145,13 +153,11 @@ impl Ledger {
         weights: TensorSet,
         outer: &OuterState,
         mesh_peers: usize,
-    ) -> anyhow::Result<(TensorSet, ModelHash)> {
+    ) -> Result<(TensorSet, ModelHash), RunError> {
         self.trainer.set_weights(weights.clone()).await?;
         let hash = ModelHash::of_tensors(&weights);
         let extras = checkpoint_extras(None, outer, &self.config, &weights);
-        self.checkpoint(round, hash, extras, None)
-            .await
-            .context("checkpoint after adopting a peer's state")?;
+        self.checkpoint(round, hash, extras, None).await?;
         if let Some(last) = round.checked_sub(1)
             && self.records.last().is_none_or(|r| r.round < last)
         {
@@ -196,7 +202,7 @@ pub fn serve_state(
     round: u64,
     base: &TensorSet,
     outer: &OuterState,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     let outer = outer.to_tensors(config.outer, base);
     let raw = (base.total_elements() + outer.total_elements()) * 4;
     if raw >= config.stream_state_bytes {
@@ -264,10 +270,18 @@ fn serve_state_file(
     round: u64,
     base: &TensorSet,
     outer: &TensorSet,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     static SERIAL: AtomicU64 = AtomicU64::new(0);
     let dir = config.out.join("state");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let io = |doing: &'static str, path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source| ServeError::Io {
+            doing,
+            path,
+            source,
+        }
+    };
+    std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
     // A unique name: a state re-served for the same round must not reuse a file the store
     // may still serve (and delete) under the old entry.
     let path = dir.join(format!(
@@ -275,8 +289,7 @@ fn serve_state_file(
         std::process::id(),
         SERIAL.fetch_add(1, Ordering::Relaxed)
     ));
-    let file =
-        create_scratch_file(&path).with_context(|| format!("creating {}", path.display()))?;
+    let file = create_scratch_file(&path).map_err(io("creating", &path))?;
     let mut writer = std::io::BufWriter::with_capacity(4 << 20, file);
     let (index, chunks) = encode_state_to(
         base,
@@ -285,12 +298,17 @@ fn serve_state_file(
         &mut writer,
         config.chunk_size,
     )
-    .with_context(|| format!("writing {}", path.display()))?;
+    .map_err(|source| ServeError::EncodeFile {
+        path: path.clone(),
+        source,
+    })?;
     let file = writer
         .into_inner()
-        .map_err(|err| anyhow::anyhow!("writing {}: {}", path.display(), err.error()))?;
-    let verified = VerifiedFile::written(file, &chunks)
-        .with_context(|| format!("reading back {}", path.display()))?;
+        .map_err(|err| io("writing", &path)(err.into_error()))?;
+    let verified = VerifiedFile::written(file, &chunks).map_err(|source| ServeError::ReadBack {
+        path: path.clone(),
+        source,
+    })?;
     let manifest = state_manifest(config, me, round, chunks.descriptor(), index);
     let bytes = BlobBytes::File(Arc::new(BlobFile {
         file: verified,

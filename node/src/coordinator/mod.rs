@@ -16,6 +16,7 @@
 
 pub mod all_to_all;
 pub mod config;
+pub mod error;
 pub mod gossip;
 pub mod inbox;
 pub mod ledger;
@@ -32,6 +33,7 @@ use self::inbox::Inbox;
 use crate::network::NetworkEvent;
 
 pub use self::config::{CoordinatorConfig, Misbehaviour, MisbehaviourError, RunSummary, Start};
+pub use self::error::{BuildDeltaError, RunError, ServeError};
 pub use self::ledger::serve_state;
 pub use self::record::{RoundRecord, process_memory};
 pub use self::sync::{SyncError, SyncedState, fetch_state};
@@ -43,7 +45,7 @@ pub async fn run(
     start: Start,
     events: mpsc::Receiver<NetworkEvent>,
     shutdown: CancellationToken,
-) -> anyhow::Result<RunSummary> {
+) -> Result<RunSummary, RunError> {
     let mut inbox = Inbox::new(events, start.client.clone());
     match start.config.topology {
         Topology::All => {

@@ -18,14 +18,16 @@ use meshtune_protocol::TensorSet;
 use tokio::sync::mpsc;
 
 use super::config::CoordinatorConfig;
+use super::error::{RunError, ServeError};
 use super::ledger::serve_state;
 use super::record::RoundRecord;
 use super::tasks::Done;
 use crate::averaging::aggregate::OuterState;
 use crate::network::store::BlobStore;
+use crate::trainer::TrainerError;
 
 /// A checkpoint being written: ends when it is on disk.
-pub type Written = Pin<Box<dyn Future<Output = anyhow::Result<PathBuf>> + Send>>;
+pub type Written = Pin<Box<dyn Future<Output = Result<PathBuf, TrainerError>> + Send>>;
 
 /// One applied round to write down.
 pub struct Persist {
@@ -43,7 +45,7 @@ pub struct Persisted {
     pub record: RoundRecord,
     pub checkpoint_s: f64,
     pub serve_s: f64,
-    pub result: anyhow::Result<()>,
+    pub result: Result<(), RunError>,
 }
 
 /// Starts the persister task; it ends when the returned sender is dropped. Two rounds may wait
@@ -88,9 +90,13 @@ async fn persist(
                 serve_state(&store, &config, me, round + 1, &base, &outer)
             })
             .await
-            .unwrap_or_else(|err| Err(anyhow::anyhow!("serving the state: {err}")))
+            .unwrap_or_else(|err| Err(ServeError::Panicked(err)))
+            .map_err(RunError::Serve)
         }
-        Err(err) => Err(err.context(format!("checkpoint before round {}", job.round + 1))),
+        Err(source) => Err(RunError::Checkpoint {
+            round: job.round + 1,
+            source: Box::new(source),
+        }),
     };
     Persisted {
         round: job.round,

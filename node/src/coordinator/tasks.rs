@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 use libp2p::PeerId;
 use meshtune_protocol::{
     ChunkList, CodecParams, DecodeError, DeltaManifest, ErrorFeedback, ModelHash, ModelLayout,
-    TensorSet, VerifiedBlob, chunk_blob, decode_delta, encode_delta,
+    Sparsity, TensorSet, ValueFormat, VerifiedBlob, chunk_blob, decode_delta, encode_delta,
 };
 use tokio::sync::mpsc;
 
 use super::config::CoordinatorConfig;
+use super::error::BuildDeltaError;
 use super::metrics::NodeMetrics;
 use super::sync::{SyncError, SyncedState, fetch_state};
 use crate::averaging::aggregate::{difference, l2_norm};
@@ -26,7 +27,7 @@ use crate::network::Client;
 use crate::network::fetch::{FetchError, fetch_blob};
 use crate::network::store::BlobStore;
 use crate::network::store::lock as lock_store;
-use crate::trainer::{EvalReport, TrainReport, TrainerHandle};
+use crate::trainer::{EvalReport, TrainReport, TrainerError, TrainerHandle};
 
 /// How long a publish is retried while the gossip mesh forms.
 const PUBLISH_RETRY: Duration = Duration::from_secs(10);
@@ -34,10 +35,10 @@ const PUBLISH_RETRY: Duration = Duration::from_secs(10);
 /// Why this node has no delta for a round (the round goes on with its peers' deltas).
 #[derive(Debug, thiserror::Error)]
 pub enum OwnDeltaError {
-    #[error("local training: {0:#}")]
-    Training(anyhow::Error),
-    #[error("encoding the delta: {0:#}")]
-    Encoding(anyhow::Error),
+    #[error("local training: {0}")]
+    Training(TrainerError),
+    #[error("encoding the delta: {0}")]
+    Encoding(BuildDeltaError),
     /// The encoder panicked: the residuals it held are gone with it.
     #[error("the encoder task panicked: {0}")]
     EncoderPanicked(String),
@@ -66,7 +67,7 @@ pub enum Done {
     /// An ahead phase of `round` ended (see `averaging::overlap`).
     AheadTrained {
         round: u64,
-        result: anyhow::Result<TrainReport>,
+        result: Result<TrainReport, TrainerError>,
     },
     Fetched {
         sender: PeerId,
@@ -356,7 +357,7 @@ async fn train_local(
     shared: &Shared,
     base: TensorSet,
     steps: usize,
-) -> anyhow::Result<(TrainReport, TensorSet)> {
+) -> Result<(TrainReport, TensorSet), TrainerError> {
     // The trainer may hold weights from before a sync or a restore: start from the base.
     shared.trainer.set_weights(base).await?;
     let energy = shared.config.energy.as_ref();
@@ -377,7 +378,7 @@ async fn rebase_or_train(
     base: TensorSet,
     report: TrainReport,
     steps: usize,
-) -> anyhow::Result<(TrainReport, TensorSet)> {
+) -> Result<(TrainReport, TensorSet), TrainerError> {
     match shared.trainer.rebase(base.clone()).await? {
         Some(after) => Ok((report, after)),
         None => {
@@ -429,7 +430,7 @@ fn encode_own_delta(
     base: &TensorSet,
     misbehave: Option<Option<f32>>,
     feedback: &mut ErrorFeedback,
-) -> anyhow::Result<OwnDelta> {
+) -> Result<OwnDelta, BuildDeltaError> {
     let mut delta = difference(after, base)?;
     let raw_bytes = delta.total_elements() * 4;
     let codec = match misbehave {
@@ -444,7 +445,13 @@ fn encode_own_delta(
             }
             config.codec
         }
-        Some(None) => "f32".parse::<CodecParams>()?,
+        // Plain f32 (no compression), so the NaNs written over the blob below decode as NaN.
+        Some(None) => CodecParams {
+            values: ValueFormat::F32,
+            sparsity: Sparsity::Dense,
+            byte_shuffle: false,
+            zstd_level: None,
+        },
         None => config.codec,
     };
     let lossy = !codec.is_lossless();
@@ -623,7 +630,7 @@ pub async fn apply_round(
             None => {}
         }
         if !evaluate {
-            return anyhow::Ok(None);
+            return Ok::<_, TrainerError>(None);
         }
         let energy = shared.config.energy.as_ref();
         let before = energy.and_then(EnergyMeter::joules);
@@ -638,7 +645,7 @@ pub async fn apply_round(
     }
     .await;
     let eval = result.unwrap_or_else(|err| {
-        tracing::error!(round, error = %format!("{err:#}"), "applying the round failed");
+        tracing::error!(round, error = %err, "applying the round failed");
         None
     });
     let _ = shared

@@ -14,12 +14,24 @@ use serde::{Deserialize, Serialize};
 use crate::device::{DeviceChoice, device_info};
 
 /// A train config that cannot run.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum TrainConfigError {
     #[error("train config: `{0}` must be at least 1")]
     Zero(&'static str),
     #[error("train config: `lr` must be a positive number, got {0}")]
     LearningRate(f64),
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid train config {}: {source}", path.display())]
+    Parse {
+        path: std::path::PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
 }
 
 /// Everything that shapes a run; `train.toml` sets any subset of it.
@@ -104,11 +116,15 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Reads a train config TOML file (`meshtune train --config`, `model export
     /// --train-config`); the error names the file.
-    pub fn from_file(path: &std::path::Path) -> anyhow::Result<Self> {
-        use anyhow::Context;
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("invalid train config {}", path.display()))
+    pub fn from_file(path: &std::path::Path) -> Result<Self, TrainConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TrainConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| TrainConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })
     }
 
     pub fn validate(&self) -> Result<(), TrainConfigError> {
@@ -210,6 +226,24 @@ mod tests {
                 .expect_err("zero")
                 .to_string()
                 .contains("batch_size")
+        );
+    }
+
+    #[test]
+    fn a_missing_or_malformed_config_file_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("nope.toml");
+        let err = TrainConfig::from_file(&missing).expect_err("missing");
+        assert!(matches!(err, TrainConfigError::Read { .. }), "{err:?}");
+        assert!(err.to_string().contains("nope.toml"), "{err}");
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "steps = \"seven\"").expect("write");
+        let err = TrainConfig::from_file(&bad).expect_err("malformed");
+        assert!(matches!(err, TrainConfigError::Parse { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("bad.toml") && text.contains("steps"),
+            "{text}"
         );
     }
 }

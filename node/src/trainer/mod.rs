@@ -8,7 +8,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::Context;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use meshtune_model::checkpoint::{
@@ -26,11 +25,13 @@ use tokio::sync::{mpsc, oneshot};
 
 pub mod config;
 pub mod data;
+pub mod error;
 pub mod eval;
 pub mod model;
 
 pub use self::config::{OptimizerName, TrainConfig, TrainConfigError};
 use self::data::{TokenizedExample, epoch_batches, to_batch, tokenize};
+pub use self::error::{ModelSourceError, TrainerError};
 use self::eval::evaluate;
 
 /// What a training call did.
@@ -72,12 +73,12 @@ pub struct Restored {
 /// What the node needs from a local trainer.
 pub trait LocalTrainer: Send + 'static {
     /// The exchanged parameters now.
-    fn weights(&mut self) -> anyhow::Result<TensorSet>;
+    fn weights(&mut self) -> Result<TensorSet, TrainerError>;
     /// Replaces the exchanged parameters (optimizer moments stay).
-    fn set_weights(&mut self, weights: &TensorSet) -> anyhow::Result<()>;
+    fn set_weights(&mut self, weights: &TensorSet) -> Result<(), TrainerError>;
     /// `steps` optimizer steps on the local data.
-    fn train(&mut self, steps: usize) -> anyhow::Result<TrainReport>;
-    fn evaluate(&mut self) -> anyhow::Result<EvalReport>;
+    fn train(&mut self, steps: usize) -> Result<TrainReport, TrainerError>;
+    fn evaluate(&mut self) -> Result<EvalReport, TrainerError>;
     /// A checkpoint of model, optimizer, data position, `state` and `extras`, taken now; the
     /// returned write puts it under `root` atomically. The trainer thread hands the write to
     /// its writer thread, so training does not wait for the disk.
@@ -87,13 +88,13 @@ pub trait LocalTrainer: Send + 'static {
         index: usize,
         state: serde_json::Value,
         extras: Vec<HostParam>,
-    ) -> anyhow::Result<CheckpointWrite>;
+    ) -> Result<CheckpointWrite, TrainerError>;
     /// Restores the newest checkpoint under `root`, if any.
-    fn restore(&mut self, root: &Path) -> anyhow::Result<Option<Restored>>;
+    fn restore(&mut self, root: &Path) -> Result<Option<Restored>, TrainerError>;
 }
 
 /// The disk half of a checkpoint (see [`LocalTrainer::save`]).
-pub type CheckpointWrite = Box<dyn FnOnce() -> anyhow::Result<PathBuf> + Send>;
+pub type CheckpointWrite = Box<dyn FnOnce() -> Result<PathBuf, TrainerError> + Send>;
 
 /// A node's own examples: what it trains on, and what it evaluates on.
 #[derive(Debug)]
@@ -129,10 +130,12 @@ impl<B: AutodiffBackend> T5Trainer<B> {
         lora: bool,
         data: LocalData<'_>,
         device: B::Device,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, TrainerError> {
         let (train_records, eval_records) = (data.train, data.eval);
         config.validate()?;
-        anyhow::ensure!(!train_records.is_empty(), "no training examples");
+        if train_records.is_empty() {
+            return Err(TrainerError::NoExamples);
+        }
         let model = if lora {
             attach_lora(
                 model,
@@ -172,16 +175,16 @@ impl<B: AutodiffBackend> T5Trainer<B> {
 static RNG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl<B: AutodiffBackend> LocalTrainer for T5Trainer<B> {
-    fn weights(&mut self) -> anyhow::Result<TensorSet> {
+    fn weights(&mut self) -> Result<TensorSet, TrainerError> {
         Ok(module_tensors(&self.state.model, self.scope)?)
     }
 
-    fn set_weights(&mut self, weights: &TensorSet) -> anyhow::Result<()> {
+    fn set_weights(&mut self, weights: &TensorSet) -> Result<(), TrainerError> {
         self.state.model = assign_tensors(self.state.model.clone(), weights)?;
         Ok(())
     }
 
-    fn train(&mut self, steps: usize) -> anyhow::Result<TrainReport> {
+    fn train(&mut self, steps: usize) -> Result<TrainReport, TrainerError> {
         let started = Instant::now();
         let mut loss = 0.0;
         let mut samples = 0u64;
@@ -242,7 +245,7 @@ impl<B: AutodiffBackend> LocalTrainer for T5Trainer<B> {
         })
     }
 
-    fn evaluate(&mut self) -> anyhow::Result<EvalReport> {
+    fn evaluate(&mut self) -> Result<EvalReport, TrainerError> {
         let started = Instant::now();
         let (loss, rouge) = evaluate(
             &self.state.model.valid(),
@@ -266,7 +269,7 @@ impl<B: AutodiffBackend> LocalTrainer for T5Trainer<B> {
         index: usize,
         mut state: serde_json::Value,
         extras: Vec<HostParam>,
-    ) -> anyhow::Result<CheckpointWrite> {
+    ) -> Result<CheckpointWrite, TrainerError> {
         state["epoch"] = self.epoch.into();
         state["position"] = self.position.into();
         state["train_step"] = self.state.step.into();
@@ -282,7 +285,7 @@ impl<B: AutodiffBackend> LocalTrainer for T5Trainer<B> {
         Ok(Box::new(move || Ok(snapshot.write(&root)?)))
     }
 
-    fn restore(&mut self, root: &Path) -> anyhow::Result<Option<Restored>> {
+    fn restore(&mut self, root: &Path) -> Result<Option<Restored>, TrainerError> {
         let Some(dir) = latest_checkpoint(root)? else {
             return Ok(None);
         };
@@ -292,7 +295,10 @@ impl<B: AutodiffBackend> LocalTrainer for T5Trainer<B> {
             &mut self.state.optimizer,
             &self.device,
         )
-        .with_context(|| format!("restoring {}", dir.display()))?;
+        .map_err(|source| TrainerError::Restore {
+            dir: dir.clone(),
+            source,
+        })?;
         self.state.model = model;
         self.epoch = state["epoch"].as_u64().unwrap_or(0);
         self.position = state["position"].as_u64().unwrap_or(0) as usize;
@@ -308,7 +314,7 @@ impl<B: AutodiffBackend> LocalTrainer for T5Trainer<B> {
     }
 }
 
-type Reply<T> = oneshot::Sender<anyhow::Result<T>>;
+type Reply<T> = oneshot::Sender<Result<T, TrainerError>>;
 
 enum TrainerCommand {
     Weights(Reply<TensorSet>),
@@ -381,8 +387,7 @@ impl<T: LocalTrainer> TrainerThread<T> {
                     if let Err(std::sync::mpsc::SendError((_, reply))) =
                         self.writer.send((write, reply))
                     {
-                        let stopped = anyhow::anyhow!("the checkpoint writer thread stopped");
-                        let _ = reply.send(Err(stopped));
+                        let _ = reply.send(Err(TrainerError::WriterStopped));
                     }
                 }
                 Err(err) => {
@@ -401,13 +406,10 @@ impl<T: LocalTrainer> TrainerThread<T> {
         &mut self,
         steps: usize,
         start: Option<(TensorSet, f32)>,
-    ) -> anyhow::Result<TrainReport> {
+    ) -> Result<TrainReport, TrainerError> {
         let mut anchor = self.trainer.weights()?;
         if let Some((base, share)) = start {
-            anyhow::ensure!(
-                base.layout() == anchor.layout(),
-                "train ahead: the base's layout differs from the model's"
-            );
+            same_layout("train ahead", &base, &anchor)?;
             for ((_, values), from) in anchor.values_mut().zip(base.tensors()) {
                 for (value, from) in values.iter_mut().zip(&from.values) {
                     *value = from + share * (*value - from);
@@ -420,15 +422,13 @@ impl<T: LocalTrainer> TrainerThread<T> {
     }
 
     /// `base + (current - anchor)`, made the current model (`None` without an anchor).
-    fn rebase(&mut self, mut base: TensorSet) -> anyhow::Result<Option<TensorSet>> {
+    fn rebase(&mut self, mut base: TensorSet) -> Result<Option<TensorSet>, TrainerError> {
         let Some(anchor) = self.anchor.take() else {
             return Ok(None);
         };
         let current = self.trainer.weights()?;
-        anyhow::ensure!(
-            base.layout() == current.layout() && anchor.layout() == current.layout(),
-            "rebase: the base's layout differs from the model's"
-        );
+        same_layout("rebase", &base, &current)?;
+        same_layout("rebase (the anchor)", &anchor, &current)?;
         let learnt = current.tensors().iter().zip(anchor.tensors());
         for ((_, values), (now, then)) in base.values_mut().zip(learnt) {
             for ((value, now), then) in values.iter_mut().zip(&now.values).zip(&then.values) {
@@ -443,8 +443,8 @@ impl<T: LocalTrainer> TrainerThread<T> {
     fn at<R>(
         &mut self,
         weights: Option<TensorSet>,
-        work: impl FnOnce(&mut T) -> anyhow::Result<R>,
-    ) -> anyhow::Result<R> {
+        work: impl FnOnce(&mut T) -> Result<R, TrainerError>,
+    ) -> Result<R, TrainerError> {
         let Some(weights) = weights else {
             return work(&mut self.trainer);
         };
@@ -454,6 +454,27 @@ impl<T: LocalTrainer> TrainerThread<T> {
         self.trainer.set_weights(&current)?;
         result
     }
+}
+
+/// `Err` naming `doing` unless `weights` has the tensors and shapes of `model`.
+fn same_layout(
+    doing: &'static str,
+    weights: &TensorSet,
+    model: &TensorSet,
+) -> Result<(), TrainerError> {
+    let (got, want) = (weights.layout(), model.layout());
+    if got == want {
+        return Ok(());
+    }
+    let first = got.specs().iter().zip(want.specs()).find(|(g, w)| g != w);
+    let detail = match first {
+        Some((g, w)) => format!(
+            "`{}` {:?} where the model has `{}` {:?}",
+            g.name, g.shape, w.name, w.shape
+        ),
+        None => format!("{} tensors where the model has {}", got.len(), want.len()),
+    };
+    Err(TrainerError::Layout { doing, detail })
 }
 
 /// The async side of the trainer thread. Dropping every handle stops the thread after its
@@ -471,7 +492,7 @@ impl std::fmt::Debug for TrainerHandle {
 
 impl TrainerHandle {
     /// Moves `trainer` onto its own thread.
-    pub fn spawn(name: &str, trainer: impl LocalTrainer) -> anyhow::Result<Self> {
+    pub fn spawn(name: &str, trainer: impl LocalTrainer) -> Result<Self, TrainerError> {
         let (commands, mut receiver) = mpsc::channel::<TrainerCommand>(4);
         let (writer, writes) =
             std::sync::mpsc::sync_channel::<(CheckpointWrite, Reply<PathBuf>)>(1);
@@ -482,7 +503,10 @@ impl TrainerHandle {
                     let _ = reply.send(write());
                 }
             })
-            .context("spawning the checkpoint writer thread")?;
+            .map_err(|source| TrainerError::Spawn {
+                thread: "checkpoint writer",
+                source,
+            })?;
         let mut thread = TrainerThread {
             trainer,
             anchor: None,
@@ -495,34 +519,38 @@ impl TrainerHandle {
                     thread.serve(command);
                 }
             })
-            .context("spawning the trainer thread")?;
+            .map_err(|source| TrainerError::Spawn {
+                thread: "trainer",
+                source,
+            })?;
         Ok(Self { commands })
     }
 
-    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> TrainerCommand) -> anyhow::Result<T> {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> TrainerCommand,
+    ) -> Result<T, TrainerError> {
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(make(reply))
             .await
-            .map_err(|_| anyhow::anyhow!("the trainer thread has stopped"))?;
-        answer
-            .await
-            .map_err(|_| anyhow::anyhow!("the trainer thread stopped (panicked?) mid-command"))?
+            .map_err(|_| TrainerError::Stopped)?;
+        answer.await.map_err(|_| TrainerError::StoppedMidCommand)?
     }
 
-    pub async fn weights(&self) -> anyhow::Result<TensorSet> {
+    pub async fn weights(&self) -> Result<TensorSet, TrainerError> {
         self.call(TrainerCommand::Weights).await
     }
 
-    pub async fn set_weights(&self, weights: TensorSet) -> anyhow::Result<()> {
+    pub async fn set_weights(&self, weights: TensorSet) -> Result<(), TrainerError> {
         self.call(|r| TrainerCommand::SetWeights(weights, r)).await
     }
 
-    pub async fn train(&self, steps: usize) -> anyhow::Result<TrainReport> {
+    pub async fn train(&self, steps: usize) -> Result<TrainReport, TrainerError> {
         self.call(|r| TrainerCommand::Train(steps, r)).await
     }
 
-    pub async fn evaluate(&self) -> anyhow::Result<EvalReport> {
+    pub async fn evaluate(&self) -> Result<EvalReport, TrainerError> {
         self.call(|r| TrainerCommand::Evaluate(None, r)).await
     }
 
@@ -532,7 +560,7 @@ impl TrainerHandle {
         &self,
         steps: usize,
         start: Option<(TensorSet, f32)>,
-    ) -> anyhow::Result<TrainReport> {
+    ) -> Result<TrainReport, TrainerError> {
         self.call(|r| TrainerCommand::TrainAhead(steps, start, r))
             .await
     }
@@ -540,12 +568,12 @@ impl TrainerHandle {
     /// Moves what the last ahead phase learnt onto `base`: the model becomes
     /// `base + (current - anchor)`, returned; `None` when the model was replaced
     /// ([`Self::set_weights`]) since the ahead phase started.
-    pub async fn rebase(&self, base: TensorSet) -> anyhow::Result<Option<TensorSet>> {
+    pub async fn rebase(&self, base: TensorSet) -> Result<Option<TensorSet>, TrainerError> {
         self.call(|r| TrainerCommand::Rebase(base, r)).await
     }
 
     /// Evaluates `weights` and keeps the current model.
-    pub async fn evaluate_at(&self, weights: TensorSet) -> anyhow::Result<EvalReport> {
+    pub async fn evaluate_at(&self, weights: TensorSet) -> Result<EvalReport, TrainerError> {
         self.call(|r| TrainerCommand::Evaluate(Some(weights), r))
             .await
     }
@@ -559,7 +587,7 @@ impl TrainerHandle {
         index: usize,
         state: serde_json::Value,
         extras: Vec<HostParam>,
-    ) -> anyhow::Result<PathBuf> {
+    ) -> Result<PathBuf, TrainerError> {
         let written = self
             .save_queued(weights, root, index, state, extras)
             .await?;
@@ -575,7 +603,10 @@ impl TrainerHandle {
         index: usize,
         state: serde_json::Value,
         extras: Vec<HostParam>,
-    ) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<PathBuf>> + use<>> {
+    ) -> Result<
+        impl std::future::Future<Output = Result<PathBuf, TrainerError>> + use<>,
+        TrainerError,
+    > {
         let (reply, answer) = oneshot::channel();
         let command = TrainerCommand::Save {
             weights,
@@ -588,15 +619,112 @@ impl TrainerHandle {
         self.commands
             .send(command)
             .await
-            .map_err(|_| anyhow::anyhow!("the trainer thread has stopped"))?;
-        Ok(async move {
-            answer
-                .await
-                .map_err(|_| anyhow::anyhow!("the trainer thread stopped mid-checkpoint"))?
-        })
+            .map_err(|_| TrainerError::Stopped)?;
+        Ok(async move { answer.await.map_err(|_| TrainerError::StoppedMidCommand)? })
     }
 
-    pub async fn restore(&self, root: PathBuf) -> anyhow::Result<Option<Restored>> {
+    pub async fn restore(&self, root: PathBuf) -> Result<Option<Restored>, TrainerError> {
         self.call(|r| TrainerCommand::Restore(root, r)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshtune_model::error::ModelError;
+    use meshtune_protocol::Tensor;
+
+    fn set(name: &str, len: usize) -> TensorSet {
+        TensorSet::new(vec![
+            Tensor::new(name, vec![len], vec![0.5; len]).expect("tensor"),
+        ])
+        .expect("set")
+    }
+
+    /// Holds weights and nothing else; `train(13)` panics, as a trainer with a bug would.
+    struct Held(TensorSet);
+
+    impl LocalTrainer for Held {
+        fn weights(&mut self) -> Result<TensorSet, TrainerError> {
+            Ok(self.0.clone())
+        }
+        fn set_weights(&mut self, weights: &TensorSet) -> Result<(), TrainerError> {
+            same_layout("set weights", weights, &self.0)?;
+            self.0 = weights.clone();
+            Ok(())
+        }
+        fn train(&mut self, steps: usize) -> Result<TrainReport, TrainerError> {
+            assert_ne!(steps, 13, "a trainer bug");
+            Ok(TrainReport {
+                steps,
+                samples: 0,
+                loss: 0.0,
+                seconds: 0.0,
+                tokens: 0,
+                energy_j: None,
+            })
+        }
+        fn evaluate(&mut self) -> Result<EvalReport, TrainerError> {
+            Err(TrainerError::NoExamples)
+        }
+        fn save(
+            &mut self,
+            _: &Path,
+            _: usize,
+            _: serde_json::Value,
+            _: Vec<HostParam>,
+        ) -> Result<CheckpointWrite, TrainerError> {
+            Ok(Box::new(|| {
+                Err(ModelError::Input("the disk is full".into()).into())
+            }))
+        }
+        fn restore(&mut self, _: &Path) -> Result<Option<Restored>, TrainerError> {
+            Ok(None)
+        }
+    }
+
+    #[test]
+    fn a_layout_error_names_the_first_tensor_that_differs() {
+        let err = same_layout("rebase", &set("w", 3), &set("w", 4)).expect_err("differs");
+        let text = err.to_string();
+        assert!(
+            text.contains("rebase") && text.contains("`w` [3]") && text.contains("[4]"),
+            "{text}"
+        );
+        assert!(same_layout("rebase", &set("w", 3), &set("w", 3)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn trainer_errors_reach_the_caller_typed_and_a_dead_thread_is_reported() {
+        let handle = TrainerHandle::spawn("test", Held(set("w", 4))).expect("spawn");
+        let err = handle.set_weights(set("w", 5)).await.expect_err("layout");
+        assert!(matches!(err, TrainerError::Layout { .. }), "{err:?}");
+        let err = handle.evaluate().await.expect_err("no examples");
+        assert!(matches!(err, TrainerError::NoExamples), "{err:?}");
+        // The write runs on the writer thread and its error comes back to the saver.
+        let err = handle
+            .save(
+                None,
+                PathBuf::from("unused"),
+                0,
+                serde_json::json!({}),
+                vec![],
+            )
+            .await
+            .expect_err("write");
+        assert!(err.to_string().contains("the disk is full"), "{err}");
+        // Rebase without an ahead phase has nothing to move; with one, the layout is checked.
+        assert!(handle.rebase(set("w", 4)).await.expect("rebase").is_none());
+        handle.train_ahead(1, None).await.expect("ahead");
+        let err = handle.rebase(set("w", 5)).await.expect_err("layout");
+        assert!(err.to_string().contains("rebase"), "{err}");
+        // A panic on the trainer thread ends it: this command and every later one say so.
+        let err = handle.train(13).await.expect_err("panicked");
+        assert!(matches!(err, TrainerError::StoppedMidCommand), "{err:?}");
+        let err = handle.weights().await.expect_err("stopped");
+        assert!(
+            matches!(err, TrainerError::Stopped | TrainerError::StoppedMidCommand),
+            "{err:?}"
+        );
     }
 }

@@ -5,12 +5,14 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 use burn::tensor::backend::Backend;
 use meshtune_model::config::{Preset, T5Config};
+use meshtune_model::error::ModelError;
 use meshtune_model::t5::T5;
 use meshtune_model::tokenizer::T5Tokenizer;
 use meshtune_model::weights::{RandomInit, SafetensorsSource};
+
+use super::error::ModelSourceError;
 
 /// The model's config and tokenizer from `--model DIR` (its `config.json`, and
 /// `DIR/tokenizer.json` unless `--tokenizer` is given) or `--preset NAME` (needs `--tokenizer`),
@@ -19,7 +21,7 @@ pub fn model_config_and_tokenizer(
     model: Option<&Path>,
     preset: Option<&str>,
     tokenizer: Option<&Path>,
-) -> anyhow::Result<(T5Config, T5Tokenizer)> {
+) -> Result<(T5Config, T5Tokenizer), ModelSourceError> {
     let (config, tokenizer_path) = match (model, preset) {
         (Some(dir), _) => (
             T5Config::from_file(&dir.join("config.json"))?,
@@ -28,10 +30,10 @@ pub fn model_config_and_tokenizer(
         (None, Some(preset)) => (
             preset.parse::<Preset>()?.config(),
             tokenizer
-                .context("--preset needs --tokenizer FILE")?
+                .ok_or(ModelSourceError::NoTokenizer)?
                 .to_path_buf(),
         ),
-        (None, None) => anyhow::bail!("give --model DIR or --preset NAME"),
+        (None, None) => return Err(ModelSourceError::NoModel),
     };
     let tokenizer = T5Tokenizer::from_file(&tokenizer_path)?;
     tokenizer.check_fits_model(config.vocab_size)?;
@@ -46,7 +48,7 @@ pub fn initial_model<B: Backend>(
     random_init: bool,
     seed: u64,
     device: &B::Device,
-) -> anyhow::Result<T5<B>> {
+) -> Result<T5<B>, ModelError> {
     B::seed(device, seed);
     Ok(match (model_dir, random_init) {
         (Some(dir), false) => {
@@ -54,4 +56,24 @@ pub fn initial_model<B: Backend>(
         }
         _ => T5::from_source(config, &mut RandomInit::<B>::new(config, device, seed))?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_model_or_tokenizer_is_named() {
+        let err = model_config_and_tokenizer(None, None, None).expect_err("no model");
+        assert!(matches!(err, ModelSourceError::NoModel), "{err:?}");
+        let err = model_config_and_tokenizer(None, Some("flan-t5-small"), None)
+            .expect_err("no tokenizer");
+        assert!(matches!(err, ModelSourceError::NoTokenizer), "{err:?}");
+        let err = model_config_and_tokenizer(None, Some("flan-t5-huge"), None)
+            .expect_err("no such preset");
+        assert!(err.to_string().contains("flan-t5-huge"), "{err}");
+        let missing = Path::new("/nonexistent/model");
+        let err = model_config_and_tokenizer(Some(missing), None, None).expect_err("no dir");
+        assert!(err.to_string().contains("/nonexistent/model"), "{err}");
+    }
 }

@@ -100,7 +100,7 @@ pub fn trainer(records: &[SamsumRecord], config: &TrainConfig) -> TrainerHandle 
 pub struct TestNode {
     pub peer_id: PeerId,
     pub trainer: TrainerHandle,
-    pub handle: tokio::task::JoinHandle<anyhow::Result<RunSummary>>,
+    pub handle: tokio::task::JoinHandle<Result<RunSummary, meshtune_node::coordinator::RunError>>,
     pub shutdown: CancellationToken,
     pub metrics: NodeMetrics,
     /// The node's network (to dial, or ask peers directly).

@@ -3,16 +3,19 @@
 //! link) in any mode. This kernel has `tc tbf` but no `netem`, and containers and plain
 //! processes have no qdisc of their own, so the shaping lives here.
 //!
-//! The model, per connection and direction:
-//! - **upload** (what this node writes): bytes are serialized at `up` bits/s one after the
-//!   other, then delivered `delay` later (the one-way latency of this node's link), in order.
-//!   A writer is held back once more than [`BACKLOG`] of serialization is queued, as a full
-//!   socket buffer would.
-//! - **download** (what this node reads): bytes are released to the reader at `down`
-//!   bits/s.
+//! The model, per node and direction (every connection of a node goes through its one
+//! [`SharedLink`], so three peers pulling from a node share its upload rate, as on a real
+//! uplink):
+//! - **upload** (what this node writes, on any connection): bytes are serialized at `up`
+//!   bits/s one after the other, then delivered `delay` later (the one-way latency of this
+//!   node's link), in order per connection. A writer is held back once more than [`BACKLOG`]
+//!   of serialization is queued on the link, as a full socket buffer would.
+//! - **download** (what this node reads, on any connection): bytes are released to the
+//!   readers at `down` bits/s in all.
 //! - **loss**: each 1448-byte segment is lost with probability `loss`; as with TCP's fast
-//!   retransmit, a loss stalls the stream for one round trip (`2 * delay`, at least 1 ms) and
-//!   the segment is sent again. Congestion-window reduction is not modelled.
+//!   retransmit, a loss stalls that connection's stream for one round trip (`2 * delay`, at
+//!   least 1 ms) and the segment is sent again; the other connections keep the link busy
+//!   meanwhile. Congestion-window reduction is not modelled.
 //!
 //! Two shaped nodes therefore see a round trip of `2 * delay`, a shaped node and an unshaped
 //! one `delay`. [`LinkProfile::expected_transfer`] says how long a transfer should take;
@@ -24,6 +27,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -290,6 +294,64 @@ impl fmt::Display for LinkProfile {
     }
 }
 
+/// When a node's link is free again in each direction: shared by every connection through it.
+#[derive(Debug)]
+struct LinkClocks {
+    /// When the upload finishes serializing what was accepted so far.
+    tx_free: Instant,
+    /// When the download has released what was read so far.
+    rx_free: Instant,
+}
+
+/// One node's link: a [`LinkProfile`] and the clocks that every connection shaped through it
+/// shares (see the module docs). Cheap to clone; clones are the same link.
+#[derive(Debug, Clone)]
+pub struct SharedLink {
+    profile: LinkProfile,
+    clocks: Arc<Mutex<LinkClocks>>,
+}
+
+impl SharedLink {
+    pub fn new(profile: LinkProfile) -> Self {
+        let now = Instant::now();
+        Self {
+            profile,
+            clocks: Arc::new(Mutex::new(LinkClocks {
+                tx_free: now,
+                rx_free: now,
+            })),
+        }
+    }
+
+    pub fn profile(&self) -> &LinkProfile {
+        &self.profile
+    }
+
+    /// `inner` shaped through this link; `seed` makes its loss draws reproducible.
+    pub fn shape<S>(&self, inner: S, seed: u64) -> Shaped<S> {
+        let now = Instant::now();
+        Shaped {
+            inner,
+            profile: self.profile,
+            link: Arc::clone(&self.clocks),
+            tx_free: now,
+            last_delivery: now,
+            in_flight: VecDeque::new(),
+            write_timer: Box::pin(tokio::time::sleep_until(now)),
+            rx_free: now,
+            read_timer: Box::pin(tokio::time::sleep_until(now)),
+            received: Vec::new(),
+            handed_out: 0,
+            rng: SplitMix64::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15),
+        }
+    }
+
+    /// The clocks, also after a panic elsewhere (they hold two instants, always valid).
+    fn clocks(link: &Mutex<LinkClocks>) -> std::sync::MutexGuard<'_, LinkClocks> {
+        link.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// A byte run waiting for its delivery time.
 struct InFlight {
     at: Instant,
@@ -302,13 +364,16 @@ struct InFlight {
 pub struct Shaped<S> {
     inner: S,
     profile: LinkProfile,
-    /// When the link finishes serializing what was accepted so far.
+    /// The node's link, shared with its other connections.
+    link: Arc<Mutex<LinkClocks>>,
+    /// When this connection's stream may send again: the link's clock for what this
+    /// connection wrote, plus its loss stalls.
     tx_free: Instant,
     /// Delivery time of the newest run (deliveries stay in order).
     last_delivery: Instant,
     in_flight: VecDeque<InFlight>,
     write_timer: Pin<Box<Sleep>>,
-    /// When the download pacing allows the next read.
+    /// When the download pacing releases the bytes read last.
     rx_free: Instant,
     read_timer: Pin<Box<Sleep>>,
     /// Bytes read from the socket that the download rate has not released yet.
@@ -319,22 +384,9 @@ pub struct Shaped<S> {
 }
 
 impl<S> Shaped<S> {
-    /// Shapes `inner`; `seed` makes the loss draws reproducible.
+    /// Shapes `inner` through a link of its own; `seed` makes the loss draws reproducible.
     pub fn new(inner: S, profile: LinkProfile, seed: u64) -> Self {
-        let now = Instant::now();
-        Self {
-            inner,
-            profile,
-            tx_free: now,
-            last_delivery: now,
-            in_flight: VecDeque::new(),
-            write_timer: Box::pin(tokio::time::sleep_until(now)),
-            rx_free: now,
-            read_timer: Box::pin(tokio::time::sleep_until(now)),
-            received: Vec::new(),
-            handed_out: 0,
-            rng: SplitMix64::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15),
-        }
+        SharedLink::new(profile).shape(inner, seed)
     }
 
     /// The profile in force.
@@ -412,10 +464,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Shaped<S> {
             return Poll::Ready(Err(e));
         }
         let now = Instant::now();
-        let backlog = this.tx_free.saturating_duration_since(now);
-        if backlog > BACKLOG {
-            // The link is busy: wait until the backlog drains to the threshold.
-            this.write_timer.as_mut().reset(this.tx_free - BACKLOG);
+        let busy_until = this.tx_free.max(SharedLink::clocks(&this.link).tx_free);
+        if busy_until.saturating_duration_since(now) > BACKLOG {
+            // The link (or this stream, stalled) is busy: wait until the backlog drains to
+            // the threshold.
+            this.write_timer.as_mut().reset(busy_until - BACKLOG);
             if this.write_timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
@@ -433,10 +486,17 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Shaped<S> {
                 }
             }
         }
-        let start = this.tx_free.max(now);
-        this.tx_free = start
-            + serialize_time(n, this.profile.up_bps)
-            + (serialize_time(SEGMENT, this.profile.up_bps) + this.profile.stall()) * lost;
+        // The link serializes the run (and the lost segments again) after whatever any
+        // connection queued before; the stalls hold back this stream only.
+        let sent = {
+            let mut link = SharedLink::clocks(&this.link);
+            let start = link.tx_free.max(this.tx_free).max(now);
+            link.tx_free = start
+                + serialize_time(n, this.profile.up_bps)
+                + serialize_time(SEGMENT, this.profile.up_bps) * lost;
+            link.tx_free
+        };
+        this.tx_free = sent + this.profile.stall() * lost;
         let at = (this.tx_free + this.profile.delay).max(this.last_delivery);
         this.last_delivery = at;
         this.in_flight.push_back(InFlight {
@@ -491,10 +551,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Shaped<S> {
                 other => return other,
             };
             chunk.truncate(n);
-            // A late timer leaves up to BACKLOG of credit, so lateness does not add up.
+            // A late timer leaves up to BACKLOG of credit, so lateness does not add up. The
+            // link releases this run after what every connection read before.
             let now = Instant::now();
-            this.rx_free = this.rx_free.max(now.checked_sub(BACKLOG).unwrap_or(now))
+            let mut link = SharedLink::clocks(&this.link);
+            link.rx_free = link.rx_free.max(now.checked_sub(BACKLOG).unwrap_or(now))
                 + serialize_time(n, this.profile.down_bps);
+            this.rx_free = link.rx_free;
             this.received = chunk;
             this.handed_out = 0;
         }
@@ -740,5 +803,45 @@ mod tests {
         };
         let ((), got) = tokio::join!(send, receive);
         assert_eq!(got, data);
+    }
+
+    /// Two connections through one node's link share its upload rate: moving a blob on each
+    /// at once takes at least as long as both blobs one after the other (a link per
+    /// connection, as before, took half that).
+    #[tokio::test]
+    async fn connections_through_one_link_share_its_rate() {
+        use futures::{AsyncReadExt, AsyncWriteExt};
+        use tokio_util::compat::TokioAsyncReadCompatExt;
+        let profile: LinkProfile = "up=4mbit,down=unlimited".parse().expect("profile");
+        let link = SharedLink::new(profile);
+        let bytes = 100_000usize;
+        let data = vec![7u8; bytes];
+        let one = |seed: u64| {
+            let (a, b) = tokio::io::duplex(64 * 1024);
+            let (mut writer, mut reader) = (link.shape(a.compat(), seed), b.compat());
+            let data = &data;
+            async move {
+                let send = async {
+                    writer.write_all(data).await.expect("write");
+                    writer.close().await.expect("close");
+                };
+                let receive = async {
+                    let mut got = Vec::new();
+                    reader.read_to_end(&mut got).await.expect("read");
+                    got.len()
+                };
+                tokio::join!(send, receive).1
+            }
+        };
+        let started = Instant::now();
+        let (a, b) = tokio::join!(one(1), one(2));
+        let took = started.elapsed();
+        assert_eq!((a, b), (bytes, bytes));
+        let both = profile.expected_transfer(2 * bytes as u64, true);
+        assert!(
+            took.as_secs_f64() >= 0.97 * both.as_secs_f64(),
+            "two connections moved {} bytes in {took:?}; the link needs {both:?}",
+            2 * bytes
+        );
     }
 }

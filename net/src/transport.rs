@@ -23,7 +23,7 @@ use std::{
     time::Duration,
 };
 
-use crate::shaping::{LinkProfile, Shaped};
+use crate::shaping::{LinkProfile, SharedLink};
 
 use libp2p::{
     Multiaddr, PeerId, Swarm, Transport,
@@ -115,11 +115,12 @@ pub fn network_transport(
     let tcp = if config.link.is_unlimited() {
         secure_and_multiplex(tcp, keypair, config.psk, config.upgrade_timeout)?
     } else {
-        let link = config.link;
+        // One link for the node: its connections share the upload and download rates.
+        let link = SharedLink::new(config.link);
         let connections = Arc::new(AtomicU64::new(0));
         let shaped = tcp.map(move |stream, _| {
             let seed = connections.fetch_add(1, Ordering::Relaxed);
-            Shaped::new(stream, link, seed)
+            link.shape(stream, seed)
         });
         secure_and_multiplex(shaped, keypair, config.psk, config.upgrade_timeout)?
     };

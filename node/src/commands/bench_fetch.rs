@@ -118,7 +118,8 @@ async fn pulls(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Pulls> {
     let store = Arc::new(Mutex::new(BlobStore::default()));
-    let (server, _, server_addr) = stack(profile, Arc::clone(&store), None, shutdown).await?;
+    // The server's client is kept: its network stops once every client is dropped.
+    let (server, _server, server_addr) = stack(profile, Arc::clone(&store), None, shutdown).await?;
     let server_addr = PeerAddr::from_multiaddr(server_addr)?;
     let mut pullers = Vec::with_capacity(args.pullers);
     for _ in 0..args.pullers {

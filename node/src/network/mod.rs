@@ -24,6 +24,7 @@ pub mod manifest;
 mod metrics;
 pub mod peer_table;
 pub mod store;
+pub mod uploads;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use libp2p::PeerId;
-use libp2p::request_response::{self, ResponseChannel};
+use libp2p::request_response::{self, InboundRequestId, ResponseChannel};
 use meshtune_protocol::{ChunkRequest, ChunkResponse};
 
 use super::{EventLoop, InboundWindow};
@@ -16,12 +16,17 @@ use crate::network::client::RequestError;
 use crate::network::codec::BlobResponse;
 use crate::network::metrics::NetMetrics;
 use crate::network::store::{self, FileChunk, Served};
+use crate::network::uploads::Admit;
 
 /// How long the window of [`EventLoop::allow_inbound`]'s rate limit lasts.
 const INBOUND_WINDOW: Duration = Duration::from_secs(10);
 
+/// A chunk response waiting for its turn on the uplink (see [`crate::network::uploads`]).
+pub(super) type Upload = (PeerId, ResponseChannel<BlobResponse>, BlobResponse);
+
 /// A state chunk read from its file on a blocking thread, with where its answer goes.
 pub(super) struct FileRead {
+    request_id: InboundRequestId,
     peer: PeerId,
     channel: ResponseChannel<BlobResponse>,
     chunk: std::io::Result<Bytes>,
@@ -35,8 +40,10 @@ impl EventLoop {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
-                    request, channel, ..
-                } => self.on_request(peer, request, channel),
+                    request_id,
+                    request,
+                    channel,
+                } => self.on_request(peer, request_id, request, channel),
                 request_response::Message::Response {
                     request_id,
                     response,
@@ -70,10 +77,18 @@ impl EventLoop {
                     let _ = reply.send(Err(error));
                 }
             }
-            request_response::Event::InboundFailure { peer, error, .. } => {
+            request_response::Event::InboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
                 tracing::debug!(peer = %peer, error = %error, "inbound blob request failed");
+                self.upload_ended(request_id, false);
             }
-            request_response::Event::ResponseSent { .. } => {}
+            request_response::Event::ResponseSent { request_id, .. } => {
+                self.upload_ended(request_id, true);
+            }
         }
     }
 
@@ -94,6 +109,7 @@ impl EventLoop {
     fn on_request(
         &mut self,
         peer: PeerId,
+        request_id: InboundRequestId,
         request: ChunkRequest,
         channel: ResponseChannel<BlobResponse>,
     ) {
@@ -118,21 +134,59 @@ impl EventLoop {
             Err(store::StorePoisoned) => Served::Response(ChunkResponse::NotFound),
         };
         match served {
-            Served::Response(response) => self.respond(peer, channel, response.into()),
-            Served::Chunk(chunk) => self.respond(peer, channel, BlobResponse::Chunk(chunk)),
-            Served::FileChunk(chunk) => self.read_file_chunk(peer, channel, chunk),
+            Served::Response(response) => {
+                self.respond(peer, channel, response.into());
+            }
+            Served::Chunk(chunk) => {
+                self.upload(request_id, (peer, channel, BlobResponse::Chunk(chunk)));
+            }
+            Served::FileChunk(chunk) => self.read_file_chunk(request_id, peer, channel, chunk),
+        }
+    }
+
+    /// Sends a chunk response when the uplink's queue lets it go (now, after the responses
+    /// ahead of it, or never: `Busy`).
+    fn upload(&mut self, request_id: InboundRequestId, upload: Upload) {
+        let bytes = match &upload.2 {
+            BlobResponse::Chunk(bytes) => bytes.len() as u64,
+            BlobResponse::Message(_) => 0,
+        };
+        match self
+            .uploads
+            .admit(Instant::now(), request_id, bytes, upload)
+        {
+            Admit::Send(upload) => self.send_upload(request_id, upload),
+            Admit::Queued => {}
+            Admit::Busy((peer, channel, _)) => {
+                self.respond(peer, channel, ChunkResponse::Busy.into());
+            }
+        }
+    }
+
+    fn send_upload(&mut self, request_id: InboundRequestId, (peer, channel, response): Upload) {
+        if !self.respond(peer, channel, response) {
+            self.upload_ended(request_id, false);
+        }
+    }
+
+    /// A response left (or failed): the next queued chunk goes out.
+    fn upload_ended(&mut self, request_id: InboundRequestId, sent: bool) {
+        if let Some((next, upload)) = self.uploads.finished(Instant::now(), request_id, sent) {
+            self.send_upload(next, upload);
         }
     }
 
     /// Reads `chunk` on a blocking thread; [`EventLoop::on_file_read`] sends it.
     fn read_file_chunk(
         &mut self,
+        request_id: InboundRequestId,
         peer: PeerId,
         channel: ResponseChannel<BlobResponse>,
         chunk: FileChunk,
     ) {
         self.file_reads
             .push(tokio::task::spawn_blocking(move || FileRead {
+                request_id,
                 peer,
                 channel,
                 chunk: chunk.read(),
@@ -142,17 +196,17 @@ impl EventLoop {
     pub(super) fn on_file_read(&mut self, read: Result<FileRead, tokio::task::JoinError>) {
         match read {
             Ok(FileRead {
+                request_id,
                 peer,
                 channel,
                 chunk,
-            }) => {
-                // A failed read was logged by `FileChunk::read`.
-                let response = chunk.map_or(
-                    BlobResponse::Message(ChunkResponse::NotFound),
-                    BlobResponse::Chunk,
-                );
-                self.respond(peer, channel, response);
-            }
+            }) => match chunk {
+                Ok(chunk) => self.upload(request_id, (peer, channel, BlobResponse::Chunk(chunk))),
+                // Logged by `FileChunk::read`.
+                Err(_) => {
+                    self.respond(peer, channel, ChunkResponse::NotFound.into());
+                }
+            },
             Err(err) => {
                 // The requester's channel went down with the task: its request fails.
                 tracing::error!(error = %err, "reading a state chunk failed");
@@ -160,12 +214,13 @@ impl EventLoop {
         }
     }
 
+    /// Hands `response` to the swarm; false when the peer went away first.
     fn respond(
         &mut self,
         peer: PeerId,
         channel: ResponseChannel<BlobResponse>,
         response: BlobResponse,
-    ) {
+    ) -> bool {
         let served = match &response {
             BlobResponse::Chunk(bytes) => Some(("chunk", bytes.len())),
             BlobResponse::Message(ChunkResponse::Chunk(bytes)) => Some(("chunk", bytes.len())),
@@ -179,14 +234,15 @@ impl EventLoop {
         if let Some((kind, bytes)) = served {
             NetMetrics::count(&self.net_metrics.served_bytes, "kind", kind, bytes as u64);
         }
-        if self
+        let sent = self
             .swarm
             .behaviour_mut()
             .blobs
             .send_response(channel, response)
-            .is_err()
-        {
+            .is_ok();
+        if !sent {
             tracing::debug!(peer = %peer, "peer went away before its response");
         }
+        sent
     }
 }

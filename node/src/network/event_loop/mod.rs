@@ -30,7 +30,7 @@ use meshtune_protocol::{ChunkResponse, ModelLayout};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use self::blobs::FileRead;
+use self::blobs::{FileRead, Upload};
 use super::behaviour::{NodeBehaviour, NodeBehaviourEvent};
 use super::client::{Command, RequestError};
 use super::config::NetworkConfig;
@@ -39,6 +39,7 @@ use super::manifest::{DIRECT_MANIFEST_PREFIX, ToldOnce};
 use super::metrics::NetMetrics;
 use super::peer_table::BootstrapRedial;
 use super::store::BlobStore;
+use super::uploads::UploadQueue;
 
 /// A node with all the links it wants (see `dial_discovered_below`) makes one random walk in
 /// this many walk intervals.
@@ -100,6 +101,8 @@ pub(crate) struct EventLoop {
     manifest_requests: HashMap<OutboundRequestId, PeerId>,
     /// State chunks being read from their files on blocking threads.
     file_reads: FuturesUnordered<tokio::task::JoinHandle<FileRead>>,
+    /// Chunk responses in the order they leave (see [`crate::network::uploads`]).
+    uploads: UploadQueue<libp2p::request_response::InboundRequestId, Upload>,
     inbound: HashMap<PeerId, InboundWindow>,
     strikes: HashMap<PeerId, u32>,
     /// Bootstrap redials while the node has no peer.
@@ -118,6 +121,9 @@ pub(crate) struct EventLoop {
 
 impl EventLoop {
     pub(crate) fn new(parts: EventLoopParts) -> Self {
+        // Half the requesters' timeout (the same setting on every node): a queued chunk
+        // arrives in time with room for the delay and the request's own wait.
+        let upload_budget = parts.config.request_timeout / 2;
         Self {
             topic: parts.config.delta_topic().hash(),
             config: parts.config,
@@ -131,6 +137,7 @@ impl EventLoop {
             pending: HashMap::new(),
             manifest_requests: HashMap::new(),
             file_reads: FuturesUnordered::new(),
+            uploads: UploadQueue::new(upload_budget),
             inbound: HashMap::new(),
             strikes: HashMap::new(),
             bootstrap_redial: BootstrapRedial::default(),

@@ -278,9 +278,22 @@ impl<P: PeerKey> RoundMachine<P> {
     /// When the machine next needs a [`Input::Tick`] (the collect deadline), if ever.
     pub fn deadline(&self) -> Option<Instant> {
         match self.phase {
-            Phase::Collecting { since } => Some(since + self.collect_timeout()),
+            Phase::Collecting { since } => Some(since + self.collect_window()),
             _ => None,
         }
+    }
+
+    /// How long this round collects: the deadline, twice over while a peer's delta is still
+    /// being fetched. On a slow link a delta can take longer than the first rounds' deadline;
+    /// aggregating without it splits the mesh (each side on another base, then a state sync
+    /// over the same slow link). A fetch from a sender that died fails within seconds (its
+    /// connection is gone) and ends the wait; a stalled one waits one deadline more at most.
+    fn collect_window(&self) -> Duration {
+        let fetching = self
+            .announced
+            .get(&self.round)
+            .is_some_and(|m| m.values().any(|a| a.fetch == Fetch::InFlight));
+        self.collect_timeout() * if fetching { 2 } else { 1 }
     }
 
     /// The deadline for collecting now: fixed, or adapted to recent arrivals.
@@ -644,7 +657,7 @@ impl<P: PeerKey> RoundMachine<P> {
         let all_heard =
             have + failed >= mesh && !in_flight && have >= self.config.min_deltas.max(1);
         let quorum_done = (have >= wanted && !in_flight) || all_heard;
-        let timeout = self.collect_timeout();
+        let timeout = self.collect_window();
         let deadline_done = now >= since + timeout && have >= self.config.min_deltas.max(1);
         if quorum_done || deadline_done {
             if deadline_done && !quorum_done {
@@ -890,14 +903,16 @@ mod tests {
             ))
             .is_none()
         );
-        assert_eq!(m.deadline(), Some(t0 + Duration::from_secs(10)));
-        assert!(aggregate_of(&m.handle(t0 + Duration::from_secs(9), Input::Tick)).is_none());
-        let done = m.handle(t0 + Duration::from_secs(10), Input::Tick);
+        // The slow delta is still being fetched: the deadline (10 s) counts twice.
+        assert_eq!(m.deadline(), Some(t0 + Duration::from_secs(20)));
+        assert!(aggregate_of(&m.handle(t0 + Duration::from_secs(10), Input::Tick)).is_none());
+        assert!(aggregate_of(&m.handle(t0 + Duration::from_secs(19), Input::Tick)).is_none());
+        let done = m.handle(t0 + Duration::from_secs(20), Input::Tick);
         assert_eq!(aggregate_of(&done), Some((true, vec![fast])));
         // The slow delta arriving now changes nothing.
         assert!(
             m.handle(
-                t0 + Duration::from_secs(11),
+                t0 + Duration::from_secs(21),
                 Input::DeltaReady {
                     sender: slow,
                     round: 0
@@ -905,6 +920,65 @@ mod tests {
             )
             .is_empty()
         );
+    }
+
+    #[test]
+    fn a_delta_still_arriving_at_the_deadline_is_waited_for_once_more() {
+        let (mut m, t0) = setup(1.0);
+        let (fast, slow) = (PeerId::random(), PeerId::random());
+        m.handle(t0, Input::PeerCount(2));
+        m.handle(t0, manifest(fast, 0, 0, 1));
+        m.handle(t0, manifest(slow, 0, 0, 2));
+        m.handle(
+            t0,
+            Input::LocalDeltaPublished {
+                round: 0,
+                base: hash(0),
+            },
+        );
+        let ready = |sender| Input::DeltaReady { sender, round: 0 };
+        assert!(aggregate_of(&m.handle(t0, ready(fast))).is_none());
+        assert!(aggregate_of(&m.handle(t0 + Duration::from_secs(10), Input::Tick)).is_none());
+        // It arrives after the deadline, within the second one: the round uses it.
+        let done = m.handle(t0 + Duration::from_secs(15), ready(slow));
+        let mut both = vec![fast, slow];
+        both.sort();
+        assert_eq!(aggregate_of(&done), Some((true, both)));
+    }
+
+    #[test]
+    fn a_failed_fetch_does_not_extend_the_deadline() {
+        let (mut m, t0) = setup(1.0);
+        let (fast, dead) = (PeerId::random(), PeerId::random());
+        m.handle(t0, Input::PeerCount(3));
+        m.handle(t0, manifest(fast, 0, 0, 1));
+        m.handle(t0, manifest(dead, 0, 0, 2));
+        m.handle(
+            t0,
+            Input::LocalDeltaPublished {
+                round: 0,
+                base: hash(0),
+            },
+        );
+        m.handle(
+            t0,
+            Input::DeltaReady {
+                sender: fast,
+                round: 0,
+            },
+        );
+        // The third peer never announced; the dead one's fetch failed (not its fault).
+        m.handle(
+            t0 + Duration::from_secs(1),
+            Input::DeltaFailed {
+                sender: dead,
+                round: 0,
+                bad_data: false,
+            },
+        );
+        assert_eq!(m.deadline(), Some(t0 + Duration::from_secs(10)));
+        let done = m.handle(t0 + Duration::from_secs(10), Input::Tick);
+        assert_eq!(aggregate_of(&done), Some((true, vec![fast])));
     }
 
     #[test]
@@ -1283,14 +1357,15 @@ mod tests {
         );
     }
 
-    /// One round where `ready` peers' deltas are ready `after` publishing; returns the time the
+    /// One round where `ready` peers' deltas are ready `after` publishing and the other
+    /// peers' fetches fail then (`fail_rest`; else they stay in flight); returns the time the
     /// round aggregated (ticking each second until it does).
     fn timed_round(
         m: &mut RoundMachine,
         start: Instant,
-        peers: &[PeerId],
-        ready: &[PeerId],
+        (peers, ready): (&[PeerId], &[PeerId]),
         after: Duration,
+        fail_rest: bool,
     ) -> Instant {
         let round = m.round();
         let base = m.base();
@@ -1312,6 +1387,15 @@ mod tests {
             {
                 assert_eq!(agg.1.len(), ready.len());
             }
+        }
+        for p in peers.iter().filter(|p| fail_rest && !ready.contains(p)) {
+            let sender = *p;
+            let failed = Input::DeltaFailed {
+                sender,
+                round,
+                bad_data: false,
+            };
+            m.handle(now, failed);
         }
         while m.phase() != Phase::Applying {
             now += Duration::from_secs(1);
@@ -1348,15 +1432,53 @@ mod tests {
         assert_eq!(m.collect_timeout(), Duration::from_secs(30));
         let mut now = Instant::now();
         for _ in 0..2 {
-            now = timed_round(&mut m, now, &[a, b], &[a, b], Duration::from_millis(300));
+            now = timed_round(
+                &mut m,
+                now,
+                (&[a, b], &[a, b]),
+                Duration::from_millis(300),
+                true,
+            );
         }
         assert_eq!(m.collect_timeout(), Duration::from_secs(5));
         let start = now;
-        let done = timed_round(&mut m, start, &[a, b], &[a], Duration::from_millis(300));
+        // b died before announcing: the round waits out the deadline.
+        let done = timed_round(
+            &mut m,
+            start,
+            (&[a], &[a]),
+            Duration::from_millis(300),
+            true,
+        );
         let waited = done - start;
         assert!(
             waited >= Duration::from_secs(5) && waited < Duration::from_secs(6),
             "a dead peer held the round {waited:?}"
+        );
+        // b died after announcing: its fetch fails (its connection is gone) and everyone has
+        // been heard, so the round ends then.
+        let start = done;
+        let done = timed_round(
+            &mut m,
+            start,
+            (&[a, b], &[a]),
+            Duration::from_millis(300),
+            true,
+        );
+        assert_eq!(done - start, Duration::from_millis(300));
+        // A peer whose delta is still coming at the deadline is waited for one deadline more.
+        let start = done;
+        let done = timed_round(
+            &mut m,
+            start,
+            (&[a, b], &[a]),
+            Duration::from_millis(300),
+            false,
+        );
+        let waited = done - start;
+        assert!(
+            waited >= Duration::from_secs(10) && waited < Duration::from_secs(11),
+            "a fetch in flight held the round {waited:?}"
         );
 
         // A slow link: b's manifests come 40 s after this node started collecting, after the
@@ -1368,7 +1490,13 @@ mod tests {
         for _ in 0..3 {
             let start = now;
             let round = m.round();
-            now = timed_round(&mut m, start, &[a], &[a], Duration::from_millis(300));
+            now = timed_round(
+                &mut m,
+                start,
+                (&[a], &[a]),
+                Duration::from_millis(300),
+                true,
+            );
             assert!(now - start < Duration::from_secs(83), "{:?}", now - start);
             m.handle(
                 start + Duration::from_secs(40),

@@ -4,7 +4,9 @@
 //! node's own fetch code. The time is set against what the profile allows: the serving node
 //! uploads the blob once per puller at its upload rate (or each puller downloads it at its
 //! download rate, whichever is slower), plus the two round trips of a fetch (the chunk list,
-//! then the chunks). Printed, never asserted in tests (issue 24: <= 1.3x).
+//! then the chunks). With `--both-ways` the server pulls a blob from every puller at the same
+//! time, as in a round of all-to-all averaging. Printed, never asserted in tests (issue 24:
+//! <= 1.3x).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -45,6 +47,10 @@ pub struct FetchBenchArgs {
     /// Pulls per profile (each of a fresh blob; the median is reported).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// The server also pulls a blob of the same size from every puller at the same time, as
+    /// in a round of all-to-all averaging (each link then carries data both ways).
+    #[arg(long)]
+    pub both_ways: bool,
 }
 
 /// One profile's result.
@@ -119,13 +125,15 @@ async fn pulls(
 ) -> anyhow::Result<Pulls> {
     let store = Arc::new(Mutex::new(BlobStore::default()));
     // The server's client is kept: its network stops once every client is dropped.
-    let (server, _server, server_addr) = stack(profile, Arc::clone(&store), None, shutdown).await?;
+    let (server, server_client, server_addr) =
+        stack(profile, Arc::clone(&store), None, shutdown).await?;
     let server_addr = PeerAddr::from_multiaddr(server_addr)?;
     let mut pullers = Vec::with_capacity(args.pullers);
     for _ in 0..args.pullers {
         let bootstrap = Some(server_addr.clone());
-        let (_, client, _) = stack(profile, Arc::default(), bootstrap, shutdown).await?;
-        pullers.push(client);
+        let own: Arc<Mutex<BlobStore>> = Arc::default();
+        let (id, client, _) = stack(profile, Arc::clone(&own), bootstrap, shutdown).await?;
+        pullers.push((id, client, own));
     }
     // Let the connections settle (identify, gossipsub subscriptions) before timing.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -136,26 +144,46 @@ async fn pulls(
     let limits = Limits::default();
     let providers = [server];
     let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(7);
-    let mut measured = Vec::with_capacity(args.repeats);
-    for round in 0..args.repeats {
+    let mut blob = |store: &Mutex<BlobStore>, round: u64| -> anyhow::Result<_> {
         let mut blob = vec![0u8; usize::try_from(args.bytes)?];
         rng.fill_bytes(&mut blob);
         let chunks = chunk_blob(&blob, args.chunk_size)?;
         let descriptor = chunks.descriptor();
-        crate::network::store::lock(&store)?.insert(round as u64, Arc::new(blob), chunks);
+        crate::network::store::lock(store)?.insert(round, Arc::new(blob), chunks);
+        Ok(descriptor)
+    };
+    let mut measured = Vec::with_capacity(args.repeats);
+    for round in 0..args.repeats as u64 {
+        let descriptor = blob(&store, round)?;
+        // With --both-ways, each puller's own blob, which the server pulls.
+        let mut back = Vec::new();
+        for (id, _, own) in pullers.iter().filter(|_| args.both_ways) {
+            back.push(([*id], blob(own, round)?));
+        }
         let started = Instant::now();
         let pulls = pullers
             .iter()
-            .map(|client| fetch_blob(client, &descriptor, &providers, &limits, config));
-        for fetched in futures::future::join_all(pulls).await {
+            .map(|(_, client, _)| fetch_blob(client, &descriptor, &providers, &limits, config));
+        let backs = back.iter().map(|(holder, descriptor)| {
+            fetch_blob(&server_client, descriptor, holder, &limits, config)
+        });
+        let (pulled, pulled_back) = futures::future::join(
+            futures::future::join_all(pulls),
+            futures::future::join_all(backs),
+        )
+        .await;
+        for fetched in pulled.into_iter().chain(pulled_back) {
             fetched.context("pulling the blob")?;
         }
         measured.push(started.elapsed());
     }
-    Ok(Pulls {
-        expected: expected_pull(&profile, args.bytes, args.pullers),
-        measured,
-    })
+    let mut expected = expected_pull(&profile, args.bytes, args.pullers);
+    if args.both_ways {
+        // The server's download carries one blob per puller too.
+        let down = profile.expected_transfer(args.bytes * args.pullers as u64, false);
+        expected = expected.max(down + profile.delay * 4);
+    }
+    Ok(Pulls { expected, measured })
 }
 
 /// A node's network stack on shaped loopback TCP, its events drained; its peer id, client

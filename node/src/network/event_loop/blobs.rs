@@ -169,9 +169,14 @@ impl EventLoop {
         }
     }
 
-    /// A response left (or failed): the next queued chunk goes out.
+    /// A response left (or failed): the next queued chunk goes out; those that waited too
+    /// long are answered `Busy`.
     fn upload_ended(&mut self, request_id: InboundRequestId, sent: bool) {
-        if let Some((next, upload)) = self.uploads.finished(Instant::now(), request_id, sent) {
+        let released = self.uploads.finished(Instant::now(), request_id, sent);
+        for (peer, channel, _) in released.busy {
+            self.respond(peer, channel, ChunkResponse::Busy.into());
+        }
+        if let Some((next, upload)) = released.next {
             self.send_upload(next, upload);
         }
     }

@@ -121,9 +121,11 @@ pub(crate) struct EventLoop {
 
 impl EventLoop {
     pub(crate) fn new(parts: EventLoopParts) -> Self {
-        // Half the requesters' timeout (the same setting on every node): a queued chunk
-        // arrives in time with room for the delay and the request's own wait.
-        let upload_budget = parts.config.request_timeout / 2;
+        // 70% of the requesters' timeout (the same setting on every node): a queued chunk
+        // arrives in time with room for the delay and the request's own trip, and on a slow
+        // uplink one 1 MiB chunk can wait behind the one being sent, so the link never idles
+        // between them.
+        let upload_budget = parts.config.request_timeout.mul_f64(0.7);
         Self {
             topic: parts.config.delta_topic().hash(),
             config: parts.config,

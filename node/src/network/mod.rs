@@ -65,6 +65,8 @@ pub struct RunningNetwork {
 /// Builds the swarm on `transport` (already secured and multiplexed; see
 /// [`meshtune_net::transport`]), listens, dials the bootstrap peers and spawns the
 /// event loop. `layout` is what every manifest must match; `store` is what this node serves.
+/// The event loop ends, and the node goes offline, once every [`Client`] clone is dropped or
+/// `shutdown` fires: a caller that only serves must keep its client.
 pub fn start(
     keypair: &Keypair,
     transport: BoxedTransport,

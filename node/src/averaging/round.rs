@@ -879,30 +879,27 @@ mod tests {
         assert_eq!(m.round(), 1);
     }
 
-    #[test]
-    fn deadline_aggregates_what_arrived_and_abandons_slow_fetches() {
+    /// Round 0 with `peers` connected, two of which announced: the first one's delta is
+    /// ready, the second one's still being fetched, this node's own published.
+    fn one_of_two_ready(peers: usize) -> (RoundMachine, Instant, PeerId, PeerId) {
         let (mut m, t0) = setup(1.0);
         let (fast, slow) = (PeerId::random(), PeerId::random());
-        m.handle(t0, Input::PeerCount(2));
+        m.handle(t0, Input::PeerCount(peers));
         m.handle(t0, manifest(fast, 0, 0, 1));
         m.handle(t0, manifest(slow, 0, 0, 2));
-        m.handle(
-            t0,
-            Input::LocalDeltaPublished {
-                round: 0,
-                base: hash(0),
-            },
-        );
-        assert!(
-            aggregate_of(&m.handle(
-                t0,
-                Input::DeltaReady {
-                    sender: fast,
-                    round: 0
-                }
-            ))
-            .is_none()
-        );
+        let base = hash(0);
+        m.handle(t0, Input::LocalDeltaPublished { round: 0, base });
+        let ready = Input::DeltaReady {
+            sender: fast,
+            round: 0,
+        };
+        assert!(aggregate_of(&m.handle(t0, ready)).is_none());
+        (m, t0, fast, slow)
+    }
+
+    #[test]
+    fn deadline_aggregates_what_arrived_and_abandons_slow_fetches() {
+        let (mut m, t0, fast, slow) = one_of_two_ready(2);
         // The slow delta is still being fetched: the deadline (10 s) counts twice.
         assert_eq!(m.deadline(), Some(t0 + Duration::from_secs(20)));
         assert!(aggregate_of(&m.handle(t0 + Duration::from_secs(10), Input::Tick)).is_none());
@@ -910,37 +907,23 @@ mod tests {
         let done = m.handle(t0 + Duration::from_secs(20), Input::Tick);
         assert_eq!(aggregate_of(&done), Some((true, vec![fast])));
         // The slow delta arriving now changes nothing.
-        assert!(
-            m.handle(
-                t0 + Duration::from_secs(21),
-                Input::DeltaReady {
-                    sender: slow,
-                    round: 0
-                }
-            )
-            .is_empty()
-        );
+        let late = Input::DeltaReady {
+            sender: slow,
+            round: 0,
+        };
+        assert!(m.handle(t0 + Duration::from_secs(21), late).is_empty());
     }
 
     #[test]
     fn a_delta_still_arriving_at_the_deadline_is_waited_for_once_more() {
-        let (mut m, t0) = setup(1.0);
-        let (fast, slow) = (PeerId::random(), PeerId::random());
-        m.handle(t0, Input::PeerCount(2));
-        m.handle(t0, manifest(fast, 0, 0, 1));
-        m.handle(t0, manifest(slow, 0, 0, 2));
-        m.handle(
-            t0,
-            Input::LocalDeltaPublished {
-                round: 0,
-                base: hash(0),
-            },
-        );
-        let ready = |sender| Input::DeltaReady { sender, round: 0 };
-        assert!(aggregate_of(&m.handle(t0, ready(fast))).is_none());
+        let (mut m, t0, fast, slow) = one_of_two_ready(2);
         assert!(aggregate_of(&m.handle(t0 + Duration::from_secs(10), Input::Tick)).is_none());
         // It arrives after the deadline, within the second one: the round uses it.
-        let done = m.handle(t0 + Duration::from_secs(15), ready(slow));
+        let ready = Input::DeltaReady {
+            sender: slow,
+            round: 0,
+        };
+        let done = m.handle(t0 + Duration::from_secs(15), ready);
         let mut both = vec![fast, slow];
         both.sort();
         assert_eq!(aggregate_of(&done), Some((true, both)));
@@ -948,25 +931,7 @@ mod tests {
 
     #[test]
     fn a_failed_fetch_does_not_extend_the_deadline() {
-        let (mut m, t0) = setup(1.0);
-        let (fast, dead) = (PeerId::random(), PeerId::random());
-        m.handle(t0, Input::PeerCount(3));
-        m.handle(t0, manifest(fast, 0, 0, 1));
-        m.handle(t0, manifest(dead, 0, 0, 2));
-        m.handle(
-            t0,
-            Input::LocalDeltaPublished {
-                round: 0,
-                base: hash(0),
-            },
-        );
-        m.handle(
-            t0,
-            Input::DeltaReady {
-                sender: fast,
-                round: 0,
-            },
-        );
+        let (mut m, t0, fast, dead) = one_of_two_ready(3);
         // The third peer never announced; the dead one's fetch failed (not its fault).
         m.handle(
             t0 + Duration::from_secs(1),

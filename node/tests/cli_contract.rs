@@ -144,6 +144,14 @@ fn errors_are_clear_and_exit_nonzero() {
             "`ef_decay` must be between 0 and 1, got 1.5",
         ),
         (
+            &["--ef-bound=-1"][..],
+            "`ef_bound` must be zero or a positive number, got -1",
+        ),
+        (
+            &["--ef-bound", "NaN"][..],
+            "`ef_bound` must be zero or a positive number, got NaN",
+        ),
+        (
             &["--outer", "nesterov:0.7:1.5"][..],
             "outer momentum must be in [0, 1)",
         ),

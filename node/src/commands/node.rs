@@ -84,7 +84,9 @@ pub struct NodeArgs {
     #[arg(long, env = "MESHTUNE_LOCAL_STEPS")]
     pub local_steps: Option<usize>,
     /// e.g. `f32+shuffle+zstd:3`, `int8/64+zstd:1`, `top1%+int8/64+zstd:1`,
-    /// `rank8+int4/64+zstd:1` (rank-8 factors of every matrix).
+    /// `rank8+int4/64+zstd:1` (rank-8 factors of every matrix), `rank4+top1%+int4/64+zstd:1`
+    /// (rank-4 factors plus the top 1% of what they leave out), `rank8-or-top2%+int4/64+zstd:1`
+    /// (each matrix as whichever of the two leaves less out).
     #[arg(long, env = "MESHTUNE_CODEC")]
     pub codec: Option<String>,
     /// mean, median, trimmed-mean[:F].
@@ -138,6 +140,11 @@ pub struct NodeArgs {
     /// `--ef-relearn true|false`). Also `ef_relearn` in node.toml.
     #[arg(long, env = "MESHTUNE_EF_RELEARN", num_args = 0..=1, default_missing_value = "true")]
     pub ef_relearn: Option<bool>,
+    /// Bound the error-feedback residual: each tensor's residual is scaled down to at most
+    /// this many times the norm of the tensor's new delta before they are added. Also
+    /// `ef_bound` in node.toml.
+    #[arg(long, env = "MESHTUNE_EF_BOUND")]
+    pub ef_bound: Option<f32>,
     /// Train the next round's local phase while this round's deltas are exchanged, then move
     /// it onto the mesh's new model (one-step delayed application); `topology = "all"`,
     /// without `keep_residual`. Also `overlap = true` in node.toml.
@@ -231,6 +238,8 @@ pub struct MeshSettings {
     pub ef_decay: f32,
     /// See `--ef-relearn`.
     pub ef_relearn: bool,
+    /// See `--ef-bound`.
+    pub ef_bound: Option<f32>,
     /// See `--overlap`.
     pub overlap: bool,
 }
@@ -265,6 +274,7 @@ impl Default for MeshSettings {
             keep_residual: false,
             ef_decay: 1.0,
             ef_relearn: false,
+            ef_bound: None,
             overlap: false,
         }
     }
@@ -328,6 +338,9 @@ pub fn resolve(args: &NodeArgs) -> anyhow::Result<(MeshSettings, TrainConfig)> {
     if let Some(v) = args.ef_relearn {
         mesh.ef_relearn = v;
     }
+    if let Some(v) = args.ef_bound {
+        mesh.ef_bound = Some(v);
+    }
     if args.overlap {
         mesh.overlap = true;
     }
@@ -357,6 +370,12 @@ pub fn resolve(args: &NodeArgs) -> anyhow::Result<(MeshSettings, TrainConfig)> {
         "`ef_decay` must be between 0 and 1, got {}",
         mesh.ef_decay
     );
+    if let Some(bound) = mesh.ef_bound {
+        anyhow::ensure!(
+            bound.is_finite() && bound >= 0.0,
+            "`ef_bound` must be zero or a positive number, got {bound}"
+        );
+    }
     anyhow::ensure!(
         (0.0..=1.0).contains(&mesh.quorum),
         "`quorum` must be between 0 and 1, got {}",
@@ -609,6 +628,7 @@ fn coordinator_config(
     config.keep_residual = settings.keep_residual;
     config.ef_decay = settings.ef_decay;
     config.ef_relearn = settings.ef_relearn;
+    config.ef_bound = settings.ef_bound;
     anyhow::ensure!(
         !settings.overlap || (topology == Topology::All && !settings.keep_residual),
         "overlap works with topology \"all\" and without keep_residual (a rebase moves the \

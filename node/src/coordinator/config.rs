@@ -80,6 +80,10 @@ pub struct CoordinatorConfig {
     /// the residual, the part of the residual the delta learnt again is taken out of it
     /// (`ErrorFeedback::discount_relearned`). Ignored under `keep_residual`.
     pub ef_relearn: bool,
+    /// Error feedback with a bounded residual: before the new delta joins it, each tensor's
+    /// residual is scaled down to at most this many times the norm of the tensor's new delta
+    /// (`ErrorFeedback::bound_by`; `None`: unbounded). Ignored under `keep_residual`.
+    pub ef_bound: Option<f32>,
     /// Train the next round's local phase while this one is exchanged, and rebase it onto the
     /// aggregate (see `averaging::overlap`); topology "all", without `keep_residual`.
     pub overlap: bool,
@@ -163,6 +167,7 @@ impl CoordinatorConfig {
             keep_residual: false,
             ef_decay: 1.0,
             ef_relearn: false,
+            ef_bound: None,
             overlap: false,
         }
     }

@@ -458,11 +458,22 @@ fn encode_own_delta(
     if lossy && config.ef_decay < 1.0 {
         feedback.scale(config.ef_decay);
     }
+    if lossy && let Some(factor) = config.ef_bound {
+        let bounded = feedback.bound_by(&delta, factor);
+        tracing::debug!(round = head.round, bounded, "residuals bounded");
+    }
     if lossy && config.ef_relearn {
         let relearnt = feedback.discount_relearned(&delta);
         tracing::debug!(round = head.round, relearnt, "residual discounted");
     }
     let mut encoded = encode_delta(&delta, &codec, lossy.then_some(feedback))?;
+    let factored = encoded.tensors.iter().filter(|t| t.encoding.rank.is_some());
+    tracing::debug!(
+        round = head.round,
+        factored = factored.count(),
+        tensors = encoded.tensors.len(),
+        "delta encoded"
+    );
     if misbehave == Some(None) {
         tracing::warn!(
             round = head.round,
@@ -780,6 +791,26 @@ mod tests {
                 "relearn {relearn}: {a:?}"
             );
             assert_eq!(feedback.residual("a"), Some(&[0.0; 4][..]));
+        }
+    }
+
+    /// `ef_bound`: a residual larger than the bound times the new delta's norm is scaled
+    /// down before it joins: round 2's delta has norm 0.02 (on a[3]), so with bound 2 the
+    /// left-out 0.1 enters as 0.04 and with bound 10 whole; round 2 sends a[1] either way.
+    #[test]
+    fn error_feedback_residual_is_bounded_by_the_new_delta() {
+        for (bound, carried) in [(None, 0.1_f32), (Some(10.0), 0.1), (Some(2.0), 0.04)] {
+            let (decoded, feedback) = two_rounds(|c| c.ef_bound = bound, vec![0.0, 0.0, 0.0, 0.02]);
+            let a = decoded.get("a").expect("a");
+            assert!(
+                (a.values[1] - carried).abs() < 1e-6,
+                "bound {bound:?}: {a:?}"
+            );
+            assert_eq!(
+                feedback.residual("a"),
+                Some(&[0.0, 0.0, 0.0, 0.02][..]),
+                "bound {bound:?}"
+            );
         }
     }
 }

@@ -54,6 +54,51 @@ impl ErrorFeedback {
         }
     }
 
+    /// Bounds each residual by the new delta it is about to join: a residual whose norm is
+    /// more than `factor` times the norm of the same tensor's new delta is scaled down to
+    /// that. Plain error feedback lets the residual of a coordinate grow for as many rounds as
+    /// top-k passes it over; when local phases are long, each round re-learns part of what the
+    /// residual holds and the sum grows past anything one round moves, so the coordinates
+    /// top-k finally picks jump too far. The bound keeps what a residual can add to a round at
+    /// `factor` rounds' worth of that round's own progress, and leaves it whole while it is
+    /// smaller (short phases, where what was left out is progress still to send). A tensor
+    /// whose new delta is zero keeps nothing. If any norm is not finite (a NaN delta, which the
+    /// encoder refuses) nothing changes. Returns how many residuals were scaled down.
+    pub fn bound_by(&mut self, delta: &TensorSet, factor: f32) -> usize {
+        let mut scales = Vec::new();
+        for tensor in delta.tensors() {
+            let Some(residual) = self.residuals.get(&tensor.name) else {
+                continue;
+            };
+            if residual.len() != tensor.values.len() {
+                continue;
+            }
+            let norm = |values: &[f32]| {
+                values
+                    .iter()
+                    .map(|&v| f64::from(v) * f64::from(v))
+                    .sum::<f64>()
+                    .sqrt()
+            };
+            let (carried, fresh) = (norm(residual), norm(&tensor.values));
+            if !carried.is_finite() || !fresh.is_finite() {
+                return 0;
+            }
+            let limit = f64::from(factor) * fresh;
+            if carried > limit {
+                scales.push((tensor.name.as_str(), limit / carried));
+            }
+        }
+        for &(name, scale) in &scales {
+            if let Some(residual) = self.residuals.get_mut(name) {
+                #[allow(clippy::cast_possible_truncation)]
+                let scale = scale as f32;
+                residual.iter_mut().for_each(|value| *value *= scale);
+            }
+        }
+        scales.len()
+    }
+
     /// Takes out of each residual the part that the new delta learnt again, before the delta
     /// joins it. A sender that restarts every round from the mesh's model re-learns what its
     /// residual holds (the residual is exactly what the mesh's model lacks of its progress);
@@ -143,6 +188,32 @@ mod tests {
             })
             .collect();
         TensorSet::new(tensors).expect("valid set")
+    }
+
+    #[test]
+    fn bound_by_scales_only_residuals_larger_than_factor_times_the_new_delta() {
+        let mut feedback = ErrorFeedback::new();
+        feedback.restore_residual("big", vec![3.0, 4.0]);
+        feedback.restore_residual("small", vec![0.3, 0.4]);
+        feedback.restore_residual("stale", vec![1.0]);
+        let delta = set(&[
+            ("big", vec![1.0, 0.0]),
+            ("small", vec![0.0, 1.0]),
+            ("stale", vec![0.0]),
+        ]);
+        assert_eq!(feedback.bound_by(&delta, 2.0), 2);
+        // |(3, 4)| = 5 > 2 * 1: scaled to norm 2.
+        let big = feedback.residual("big").expect("kept");
+        assert!((big[0] - 1.2).abs() < 1e-6 && (big[1] - 1.6).abs() < 1e-6);
+        // |(0.3, 0.4)| = 0.5 <= 2: untouched.
+        assert_eq!(feedback.residual("small"), Some(&[0.3, 0.4][..]));
+        // A tensor that did not move this round keeps nothing.
+        assert_eq!(feedback.residual("stale"), Some(&[0.0][..]));
+        // NaN in the delta: nothing changes.
+        let mut before = feedback.clone();
+        let nan = set(&[("big", vec![f32::NAN, 0.0])]);
+        assert_eq!(before.bound_by(&nan, 0.1), 0);
+        assert_eq!(before, feedback);
     }
 
     #[test]

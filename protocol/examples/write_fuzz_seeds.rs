@@ -10,7 +10,7 @@ use meshtune_protocol::{
     ErrorFeedback, Limits, ModelHash, StateCodecParams, StateManifest, chunk_blob, encode_state,
 };
 
-const CODECS: [&str; 17] = [
+const CODECS: [&str; 14] = [
     "f32",
     "f32+shuffle+zstd:1",
     "f16",
@@ -25,9 +25,6 @@ const CODECS: [&str; 17] = [
     "top30%+f16+shuffle",
     "rank2+int8/64+zstd:1",
     "rank3+f16+shuffle",
-    "rank2+top5%+int4/64+zstd:1",
-    "rank3+top1%+f16+shuffle",
-    "rank2-or-top5%+int4/64+zstd:1",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -398,10 +398,9 @@ const FORMAT_INT4: u8 = 4;
 const FLAG_SPARSE: u8 = 1;
 const FLAG_SHUFFLE: u8 = 2;
 const FLAG_ZSTD: u8 = 4;
-/// A low-rank segment; its rank follows the flags (after the top-k count, which a low-rank +
-/// top-k segment has too). Nodes built before low-rank segments refuse such a manifest with
-/// "unknown tensor flags"; nodes built before low-rank + top-k segments refuse those with
-/// "a segment cannot be both top-k and low-rank".
+/// A low-rank segment; its rank follows the flags (after the top-k count, which a low-rank
+/// segment never has). Nodes built before low-rank segments refuse such a manifest with
+/// "unknown tensor flags".
 const FLAG_LOW_RANK: u8 = 8;
 
 fn write_index(writer: &mut WireWriter, entries: &[TensorEntry]) {

@@ -58,6 +58,10 @@ pub struct FrontierArgs {
     /// Every mesh's nodes discount re-learnt progress from their residual (`--ef-relearn`).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub ef_relearn: Option<bool>,
+    /// Every mesh's nodes bound their residual by this many times the new delta's norm
+    /// (`--ef-bound`).
+    #[arg(long)]
+    pub ef_bound: Option<f32>,
     /// Every mesh's nodes train the next round while this one is exchanged (`--overlap`).
     #[arg(long)]
     pub overlap: bool,
@@ -233,6 +237,9 @@ fn command_line(
     }
     if let Some(relearn) = args.ef_relearn {
         overrides.extend(["--ef-relearn".into(), relearn.to_string()]);
+    }
+    if let Some(bound) = args.ef_bound {
+        overrides.push(format!("--ef-bound={bound}"));
     }
     if args.overlap {
         overrides.push("--overlap".into());

@@ -88,6 +88,10 @@ pub struct TestnetArgs {
     /// Error feedback without re-learnt progress on every node (`meshtune node --ef-relearn`).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub ef_relearn: Option<bool>,
+    /// Error-feedback residual bounded by this many times the new delta's norm on every node
+    /// (`meshtune node --ef-bound`).
+    #[arg(long)]
+    pub ef_bound: Option<f32>,
     /// Nodes train the next round while this one is exchanged (`meshtune node --overlap`).
     #[arg(long)]
     pub overlap: bool,
@@ -262,6 +266,12 @@ fn check_args(args: &TestnetArgs) -> anyhow::Result<()> {
     if let Some(link) = &args.link {
         link.parse::<meshtune_net::shaping::LinkProfile>()
             .with_context(|| format!("invalid --link `{link}`"))?;
+    }
+    if let Some(bound) = args.ef_bound {
+        anyhow::ensure!(
+            bound.is_finite() && bound >= 0.0,
+            "--ef-bound must be zero or a positive number, got {bound}"
+        );
     }
     if let Some(decay) = args.ef_decay {
         anyhow::ensure!(
@@ -945,6 +955,9 @@ pub(crate) fn node_args(
     }
     if let Some(relearn) = args.ef_relearn {
         node_args.extend(["--ef-relearn".into(), relearn.to_string()]);
+    }
+    if let Some(bound) = args.ef_bound {
+        node_args.push(format!("--ef-bound={bound}"));
     }
     node_args
 }

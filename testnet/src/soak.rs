@@ -401,6 +401,7 @@ fn soak_testnet_args(args: &SoakArgs, out: &Path) -> TestnetArgs {
         keep_residual: false,
         ef_decay: None,
         ef_relearn: None,
+        ef_bound: None,
         overlap: false,
         compare_overlap: false,
         examples_per_node: args.examples_per_node,

@@ -84,9 +84,7 @@ pub struct NodeArgs {
     #[arg(long, env = "MESHTUNE_LOCAL_STEPS")]
     pub local_steps: Option<usize>,
     /// e.g. `f32+shuffle+zstd:3`, `int8/64+zstd:1`, `top1%+int8/64+zstd:1`,
-    /// `rank8+int4/64+zstd:1` (rank-8 factors of every matrix), `rank4+top1%+int4/64+zstd:1`
-    /// (rank-4 factors plus the top 1% of what they leave out), `rank8-or-top2%+int4/64+zstd:1`
-    /// (each matrix as whichever of the two leaves less out).
+    /// `rank8+int4/64+zstd:1` (rank-8 factors of every matrix).
     #[arg(long, env = "MESHTUNE_CODEC")]
     pub codec: Option<String>,
     /// mean, median, trimmed-mean[:F].

@@ -7,7 +7,7 @@
 use super::lowrank::reconstruct;
 use super::sparse::{IndexSectionError, unpack_indices};
 use super::values::{ValueScratch, ValueSectionError, decode_values, value_section_len};
-use super::{TensorEncoding, first_non_finite, scatter, scatter_add};
+use super::{TensorEncoding, first_non_finite, scatter};
 use crate::chunk::{VerifiedBlob, VerifiedFile};
 use crate::hash::{BlobHash, ModelHash};
 use crate::limits::Limits;
@@ -450,17 +450,11 @@ impl SegmentDecoder {
             },
         };
         let mut out = vec![0.0f32; elements];
-        let (raw, added) = match encoding.low_rank(&entry.shape) {
-            Some(dims) => {
-                let used = decode_low_rank(raw, encoding, dims, &mut self.values, &mut out)
-                    .map_err(value_error)?;
-                if encoding.kept.is_none() {
-                    return finite(out, entry);
-                }
-                (&raw[used..], true)
-            }
-            None => (raw, false),
-        };
+        if let Some(dims) = encoding.low_rank(&entry.shape) {
+            decode_low_rank(raw, encoding, dims, &mut self.values, &mut out)
+                .map_err(value_error)?;
+            return finite(out, entry);
+        }
         match encoding.kept {
             None => decode_values(
                 encoding.values,
@@ -496,41 +490,29 @@ impl SegmentDecoder {
                     &mut self.kept,
                 )
                 .map_err(value_error)?;
-                if added {
-                    scatter_add(&mut out, &self.indices, &self.kept);
-                } else {
-                    scatter(&mut out, &self.indices, &self.kept);
-                }
+                scatter(&mut out, &self.indices, &self.kept);
             }
         }
         finite(out, entry)
     }
 }
 
-/// `P Q^T` from the two value sections of a low-rank segment; returns the bytes they took
-/// (the whole segment, unless top-k entries follow: [`TensorEncoding::kept`]).
+/// `P Q^T` from the two value sections of a low-rank segment.
 fn decode_low_rank(
     raw: &[u8],
     encoding: TensorEncoding,
     (rows, cols, rank): (usize, usize, usize),
     scratch: &mut ValueScratch,
     out: &mut [f32],
-) -> Result<usize, ValueSectionError> {
-    let section = |count: usize| {
-        let len = value_section_len(encoding.values, count as u64).unwrap_or(u64::MAX);
-        usize::try_from(len).unwrap_or(usize::MAX)
-    };
-    let split = section(rows * rank).min(raw.len());
-    let end = match encoding.kept {
-        None => raw.len(),
-        Some(_) => split.saturating_add(section(cols * rank)).min(raw.len()),
-    };
+) -> Result<(), ValueSectionError> {
+    let p_len = value_section_len(encoding.values, (rows * rank) as u64).unwrap_or(u64::MAX);
+    let split = usize::try_from(p_len).unwrap_or(usize::MAX).min(raw.len());
     let (mut p, mut q) = (vec![0.0f32; rows * rank], vec![0.0f32; cols * rank]);
     let shuffle = encoding.byte_shuffle;
     decode_values(encoding.values, &raw[..split], shuffle, scratch, &mut p)?;
-    decode_values(encoding.values, &raw[split..end], shuffle, scratch, &mut q)?;
+    decode_values(encoding.values, &raw[split..], shuffle, scratch, &mut q)?;
     reconstruct(&p, &q, (rows, cols), rank, out);
-    Ok(end)
+    Ok(())
 }
 
 /// `out`, or the first non-finite value of it as an error.

@@ -12,7 +12,7 @@ use super::sparse::{kept_count, max_index_section_len, pack_indices, select_top_
 use super::values::{ValueScratch, decode_values, encode_values, fits_format, value_section_len};
 use super::{
     CodecParams, ErrorFeedback, NON_FINITE_KEY, Sparsity, TensorEncoding, ValueFormat, add_assign,
-    largest_magnitude_key, largest_sum_key, scatter_add, scatter_sub, sub_assign,
+    largest_magnitude_key, largest_sum_key, scatter_sub, sub_assign,
 };
 use crate::hash::ModelHash;
 use crate::manifest::TensorEntry;
@@ -267,7 +267,7 @@ fn check_tensor(
 ) -> Result<(), EncodeError> {
     let name = || tensor.name.clone();
     let elements = tensor.values.len();
-    if params.sparsity.keep_fraction().is_some() && elements as u64 > u64::from(u32::MAX) {
+    if matches!(params.sparsity, Sparsity::TopK { .. }) && elements as u64 > u64::from(u32::MAX) {
         return Err(EncodeError::TooManyElements {
             tensor: name(),
             elements,
@@ -329,7 +329,9 @@ fn check_tensor(
 /// `(rows, columns, rank)` when `params` sends a tensor of `shape` as low-rank factors: a
 /// matrix that the rank makes smaller.
 fn low_rank_dims(params: &CodecParams, shape: &[usize]) -> Option<(usize, usize, usize)> {
-    let rank = params.sparsity.rank()?;
+    let Sparsity::LowRank { rank } = params.sparsity else {
+        return None;
+    };
     let (rows, cols) = matrix_dims(shape)?;
     saves(rows, cols, rank as usize).then_some((rows, cols, rank as usize))
 }
@@ -345,7 +347,6 @@ struct SegmentEncoder {
     indices: Vec<u32>,
     kept: Vec<f32>,
     reconstructed: Vec<f32>,
-    remainder: Vec<f32>,
     raw: Vec<u8>,
     compressed: Vec<u8>,
 }
@@ -366,7 +367,6 @@ impl SegmentEncoder {
             indices: Vec::new(),
             kept: Vec::new(),
             reconstructed: Vec::new(),
-            remainder: Vec::new(),
             raw: Vec::new(),
             compressed: Vec::new(),
         }
@@ -379,10 +379,7 @@ impl SegmentEncoder {
             .map(|tensor| {
                 let elements = tensor.values.len() as u64;
                 let count = match self.params.sparsity {
-                    Sparsity::Dense
-                    | Sparsity::LowRank { .. }
-                    | Sparsity::LowRankTopK { .. }
-                    | Sparsity::Choice { .. } => elements,
+                    Sparsity::Dense | Sparsity::LowRank { .. } => elements,
                     Sparsity::TopK { keep_fraction } => {
                         kept_count(keep_fraction, elements as usize) as u64
                     }
@@ -409,13 +406,6 @@ impl SegmentEncoder {
         mut residual: Option<&mut Vec<f32>>,
         blob: &mut Vec<u8>,
     ) -> Result<TensorEntry, EncodeError> {
-        if let Sparsity::Choice {
-            rank,
-            keep_fraction,
-        } = self.params.sparsity
-        {
-            return self.encode_choice(tensor, rank, keep_fraction, residual, blob);
-        }
         if let Some(dims) = low_rank_dims(&self.params, &tensor.shape) {
             return self.encode_low_rank(tensor, dims, residual, blob);
         }
@@ -429,7 +419,6 @@ impl SegmentEncoder {
             indices,
             kept,
             reconstructed,
-            remainder: _,
             raw,
             compressed,
         } = self;
@@ -440,12 +429,9 @@ impl SegmentEncoder {
             .as_deref()
             .map_or(tensor.values.as_slice(), Vec::as_slice);
         let elements = source.len();
-        // Tensors that the factors would not shrink go dense under both low-rank kinds.
         let kept_target = match params.sparsity {
-            Sparsity::Dense | Sparsity::LowRank { .. } | Sparsity::LowRankTopK { .. } => elements,
-            Sparsity::TopK { keep_fraction } | Sparsity::Choice { keep_fraction, .. } => {
-                kept_count(keep_fraction, elements)
-            }
+            Sparsity::Dense | Sparsity::LowRank { .. } => elements,
+            Sparsity::TopK { keep_fraction } => kept_count(keep_fraction, elements),
         };
         let sparse = kept_target < elements;
 
@@ -509,67 +495,8 @@ impl SegmentEncoder {
         })
     }
 
-    /// [`Self::encode_tensor`] under [`Sparsity::Choice`]: a matrix that the rank shrinks is
-    /// encoded both as factors and as top-k, and the segment whose decoded tensor is nearer
-    /// the delta (plus residual) is kept, with its residual; other tensors go top-k.
-    fn encode_choice(
-        &mut self,
-        tensor: &Tensor,
-        rank: u32,
-        keep_fraction: f64,
-        residual: Option<&mut Vec<f32>>,
-        blob: &mut Vec<u8>,
-    ) -> Result<TensorEntry, EncodeError> {
-        let choice = self.params;
-        let top_k = CodecParams {
-            sparsity: Sparsity::TopK { keep_fraction },
-            ..choice
-        };
-        let factors = CodecParams {
-            sparsity: Sparsity::LowRank { rank },
-            ..choice
-        };
-        let Some(dims) = low_rank_dims(&factors, &tensor.shape) else {
-            self.params = top_k;
-            let entry = self.encode_tensor(tensor, residual, blob);
-            self.params = choice;
-            return entry;
-        };
-        // Each candidate starts from the same residual (zeros without error feedback), so
-        // what it leaves in it is exactly its error.
-        let start = residual
-            .as_deref()
-            .cloned()
-            .unwrap_or_else(|| vec![0.0; tensor.values.len()]);
-        let (mut left_k, mut left_f) = (start.clone(), start);
-        let (mut blob_k, mut blob_f) = (Vec::new(), Vec::new());
-        self.params = top_k;
-        let entry_k = self.encode_tensor(tensor, Some(&mut left_k), &mut blob_k);
-        self.params = factors;
-        let entry_f = self.encode_low_rank(tensor, dims, Some(&mut left_f), &mut blob_f);
-        self.params = choice;
-        let (entry_k, entry_f) = (entry_k?, entry_f?);
-        let error = |left: &[f32]| {
-            left.iter()
-                .map(|&v| f64::from(v) * f64::from(v))
-                .sum::<f64>()
-        };
-        let (mut entry, segment, left) = if error(&left_f) < error(&left_k) {
-            (entry_f, blob_f, left_f)
-        } else {
-            (entry_k, blob_k, left_k)
-        };
-        entry.offset = blob.len() as u64;
-        blob.extend_from_slice(&segment);
-        if let Some(residual) = residual {
-            *residual = left;
-        }
-        Ok(entry)
-    }
-
-    /// [`Self::encode_tensor`] for a matrix sent as rank-`rank` factors `P`, `Q` (and, under
-    /// [`Sparsity::LowRankTopK`], the top-k of what `P Q^T` as the receivers decode it leaves
-    /// out); the residual keeps what the receivers will not see.
+    /// [`Self::encode_tensor`] for a matrix sent as rank-`rank` factors `P`, `Q`; the
+    /// residual keeps what `P Q^T` (as the receivers decode it) leaves out.
     fn encode_low_rank(
         &mut self,
         tensor: &Tensor,
@@ -578,7 +505,6 @@ impl SegmentEncoder {
         blob: &mut Vec<u8>,
     ) -> Result<TensorEntry, EncodeError> {
         let params = self.params;
-        let keep_fraction = params.sparsity.keep_fraction();
         if let Some(residual) = residual.as_deref_mut() {
             add_assign(residual, &tensor.values);
         }
@@ -588,23 +514,34 @@ impl SegmentEncoder {
         self.factorizer
             .factorize(source, (rows, cols), rank, &mut self.factors);
         let segment_start = blob.len();
-        self.raw.clear();
+        let raw = &mut self.raw;
+        raw.clear();
         let (p, q) = self.factors.split_at(rows * rank);
-        let shuffle = params.byte_shuffle;
-        encode_values(params.values, p, shuffle, &mut self.values, &mut self.raw);
-        let q_start = self.raw.len();
-        encode_values(params.values, q, shuffle, &mut self.values, &mut self.raw);
-        let self_check = |_| EncodeError::SelfCheckFailed {
-            tensor: tensor.name.clone(),
-        };
-        let mut kept_count_sent = None;
-        if residual.is_some() || keep_fraction.is_some() {
+        encode_values(params.values, p, params.byte_shuffle, &mut self.values, raw);
+        let q_start = raw.len();
+        encode_values(params.values, q, params.byte_shuffle, &mut self.values, raw);
+        if let Some(residual) = residual {
+            let self_check = |_| EncodeError::SelfCheckFailed {
+                tensor: tensor.name.clone(),
+            };
             let (mut p_sent, mut q_sent) = (vec![0.0; p.len()], vec![0.0; q.len()]);
-            let (p_raw, q_raw) = self.raw.split_at(q_start);
-            decode_values(params.values, p_raw, shuffle, &mut self.values, &mut p_sent)
-                .map_err(self_check)?;
-            decode_values(params.values, q_raw, shuffle, &mut self.values, &mut q_sent)
-                .map_err(self_check)?;
+            let shuffle = params.byte_shuffle;
+            decode_values(
+                params.values,
+                &raw[..q_start],
+                shuffle,
+                &mut self.values,
+                &mut p_sent,
+            )
+            .map_err(self_check)?;
+            decode_values(
+                params.values,
+                &raw[q_start..],
+                shuffle,
+                &mut self.values,
+                &mut q_sent,
+            )
+            .map_err(self_check)?;
             self.reconstructed.clear();
             self.reconstructed.resize(rows * cols, 0.0);
             reconstruct(
@@ -614,46 +551,8 @@ impl SegmentEncoder {
                 rank,
                 &mut self.reconstructed,
             );
-            if let Some(keep_fraction) = keep_fraction {
-                // What the factors leave out, of which top-k sends the largest.
-                self.remainder.clear();
-                self.remainder.extend_from_slice(source);
-                sub_assign(&mut self.remainder, &self.reconstructed);
-                let target = kept_count(keep_fraction, self.remainder.len());
-                select_top_k(
-                    &self.remainder,
-                    target,
-                    &mut self.candidates,
-                    &mut self.indices,
-                    &mut self.kept,
-                );
-                pack_indices(&self.indices, &mut self.raw);
-                let values_start = self.raw.len();
-                encode_values(
-                    params.values,
-                    &self.kept,
-                    shuffle,
-                    &mut self.values,
-                    &mut self.raw,
-                );
-                let mut kept_sent = vec![0.0; self.kept.len()];
-                decode_values(
-                    params.values,
-                    &self.raw[values_start..],
-                    shuffle,
-                    &mut self.values,
-                    &mut kept_sent,
-                )
-                .map_err(self_check)?;
-                // The receivers' tensor, summed in their order.
-                scatter_add(&mut self.reconstructed, &self.indices, &kept_sent);
-                kept_count_sent = Some(self.indices.len() as u64);
-            }
-            if let Some(residual) = residual {
-                sub_assign(residual, &self.reconstructed);
-            }
+            sub_assign(residual, &self.reconstructed);
         }
-        let raw = &self.raw;
         let zstd_used = match self.compressor.as_mut() {
             Some(compressor) => compress_into(Some(compressor), raw, &mut self.compressed, blob),
             None => {
@@ -666,7 +565,7 @@ impl SegmentEncoder {
             shape: tensor.shape.clone(),
             encoding: TensorEncoding {
                 values: params.values,
-                kept: kept_count_sent,
+                kept: None,
                 rank: Some(rank as u32),
                 byte_shuffle: params.byte_shuffle,
                 zstd: zstd_used,

@@ -9,8 +9,7 @@
 //! `zstd?(indices? ++ values)`:
 //! - `indices` (top-k only): the kept positions, delta-encoded and bit-packed
 //!   (see `sparse.rs`);
-//! - or, for a low-rank segment, the two factors' value sections instead (see `lowrank.rs`),
-//!   followed, for a low-rank + top-k segment, by the indices and values added to `P Q^T`;
+//! - or, for a low-rank segment, the two factors' value sections instead (see `lowrank.rs`);
 //! - `values`: the dense tensor, or the kept values, in a [`ValueFormat`], optionally
 //!   byte-shuffled (see `values.rs`);
 //! - zstd is applied per segment and kept only where it makes the segment smaller, so
@@ -125,15 +124,6 @@ pub(crate) fn scatter(target: &mut [f32], indices: &[u32], values: &[f32]) {
     let values = &values[..indices.len()];
     for j in 0..indices.len() {
         target[indices[j] as usize] = values[j];
-    }
-}
-
-/// `target[indices[j]] += values[j]`; indices are below `target.len()`.
-#[allow(clippy::needless_range_loop)]
-pub(crate) fn scatter_add(target: &mut [f32], indices: &[u32], values: &[f32]) {
-    let values = &values[..indices.len()];
-    for j in 0..indices.len() {
-        target[indices[j] as usize] += values[j];
     }
 }
 

@@ -66,53 +66,6 @@ pub enum Sparsity {
         /// In `1..=`[`MAX_LOW_RANK`].
         rank: u32,
     },
-    /// Each matrix as rank-`rank` factors plus the `ceil(keep_fraction * len)` largest
-    /// magnitudes of what the factors leave out (as the receivers decode the factors): the
-    /// factors move every entry of the matrix, the top-k part corrects the few the factors
-    /// miss most. Tensors that the rank would not shrink are sent dense, as with
-    /// [`Sparsity::LowRank`]. Pair with [`crate::ErrorFeedback`].
-    LowRankTopK {
-        /// In `1..=`[`MAX_LOW_RANK`].
-        rank: u32,
-        /// In `(0, 1]`.
-        keep_fraction: f64,
-    },
-    /// Each matrix as whichever of rank-`rank` factors and top-k (`keep_fraction`) leaves
-    /// the smaller error (as the receivers decode it), chosen per tensor and round; other
-    /// tensors top-k. Deltas of short local phases are mostly a few large entries, those of
-    /// long phases and fine-tuning spread over a few directions: the encoder measures which
-    /// the delta is instead of being told. Pick the two so they cost about the same bytes
-    /// (`rank8-or-top2%` with int4 values). Pair with [`crate::ErrorFeedback`].
-    Choice {
-        /// In `1..=`[`MAX_LOW_RANK`].
-        rank: u32,
-        /// In `(0, 1]`.
-        keep_fraction: f64,
-    },
-}
-
-impl Sparsity {
-    /// The rank of the factors, for [`Sparsity::LowRank`] and [`Sparsity::LowRankTopK`].
-    #[must_use]
-    pub fn rank(&self) -> Option<u32> {
-        match *self {
-            Self::LowRank { rank } | Self::LowRankTopK { rank, .. } | Self::Choice { rank, .. } => {
-                Some(rank)
-            }
-            Self::Dense | Self::TopK { .. } => None,
-        }
-    }
-
-    /// The fraction top-k keeps (of the tensor, or of what the factors leave out).
-    #[must_use]
-    pub fn keep_fraction(&self) -> Option<f64> {
-        match *self {
-            Self::TopK { keep_fraction }
-            | Self::LowRankTopK { keep_fraction, .. }
-            | Self::Choice { keep_fraction, .. } => Some(keep_fraction),
-            Self::Dense | Self::LowRank { .. } => None,
-        }
-    }
 }
 
 /// Largest rank a low-rank segment may have (decoding costs `rank` multiply-adds per element).
@@ -188,12 +141,12 @@ impl CodecParams {
         {
             return invalid("quantization block size must be in 1..=2^20");
         }
-        if let Some(keep_fraction) = self.sparsity.keep_fraction()
+        if let Sparsity::TopK { keep_fraction } = self.sparsity
             && !(keep_fraction > 0.0 && keep_fraction <= 1.0)
         {
             return invalid("top-k keep fraction must be in (0, 1]");
         }
-        if let Some(rank) = self.sparsity.rank()
+        if let Sparsity::LowRank { rank } = self.sparsity
             && !(1..=MAX_LOW_RANK).contains(&rank)
         {
             return invalid("low rank must be in 1..=256");
@@ -209,26 +162,20 @@ impl CodecParams {
 
 /// `top1%+int8/64+shuffle+zstd:1`: parts joined by `+`, in any order when parsing:
 /// exactly one of `f32`, `f16`, `bf16`, `int8[/block]`, `int4[/block]` (block defaults to
-/// 64); optionally `rank<r>` and/or `top<percent>%` (both: [`Sparsity::LowRankTopK`]), or
-/// `rank<r>-or-top<percent>%` ([`Sparsity::Choice`]), and `shuffle`, `zstd[:level]` (level
-/// defaults to 3).
+/// 64); optionally one of `top<percent>%` and `rank<r>`, and `shuffle`, `zstd[:level]`
+/// (level defaults to 3).
 impl fmt::Display for CodecParams {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(rank) = self.sparsity.rank() {
-            let joint = if matches!(self.sparsity, Sparsity::Choice { .. }) {
-                "-or-"
-            } else {
-                "+"
-            };
-            write!(f, "rank{rank}{joint}")?;
-        }
-        if let Some(keep_fraction) = self.sparsity.keep_fraction() {
+        if let Sparsity::TopK { keep_fraction } = self.sparsity {
             // Rounded to 9 decimals so 0.07 shows as 7, not 7.000000000000001; tiny
             // fractions keep all their digits so that the text still parses.
             let percent = keep_fraction * 100.0;
             let rounded = (percent * 1e9).round() / 1e9;
             let shown = if rounded > 0.0 { rounded } else { percent };
             write!(f, "top{shown}%+")?;
+        }
+        if let Sparsity::LowRank { rank } = self.sparsity {
+            write!(f, "rank{rank}+")?;
         }
         write!(f, "{}", self.values)?;
         if self.byte_shuffle {
@@ -260,8 +207,7 @@ impl FromStr for CodecParams {
             reason,
         };
         let mut values = None;
-        let mut keep_fraction = None;
-        let mut rank = None;
+        let mut sparsity = None;
         let mut byte_shuffle = false;
         let mut zstd_level = None;
         let block_size = |suffix: &str| -> Result<u32, ParseCodecParamsError> {
@@ -273,32 +219,8 @@ impl FromStr for CodecParams {
                 None => Err(fail(format!("unexpected {suffix:?} after the format"))),
             }
         };
-        let mut choice = false;
         for part in text.split('+') {
             let part = part.trim();
-            if let Some((first, second)) = part.split_once("-or-") {
-                let (rank_text, top) = if first.trim().starts_with("rank") {
-                    (first.trim(), second.trim())
-                } else {
-                    (second.trim(), first.trim())
-                };
-                let parsed_rank = rank_text
-                    .strip_prefix("rank")
-                    .and_then(|r| r.parse::<u32>().ok())
-                    .ok_or_else(|| fail(format!("bad rank {rank_text:?} in {part:?}")))?;
-                let percent = top
-                    .strip_prefix("top")
-                    .and_then(|t| t.strip_suffix('%'))
-                    .and_then(|t| t.parse::<f64>().ok())
-                    .ok_or_else(|| fail(format!("bad top-k {top:?} in {part:?}")))?;
-                if rank.replace(parsed_rank).is_some()
-                    || keep_fraction.replace(percent / 100.0).is_some()
-                {
-                    return Err(fail("a choice with another rank or top-k".into()));
-                }
-                choice = true;
-                continue;
-            }
             let format = match part {
                 "f32" => Some(ValueFormat::F32),
                 "f16" => Some(ValueFormat::F16),
@@ -328,15 +250,20 @@ impl FromStr for CodecParams {
                 let percent: f64 = percent
                     .parse()
                     .map_err(|_| fail(format!("bad top-k percentage {percent:?}")))?;
-                if keep_fraction.replace(percent / 100.0).is_some() {
-                    return Err(fail("more than one top-k".into()));
+                if sparsity
+                    .replace(Sparsity::TopK {
+                        keep_fraction: percent / 100.0,
+                    })
+                    .is_some()
+                {
+                    return Err(fail("more than one of top-k and rank".into()));
                 }
-            } else if let Some(text) = part.strip_prefix("rank") {
-                let parsed: u32 = text
+            } else if let Some(rank) = part.strip_prefix("rank") {
+                let rank: u32 = rank
                     .parse()
-                    .map_err(|_| fail(format!("bad rank {text:?}")))?;
-                if rank.replace(parsed).is_some() {
-                    return Err(fail("more than one rank".into()));
+                    .map_err(|_| fail(format!("bad rank {rank:?}")))?;
+                if sparsity.replace(Sparsity::LowRank { rank }).is_some() {
+                    return Err(fail("more than one of top-k and rank".into()));
                 }
             } else if part == "shuffle" {
                 byte_shuffle = true;
@@ -356,19 +283,7 @@ impl FromStr for CodecParams {
         let params = Self {
             values: values
                 .ok_or_else(|| fail("no value format (f32, f16, bf16, int8, int4)".into()))?,
-            sparsity: match (rank, keep_fraction) {
-                (None, None) => Sparsity::Dense,
-                (None, Some(keep_fraction)) => Sparsity::TopK { keep_fraction },
-                (Some(rank), None) => Sparsity::LowRank { rank },
-                (Some(rank), Some(keep_fraction)) if choice => Sparsity::Choice {
-                    rank,
-                    keep_fraction,
-                },
-                (Some(rank), Some(keep_fraction)) => Sparsity::LowRankTopK {
-                    rank,
-                    keep_fraction,
-                },
-            },
+            sparsity: sparsity.unwrap_or(Sparsity::Dense),
             byte_shuffle,
             zstd_level,
         };
@@ -384,8 +299,7 @@ pub struct TensorEncoding {
     pub values: ValueFormat,
     /// `Some(k)`: top-k, `k` values and their indices; `None`: dense.
     pub kept: Option<u64>,
-    /// `Some(r)`: two rank-`r` factors (see [`Sparsity::LowRank`]); with `kept` too, the
-    /// factors then `k` indices and values added to them ([`Sparsity::LowRankTopK`]).
+    /// `Some(r)`: two rank-`r` factors (see [`Sparsity::LowRank`]); never with `kept`.
     pub rank: Option<u32>,
     /// Float arrays are byte-shuffled.
     pub byte_shuffle: bool,
@@ -411,6 +325,9 @@ impl TensorEncoding {
     /// Whether this encoding is valid for a tensor of `shape` (`elements` values).
     pub(crate) fn check(&self, shape: &[usize], elements: u64) -> Result<(), &'static str> {
         if let Some(rank) = self.rank {
+            if self.kept.is_some() {
+                return Err("a segment cannot be both top-k and low-rank");
+            }
             if !(1..=MAX_LOW_RANK).contains(&rank) {
                 return Err("low rank must be in 1..=256");
             }
@@ -443,14 +360,8 @@ impl TensorEncoding {
         if let Some((rows, cols, rank)) = self.low_rank(shape) {
             let p = (rows as u64).checked_mul(rank as u64)?;
             let q = (cols as u64).checked_mul(rank as u64)?;
-            let factors = value_section_len(self.values, p)?
-                .checked_add(value_section_len(self.values, q)?)?;
-            return match self.kept {
-                None => Some(factors),
-                Some(kept) => factors
-                    .checked_add(max_index_section_len(kept)?)?
-                    .checked_add(value_section_len(self.values, kept)?),
-            };
+            return value_section_len(self.values, p)?
+                .checked_add(value_section_len(self.values, q)?);
         }
         match self.kept {
             None => value_section_len(self.values, elements),
@@ -479,7 +390,7 @@ impl TensorEncoding {
 
 #[cfg(test)]
 mod tests {
-    use crate::codec::{CodecParams, Sparsity, TensorEncoding, ValueFormat};
+    use crate::codec::{CodecParams, TensorEncoding, ValueFormat};
 
     #[test]
     fn codec_strings_round_trip() {
@@ -497,8 +408,6 @@ mod tests {
             "top0.0000000001%+f32",
             "rank4+int8/64+zstd:1",
             "rank1+f32",
-            "rank4+top1%+int4/64+zstd:1",
-            "rank8-or-top2%+int4/64+zstd:1",
         ] {
             let params: CodecParams = text.parse().expect(text);
             assert_eq!(params.to_string(), text);
@@ -509,22 +418,6 @@ mod tests {
             CodecParams {
                 zstd_level: Some(3),
                 ..CodecParams::top_k_int8(0.01)
-            }
-        );
-        let choice: CodecParams = "top2%-or-rank8+int4".parse().expect("either order");
-        assert_eq!(
-            choice.sparsity,
-            Sparsity::Choice {
-                rank: 8,
-                keep_fraction: 0.02
-            }
-        );
-        let hybrid: CodecParams = "top2%+int4+rank8".parse().expect("any order");
-        assert_eq!(
-            hybrid.sparsity,
-            Sparsity::LowRankTopK {
-                rank: 8,
-                keep_fraction: 0.02
             }
         );
         for bad in [
@@ -538,13 +431,7 @@ mod tests {
             "int8x",
             "rank0+int8",
             "rank257+int8",
-            "rank4+rank2+int8",
-            "rank4-or-top1%+top2%+int8",
-            "rank4-or-rank2+int8",
-            "rankx-or-top1%+int8",
-            "rank4-or-top0%+int8",
-            "top1%+top2%+int8",
-            "rank4+top0%+int8",
+            "rank4+top1%+int8",
             "rankx+f32",
         ] {
             assert!(bad.parse::<CodecParams>().is_err(), "{bad}");

@@ -29,19 +29,7 @@ pub fn codec_params() -> impl Strategy<Value = CodecParams> {
         prop_oneof![
             Just(Sparsity::Dense),
             (0.0001f64..=1.0).prop_map(|keep_fraction| Sparsity::TopK { keep_fraction }),
-            (1u32..=6).prop_map(|rank| Sparsity::LowRank { rank }),
-            (1u32..=6, 0.0001f64..=1.0).prop_map(|(rank, keep_fraction)| {
-                Sparsity::LowRankTopK {
-                    rank,
-                    keep_fraction,
-                }
-            }),
-            (1u32..=6, 0.0001f64..=1.0).prop_map(|(rank, keep_fraction)| {
-                Sparsity::Choice {
-                    rank,
-                    keep_fraction,
-                }
-            })
+            (1u32..=6).prop_map(|rank| Sparsity::LowRank { rank })
         ],
         any::<bool>(),
         prop_oneof![Just(None), (-5i32..=6).prop_map(Some)],
